@@ -1,0 +1,26 @@
+//! # stableid
+//!
+//! StableIdentity (arXiv 2401.15975) in Rust on candle: learn a face identity from one photo as two
+//! word embeddings `v1*` `v2*` of Stable Diffusion 2.1's text encoder, then generate that person
+//! anywhere with the frozen diffusion models.
+//!
+//! The folders follow the data flow:
+//! - [`weights`]: find a diffusers model folder (local or Hugging Face cache), read configs and tensors.
+//! - [`tokenizer`]: CLIP BPE with placeholder tokens for identities.
+//! - [`nn`]: differentiable building blocks shared by every model.
+//! - [`models`]: the frozen networks (CLIP text encoder, UNet, VAE).
+//! - [`schedulers`]: DDPM, DDIM, Euler and DPM-Solver++ behind one trait.
+//! - [`identity`]: the identity file (`v1*`, `v2*`).
+//! - [`pipelines`]: text-to-image generation.
+
+pub mod error;
+pub mod identity;
+pub mod image_io;
+pub mod models;
+pub mod nn;
+pub mod pipelines;
+pub mod schedulers;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};

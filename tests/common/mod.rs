@@ -1,0 +1,45 @@
+//! Helpers shared by the integration tests: fixture paths, loading, and tolerance checks.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// Path of a file or folder under `tests/fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// All tensors of a fixture safetensors file, on the CPU, as saved.
+pub fn load_tensors(rel: &str) -> HashMap<String, Tensor> {
+    let path = fixture(rel);
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot load fixture {}: {e}", path.display()))
+}
+
+/// Maximum absolute difference between two tensors of the same shape (compared in f32).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Largest absolute value of a tensor.
+pub fn max_abs(a: &Tensor) -> f32 {
+    a.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Asserts `|actual - expected| <= tol * max(1, max|expected|)`: absolute for values of order
+/// one, relative where values are large.
+pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: f32, what: &str) {
+    let diff = max_abs_diff(actual, expected);
+    let scale = max_abs(expected).max(1.0);
+    assert!(
+        diff <= tol * scale,
+        "{what}: max abs diff {diff:e} exceeds {tol:e} x {scale} (shape {:?})",
+        expected.dims()
+    );
+    eprintln!("{what}: max abs diff {diff:e} (scale {scale})");
+}
