@@ -15,7 +15,7 @@
 
 pub mod error;
 pub mod identity;
-pub mod image_io;
+pub mod io;
 pub mod models;
 pub mod nn;
 pub mod pipelines;

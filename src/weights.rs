@@ -1,1 +1,144 @@
-//! (being written)
+//! Finding and reading model weights.
+//!
+//! A model is a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`,
+//! each with its config) given as a local path, or a Hugging Face hub id resolved through the
+//! standard hub cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), as
+//! people already keep them. This tool never downloads: weights are the user's.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+use crate::{Error, Result};
+
+/// The base model StableIdentity is defined on.
+pub const DEFAULT_MODEL: &str = "stabilityai/stable-diffusion-2-1-base";
+
+/// A resolved diffusers model folder.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    root: PathBuf,
+    name: String,
+}
+
+impl ModelDir {
+    /// Resolves `spec`: an existing local folder, or a hub id (`owner/name`) found in the hub cache.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Ok(Self { root: path.to_path_buf(), name: spec.to_string() });
+        }
+        let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !path.is_absolute();
+        if !looks_like_hub_id {
+            return Err(Error::MissingFile {
+                what: "model folder".into(),
+                path: path.to_path_buf(),
+                hint: "pass a diffusers model folder or a Hugging Face hub id such as stabilityai/stable-diffusion-2-1-base".into(),
+            });
+        }
+        let cache = hub_cache_dir();
+        let repo = hf_hub::Cache::new(cache.clone()).model(spec.to_string());
+        match repo.get("model_index.json") {
+            Some(index) => {
+                let root = index.parent().expect("a file in a snapshot has a parent").to_path_buf();
+                Ok(Self { root, name: spec.to_string() })
+            }
+            None => Err(Error::MissingFile {
+                what: format!("model {spec}"),
+                path: cache,
+                hint: format!(
+                    "this tool never downloads weights; fetch them once with `huggingface-cli download {spec}` \
+                     (or set HF_HOME / HF_HUB_CACHE to where they are), or pass --model with a local diffusers folder"
+                ),
+            }),
+        }
+    }
+
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// What the user called it (hub id or path), for metadata and messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `root/component`, which must exist.
+    pub fn component(&self, component: &str) -> Result<PathBuf> {
+        let dir = self.root.join(component);
+        if dir.is_dir() {
+            Ok(dir)
+        } else {
+            Err(Error::MissingFile {
+                what: format!("{component}/ folder of the model"),
+                path: dir,
+                hint: "the model folder is incomplete: it needs the diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)".into(),
+            })
+        }
+    }
+
+    /// Parses `component/file` (a JSON config) into `T`.
+    pub fn config<T: DeserializeOwned>(&self, component: &str, file: &str) -> Result<T> {
+        read_json(&self.component(component)?.join(file))
+    }
+
+    /// Memory-maps the weights of `component` (`stem.safetensors`, else `stem.fp16.safetensors`),
+    /// converting tensors to `dtype` as they are read.
+    pub fn weights(&self, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<Weights> {
+        let dir = self.component(component)?;
+        let candidates = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")];
+        let Some(path) = candidates.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
+            let bin = dir.join(format!("{stem}.bin"));
+            let hint = if bin.is_file() {
+                "only a PyTorch .bin was found: convert it to safetensors (safetensors.torch.save_file) or use a model folder with safetensors weights".to_string()
+            } else {
+                format!("expected {} or {}", candidates[0], candidates[1])
+            };
+            return Err(Error::MissingFile { what: format!("{component} weights"), path: dir.join(&candidates[0]), hint });
+        };
+        // Safety: the file is memory-mapped read-only; it must not be modified while in use,
+        // which holds for model files that the user keeps.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
+            .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
+        Ok(Weights { path, vb })
+    }
+}
+
+/// A memory-mapped weights file and a builder over it.
+pub struct Weights {
+    pub path: PathBuf,
+    pub vb: VarBuilder<'static>,
+}
+
+impl Weights {
+    /// Builds a model from these weights; a missing or mis-shaped tensor becomes an error that
+    /// names this file.
+    pub fn build<M>(self, build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>) -> Result<M> {
+        let file = self.path;
+        build(self.vb).map_err(|e| Error::Weights { file, msg: format!("{e} (is this the right model?)") })
+    }
+}
+
+/// The hub cache folder, as huggingface_hub resolves it.
+fn hub_cache_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("HF_HUB_CACHE") {
+        return PathBuf::from(dir);
+    }
+    hf_hub::Cache::from_env().path().clone()
+}
+
+/// Reads a JSON file into `T`, naming the file in any error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::MissingFile {
+            what: "config file".into(),
+            path: path.to_path_buf(),
+            hint: "the model folder is incomplete".into(),
+        },
+        _ => Error::Config { file: path.to_path_buf(), msg: e.to_string() },
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Config { file: path.to_path_buf(), msg: e.to_string() })
+}

@@ -1,1 +1,5 @@
-//! (being written)
+//! Identities: the two learned word embeddings `v1*`, `v2*` of one person.
+
+mod file;
+
+pub use file::{Identity, IDENTITY_TENSOR};

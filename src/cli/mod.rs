@@ -1,0 +1,90 @@
+//! Subcommands of `stableid` and what they share (device, dtype, progress bars).
+
+mod generate;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "stableid",
+    version,
+    about = "StableIdentity: learn a face identity from one photo, then put that person anywhere with Stable Diffusion 2.1",
+    after_help = "Examples:\n  stableid generate \"a photo of an astronaut riding a horse\" --seed 7\n  stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors --num-images 4"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt (with `v1* v2*` standing for an identity).
+    Generate(generate::GenerateArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+    }
+}
+
+/// Flags every model-loading command shares.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// Diffusers model folder, or a Hugging Face hub id found in the local hub cache.
+    #[arg(long, default_value = stableid::weights::DEFAULT_MODEL)]
+    pub model: String,
+    /// Where the models run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Precision of the frozen models.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ModelArgs {
+    pub fn device(&self) -> Result<Device> {
+        match self.device {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda if !cfg!(feature = "cuda") => {
+                bail!("this build has no CUDA support: rebuild with `cargo build --release --features cuda` (see README)")
+            }
+            DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| anyhow::anyhow!("cannot open CUDA device 0: {e}")),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.dtype {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// A progress bar on stderr with ETA (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, message: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} elapsed {elapsed} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}

@@ -1,0 +1,72 @@
+//! The identity file: a safetensors file holding one (2, hidden) f32 tensor, `v1*` then `v2*`.
+//!
+//! Besides the tool's own files (tensor `identity`), textual-inversion embeddings written by
+//! AUTOMATIC1111 / ComfyUI (`emb_params`) or diffusers (`<token>` -> tensor) are read too, as long
+//! as they hold exactly one two-vector embedding.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Name of the tensor in the tool's own identity files.
+pub const IDENTITY_TENSOR: &str = "identity";
+
+/// A learned identity: two embeddings of the text encoder's width.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// (2, hidden) f32: row 0 is `v1*`, row 1 is `v2*`.
+    pub embeddings: Tensor,
+    /// Where it came from, for messages and image metadata.
+    pub source: PathBuf,
+    pub metadata: HashMap<String, String>,
+}
+
+impl Identity {
+    /// Reads an identity file (own, A1111/ComfyUI or diffusers textual-inversion format).
+    pub fn load(path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::Input(format!("identity file {}: {msg}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile {
+                what: "identity file".into(),
+                path: path.to_path_buf(),
+                hint: "learn one with `stableid learn PHOTO --out ID.safetensors`".into(),
+            },
+            _ => bad(e.to_string()),
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| bad(format!("unreadable tensors ({e})")))?;
+        let embeddings = match tensors.get(IDENTITY_TENSOR).or_else(|| tensors.get("emb_params")) {
+            Some(t) => t.clone(),
+            None if tensors.len() == 1 => tensors.into_values().next().expect("one tensor"),
+            None => {
+                let mut names: Vec<_> = tensors.keys().cloned().collect();
+                names.sort();
+                return Err(bad(format!(
+                    "expected one tensor `{IDENTITY_TENSOR}` (or a single textual-inversion embedding), found {names:?}"
+                )));
+            }
+        };
+        if !matches!(embeddings.dtype(), DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+            return Err(bad(format!("the embedding has dtype {:?}; expected floating point", embeddings.dtype())));
+        }
+        if embeddings.rank() != 2 || embeddings.dim(0)? != 2 {
+            return Err(bad(format!(
+                "the embedding has shape {:?}; an identity is 2 vectors (v1*, v2*) of the text encoder's width, shape [2, 1024] for SD 2.1",
+                embeddings.dims()
+            )));
+        }
+        let embeddings = embeddings.to_dtype(DType::F32)?;
+        Ok(Self { embeddings, source: path.to_path_buf(), metadata })
+    }
+
+    /// Width of each embedding (1024 for SD 2.1).
+    pub fn width(&self) -> usize {
+        self.embeddings.dims()[1]
+    }
+}
