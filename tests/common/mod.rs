@@ -43,3 +43,17 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: f32, what: &str) {
     );
     eprintln!("{what}: max abs diff {diff:e} (scale {scale})");
 }
+
+/// Copies a folder tree (e.g. the tiny model, to alter it in a test).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! `stableid generate` end to end on the tiny model folder: PNGs with their settings in the
+//! metadata, hub-cache resolution, and one-line errors with a non-zero exit for bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{copy_dir, fixture};
+
+fn stableid(args: &[&str], envs: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stableid"));
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the binary runs")
+}
+
+fn tiny() -> String {
+    fixture("tiny-sd").display().to_string()
+}
+
+/// Asserts a failed run with a one-line error containing every `needle`.
+fn assert_fails_with(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
+    }
+}
+
+#[test]
+fn generate_writes_pngs_with_settings_and_is_reproducible() {
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().to_str().unwrap();
+    let args = ["generate", "a photo of a lighthouse", "--model", &tiny(), "--steps", "3", "--seed", "5", "--out", out_dir, "--json"];
+    let first = stableid(&args, &[]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    let path = summary["images"][0]["path"].as_str().unwrap().to_string();
+    assert!(path.ends_with("00000-5.png"), "{path}");
+    assert_eq!(summary["width"], 64, "default size comes from the model config");
+
+    let text = stableid::io::read_png_text(Path::new(&path)).unwrap();
+    let get = |k: &str| text.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    assert_eq!(get("prompt").as_deref(), Some("a photo of a lighthouse"));
+    assert_eq!(get("seed").as_deref(), Some("5"));
+    assert_eq!(get("steps").as_deref(), Some("3"));
+    assert_eq!(get("guidance").as_deref(), Some("8.5"));
+    assert_eq!(get("sampler").as_deref(), Some("dpm++"));
+
+    // Same seed again: a new file (never overwritten) with the same bytes.
+    let second = stableid(&args, &[]);
+    assert!(second.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    let path2 = summary["images"][0]["path"].as_str().unwrap().to_string();
+    assert!(path2.ends_with("00001-5.png"), "{path2}");
+    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&path2).unwrap());
+}
+
+#[test]
+fn generate_with_identity_and_several_images() {
+    let out = tempfile::tempdir().unwrap();
+    let identity = out.path().join("id.safetensors");
+    let tensor = candle_core::Tensor::randn(0f32, 1.0, (2, 32), &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("identity", tensor)].into_iter().collect(), &identity).unwrap();
+    let images = out.path().join("images");
+    let output = stableid(
+        &[
+            "generate", "v1* v2* as an astronaut", "--model", &tiny(), "--steps", "2", "--seed", "9",
+            "--num-images", "2", "--sampler", "euler", "--identity", identity.to_str().unwrap(),
+            "--out", images.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut names: Vec<_> = std::fs::read_dir(&images).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["00000-9.png", "00001-10.png"]);
+}
+
+#[test]
+fn hub_ids_resolve_through_the_hub_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--someone--tiny-sd");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    copy_dir(&fixture("tiny-sd"), &repo.join("snapshots").join(commit));
+    let out = cache.path().join("out");
+    let args = ["generate", "a cat", "--model", "someone/tiny-sd", "--steps", "1", "--seed", "1", "--out", out.to_str().unwrap()];
+    let output = stableid(&args, &[("HF_HUB_CACHE", cache.path())]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let missing = stableid(&["generate", "a cat", "--model", "someone/absent", "--out", out.to_str().unwrap()], &[("HF_HUB_CACHE", cache.path())]);
+    assert_fails_with(&missing, &["someone/absent", "huggingface-cli download"]);
+}
+
+#[test]
+fn bad_input_gets_one_line_errors_and_no_partial_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out_s = out.to_str().unwrap();
+    let tiny = tiny();
+
+    let r = stableid(&["generate", "a cat", "--model", &tiny, "--width", "60", "--out", out_s], &[]);
+    assert_fails_with(&r, &["--width 60", "multiple of 8"]);
+
+    let r = stableid(&["generate", "a cat", "--model", "/no/such/model", "--out", out_s], &[]);
+    assert_fails_with(&r, &["/no/such/model"]);
+
+    let r = stableid(&["generate", "a photo of v1* v2*", "--model", &tiny, "--steps", "1", "--out", out_s], &[]);
+    assert_fails_with(&r, &["--identity"]);
+
+    let bad_identity = dir.path().join("bad.safetensors");
+    let tensor = candle_core::Tensor::zeros((3, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("identity", tensor)].into_iter().collect(), &bad_identity).unwrap();
+    let r = stableid(&["generate", "v1* v2*", "--model", &tiny, "--identity", bad_identity.to_str().unwrap(), "--out", out_s], &[]);
+    assert_fails_with(&r, &["bad.safetensors", "[3, 32]"]);
+
+    let not_safetensors = dir.path().join("junk.safetensors");
+    std::fs::write(&not_safetensors, b"definitely not a tensor file").unwrap();
+    let r = stableid(&["generate", "v1* v2*", "--model", &tiny, "--identity", not_safetensors.to_str().unwrap(), "--out", out_s], &[]);
+    assert_fails_with(&r, &["junk.safetensors", "not a safetensors file"]);
+
+    let a_file = dir.path().join("a-file");
+    std::fs::write(&a_file, b"").unwrap();
+    let r = stableid(&["generate", "a cat", "--model", &tiny, "--out", a_file.join("sub").to_str().unwrap()], &[]);
+    assert_fails_with(&r, &["cannot create output folder"]);
+
+    let r = stableid(&["generate", "a cat", "--model", &tiny, "--device", "cuda", "--out", out_s], &[]);
+    if !cfg!(feature = "cuda") {
+        assert_fails_with(&r, &["CUDA", "--features cuda"]);
+    }
+
+    // Nothing was written by any failed run.
+    let leftovers: Vec<_> = std::fs::read_dir(&out).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
+    assert!(leftovers.is_empty(), "failed runs left files: {leftovers:?}");
+}

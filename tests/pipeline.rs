@@ -1,0 +1,158 @@
+//! The whole text-to-image pipeline against diffusers' StableDiffusionPipeline on the tiny model,
+//! and the gradient of the UNet output with respect to the identity vectors through the text
+//! encoder and the UNet (the path the identity learner trains through).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{assert_close, copy_dir, fixture, load_tensors};
+use stableid::identity::Identity;
+use stableid::pipelines::{GenerateRequest, StableDiffusion};
+use stableid::schedulers::Sampler;
+use stableid::weights::ModelDir;
+
+fn tiny_model() -> ModelDir {
+    ModelDir::resolve(fixture("tiny-sd").to_str().unwrap()).unwrap()
+}
+
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative_prompt: String,
+    identity: bool,
+    sampler: String,
+    steps: usize,
+    guidance: f64,
+}
+
+#[test]
+fn pipeline_matches_diffusers_from_the_same_latents() {
+    let pipeline = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
+    let tensors = load_tensors("parity/pipeline.safetensors");
+    let cases: Vec<Case> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("parity/pipeline.json")).unwrap()).unwrap();
+    let identity = Identity {
+        embeddings: tensors["identity"].clone(),
+        source: "fixture".into(),
+        metadata: Default::default(),
+    };
+    assert!(!cases.is_empty());
+    for case in cases {
+        let mut request = GenerateRequest::new(&case.prompt, 64, 64);
+        request.negative_prompt = case.negative_prompt.clone();
+        request.steps = case.steps;
+        request.guidance = case.guidance;
+        request.sampler = case.sampler.parse::<Sampler>().unwrap();
+        request.initial_latents = Some(tensors["latents"].clone());
+        let identities = if case.identity { vec![identity.clone()] } else { vec![] };
+        let mut steps_seen = 0;
+        let image = pipeline.generate(&request, &identities, &mut |done, _| steps_seen = done).unwrap();
+        assert_eq!(steps_seen, case.steps, "{}: progress callback", case.name);
+        assert_close(&image, &tensors[&case.name], 1e-4, &case.name);
+    }
+}
+
+#[test]
+fn identity_changes_the_image_and_seed_reproduces_it() {
+    let pipeline = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
+    let mut request = GenerateRequest::new("a photo of v1* v2*", 64, 64);
+    request.steps = 4;
+    let identity = |scale: f64| Identity {
+        embeddings: (Tensor::ones((2, 32), DType::F32, &Device::Cpu).unwrap() * scale).unwrap(),
+        source: "test".into(),
+        metadata: Default::default(),
+    };
+    let a = pipeline.generate(&request, &[identity(1.0)], &mut |_, _| {}).unwrap();
+    let a_again = pipeline.generate(&request, &[identity(1.0)], &mut |_, _| {}).unwrap();
+    let b = pipeline.generate(&request, &[identity(-1.0)], &mut |_, _| {}).unwrap();
+    assert_eq!(common::max_abs_diff(&a, &a_again), 0.0, "same seed, same identity: same image");
+    assert!(common::max_abs_diff(&a, &b) > 1e-3, "another identity must change the image");
+}
+
+#[test]
+fn prompt_placeholders_need_identities() {
+    let pipeline = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
+    let err = pipeline.encode_prompt("a photo of v1* v2*", &[]).unwrap_err().to_string();
+    assert!(err.contains("--identity"), "{err}");
+    let one = Identity { embeddings: Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap(), source: "a".into(), metadata: Default::default() };
+    let err = pipeline.encode_prompt("v1* v2* and v3* v4*", &[one.clone()]).unwrap_err().to_string();
+    assert!(err.contains("needs 2 identities"), "{err}");
+    let wide = Identity { embeddings: Tensor::zeros((2, 1024), DType::F32, &Device::Cpu).unwrap(), source: "wide".into(), metadata: Default::default() };
+    let err = pipeline.encode_prompt("v1* v2*", &[wide]).unwrap_err().to_string();
+    assert!(err.contains("1024-wide") && err.contains("32 wide"), "{err}");
+    // Two identities fill two pairs.
+    let two = pipeline.encode_prompt("v1* v2* and v3* v4*", &[one.clone(), one]).unwrap();
+    assert_eq!(two.dims(), &[1, 77, 32]);
+}
+
+/// d/d(identity) of sum(UNet(z_t, t, TextEncoder(prompt with v1* v2*)) * w), by autograd and by
+/// central differences, in f64. A silent graph cut anywhere on the path makes them disagree.
+#[test]
+fn identity_gradient_through_text_encoder_and_unet_matches_finite_differences() {
+    let device = Device::Cpu;
+    let pipeline = StableDiffusion::load(&tiny_model(), &device, DType::F64).unwrap();
+    let ids = pipeline.prompt_ids("a close-up photo of v1* v2*").unwrap().ids;
+    let latents = Tensor::randn(0f64, 1.0, (1, 4, 8, 8), &device).unwrap();
+    let timestep = Tensor::new(&[420f64], &device).unwrap();
+    let weights = Tensor::randn(0f64, 1.0, (1, 4, 8, 8), &device).unwrap();
+    let objective = |identity: &Tensor| -> Tensor {
+        let context = pipeline.text_encoder().forward(&ids, Some(identity)).unwrap();
+        let eps = pipeline.unet().forward(&latents, &timestep, &context).unwrap();
+        (eps * &weights).unwrap().sum_all().unwrap()
+    };
+
+    let start = (Tensor::randn(0f64, 1.0, (2, 32), &device).unwrap() * 0.5).unwrap();
+    let identity = Var::from_tensor(&start).unwrap();
+    let grads = objective(identity.as_tensor()).backward().unwrap();
+    let analytic = grads.get(identity.as_tensor()).expect("the identity receives a gradient").to_vec2::<f64>().unwrap();
+
+    let h = 1e-5;
+    let base = start.to_vec2::<f64>().unwrap();
+    let mut checked = 0;
+    for (row, col) in [(0, 0), (0, 7), (0, 31), (1, 3), (1, 16), (1, 30)] {
+        let shifted = |delta: f64| {
+            let mut values = base.clone();
+            values[row][col] += delta;
+            objective(&Tensor::new(values, &device).unwrap()).to_scalar::<f64>().unwrap()
+        };
+        let numeric = (shifted(h) - shifted(-h)) / (2.0 * h);
+        let exact = analytic[row][col];
+        let rel = (numeric - exact).abs() / numeric.abs().max(exact.abs()).max(1e-8);
+        assert!(rel < 1e-4, "d/d identity[{row}][{col}]: autograd {exact} vs finite difference {numeric}");
+        eprintln!("identity[{row}][{col}]: autograd {exact:.8e} finite difference {numeric:.8e} rel {rel:.1e}");
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+}
+
+#[test]
+fn v_prediction_models_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("tiny-sd"), dir.path());
+    let config_path = dir.path().join("scheduler/scheduler_config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"epsilon\"", "\"v_prediction\"");
+    std::fs::write(&config_path, config).unwrap();
+    let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();
+    let err = StableDiffusion::load(&model, &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("v_prediction") && err.contains("stable-diffusion-2-1-base"), "{err}");
+}
+
+#[test]
+fn missing_and_mismatched_weights_name_the_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("tiny-sd"), dir.path());
+    std::fs::remove_file(dir.path().join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();
+    let err = StableDiffusion::load(&model, &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("vae") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+
+    // A UNet config that disagrees with its weights: the error names the file and the tensor.
+    copy_dir(&fixture("tiny-sd"), dir.path());
+    let config_path = dir.path().join("unet/config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"in_channels\": 4", "\"in_channels\": 5");
+    std::fs::write(&config_path, config).unwrap();
+    let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();
+    let err = StableDiffusion::load(&model, &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("unet") && err.contains("conv_in.weight") && err.contains("shape"), "{err}");
+}
