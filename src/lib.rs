@@ -10,6 +10,7 @@
 //! - [`nn`]: differentiable building blocks shared by every model.
 //! - [`models`]: the frozen networks (CLIP text encoder, UNet, VAE).
 //! - [`schedulers`]: DDPM, DDIM, Euler and DPM-Solver++ behind one trait.
+//! - [`priors`]: photo loading, face-recognition feature, face/hair masks, celebrity basis.
 //! - [`identity`]: the identity file (`v1*`, `v2*`).
 //! - [`pipelines`]: text-to-image generation.
 
@@ -19,6 +20,7 @@ pub mod io;
 pub mod models;
 pub mod nn;
 pub mod pipelines;
+pub mod priors;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod weights;

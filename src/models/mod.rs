@@ -1,5 +1,7 @@
-//! The frozen networks of Stable Diffusion, each loaded from its diffusers / transformers layout.
+//! The frozen networks, each loaded from its diffusers / transformers / PyTorch layout.
 
 pub mod clip_text;
+pub mod face_parsing;
 pub mod unet;
 pub mod vae;
+pub mod vit;
