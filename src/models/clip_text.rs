@@ -1,1 +1,322 @@
-//! (being written)
+//! CLIP text encoder, as transformers' `CLIPTextModel`
+//! (<https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/modeling_clip.py>).
+//!
+//! Stable Diffusion 2.x conditions the UNet on `last_hidden_state` (after the final layer norm).
+//! StableIdentity writes the learned identity vectors `v1*`, `v2*` into the token embeddings of
+//! placeholder ids and back-propagates through the whole encoder, so every block here comes from
+//! [`crate::nn`] (no fused op that would cut the graph) and the placeholders are handled by
+//! [`ClipTextModel::embed_tokens`] without touching the frozen table.
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::nn::{attention, LayerNorm, Linear};
+
+/// The fields of a transformers `CLIPTextConfig` (text_encoder/config.json) that the model uses;
+/// missing keys take transformers' defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ClipTextConfig {
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    #[serde(default = "default_hidden_size")]
+    pub hidden_size: usize,
+    #[serde(default = "default_intermediate_size")]
+    pub intermediate_size: usize,
+    #[serde(default = "default_num_hidden_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "default_num_attention_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    /// `"gelu"` (exact erf form, SD 2.x) or `"quick_gelu"` (OpenAI CLIP, SD 1.x).
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_vocab_size() -> usize {
+    49408
+}
+fn default_hidden_size() -> usize {
+    512
+}
+fn default_intermediate_size() -> usize {
+    2048
+}
+fn default_num_hidden_layers() -> usize {
+    12
+}
+fn default_num_attention_heads() -> usize {
+    8
+}
+fn default_max_position_embeddings() -> usize {
+    77
+}
+fn default_hidden_act() -> String {
+    "quick_gelu".to_string()
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    /// `x * Phi(x)` with the exact normal CDF.
+    Gelu,
+    /// `x * sigmoid(1.702 x)`.
+    QuickGelu,
+}
+
+impl Activation {
+    fn from_config(name: &str) -> Result<Self> {
+        match name {
+            "gelu" => Ok(Self::Gelu),
+            "quick_gelu" => Ok(Self::QuickGelu),
+            other => bail!("hidden_act: unsupported activation {other:?} (expected \"gelu\" or \"quick_gelu\")"),
+        }
+    }
+
+    fn forward(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Gelu => x.gelu_erf(),
+            // sigmoid from plain ops, so the backward pass is candle's own.
+            Self::QuickGelu => {
+                let sigmoid = ((x * -1.702)?.exp()? + 1.0)?.recip()?;
+                x * sigmoid
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl ClipAttention {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            q_proj: Linear::new(vb.pp("q_proj"), h, h, true)?,
+            k_proj: Linear::new(vb.pp("k_proj"), h, h, true)?,
+            v_proj: Linear::new(vb.pp("v_proj"), h, h, true)?,
+            out_proj: Linear::new(vb.pp("out_proj"), h, h, true)?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let split_heads = |t: Tensor| {
+            t.reshape((b, s, self.heads, h / self.heads))?
+                .transpose(1, 2)
+        };
+        let q = split_heads(self.q_proj.forward(x)?)?;
+        let k = split_heads(self.k_proj.forward(x)?)?;
+        let v = split_heads(self.v_proj.forward(x)?)?;
+        let y = attention(&q, &k, &v, Some(causal_mask))?;
+        self.out_proj
+            .forward(&y.transpose(1, 2)?.reshape((b, s, h))?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ClipMlp {
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl ClipMlp {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, act: Activation) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(vb.pp("fc1"), cfg.hidden_size, cfg.intermediate_size, true)?,
+            fc2: Linear::new(vb.pp("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
+            act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)
+    }
+}
+
+/// Pre-norm transformer layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Debug, Clone)]
+struct ClipEncoderLayer {
+    self_attn: ClipAttention,
+    layer_norm1: LayerNorm,
+    mlp: ClipMlp,
+    layer_norm2: LayerNorm,
+}
+
+impl ClipEncoderLayer {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, act: Activation) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        Ok(Self {
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), h, eps)?,
+            mlp: ClipMlp::new(vb.pp("mlp"), cfg, act)?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), h, eps)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+        let x = (x + self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, causal_mask)?)?;
+        &x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?
+    }
+}
+
+/// The CLIP text transformer; its output is `last_hidden_state` (batch, seq, hidden).
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<ClipEncoderLayer>,
+    final_layer_norm: LayerNorm,
+    config: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// Loads the weights from `vb` at the root of text_encoder/model.safetensors. Both layouts are
+    /// accepted: `text_model.embeddings...` (transformers 4 and the published SD checkpoints) and
+    /// `embeddings...` (transformers 5 saves `CLIPTextModel` without the `text_model` level).
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+        let act = Activation::from_config(&cfg.hidden_act)?;
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
+            bail!(
+                "num_attention_heads: {} does not divide hidden_size {}",
+                cfg.num_attention_heads,
+                cfg.hidden_size
+            )
+        }
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let h = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        let token_embedding = emb.get((cfg.vocab_size, h), "token_embedding.weight")?;
+        let position_embedding = emb.get(
+            (cfg.max_position_embeddings, h),
+            "position_embedding.weight",
+        )?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), cfg, act))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::new(vb.pp("final_layer_norm"), h, cfg.layer_norm_eps)?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// The (vocab, hidden) token-embedding table.
+    pub fn token_embedding(&self) -> &Tensor {
+        &self.token_embedding
+    }
+
+    /// Token embeddings of `ids` (batch, seq) u32, shape (batch, seq, hidden).
+    ///
+    /// Ids past the vocabulary are placeholders: `vocab_size + i` takes row `i` of `extra`
+    /// (n_extra, hidden), e.g. the identity vectors `v1*`, `v2*`. The result is differentiable
+    /// with respect to `extra` (cast to the table's dtype), and the frozen table is only indexed,
+    /// never copied. An id beyond the rows of `extra` is an error.
+    pub fn embed_tokens(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        if ids.dtype() != DType::U32 {
+            bail!("token ids must be u32, got {:?}", ids.dtype())
+        }
+        let vocab = self.config.vocab_size as u32;
+        let n_extra = match extra {
+            Some(e) => {
+                let (n, h) = e.dims2()?;
+                if h != self.config.hidden_size {
+                    bail!(
+                        "extra embeddings have width {h}, the text encoder {}",
+                        self.config.hidden_size
+                    )
+                }
+                n as u32
+            }
+            None => 0,
+        };
+        let flat: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        if let Some(&bad) = flat.iter().find(|&&id| id >= vocab + n_extra) {
+            bail!("token id {bad} is outside the vocabulary ({vocab}) and the {n_extra} extra embeddings")
+        }
+        let device = self.token_embedding.device();
+        let table_ids: Vec<u32> = flat
+            .iter()
+            .map(|&id| if id < vocab { id } else { 0 })
+            .collect();
+        let rows = self
+            .token_embedding
+            .index_select(&Tensor::new(table_ids, device)?, 0)?;
+        let rows = match extra {
+            Some(extra) if flat.iter().any(|&id| id >= vocab) => {
+                let extra = extra.to_dtype(rows.dtype())?;
+                let extra_ids: Vec<u32> = flat.iter().map(|&id| id.saturating_sub(vocab)).collect();
+                let extra_rows = extra.index_select(&Tensor::new(extra_ids, device)?, 0)?;
+                let is_extra: Vec<u8> = flat.iter().map(|&id| u8::from(id >= vocab)).collect();
+                let is_extra = Tensor::from_vec(is_extra, (flat.len(), 1), device)?
+                    .broadcast_as(rows.shape())?;
+                is_extra.where_cond(&extra_rows, &rows)?
+            }
+            _ => rows,
+        };
+        rows.reshape((b, s, self.config.hidden_size))
+    }
+
+    /// `last_hidden_state` from token embeddings (batch, seq, hidden): adds the position
+    /// embeddings, runs the causally masked encoder layers and the final layer norm.
+    pub fn forward_embeddings(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
+        let (_, s, _) = inputs_embeds.dims3()?;
+        if s > self.config.max_position_embeddings {
+            bail!(
+                "sequence of {s} tokens exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )
+        }
+        let positions = self
+            .position_embedding
+            .narrow(0, 0, s)?
+            .to_dtype(inputs_embeds.dtype())?;
+        let mut x = inputs_embeds.broadcast_add(&positions)?;
+        let mask = causal_mask(s, x.dtype(), x.device())?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask)?;
+        }
+        self.final_layer_norm.forward(&x)
+    }
+
+    /// `last_hidden_state` of token `ids` (batch, seq) u32; see [`Self::embed_tokens`] for `extra`.
+    pub fn forward(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_embeddings(&self.embed_tokens(ids, extra)?)
+    }
+}
+
+/// (seq, seq) additive mask: 0 where a token may attend (itself and earlier), -inf after.
+fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
+}
