@@ -69,7 +69,16 @@ impl Conv2d {
     }
 }
 
-/// Group normalisation over `(batch, channels, ...)`, statistics in f32.
+/// The precision norms and softmax compute in: half precisions are upcast to f32 (their range
+/// is too small for variances and exponentials); f32 and f64 are kept.
+fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// Group normalisation over `(batch, channels, ...)`, statistics in at least f32.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -92,17 +101,18 @@ impl GroupNorm {
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let xs = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
+        let compute = compute_dtype(dtype);
+        let xs = x.to_dtype(compute)?.reshape((b, self.groups, ()))?;
         let xs = normalize_last_dim(&xs, self.eps)?.reshape(dims.as_slice())?;
         let mut shape = vec![1, c];
         shape.resize(dims.len(), 1);
-        let w = self.weight.to_dtype(DType::F32)?.reshape(shape.as_slice())?;
-        let bias = self.bias.to_dtype(DType::F32)?.reshape(shape.as_slice())?;
+        let w = self.weight.to_dtype(compute)?.reshape(shape.as_slice())?;
+        let bias = self.bias.to_dtype(compute)?.reshape(shape.as_slice())?;
         xs.broadcast_mul(&w)?.broadcast_add(&bias)?.to_dtype(dtype)
     }
 }
 
-/// Layer normalisation over the last dimension, statistics in f32.
+/// Layer normalisation over the last dimension, statistics in at least f32.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -117,9 +127,10 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let xs = normalize_last_dim(&x.to_dtype(DType::F32)?, self.eps)?;
-        let w = self.weight.to_dtype(DType::F32)?;
-        let b = self.bias.to_dtype(DType::F32)?;
+        let compute = compute_dtype(dtype);
+        let xs = normalize_last_dim(&x.to_dtype(compute)?, self.eps)?;
+        let w = self.weight.to_dtype(compute)?;
+        let b = self.bias.to_dtype(compute)?;
         xs.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(dtype)
     }
 }
@@ -147,6 +158,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    let probs = softmax_last_dim(&scores.to_dtype(compute_dtype(scores.dtype()))?)?.to_dtype(v.dtype())?;
     probs.matmul(&v.contiguous()?)
 }
