@@ -30,9 +30,10 @@ struct Level {
 }
 
 impl Level {
-    fn new(sigma: f32) -> Self {
-        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-        let sigma = sigma * alpha;
+    /// From the schedule's sigma `sqrt((1 - abar) / abar)`: `alpha = sqrt(abar)`, `sigma = sqrt(1 - abar)`.
+    fn new(schedule_sigma: f32) -> Self {
+        let alpha = 1.0 / (schedule_sigma * schedule_sigma + 1.0).sqrt();
+        let sigma = schedule_sigma * alpha;
         // At the final sigma 0, lambda is +inf and the update returns the data prediction.
         Self {
             alpha,

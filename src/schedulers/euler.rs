@@ -10,7 +10,7 @@ use super::{
 };
 
 pub struct EulerDiscrete {
-    /// [`Self::unet_timesteps`] rounded to the nearest integer.
+    /// `unet_timesteps` rounded to the nearest integer.
     timesteps: Vec<usize>,
     /// diffusers' float32 timesteps, fractional under linspace spacing.
     unet_timesteps: Vec<f32>,
