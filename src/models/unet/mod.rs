@@ -50,6 +50,7 @@ impl<T: Clone + Debug> PerBlock<T> {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct UNet2DConditionConfig {
+    /// The training latent size, an int or `[height, width]` (informative; any size runs).
     pub sample_size: Option<PerBlock<usize>>,
     pub in_channels: usize,
     pub out_channels: usize,
