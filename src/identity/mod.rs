@@ -1,5 +1,7 @@
-//! Identities: the two learned word embeddings `v1*`, `v2*` of one person.
+//! Identities: the two learned word embeddings `v1*`, `v2*` of one person, and how they are learned.
 
 mod file;
+pub mod mlp;
+pub mod optim;
 
 pub use file::{Identity, IDENTITY_TENSOR};

@@ -11,7 +11,7 @@ use crate::io::RgbImage;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::schedulers::{Sampler, SchedulerConfig};
+use crate::schedulers::{PredictionType, Sampler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::ModelDir;
 use crate::{Error, Result};
@@ -77,12 +77,17 @@ impl StableDiffusion {
     pub fn load(model: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
         let scheduler_file = model.component("scheduler")?.join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::from_file(&scheduler_file)?;
-        if scheduler_config.prediction_type != "epsilon" {
+        let prediction = match scheduler_config.prediction_type {
+            PredictionType::Epsilon => None,
+            PredictionType::VPrediction => Some("v_prediction"),
+            PredictionType::Sample => Some("sample"),
+        };
+        if let Some(prediction) = prediction {
             return Err(Error::UnsupportedModel(format!(
                 "{} predicts `{}` ({}); StableIdentity needs an epsilon-prediction model such as {} \
                  (SD 2.1-768 is a v-prediction model)",
                 model.name(),
-                scheduler_config.prediction_type,
+                prediction,
                 scheduler_file.display(),
                 crate::weights::DEFAULT_MODEL,
             )));
@@ -272,11 +277,13 @@ impl StableDiffusion {
         // Latents stay f32 through the scheduler; only the UNet runs in the model dtype.
         let mut latents = (noise * scheduler.init_noise_sigma())?;
         let timesteps = scheduler.timesteps().to_vec();
+        // What the UNet sees: Euler's timesteps are fractional in diffusers.
+        let unet_timesteps = scheduler.unet_timesteps();
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = scheduler.scale_model_input(&model_input, t)?.to_dtype(self.dtype)?;
             let batch = model_input.dim(0)?;
-            let t_batch = Tensor::full(t as f32, batch, &self.device)?;
+            let t_batch = Tensor::full(unet_timesteps[i] as f32, batch, &self.device)?;
             let noise_pred = self.unet.forward(&model_input, &t_batch, &context)?.to_dtype(DType::F32)?;
             let noise_pred = if guided {
                 let uncond = noise_pred.narrow(0, 0, 1)?;
