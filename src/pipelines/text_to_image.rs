@@ -140,6 +140,15 @@ impl StableDiffusion {
         &self.device
     }
 
+    /// Precision of the frozen models.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
     /// The image size the model was trained at (512 x 512 for SD 2.1-base).
     pub fn default_size(&self) -> usize {
         self.unet.config().sample_size * self.vae.downscale_factor()
