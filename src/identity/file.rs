@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::io::write_atomically;
 use crate::{Error, Result};
 
 /// Name of the tensor in the tool's own identity files.
@@ -69,4 +70,54 @@ impl Identity {
     pub fn width(&self) -> usize {
         self.embeddings.dims()[1]
     }
+
+    /// Writes the tool's own identity file (tensor `identity`, f32, with the metadata), atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut metadata = self.metadata.clone();
+        metadata.insert("format".into(), FORMAT.into());
+        metadata.insert("format_version".into(), FORMAT_VERSION.into());
+        write_safetensors(path, IDENTITY_TENSOR, &self.embeddings, Some(metadata))
+    }
+
+    /// Writes the identity as a textual-inversion embedding other tools load for SD 2.x: one
+    /// two-vector embedding, under the key each tool looks for.
+    pub fn export(&self, path: &Path, format: ExportFormat) -> Result<()> {
+        match format {
+            // diffusers' `load_textual_inversion` takes a file with a single tensor; its key is
+            // the token when none is given.
+            ExportFormat::Diffusers => write_safetensors(path, "<v1*v2*>", &self.embeddings, None),
+            // AUTOMATIC1111 and ComfyUI read safetensors embeddings from `emb_params`.
+            ExportFormat::A1111 => write_safetensors(path, "emb_params", &self.embeddings, None),
+        }
+    }
+}
+
+/// The `format` metadata value of the tool's identity files.
+pub const FORMAT: &str = "stableid-identity";
+/// Bumped when the identity file changes incompatibly.
+pub const FORMAT_VERSION: &str = "1";
+
+/// Textual-inversion formats `stableid export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    Diffusers,
+    A1111,
+}
+
+impl std::str::FromStr for ExportFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "diffusers" => Ok(Self::Diffusers),
+            "a1111" | "comfyui" => Ok(Self::A1111),
+            other => Err(format!("unknown export format `{other}`: expected diffusers or a1111")),
+        }
+    }
+}
+
+fn write_safetensors(path: &Path, key: &str, tensor: &Tensor, metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let tensor = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let bytes = safetensors::serialize([(key.to_string(), &tensor)], metadata)
+        .map_err(|e| Error::Output { path: path.to_path_buf(), msg: e.to_string() })?;
+    write_atomically(path, |w| std::io::Write::write_all(w, &bytes))
 }

@@ -6,4 +6,4 @@ pub mod mlp;
 pub mod optim;
 pub mod templates;
 
-pub use file::{Identity, IDENTITY_TENSOR};
+pub use file::{ExportFormat, Identity, FORMAT, FORMAT_VERSION, IDENTITY_TENSOR};
