@@ -76,6 +76,8 @@ struct Merge {
     id: u32,
 }
 
+/// CLIP's tokenizer loaded from a diffusers `tokenizer/` folder. `Send + Sync`: the per-word BPE
+/// cache sits behind a mutex.
 pub struct ClipTokenizer {
     vocab: HashMap<String, u32>,
     /// The base vocabulary by id.
@@ -253,6 +255,7 @@ impl ClipTokenizer {
         self.added.iter().map(|t| t.id as usize + 1).fold(self.vocab.len(), usize::max)
     }
 
+    /// Never true for a loaded tokenizer (it holds at least its special tokens).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -208,3 +208,17 @@ fn config_defaults_when_optional_files_are_absent() {
     // CLIPTokenizer's defaults: <|endoftext|> pads.
     assert_eq!(*tok.encode("a").ids.last().unwrap(), 49407);
 }
+
+#[test]
+fn bpe_is_fast_on_unseen_words() {
+    let tok = ClipTokenizer::from_dir(&fixture("tokenizer")).unwrap();
+    // Distinct made-up words defeat the per-word cache: every one goes through BPE.
+    let prompts: Vec<String> = (0..2000)
+        .map(|i| (0..20).map(|j| format!("zq{}x{}vb{}", i * 31 + j, j * 7, i)).collect::<Vec<_>>().join(" "))
+        .collect();
+    let start = std::time::Instant::now();
+    let tokens: usize = prompts.iter().map(|p| tok.tokenize(p).len()).sum();
+    let elapsed = start.elapsed();
+    eprintln!("{tokens} tokens from 40000 unseen words in {elapsed:?}");
+    assert!(elapsed.as_secs_f64() < 10.0, "BPE too slow: {elapsed:?}");
+}
