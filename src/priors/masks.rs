@@ -174,14 +174,23 @@ impl FaceParserKind {
 #[derive(Debug, Clone)]
 pub struct FaceParser {
     network: Network,
+    normalization: Normalization,
     classes: FaceClasses,
     device: Device,
 }
 
 #[derive(Debug, Clone)]
 enum Network {
-    Segformer { model: SegformerForSemanticSegmentation, processor: SegformerImageProcessor },
-    Bisenet(BiSeNet),
+    Segformer(Box<SegformerForSemanticSegmentation>),
+    Bisenet(Box<BiSeNet>),
+}
+
+/// Input normalisation: pixel values are `(byte * scale - mean) / std` per channel.
+#[derive(Debug, Clone, Copy)]
+struct Normalization {
+    scale: f64,
+    mean: [f64; 3],
+    std: [f64; 3],
 }
 
 impl FaceParser {
@@ -211,8 +220,7 @@ impl FaceParser {
         let config_error = |e: candle_core::Error| Error::Config { file: config_path.clone(), msg: e.to_string() };
         config.validate().map_err(config_error)?;
         let classes = FaceClasses::new(&config.class_names().map_err(config_error)?)?;
-        let processor = SegformerImageProcessor::from_dir(dir)?;
-        processor
+        let (scale, mean, std) = SegformerImageProcessor::from_dir(dir)?
             .normalization(SIZE, SIZE)
             .map_err(|e| Error::Config { file: dir.join("preprocessor_config.json"), msg: e.to_string() })?;
         let path = dir.join("model.safetensors");
@@ -228,7 +236,12 @@ impl FaceParser {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
             .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
         let model = Weights { path, vb }.build(|vb| SegformerForSemanticSegmentation::new(&config, vb))?;
-        Ok(Self { network: Network::Segformer { model, processor }, classes, device: device.clone() })
+        Ok(Self {
+            network: Network::Segformer(Box::new(model)),
+            normalization: Normalization { scale, mean, std },
+            classes,
+            device: device.clone(),
+        })
     }
 
     /// Loads the BiSeNet parser from a face-parsing.PyTorch checkpoint (see [`FaceParser::load`]).
@@ -243,12 +256,17 @@ impl FaceParser {
                 model.num_classes()
             )));
         }
-        Ok(Self { network: Network::Bisenet(model), classes, device: device.clone() })
+        Ok(Self {
+            network: Network::Bisenet(Box::new(model)),
+            normalization: Normalization { scale: 1.0 / 255.0, mean: bisenet::IMAGE_MEAN, std: bisenet::IMAGE_STD },
+            classes,
+            device: device.clone(),
+        })
     }
 
     pub fn kind(&self) -> FaceParserKind {
         match self.network {
-            Network::Segformer { .. } => FaceParserKind::Segformer,
+            Network::Segformer(_) => FaceParserKind::Segformer,
             Network::Bisenet(_) => FaceParserKind::Bisenet,
         }
     }
@@ -265,7 +283,7 @@ impl FaceParser {
     pub fn logits(&self, rgb512: &[u8]) -> Result<Tensor> {
         let pixels = self.pixel_values(rgb512)?;
         let logits = match &self.network {
-            Network::Segformer { model, .. } => model.forward(&pixels)?.upsample_bilinear2d(SIZE, SIZE, false)?,
+            Network::Segformer(model) => model.forward(&pixels)?.upsample_bilinear2d(SIZE, SIZE, false)?,
             Network::Bisenet(model) => model.forward(&pixels)?,
         };
         Ok(logits.squeeze(0)?)
@@ -274,11 +292,19 @@ impl FaceParser {
     /// The network input `(1, 3, 512, 512)` for a 512x512 RGB photo: SegFormer as its image
     /// processor config says, BiSeNet as the reference code (`ToTensor`, ImageNet mean / std).
     pub fn pixel_values(&self, rgb512: &[u8]) -> Result<Tensor> {
-        let (scale, mean, std) = match &self.network {
-            Network::Segformer { processor, .. } => processor.normalization(SIZE, SIZE)?,
-            Network::Bisenet(_) => (1.0 / 255.0, bisenet::IMAGE_MEAN, bisenet::IMAGE_STD),
-        };
-        normalize_rgb(rgb512, scale, mean, std, &self.device)
+        if rgb512.len() != SIZE * SIZE * 3 {
+            return Err(Error::Input(format!(
+                "the face parser takes a {SIZE}x{SIZE} RGB photo ({} bytes), got {} bytes",
+                SIZE * SIZE * 3,
+                rgb512.len()
+            )));
+        }
+        let Normalization { scale, mean, std } = self.normalization;
+        let to_tensor = |v: [f64; 3]| Tensor::new(&v.map(|x| x as f32), &self.device)?.reshape((1, 3, 1, 1));
+        let gain = to_tensor([0, 1, 2].map(|c| scale / std[c]))?;
+        let offset = to_tensor([0, 1, 2].map(|c| -mean[c] / std[c]))?;
+        let x = Tensor::from_slice(rgb512, (SIZE, SIZE, 3), &self.device)?.to_dtype(DType::F32)?;
+        Ok(x.permute((2, 0, 1))?.unsqueeze(0)?.broadcast_mul(&gain)?.broadcast_add(&offset)?)
     }
 
     /// The `(512, 512)` map of class ids (u32): argmax of [`FaceParser::logits`].
@@ -290,22 +316,6 @@ impl FaceParser {
     pub fn masks(&self, rgb512: &[u8]) -> Result<Masks> {
         self.classes.masks(&self.class_map(rgb512)?)
     }
-}
-
-/// `(1, 3, 512, 512)` f32 pixel values `(byte * scale - mean) / std` per channel.
-fn normalize_rgb(rgb: &[u8], scale: f64, mean: [f64; 3], std: [f64; 3], device: &Device) -> Result<Tensor> {
-    if rgb.len() != SIZE * SIZE * 3 {
-        return Err(Error::Input(format!(
-            "the face parser takes a {SIZE}x{SIZE} RGB photo ({} bytes), got {} bytes",
-            SIZE * SIZE * 3,
-            rgb.len()
-        )));
-    }
-    let to_tensor = |v: [f64; 3]| Tensor::new(&v.map(|x| x as f32), device)?.reshape((1, 3, 1, 1));
-    let gain = to_tensor([scale / std[0], scale / std[1], scale / std[2]])?;
-    let offset = to_tensor([-mean[0] / std[0], -mean[1] / std[1], -mean[2] / std[2]])?;
-    let x = Tensor::from_slice(rgb, (SIZE, SIZE, 3), device)?.to_dtype(DType::F32)?.permute((2, 0, 1))?.unsqueeze(0)?;
-    Ok(x.broadcast_mul(&gain)?.broadcast_add(&offset)?)
 }
 
 /// A SegFormer folder: a local path, or a hub id resolved in the local hub cache.

@@ -14,7 +14,6 @@ Writes tests/fixtures/tiny-segformer/, tests/fixtures/tiny-bisenet/ and
 tests/fixtures/parity/face_parsing.safetensors.
 Run from the repository root: /work/venv/bin/python tools/reference/face_parsing.py
 """
-import json
 import sys
 from pathlib import Path
 
@@ -275,9 +274,9 @@ def bisenet(tensors: dict, big: np.ndarray) -> None:
     TINY_BISENET.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), TINY_BISENET / "model.pth")
     print(f"wrote {(TINY_BISENET / 'model.pth').relative_to(REPO)}")
-    # A checkpoint in PyTorch's pre-1.6 (legacy pickle) format, for the clear-error test.
-    torch.save({"cp.resnet.conv1.weight": torch.zeros(1)}, TINY_BISENET / "legacy.pth",
-               _use_new_zipfile_serialization=False)
+    # A file in PyTorch's pre-1.6 (legacy pickle) format, for the clear-error test. It holds no
+    # tensor: the legacy format names storages by memory address, so the file would change per run.
+    torch.save({"format": "legacy"}, TINY_BISENET / "legacy.pth", _use_new_zipfile_serialization=False)
 
     with torch.no_grad():
         x = torch.randn(1, 3, 32, 40)
@@ -317,9 +316,7 @@ def main() -> None:
     segformer(tensors, big)
     bisenet(tensors, big)
     masks(tensors)
-    save_tensors(PARITY / "face_parsing.safetensors", tensors,
-                 metadata={"segformer_classes": json.dumps(SEGFORMER_CLASSES),
-                           "bisenet_classes": json.dumps(BISENET_CLASSES)})
+    save_tensors(PARITY / "face_parsing.safetensors", tensors)
 
 
 if __name__ == "__main__":
