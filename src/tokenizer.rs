@@ -8,7 +8,7 @@
 //! 1. Added tokens (the special tokens, placeholders such as `v1*`) are cut out of the text first:
 //!    those marked `normalized: false` on the raw text, the others on the normalised text. The
 //!    longest token starting leftmost wins, also inside words (`xv1*` is `x` + `v1*`).
-//! 2. The rest is normalised: runs of whitespace become one space, then each character is
+//! 2. The rest is normalised: Unicode NFC, runs of whitespace become one space, then each character is
 //!    lower-cased on its own.
 //! 3. CLIP's regex splits it into words (letter runs, single digits, runs of other symbols,
 //!    contractions such as `'s`); spaces are dropped.
@@ -16,10 +16,6 @@
 //!    symbol carrying `</w>`.
 //! 5. BOS + ids + EOS, truncated to `model_max_length` (EOS kept last) and padded with the pad
 //!    token: `"!"` (id 0) for SD 2.x, `<|endoftext|>` for SD 1.x.
-//!
-//! Unlike transformers, the text is not put in Unicode NFC first (that needs a normalisation
-//! crate): only text holding decomposed characters (an accent typed as a combining mark,
-//! U+2126 OHM SIGN, ...) can tokenize differently.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -27,6 +23,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use regex::Regex;
+use unicode_normalization_alignments::UnicodeNormalization;
 use serde_json::{Map, Value};
 
 use crate::{Error, Result};
@@ -268,7 +265,8 @@ impl ClipTokenizer {
     /// Whitespace runs become one space, then each character is lower-cased on its own (so a
     /// final capital sigma becomes σ, not ς, as in `tokenizers`).
     fn normalize(&self, text: &str) -> String {
-        self.whitespace.replace_all(text, " ").chars().flat_map(char::to_lowercase).collect()
+        let composed: String = text.nfc().map(|(c, _)| c).collect();
+        self.whitespace.replace_all(&composed, " ").chars().flat_map(char::to_lowercase).collect()
     }
 
     /// Cuts the added tokens out of `text` and splits the rest into words.

@@ -26,34 +26,8 @@ pub struct ModelDir {
 impl ModelDir {
     /// Resolves `spec`: an existing local folder, or a hub id (`owner/name`) found in the hub cache.
     pub fn resolve(spec: &str) -> Result<Self> {
-        let path = Path::new(spec);
-        if path.is_dir() {
-            return Ok(Self { root: path.to_path_buf(), name: spec.to_string() });
-        }
-        let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !path.is_absolute();
-        if !looks_like_hub_id {
-            return Err(Error::MissingFile {
-                what: "model folder".into(),
-                path: path.to_path_buf(),
-                hint: "pass a diffusers model folder or a Hugging Face hub id such as stabilityai/stable-diffusion-2-1-base".into(),
-            });
-        }
-        let cache = hub_cache_dir();
-        let repo = hf_hub::Cache::new(cache.clone()).model(spec.to_string());
-        match repo.get("model_index.json") {
-            Some(index) => {
-                let root = index.parent().expect("a file in a snapshot has a parent").to_path_buf();
-                Ok(Self { root, name: spec.to_string() })
-            }
-            None => Err(Error::MissingFile {
-                what: format!("model {spec}"),
-                path: cache,
-                hint: format!(
-                    "this tool never downloads weights; fetch them once with `huggingface-cli download {spec}` \
-                     (or set HF_HOME / HF_HUB_CACHE to where they are), or pass --model with a local diffusers folder"
-                ),
-            }),
-        }
+        let root = resolve_folder(spec, "model_index.json", "model folder", DEFAULT_MODEL)?;
+        Ok(Self { root, name: spec.to_string() })
     }
 
     /// The folder itself.
@@ -119,6 +93,36 @@ impl Weights {
     pub fn build<M>(self, build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>) -> Result<M> {
         let file = self.path;
         build(self.vb).map_err(|e| Error::Weights { file, msg: format!("{e} (is this the right model?)") })
+    }
+}
+
+/// Resolves a model given as a local folder or as a hub id (`owner/name`) found in the hub
+/// cache, whose snapshot holds `marker` (e.g. `model_index.json`, `config.json`). `what` and
+/// `example` word the error.
+pub fn resolve_folder(spec: &str, marker: &str, what: &str, example: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !path.is_absolute();
+    if !looks_like_hub_id {
+        return Err(Error::MissingFile {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+            hint: format!("pass a local folder or a Hugging Face hub id such as {example}"),
+        });
+    }
+    let cache = hub_cache_dir();
+    match hf_hub::Cache::new(cache.clone()).model(spec.to_string()).get(marker) {
+        Some(file) => Ok(file.parent().expect("a file in a snapshot has a parent").to_path_buf()),
+        None => Err(Error::MissingFile {
+            what: format!("{what} {spec}"),
+            path: cache,
+            hint: format!(
+                "this tool never downloads weights; fetch them once with `huggingface-cli download {spec}` \
+                 (or set HF_HOME / HF_HUB_CACHE to where they are), or pass a local folder"
+            ),
+        }),
     }
 }
 

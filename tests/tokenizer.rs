@@ -34,19 +34,9 @@ struct Suite {
 #[derive(Deserialize)]
 struct Case {
     text: String,
-    /// The text in Unicode NFC, when that differs (see `nfc_free_text`).
-    text_nfc: Option<String>,
     ids: Vec<u32>,
     tokens: Vec<String>,
     truncated: bool,
-}
-
-impl Case {
-    /// The tokenizer does not apply NFC yet: cases whose text changes under NFC are fed in NFC,
-    /// which checks everything after that step.
-    fn nfc_free_text(&self) -> &str {
-        self.text_nfc.as_deref().unwrap_or(&self.text)
-    }
 }
 
 fn cases() -> Cases {
@@ -93,7 +83,7 @@ fn every_case_matches_transformers() {
         assert_eq!(tok.len(), suite.len, "{}", suite.name);
         assert_eq!(tok.max_length(), suite.max_length, "{}", suite.name);
         for case in &suite.cases {
-            let text = case.nfc_free_text();
+            let text = case.text.as_str();
             let enc = tok.encode(text);
             assert_eq!(enc.ids, case.ids, "{}: ids of {:?}", suite.name, case.text);
             assert_eq!(enc.truncated, case.truncated, "{}: truncated flag of {:?}", suite.name, case.text);

@@ -95,7 +95,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             pipeline.tokenizer().max_length()
         );
     }
-    let size = pipeline.default_size();
+    let (default_width, default_height) = pipeline.default_size();
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
 
     let mut written = Vec::new();
@@ -106,8 +106,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             steps: args.steps,
             guidance: args.guidance,
             seed: seed + i as u64,
-            width: args.width.unwrap_or(size),
-            height: args.height.unwrap_or(size),
+            width: args.width.unwrap_or(default_width),
+            height: args.height.unwrap_or(default_height),
             sampler: args.sampler,
             initial_latents: initial_latents.clone(),
         };
@@ -130,8 +130,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "steps": args.steps,
             "guidance": args.guidance,
             "sampler": args.sampler.to_string(),
-            "width": args.width.unwrap_or(size),
-            "height": args.height.unwrap_or(size),
+            "width": args.width.unwrap_or(default_width),
+            "height": args.height.unwrap_or(default_height),
             "model": pipeline.model_name(),
             "identities": args.identity,
         });

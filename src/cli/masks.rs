@@ -9,7 +9,7 @@ use stableid::io::{write_atomically, write_png, RgbImage};
 use stableid::priors::masks::{FaceParser, FaceParserKind, DEFAULT_SEGFORMER, SIZE};
 use stableid::priors::photo::load_photo;
 
-use super::{DeviceArg, DtypeArg, ModelArgs};
+use super::DeviceArg;
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -80,8 +80,7 @@ pub fn run(args: MasksArgs) -> Result<()> {
     let photo = load_photo(&args.photo)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
-    // ModelArgs knows how to open a device (and says when this build lacks CUDA).
-    let device = ModelArgs { model: String::new(), device: args.device, dtype: DtypeArg::F32 }.device()?;
+    let device = args.device.open()?;
     let parser = args.parser.load(&device)?;
     let rgb = photo.rgb().as_raw();
     let masks = parser.masks(rgb)?;

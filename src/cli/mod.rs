@@ -1,6 +1,7 @@
 //! Subcommands of `stableid` and what they share (device, dtype, progress bars).
 
 mod generate;
+mod masks;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -22,11 +23,14 @@ pub struct Cli {
 enum Command {
     /// Generate images from a prompt (with `v1* v2*` standing for an identity).
     Generate(generate::GenerateArgs),
+    /// Show the face and hair masks the learner will focus on, as PNG overlays.
+    Masks(masks::MasksArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Masks(args) => masks::run(args),
     }
 }
 
@@ -59,13 +63,7 @@ pub enum DtypeArg {
 
 impl ModelArgs {
     pub fn device(&self) -> Result<Device> {
-        match self.device {
-            DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda if !cfg!(feature = "cuda") => {
-                bail!("this build has no CUDA support: rebuild with `cargo build --release --features cuda` (see README)")
-            }
-            DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| anyhow::anyhow!("cannot open CUDA device 0: {e}")),
-        }
+        self.device.open()
     }
 
     pub fn dtype(&self) -> DType {
@@ -73,6 +71,19 @@ impl ModelArgs {
             DtypeArg::F32 => DType::F32,
             DtypeArg::F16 => DType::F16,
             DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+impl DeviceArg {
+    /// Opens the device, saying so when this build lacks CUDA.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda if !cfg!(feature = "cuda") => {
+                bail!("this build has no CUDA support: rebuild with `cargo build --release --features cuda` (see README)")
+            }
+            DeviceArg::Cuda => Device::new_cuda(0).map_err(|e| anyhow::anyhow!("cannot open CUDA device 0: {e}")),
         }
     }
 }

@@ -8,9 +8,19 @@ use candle_core::{DType, Tensor};
 use crate::identity::loss::{masked_two_phase_loss, LossConfig, LossInputs};
 use crate::identity::mlp::{adain_landing, IdentityMlp};
 use crate::identity::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::pipelines::StableDiffusion;
+use crate::models::clip_text::ClipTextModel;
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::AutoencoderKL;
 use crate::schedulers::Ddpm;
 use crate::{Error, Result};
+
+/// The frozen networks a learning step runs through, and the training noise schedule.
+pub struct FrozenModels<'a> {
+    pub text_encoder: &'a ClipTextModel,
+    pub unet: &'a UNet2DConditionModel,
+    pub vae: &'a AutoencoderKL,
+    pub schedule: Ddpm,
+}
 
 /// The celebrity-name statistics the MLP output lands on: (2, width) each.
 #[derive(Debug, Clone)]
@@ -28,8 +38,9 @@ pub struct StepInputs {
     /// Masks at latent size (1, 1, H/8, W/8), values in {0, 1}.
     pub face_mask: Tensor,
     pub hair_mask: Tensor,
-    /// Caption containing `v1* v2*`.
-    pub caption: String,
+    /// Token ids (1, 77) of a caption containing `v1* v2*`, the placeholders already mapped to
+    /// the rows after the vocabulary (`StableDiffusion::prompt_ids` does this).
+    pub caption_ids: Tensor,
     pub timestep: usize,
     /// Diffusion noise eps (1, 4, H/8, W/8).
     pub noise: Tensor,
@@ -47,8 +58,7 @@ pub struct StepReport {
 
 /// The trainable MLP and its optimizer over the frozen Stable Diffusion models.
 pub struct Learner<'a> {
-    sd: &'a StableDiffusion,
-    schedule: Ddpm,
+    models: FrozenModels<'a>,
     basis: Basis,
     pub mlp: IdentityMlp,
     pub optimizer: AdamW,
@@ -58,17 +68,16 @@ pub struct Learner<'a> {
 
 impl<'a> Learner<'a> {
     pub fn new(
-        sd: &'a StableDiffusion,
+        models: FrozenModels<'a>,
         basis: Basis,
         mlp: IdentityMlp,
         adamw: AdamWConfig,
         loss_config: LossConfig,
         max_grad_norm: f64,
     ) -> Result<Self> {
-        let schedule = Ddpm::new(sd.scheduler_config())?;
         let params: Vec<_> = mlp.params().iter().map(|(_, v)| v).collect();
         let optimizer = AdamW::new(adamw, &params)?;
-        Ok(Self { sd, schedule, basis, mlp, optimizer, loss_config, max_grad_norm })
+        Ok(Self { models, basis, mlp, optimizer, loss_config, max_grad_norm })
     }
 
     /// The identity (batch, 2, width) for features (batch, 768): MLP output landed by AdaIN.
@@ -78,24 +87,22 @@ impl<'a> Learner<'a> {
 
     /// The loss of one step, with the graph back to the MLP parameters.
     pub fn loss(&self, inputs: &StepInputs) -> Result<Tensor> {
-        let sd = self.sd;
-        let dtype = sd.dtype();
+        let m = &self.models;
+        let dtype = m.text_encoder.token_embedding().dtype();
+        // The loss is computed in f32 (f64 when the models are f64, for finite-difference checks).
+        let loss_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
         let identity = self.identity(&inputs.feature)?.squeeze(0)?;
-        let prompt = sd.prompt_ids(&inputs.caption)?;
-        if prompt.identities_used != 1 {
-            return Err(Error::Input(format!("caption `{}` must contain v1* v2* (and no other placeholders)", inputs.caption)));
-        }
-        let context = sd.text_encoder().forward(&prompt.ids, Some(&identity))?;
+        let context = m.text_encoder.forward(&inputs.caption_ids, Some(&identity))?;
 
         // The photo's latent: a posterior sample, scaled; no gradient flows into the VAE.
-        let scaling = sd.vae().config().scaling_factor;
-        let posterior = sd.vae().encode(&inputs.image.to_dtype(dtype)?)?;
-        let latents = (posterior.sample(&inputs.posterior_noise.to_dtype(dtype)?)?.to_dtype(DType::F32)? * scaling)?
+        let scaling = m.vae.config().scaling_factor;
+        let posterior = m.vae.encode(&inputs.image.to_dtype(dtype)?)?;
+        let latents = (posterior.sample(&inputs.posterior_noise.to_dtype(dtype)?)?.to_dtype(loss_dtype)? * scaling)?
             .detach();
         let timesteps = [inputs.timestep];
-        let noisy = self.schedule.add_noise(&latents, &inputs.noise, &timesteps)?;
-        let t = Tensor::new(&[inputs.timestep as f32], sd.device())?;
-        let noise_pred = sd.unet().forward(&noisy.to_dtype(dtype)?, &t, &context)?.to_dtype(DType::F32)?;
+        let noisy = m.schedule.add_noise(&latents, &inputs.noise, &timesteps)?;
+        let t = Tensor::new(&[inputs.timestep as f32], noisy.device())?;
+        let noise_pred = m.unet.forward(&noisy.to_dtype(dtype)?, &t, &context)?.to_dtype(loss_dtype)?;
 
         let loss_inputs = LossInputs {
             noise_pred: &noise_pred,
@@ -106,7 +113,7 @@ impl<'a> Learner<'a> {
             face_mask: &inputs.face_mask,
             hair_mask: &inputs.hair_mask,
         };
-        Ok(masked_two_phase_loss(&loss_inputs, &self.loss_config, &self.schedule, scaling)?)
+        Ok(masked_two_phase_loss(&loss_inputs, &self.loss_config, &m.schedule, scaling)?)
     }
 
     /// Gradients of the loss for every MLP parameter (in `PARAM_NAMES` order), and the loss.

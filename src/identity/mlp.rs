@@ -60,6 +60,7 @@ impl IdentityMlp {
     }
 
     /// Parameters from tensors in `PARAM_NAMES` order (e.g. from a checkpoint); shapes are checked.
+    /// f64 tensors stay f64 (for finite-difference checks); anything else becomes f32.
     pub fn from_tensors(shape: MlpShape, tensors: Vec<Tensor>) -> Result<Self> {
         let hidden = shape.hidden_dim();
         let expected: [&[usize]; 8] = [
@@ -80,7 +81,8 @@ impl IdentityMlp {
             if tensor.dims() != dims {
                 candle_core::bail!("identity MLP: {name} has shape {:?}, expected {dims:?}", tensor.dims())
             }
-            params.push((*name, Var::from_tensor(&tensor.to_dtype(DType::F32)?)?));
+            let dtype = if tensor.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+            params.push((*name, Var::from_tensor(&tensor.to_dtype(dtype)?)?));
         }
         Ok(Self { shape, params })
     }

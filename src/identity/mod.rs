@@ -1,9 +1,21 @@
 //! Identities: the two learned word embeddings `v1*`, `v2*` of one person, and how they are learned.
+//!
+//! - [`mlp`]: the trainable MLP and the AdaIN landing in the celebrity basis.
+//! - [`augment`]: the per-step augmentation of the single photo and its masks.
+//! - [`templates`]: the captions.
+//! - [`loss`]: the masked two-phase diffusion loss.
+//! - [`optim`]: AdamW and gradient clipping.
+//! - [`learner`]: one learning step through the frozen models.
+//! - [`train`], [`checkpoint`]: the loop, checkpoints and resuming.
 
+pub mod augment;
+pub mod checkpoint;
 mod file;
+pub mod learner;
 pub mod loss;
 pub mod mlp;
 pub mod optim;
 pub mod templates;
+pub mod train;
 
 pub use file::{ExportFormat, Identity, FORMAT, FORMAT_VERSION, IDENTITY_TENSOR};

@@ -6,12 +6,13 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::identity::learner::FrozenModels;
 use crate::identity::Identity;
 use crate::io::RgbImage;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::unet::{PerBlock, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::schedulers::{PredictionType, Sampler, SchedulerConfig};
+use crate::schedulers::{Ddpm, PredictionType, Sampler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::ModelDir;
 use crate::{Error, Result};
@@ -111,11 +112,12 @@ impl StableDiffusion {
             .weights("vae", "diffusion_pytorch_model", dtype, device)?
             .build(|vb| AutoencoderKL::new(vb, &vae_config))?;
 
-        if unet_config.cross_attention_dim != text_config.hidden_size {
+        let blocks = unet_config.block_out_channels.len();
+        let cross_dims = unet_config.cross_attention_dim.expand("cross_attention_dim", blocks)?;
+        if let Some(&dim) = cross_dims.iter().find(|&&d| d != text_config.hidden_size) {
             return Err(Error::UnsupportedModel(format!(
-                "{}: the UNet attends to {}-wide text features but the text encoder is {} wide",
+                "{}: the UNet attends to {dim}-wide text features but the text encoder is {} wide",
                 model.name(),
-                unet_config.cross_attention_dim,
                 text_config.hidden_size
             )));
         }
@@ -149,9 +151,25 @@ impl StableDiffusion {
         &self.scheduler_config
     }
 
-    /// The image size the model was trained at (512 x 512 for SD 2.1-base).
-    pub fn default_size(&self) -> usize {
-        self.unet.config().sample_size * self.vae.downscale_factor()
+    /// The frozen networks and the training noise schedule, for the identity learner.
+    pub fn frozen_models(&self) -> Result<FrozenModels<'_>> {
+        Ok(FrozenModels {
+            text_encoder: &self.text_encoder,
+            unet: &self.unet,
+            vae: &self.vae,
+            schedule: Ddpm::new(&self.scheduler_config)?,
+        })
+    }
+
+    /// The image size (width, height) the model was trained at (512 x 512 for SD 2.1-base).
+    pub fn default_size(&self) -> (usize, usize) {
+        let factor = self.vae.downscale_factor();
+        match &self.unet.config().sample_size {
+            Some(PerBlock::One(side)) => (side * factor, side * factor),
+            Some(PerBlock::Each(sides)) if sides.len() == 2 => (sides[1] * factor, sides[0] * factor),
+            // diffusers' UNet default sample size is 64 latents.
+            _ => (64 * factor, 64 * factor),
+        }
     }
 
     /// Width of the text encoder's embeddings: the width an identity must have.

@@ -82,11 +82,14 @@ impl FaceEncoder {
     }
 }
 
+/// The face-recognition ViT StableIdentity uses.
+pub const DEFAULT_FACE_ENCODER: &str = "jayanta/vit-base-patch16-224-in21k-face-recognition";
+
 /// Loads the face-recognition ViT from a transformers folder (config.json and model.safetensors
 /// or a zip-format pytorch_model.bin, names with or without the `vit.` prefix of
 /// `ViTForImageClassification`) given as a local path or a hub id in the hub cache.
 pub fn load_face_encoder(dir_or_hub_id: &str, device: &Device) -> Result<FaceEncoder> {
-    let dir = resolve_transformers_folder(dir_or_hub_id)?;
+    let dir = crate::weights::resolve_folder(dir_or_hub_id, "config.json", "face-recognition model", DEFAULT_FACE_ENCODER)?;
     let config_path = dir.join("config.json");
     let config: ViTConfig = read_json(&config_path)?;
     let unsupported = |msg: String| Error::UnsupportedModel(format!("{}: {msg}", config_path.display()));
@@ -146,41 +149,5 @@ fn open_weights(dir: &Path, device: &Device) -> Result<(PathBuf, VarBuilder<'sta
             path: safetensors,
             hint: "expected model.safetensors or pytorch_model.bin next to config.json".into(),
         })
-    }
-}
-
-/// Resolves a transformers model folder: an existing local folder, or a hub id (`owner/name`)
-/// whose snapshot holding `config.json` is in the hub cache (`HF_HUB_CACHE`, else `HF_HOME/hub`,
-/// else `~/.cache/huggingface/hub`). The counterpart of [`crate::weights::ModelDir::resolve`]
-/// for repositories that are not diffusers pipelines; never downloads.
-pub fn resolve_transformers_folder(spec: &str) -> Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !path.is_absolute();
-    if !looks_like_hub_id {
-        return Err(Error::MissingFile {
-            what: "model folder".into(),
-            path: path.to_path_buf(),
-            hint: "pass a transformers model folder or a Hugging Face hub id such as \
-                   jayanta/vit-base-patch16-224-in21k-face-recognition"
-                .into(),
-        });
-    }
-    let cache = match std::env::var("HF_HUB_CACHE") {
-        Ok(dir) => PathBuf::from(dir),
-        Err(_) => hf_hub::Cache::from_env().path().clone(),
-    };
-    match hf_hub::Cache::new(cache.clone()).model(spec.to_string()).get("config.json") {
-        Some(config) => Ok(config.parent().expect("a file in a snapshot has a parent").to_path_buf()),
-        None => Err(Error::MissingFile {
-            what: format!("model {spec}"),
-            path: cache,
-            hint: format!(
-                "this tool never downloads weights; fetch them once with `huggingface-cli download {spec}` \
-                 (or set HF_HOME / HF_HUB_CACHE to where they are), or pass a local folder"
-            ),
-        }),
     }
 }

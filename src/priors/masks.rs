@@ -9,7 +9,7 @@
 //! - hair = hair.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -18,7 +18,7 @@ use crate::models::face_parsing::bisenet::{self, BiSeNet};
 use crate::models::face_parsing::segformer::{
     SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor,
 };
-use crate::weights::{read_json, Weights};
+use crate::weights::{read_json, resolve_folder, Weights};
 use crate::{Error, Result};
 
 /// Side of the (square) photo the parsers see and the masks cover.
@@ -201,7 +201,8 @@ impl FaceParser {
     pub fn load(kind: FaceParserKind, weights: Option<&str>, device: &Device) -> Result<Self> {
         match (kind, weights) {
             (FaceParserKind::Segformer, spec) => {
-                Self::segformer(&resolve_segformer(spec.unwrap_or(DEFAULT_SEGFORMER))?, device)
+                let spec = spec.unwrap_or(DEFAULT_SEGFORMER);
+                Self::segformer(&resolve_folder(spec, "config.json", "face parser", DEFAULT_SEGFORMER)?, device)
             }
             (FaceParserKind::Bisenet, Some(spec)) => Self::bisenet(Path::new(spec), device),
             (FaceParserKind::Bisenet, None) => Err(Error::Input(
@@ -315,44 +316,6 @@ impl FaceParser {
     /// Face and hair masks `(512, 512)` of a 512x512 RGB photo; fails when no face is found.
     pub fn masks(&self, rgb512: &[u8]) -> Result<Masks> {
         self.classes.masks(&self.class_map(rgb512)?)
-    }
-}
-
-/// A SegFormer folder: a local path, or a hub id resolved in the local hub cache.
-fn resolve_segformer(spec: &str) -> Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !path.is_absolute();
-    let cache = hub_cache_dir();
-    let found = looks_like_hub_id
-        .then(|| hf_hub::Cache::new(cache.clone()).model(spec.to_string()).get("config.json"))
-        .flatten();
-    match found {
-        Some(config) => Ok(config.parent().expect("a file in a snapshot has a parent").to_path_buf()),
-        None if looks_like_hub_id => Err(Error::MissingFile {
-            what: format!("face parser {spec}"),
-            path: cache,
-            hint: format!(
-                "this tool never downloads weights; fetch them once with \
-                 `huggingface-cli download {spec} config.json model.safetensors preprocessor_config.json` \
-                 (or set HF_HOME / HF_HUB_CACHE to where they are), or pass a local folder"
-            ),
-        }),
-        None => Err(Error::MissingFile {
-            what: "SegFormer face parser folder".into(),
-            path: path.to_path_buf(),
-            hint: format!("pass a transformers model folder or a hub id such as {DEFAULT_SEGFORMER}"),
-        }),
-    }
-}
-
-/// The hub cache folder, as huggingface_hub resolves it (`HF_HUB_CACHE`, else `HF_HOME/hub`).
-fn hub_cache_dir() -> PathBuf {
-    match std::env::var("HF_HUB_CACHE") {
-        Ok(dir) => PathBuf::from(dir),
-        Err(_) => hf_hub::Cache::from_env().path().clone(),
     }
 }
 

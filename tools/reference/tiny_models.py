@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from common import SD21_BASE_SCHEDULER, TINY_SD, seed
+from common import FIXTURES, SD21_BASE_SCHEDULER, TINY_SD, seed
 
 TINY_MERGES = 400  # the first CLIP merges: common sub-words, so prompts tokenize sensibly
 
@@ -41,11 +41,12 @@ def write_tiny_tokenizer(folder):
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tok = CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-        pad_token="!", model_max_length=77,
-    )
-    tok.save_pretrained(str(folder))
+    # The SD 2.x tokenizer configs (as in tests/fixtures/tokenizer/): '!' pads. Like the hub folder,
+    # no tokenizer.json: transformers builds the tokenizer from vocab.json + merges.txt.
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(FIXTURES / "tokenizer" / name, folder / name)
+    tok = CLIPTokenizer.from_pretrained(str(folder))
+    assert tok("a photo").input_ids[1] != tok.unk_token_id, "the tiny tokenizer must know common words"
     return len(vocab)
 
 
@@ -72,10 +73,14 @@ def main():
         block_out_channels=(16, 32), layers_per_block=2, attention_head_dim=[2, 4],
         cross_attention_dim=32, use_linear_projection=True, norm_num_groups=8,
     )
-    # Random weights, not diffusers' zero-initialised output convolutions: every path must matter.
+    # diffusers' initialisation, with the norms' affine parameters moved off (1, 0) so that a
+    # swapped weight and bias would show.
     with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(torch.randn_like(p) * 0.1 if p.dim() > 1 else torch.randn_like(p) * 0.02)
+        for name, p in unet.named_parameters():
+            if "norm" in name and name.endswith(".weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.02)
     unet.save_pretrained(str(TINY_SD / "unet"))
 
     seed(2)

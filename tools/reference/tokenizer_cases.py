@@ -22,7 +22,6 @@ import json
 import shutil
 import sys
 import tempfile
-import unicodedata
 from pathlib import Path
 
 import open_clip
@@ -226,10 +225,7 @@ def encode(tok, prompt):
     ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
     untruncated = tok(prompt, padding="longest").input_ids
     truncated = len(untruncated) >= len(ids) and untruncated != ids
-    case = {"text": prompt, "ids": ids, "tokens": tok.tokenize(prompt), "truncated": truncated}
-    if unicodedata.normalize("NFC", prompt) != prompt:
-        case["text_nfc"] = unicodedata.normalize("NFC", prompt)
-    return case
+    return {"text": prompt, "ids": ids, "tokens": tok.tokenize(prompt), "truncated": truncated}
 
 
 def suite(name, folder, vocab_dir, config_dir, prompts, placeholders):
