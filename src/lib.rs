@@ -21,6 +21,7 @@ pub mod models;
 pub mod nn;
 pub mod pipelines;
 pub mod priors;
+pub mod random;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod weights;

@@ -7,10 +7,12 @@
 //! - [`optim`]: AdamW and gradient clipping.
 //! - [`learner`]: one learning step through the frozen models.
 //! - [`train`], [`checkpoint`]: the loop, checkpoints and resuming.
+//! - [`learn`]: a whole run, from a prepared photo to the identity.
 
 pub mod augment;
 pub mod checkpoint;
 mod file;
+pub mod learn;
 pub mod learner;
 pub mod loss;
 pub mod mlp;

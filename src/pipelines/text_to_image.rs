@@ -2,14 +2,16 @@
 //! identity placeholders: in a prompt, `v1* v2*` stand for the first identity, `v3* v4*` for the
 //! second, and so on.
 
+use std::path::{Path, PathBuf};
+
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 
 use crate::identity::learner::FrozenModels;
 use crate::identity::Identity;
 use crate::io::RgbImage;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::random::standard_normal;
 use crate::models::unet::{PerBlock, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::{Ddpm, PredictionType, Sampler, SchedulerConfig};
@@ -65,6 +67,8 @@ pub struct StableDiffusion {
     /// Token ids of `v1*`, `v2*`, ... in the tokenizer.
     placeholder_ids: Vec<u32>,
     text_encoder: ClipTextModel,
+    /// The text encoder's weights file, which identities are tied to.
+    text_encoder_file: PathBuf,
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
     scheduler_config: SchedulerConfig,
@@ -100,9 +104,9 @@ impl StableDiffusion {
         let placeholder_ids = tokenizer.add_placeholder_tokens(&placeholder_refs)?;
 
         let text_config: ClipTextConfig = model.config("text_encoder", "config.json")?;
-        let text_encoder = model
-            .weights("text_encoder", "model", dtype, device)?
-            .build(|vb| ClipTextModel::new(vb, &text_config))?;
+        let text_encoder_weights = model.weights("text_encoder", "model", dtype, device)?;
+        let text_encoder_file = text_encoder_weights.path.clone();
+        let text_encoder = text_encoder_weights.build(|vb| ClipTextModel::new(vb, &text_config))?;
         let unet_config: UNet2DConditionConfig = model.config("unet", "config.json")?;
         let unet = model
             .weights("unet", "diffusion_pytorch_model", dtype, device)?
@@ -126,6 +130,7 @@ impl StableDiffusion {
             tokenizer,
             placeholder_ids,
             text_encoder,
+            text_encoder_file,
             unet,
             vae,
             scheduler_config,
@@ -183,6 +188,10 @@ impl StableDiffusion {
 
     pub fn text_encoder(&self) -> &ClipTextModel {
         &self.text_encoder
+    }
+
+    pub fn text_encoder_file(&self) -> &Path {
+        &self.text_encoder_file
     }
 
     pub fn unet(&self) -> &UNet2DConditionModel {
@@ -340,10 +349,7 @@ pub struct PromptIds {
 
 /// Standard normal noise of `shape` from `seed`: the same seed gives the same image on any machine.
 pub fn gaussian_noise(shape: (usize, usize, usize, usize), seed: u64, device: &Device) -> Result<Tensor> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n = shape.0 * shape.1 * shape.2 * shape.3;
-    let values: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
-    Ok(Tensor::from_vec(values, shape, device)?)
+    standard_normal(shape, &mut rand::rngs::StdRng::seed_from_u64(seed), device)
 }
 
 /// Converts images (batch, 3, H, W) in [0, 1] to 8-bit RGB, rounding as diffusers does.

@@ -215,6 +215,15 @@ fn cache_key(weights_file: &Path, names: &CelebNames, ids: &[[u32; 2]], dtype: D
     Ok(hex(&hasher.finalize()))
 }
 
+/// A fingerprint of a text encoder's weights (hex SHA-256 of the file size, the safetensors
+/// header and the token-embedding table): identifies the model an identity was learned for
+/// without reading the whole file.
+pub fn text_encoder_fingerprint(weights_file: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    hash_token_embedding(weights_file, &mut hasher)?;
+    Ok(hex(&hasher.finalize()))
+}
+
 /// Feeds the file size, the safetensors header and the token-embedding table's bytes to `hasher`.
 fn hash_token_embedding(weights_file: &Path, hasher: &mut Sha256) -> Result<()> {
     let bad = |msg: String| Error::Weights { file: weights_file.to_path_buf(), msg };

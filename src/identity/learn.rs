@@ -1,0 +1,235 @@
+//! `learn`: one photo in, an identity out. Prepares the frozen priors of the photo (face
+//! feature, masks), draws every step's augmented sample, caption, timestep and noise, runs the
+//! training loop with checkpoints, and lands the final identity.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use crate::identity::augment::{augment, AugmentConfig, TrainingPhoto};
+use crate::identity::checkpoint::Checkpoint;
+use crate::identity::learner::{Basis, Learner, StepInputs, StepReport};
+use crate::identity::loss::LossConfig;
+use crate::identity::mlp::{IdentityMlp, MlpShape};
+use crate::identity::optim::AdamWConfig;
+use crate::identity::templates::{caption, TEMPLATES};
+use crate::identity::train::{train, Outcome, StepSource, TrainOptions};
+use crate::identity::Identity;
+use crate::pipelines::{placeholder_token, StableDiffusion};
+use crate::priors::face_feature::FaceEncoder;
+use crate::priors::masks::FaceParser;
+use crate::priors::photo::Photo;
+use crate::random::standard_normal;
+use crate::{Error, Result};
+
+/// Everything that shapes a learning run; defaults are the paper's.
+#[derive(Debug, Clone)]
+pub struct LearnSettings {
+    pub steps: usize,
+    pub seed: u64,
+    pub adamw: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub loss: LossConfig,
+    pub augment: AugmentConfig,
+    /// Checkpoint every this many steps.
+    pub save_every: Option<usize>,
+}
+
+impl Default for LearnSettings {
+    fn default() -> Self {
+        Self {
+            steps: 450,
+            seed: 42,
+            adamw: AdamWConfig::default(),
+            max_grad_norm: 1.0,
+            loss: LossConfig::default(),
+            augment: AugmentConfig::default(),
+            save_every: Some(50),
+        }
+    }
+}
+
+/// The photo with its frozen priors: the training image and masks, and the face feature of the
+/// photo and of its mirror image (the learner flips the ViT input with the image).
+pub struct PreparedPhoto {
+    pub training: TrainingPhoto,
+    pub feature: Tensor,
+    pub feature_flipped: Tensor,
+    pub sha256: String,
+    /// Share of face and hair pixels, for the user to see what the learner focuses on.
+    pub face_fraction: f64,
+    pub hair_fraction: f64,
+}
+
+impl PreparedPhoto {
+    /// Runs the face encoder and the face parser on `photo`; fails when no face is found.
+    pub fn new(photo: &Photo, encoder: &FaceEncoder, parser: &FaceParser, device: &Device) -> Result<Self> {
+        let masks = parser.masks(photo.rgb().as_raw())?;
+        let plane = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let (width, height) = photo.rgb().dimensions();
+        let training = TrainingPhoto::new(
+            height as usize,
+            width as usize,
+            photo.rgb().as_raw().clone(),
+            plane(&masks.face)?,
+            plane(&masks.hair)?,
+        )?;
+        let feature = encoder.feature(photo, false)?.unsqueeze(0)?.to_device(device)?;
+        let feature_flipped = encoder.feature(photo, true)?.unsqueeze(0)?.to_device(device)?;
+        Ok(Self {
+            training,
+            feature,
+            feature_flipped,
+            sha256: photo.sha256().to_string(),
+            face_fraction: masks.face_fraction()?,
+            hair_fraction: masks.hair_fraction()?,
+        })
+    }
+}
+
+/// Draws one step: an augmented sample, a caption, a timestep and the two noises, in this order.
+struct AugmentedSteps<'a> {
+    sd: &'a StableDiffusion,
+    photo: &'a PreparedPhoto,
+    augment: AugmentConfig,
+    subject: String,
+}
+
+impl StepSource for AugmentedSteps<'_> {
+    fn draw(&self, rng: &mut StdRng) -> Result<StepInputs> {
+        let device = self.sd.device();
+        let sample = augment(&self.photo.training, &self.augment, rng, device)?;
+        let caption = caption(rng.random_range(0..TEMPLATES.len()), &self.subject);
+        let timestep = rng.random_range(0..self.sd.scheduler_config().num_train_timesteps);
+        let (_, _, height, width) = sample.face_mask.dims4()?;
+        let latent_shape = (1, self.sd.unet().config().in_channels, height, width);
+        let noise = standard_normal(latent_shape, rng, device)?;
+        let posterior_noise = standard_normal(latent_shape, rng, device)?;
+        let feature = if sample.flipped { &self.photo.feature_flipped } else { &self.photo.feature };
+        Ok(StepInputs {
+            feature: feature.clone(),
+            image: sample.image,
+            face_mask: sample.face_mask,
+            hair_mask: sample.hair_mask,
+            caption_ids: self.sd.prompt_ids(&caption)?.ids,
+            timestep,
+            noise,
+            posterior_noise,
+        })
+    }
+}
+
+/// Where a run keeps its state and what it is tied to.
+pub struct LearnRun<'a> {
+    pub sd: &'a StableDiffusion,
+    pub photo: &'a PreparedPhoto,
+    pub basis: Basis,
+    pub settings: LearnSettings,
+    pub checkpoint: PathBuf,
+    /// Continue from `checkpoint` if it exists (refusing one made with other settings).
+    pub resume: bool,
+    /// Metadata recorded in the identity file (face encoder, face parser, celebrity names, ...).
+    pub provenance: HashMap<String, String>,
+}
+
+/// How a run ended: a finished identity, or a stop on request with its checkpoint.
+pub enum LearnOutcome {
+    Finished(Identity),
+    Interrupted { step: usize, checkpoint: PathBuf },
+}
+
+impl LearnRun<'_> {
+    /// The settings a checkpoint must share to be resumed (not the step count: a run can be extended).
+    pub fn fingerprint(&self) -> Result<Value> {
+        let s = &self.settings;
+        Ok(json!({
+            "model": self.sd.model_name(),
+            "text_encoder_sha256": crate::priors::celeb_basis::text_encoder_fingerprint(self.sd.text_encoder_file())?,
+            "photo_sha256": self.photo.sha256,
+            "seed": s.seed,
+            "lr": s.adamw.lr,
+            "betas": [s.adamw.beta1, s.adamw.beta2],
+            "eps": s.adamw.eps,
+            "weight_decay": s.adamw.weight_decay,
+            "max_grad_norm": s.max_grad_norm,
+            "loss": s.loss.kind.to_string(),
+            "phase_threshold": s.loss.phase_threshold,
+            "hair_weight": s.loss.hair_weight,
+            "augment": format!("{:?}", s.augment),
+            "provenance": self.provenance,
+        }))
+    }
+
+    /// Learns the identity; `on_step(done, total, report)` after every step; `stop` ends the run
+    /// early with a checkpoint.
+    pub fn run(&self, stop: &AtomicBool, on_step: &mut dyn FnMut(usize, usize, &StepReport)) -> Result<LearnOutcome> {
+        let s = &self.settings;
+        let fingerprint = self.fingerprint()?;
+        let shape = MlpShape { feature_dim: self.photo.feature.dim(1)?, token_dim: self.sd.text_width() };
+        let mut init_rng = StdRng::seed_from_u64(s.seed);
+        let mlp = IdentityMlp::new(shape, &mut init_rng, self.sd.device())?;
+        let models = self.sd.frozen_models()?;
+        let mut learner = Learner::new(models, self.basis.clone(), mlp, s.adamw, s.loss, s.max_grad_norm)?;
+
+        let mut start = 0;
+        if self.resume && self.checkpoint.exists() {
+            let checkpoint = Checkpoint::load(&self.checkpoint)?;
+            checkpoint.check_compatible(&fingerprint, &self.checkpoint)?;
+            if checkpoint.step > s.steps {
+                return Err(Error::Input(format!(
+                    "checkpoint {} is at step {}, past --steps {}",
+                    self.checkpoint.display(),
+                    checkpoint.step,
+                    s.steps
+                )));
+            }
+            checkpoint.restore(&mut learner)?;
+            start = checkpoint.step;
+        }
+
+        let source = AugmentedSteps {
+            sd: self.sd,
+            photo: self.photo,
+            augment: s.augment.clone(),
+            subject: format!("{} {}", placeholder_token(0), placeholder_token(1)),
+        };
+        let options = TrainOptions {
+            steps: s.steps,
+            seed: s.seed,
+            save_every: s.save_every,
+            checkpoint: self.checkpoint.clone(),
+            fingerprint,
+        };
+        let total = s.steps;
+        let outcome = train(&mut learner, &source, &options, start, stop, &mut |done, report| on_step(done, total, report))?;
+        match outcome {
+            Outcome::Interrupted { step } => Ok(LearnOutcome::Interrupted { step, checkpoint: self.checkpoint.clone() }),
+            Outcome::Finished => {
+                let embeddings = learner.identity(&self.photo.feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
+                Ok(LearnOutcome::Finished(Identity {
+                    embeddings,
+                    source: PathBuf::new(),
+                    metadata: self.metadata(&options.fingerprint),
+                }))
+            }
+        }
+    }
+
+    /// What the identity file records about how it was made.
+    fn metadata(&self, fingerprint: &Value) -> HashMap<String, String> {
+        let s = &self.settings;
+        let mut m: HashMap<String, String> = self.provenance.clone();
+        let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
+        for key in ["model", "text_encoder_sha256", "photo_sha256", "seed", "lr", "loss", "phase_threshold", "hair_weight"] {
+            m.insert(key.to_string(), text(&fingerprint[key]));
+        }
+        m.insert("steps".into(), s.steps.to_string());
+        m.insert("tool_version".into(), env!("CARGO_PKG_VERSION").to_string());
+        m
+    }
+}
