@@ -14,6 +14,7 @@
 //! - [`identity`]: the identity file (`v1*`, `v2*`).
 //! - [`pipelines`]: text-to-image generation.
 
+pub mod bench;
 pub mod error;
 pub mod identity;
 pub mod io;

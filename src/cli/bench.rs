@@ -1,0 +1,90 @@
+//! `stableid bench`: times the learning step, a guided denoising step, the VAE and the text
+//! encoder on the real SD 2.1-base architecture with random weights (nothing to download).
+
+use anyhow::Result;
+use candle_core::DType;
+use clap::ValueEnum;
+use stableid::bench::{BenchOptions, Measure, SdConfigs};
+
+use super::{DeviceArg, DtypeArg};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    stableid bench --res 256                 # CPU, everything, about 2 minutes on 2 cores\n  \
+    stableid bench --only learn --repeats 5 --json\n  \
+    stableid bench --device cuda --dtype f16 --only learn,denoise\n  \
+    RAYON_NUM_THREADS=4 stableid bench --res 256   # CPU threads\n\n\
+    tools/bench/compare.sh runs the same measurements in PyTorch and prints the ratios (docs/benchmarks.md).")]
+pub struct BenchArgs {
+    /// Image side in pixels (latents are res/8); 256 keeps CPU runs short.
+    #[arg(long, default_value_t = 512)]
+    res: usize,
+    /// Untimed runs of each measurement first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Which measurements, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "learn,denoise,vae,text")]
+    only: Vec<MeasureArg>,
+    /// Where the models run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Precision of the frozen models (the identity MLP and the loss stay f32).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the results as JSON (the keys tools/bench/pytorch_bench.py writes) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum MeasureArg {
+    /// One learning step: MLP, AdaIN, text encoder, UNet, masked loss, backward, AdamW.
+    Learn,
+    /// One classifier-free-guidance denoising step (UNet on a batch of 2).
+    Denoise,
+    /// VAE encode and decode.
+    Vae,
+    /// Text encoding of one prompt.
+    Text,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let options = BenchOptions {
+        resolution: args.res,
+        warmup: args.warmup,
+        repeats: args.repeats,
+        measures: args
+            .only
+            .iter()
+            .map(|m| match m {
+                MeasureArg::Learn => Measure::Learn,
+                MeasureArg::Denoise => Measure::Denoise,
+                MeasureArg::Vae => Measure::Vae,
+                MeasureArg::Text => Measure::Text,
+            })
+            .collect(),
+        device: args.device.open()?,
+        dtype: match args.dtype {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        },
+        seed: args.seed,
+    };
+    if !args.json {
+        eprintln!("building the SD 2.1-base models with random weights and measuring (this takes a while on a CPU)...");
+    }
+    let report = stableid::bench::run(&SdConfigs::sd21_base(), &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
