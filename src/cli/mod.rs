@@ -1,6 +1,9 @@
 //! Subcommands of `stableid` and what they share (device, dtype, progress bars).
 
+mod bench;
 mod generate;
+mod identity_file;
+mod learn;
 mod masks;
 
 use anyhow::{bail, Result};
@@ -12,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
     name = "stableid",
     version,
     about = "StableIdentity: learn a face identity from one photo, then put that person anywhere with Stable Diffusion 2.1",
-    after_help = "Examples:\n  stableid generate \"a photo of an astronaut riding a horse\" --seed 7\n  stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors --num-images 4"
+    after_help = "Examples:\n  stableid learn me.jpg --out me.safetensors\n  stableid generate \"a photo of an astronaut riding a horse\" --seed 7\n  stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors --num-images 4"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -21,16 +24,28 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Time the learning step, denoising, VAE and text encoder on SD 2.1-base with random weights.
+    Bench(bench::BenchArgs),
     /// Generate images from a prompt (with `v1* v2*` standing for an identity).
     Generate(generate::GenerateArgs),
+    /// Learn an identity (v1* v2*) from one face photo.
+    Learn(learn::LearnArgs),
     /// Show the face and hair masks the learner will focus on, as PNG overlays.
     Masks(masks::MasksArgs),
+    /// Write an identity as a textual-inversion embedding for diffusers, AUTOMATIC1111 or ComfyUI.
+    Export(identity_file::ExportArgs),
+    /// Print what an identity file holds (shape, norms, how it was learned).
+    Inspect(identity_file::InspectArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Learn(args) => learn::run(args),
         Command::Masks(args) => masks::run(args),
+        Command::Export(args) => identity_file::export(args),
+        Command::Inspect(args) => identity_file::inspect(args),
     }
 }
 

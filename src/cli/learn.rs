@@ -1,0 +1,204 @@
+//! `stableid learn`: one face photo in, an identity file out.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use stableid::identity::learn::{LearnOutcome, LearnRun, LearnSettings, PreparedPhoto};
+use stableid::identity::learner::Basis;
+use stableid::identity::loss::LossKind;
+use stableid::pipelines::StableDiffusion;
+use stableid::priors::celeb_basis::{CelebBasis, CelebNames};
+use stableid::priors::face_feature::{load_face_encoder, DEFAULT_FACE_ENCODER};
+use stableid::priors::masks::FaceParser;
+use stableid::priors::photo::load_photo;
+use stableid::weights::ModelDir;
+
+use super::masks::FaceParserArgs;
+use super::{progress_bar, ModelArgs};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    stableid learn me.jpg --out me.safetensors\n  \
+    stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors\n  \
+    stableid learn me.jpg --out me.safetensors --resume          # continue after Ctrl-C or a crash\n  \
+    stableid learn me.jpg --out me.safetensors --loss noise --json  # the paper's ablation, JSON log lines")]
+pub struct LearnArgs {
+    /// A face-aligned head shot (FFHQ-style); it is resized to 512 x 512.
+    pub photo: PathBuf,
+    /// The identity file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Overwrite an existing output and start over from scratch (ignoring any checkpoint).
+    /// The checkpoint is kept after a run: `--resume --steps N` extends a finished one.
+    #[arg(long)]
+    pub force: bool,
+    /// Continue from the checkpoint of an interrupted run with the same settings.
+    #[arg(long, conflicts_with = "force")]
+    pub resume: bool,
+    /// Checkpoint file [default: OUT with `.ckpt.safetensors`].
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Save a checkpoint every N steps (0: only on Ctrl-C).
+    #[arg(long, default_value_t = 50)]
+    pub save_every: usize,
+    /// Optimisation steps.
+    #[arg(long, default_value_t = 450)]
+    pub steps: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    pub lr: f64,
+    /// Seed of the initialisation and of every step's random draws.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Loss: two-phase (the paper's), or noise / rec throughout (ablations).
+    #[arg(long, default_value = "two-phase", value_parser = parse_loss)]
+    pub loss: LossKind,
+    /// Timesteps above this use the noise loss, at or below the reconstruction loss.
+    #[arg(long, default_value_t = 600)]
+    pub phase_threshold: usize,
+    /// Weight of the hair mask in the loss (beta).
+    #[arg(long, default_value_t = 0.1)]
+    pub hair_weight: f64,
+    /// Clip gradients to this global norm.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Face-recognition ViT: a transformers folder or hub id.
+    #[arg(long, default_value = DEFAULT_FACE_ENCODER)]
+    pub face_encoder: String,
+    #[command(flatten)]
+    pub parser: FaceParserArgs,
+    /// Celebrity names for the basis, one two-word name per line [default: the shipped list].
+    #[arg(long)]
+    pub celeb_names: Option<PathBuf>,
+    /// Print one JSON line per step and a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+fn parse_loss(s: &str) -> Result<LossKind, String> {
+    s.parse()
+}
+
+pub fn run(args: LearnArgs) -> Result<()> {
+    let checkpoint = args.checkpoint.clone().unwrap_or_else(|| default_checkpoint(&args.out));
+    // Refuse early, before anything slow: never overwrite, never silently discard a checkpoint.
+    if args.out.exists() && !args.force && !args.resume {
+        bail!("{} already exists: pass --force to overwrite it, or choose another --out", args.out.display());
+    }
+    if checkpoint.exists() && !args.resume && !args.force {
+        bail!(
+            "a checkpoint of an earlier run exists ({}): pass --resume to continue it, or --force to start anew",
+            checkpoint.display()
+        );
+    }
+    if args.resume && !checkpoint.exists() {
+        bail!("--resume: no checkpoint at {}", checkpoint.display());
+    }
+    let out_dir = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !out_dir.is_dir() {
+        bail!("the output folder {} does not exist", out_dir.display());
+    }
+
+    let photo = load_photo(&args.photo)?;
+    let device = args.model.device()?;
+    let model = ModelDir::resolve(&args.model.model)?;
+    let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
+    let encoder = load_face_encoder(&args.face_encoder, &device)?;
+    let parser = FaceParser::load(args.parser.kind(), args.parser.weights(), &device)?;
+    let prepared = PreparedPhoto::new(&photo, &encoder, &parser, &device)
+        .with_context(|| format!("{}", args.photo.display()))?;
+    let names = CelebNames::load(args.celeb_names.as_deref())?;
+    let basis = CelebBasis::load_or_compute(
+        &basis_cache_dir(out_dir),
+        sd.text_encoder_file(),
+        &names,
+        sd.tokenizer(),
+        sd.text_encoder().token_embedding(),
+    )?;
+    if !args.json {
+        eprintln!(
+            "{}: face {:.0}% / hair {:.0}% of the image; {} celebrity names in the basis",
+            args.photo.display(),
+            100.0 * prepared.face_fraction,
+            100.0 * prepared.hair_fraction,
+            names.len()
+        );
+    }
+
+    let mut settings = LearnSettings {
+        steps: args.steps,
+        seed: args.seed,
+        max_grad_norm: args.max_grad_norm,
+        save_every: (args.save_every > 0).then_some(args.save_every),
+        ..LearnSettings::default()
+    };
+    settings.adamw.lr = args.lr;
+    settings.loss.kind = args.loss;
+    settings.loss.phase_threshold = args.phase_threshold;
+    settings.loss.hair_weight = args.hair_weight;
+    let provenance: HashMap<String, String> = [
+        ("face_encoder".to_string(), args.face_encoder.clone()),
+        ("face_parser".to_string(), parser.kind().name().to_string()),
+        ("celeb_names".to_string(), names.len().to_string()),
+    ]
+    .into();
+    let run = LearnRun {
+        sd: &sd,
+        photo: &prepared,
+        basis: Basis { mean: basis.mean.to_device(&device)?, std: basis.std.to_device(&device)? },
+        settings,
+        checkpoint: checkpoint.clone(),
+        resume: args.resume,
+        provenance,
+    };
+
+    // Ctrl-C: finish the current step, save a checkpoint, exit cleanly.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("cannot install the Ctrl-C handler")?;
+
+    let bar = progress_bar(args.steps as u64, "learning");
+    let json = args.json;
+    let outcome = run.run(&stop, &mut |done, _total, report| {
+        bar.set_position(done as u64);
+        bar.set_message(format!("learning, loss {:.4}", report.loss));
+        if json {
+            println!("{}", serde_json::json!({ "step": done, "loss": report.loss, "grad_norm": report.grad_norm }));
+        }
+    });
+    bar.finish_and_clear();
+    match outcome? {
+        LearnOutcome::Interrupted { step, checkpoint } => {
+            eprintln!(
+                "stopped after step {step}; checkpoint {} saved: rerun with --resume to continue",
+                checkpoint.display()
+            );
+            std::process::exit(130);
+        }
+        LearnOutcome::Finished(identity) => {
+            identity.save(&args.out)?;
+            if json {
+                println!("{}", serde_json::json!({ "identity": args.out, "steps": args.steps, "metadata": identity.metadata }));
+            } else {
+                println!("{}", args.out.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `me.safetensors` -> `me.ckpt.safetensors`.
+fn default_checkpoint(out: &Path) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "identity".into());
+    out.with_file_name(format!("{stem}.ckpt.safetensors"))
+}
+
+/// The celebrity basis is cached next to the outputs.
+fn basis_cache_dir(out_dir: &Path) -> PathBuf {
+    out_dir.join(".stableid-cache")
+}
