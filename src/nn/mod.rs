@@ -2,11 +2,17 @@
 //!
 //! candle's fused `softmax_last_dim` / `layer_norm` carry no backward op and silently cut the
 //! graph (see CANDLE_NOTES.md), and the identity learner back-propagates through the frozen text
-//! encoder and UNet. So the norms and the softmax here are written from differentiable ops, and
-//! every model uses these blocks: one place to make training correct and fast.
+//! encoder and UNet. So every model uses these blocks: one place to make training correct and
+//! fast. They run on the ops of [`ops`], whose backward computes input gradients only (never
+//! the gradients of frozen weights) and keeps few tensors in the graph.
 
-use candle_core::{DType, Result, Tensor, D};
+pub mod ops;
+
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+
+use ops::compute_dtype;
+pub use ops::{attention, normalize_last_dim, softmax_last_dim};
 
 /// `y = x W^T + b` over the last dimension of an input of any rank.
 #[derive(Debug, Clone)]
@@ -26,11 +32,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = ops::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref())?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
         y.reshape(out_dims)
@@ -61,24 +63,12 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        }
+        ops::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
     }
 }
 
-/// The precision norms and softmax compute in: half precisions are upcast to f32 (their range
-/// is too small for variances and exponentials); f32 and f64 are kept.
-fn compute_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F64 => DType::F64,
-        _ => DType::F32,
-    }
-}
-
-/// Group normalisation over `(batch, channels, ...)`, statistics in at least f32.
+/// Group normalisation over `(batch, channels, ...)`, statistics in at least f32 (the weight and
+/// bias are kept in that precision from loading on).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
@@ -92,27 +82,19 @@ impl GroupNorm {
         if channels % groups != 0 {
             candle_core::bail!("group norm: {channels} channels do not split into {groups} groups")
         }
-        let weight = vb.get(channels, "weight")?;
-        let bias = vb.get(channels, "bias")?;
+        let compute = compute_dtype(vb.dtype());
+        let weight = vb.get(channels, "weight")?.to_dtype(compute)?;
+        let bias = vb.get(channels, "bias")?.to_dtype(compute)?;
         Ok(Self { weight, bias, groups, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let dims = x.dims().to_vec();
-        let (b, c) = (dims[0], dims[1]);
-        let compute = compute_dtype(dtype);
-        let xs = x.to_dtype(compute)?.reshape((b, self.groups, ()))?;
-        let xs = normalize_last_dim(&xs, self.eps)?.reshape(dims.as_slice())?;
-        let mut shape = vec![1, c];
-        shape.resize(dims.len(), 1);
-        let w = self.weight.to_dtype(compute)?.reshape(shape.as_slice())?;
-        let bias = self.bias.to_dtype(compute)?.reshape(shape.as_slice())?;
-        xs.broadcast_mul(&w)?.broadcast_add(&bias)?.to_dtype(dtype)
+        ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps)
     }
 }
 
-/// Layer normalisation over the last dimension, statistics in at least f32.
+/// Layer normalisation over the last dimension, statistics in at least f32 (the weight and bias
+/// are kept in that precision from loading on).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -122,42 +104,13 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, bias: vb.get(dim, "bias")?, eps })
+        let compute = compute_dtype(vb.dtype());
+        let weight = vb.get(dim, "weight")?.to_dtype(compute)?;
+        let bias = vb.get(dim, "bias")?.to_dtype(compute)?;
+        Ok(Self { weight, bias, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let compute = compute_dtype(dtype);
-        let xs = normalize_last_dim(&x.to_dtype(compute)?, self.eps)?;
-        let w = self.weight.to_dtype(compute)?;
-        let b = self.bias.to_dtype(compute)?;
-        xs.broadcast_mul(&w)?.broadcast_add(&b)?.to_dtype(dtype)
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
-}
-
-/// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance, as PyTorch's norms).
-pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered.broadcast_div(&(var + eps)?.sqrt()?)
-}
-
-/// Softmax over the last dimension, built from differentiable ops.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// Scaled dot-product attention on `(batch, heads, seq, head_dim)` tensors; `mask` is added
-/// to the scores (use large negative values to hide positions).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let probs = softmax_last_dim(&scores.to_dtype(compute_dtype(scores.dtype()))?)?.to_dtype(v.dtype())?;
-    probs.matmul(&v.contiguous()?)
 }

@@ -1,0 +1,484 @@
+//! Differentiable ops whose backward computes only what training through frozen models needs.
+//!
+//! candle's autograd computes, for every `matmul`, `conv2d` and binary op, the gradient of both
+//! operands, even when one is a frozen constant: for a frozen UNet that is about a third more
+//! backward work, and every such gradient is kept in the `GradStore` until it is dropped
+//! (CANDLE_NOTES.md, 3 and 5). The ops here are candle custom ops whose backward returns the
+//! input gradient only, and whose graph node keeps only what that gradient needs:
+//!
+//! - [`linear`]: `dx = dy W`, no `dW`, no `db`;
+//! - [`conv2d`]: the input gradient as a stride-1 `conv2d` of `dy` with the flipped kernel
+//!   (candle's `conv_transpose2d` is a naive direct loop), no kernel gradient;
+//! - [`group_norm`], [`layer_norm`]: one node per norm; the backward recomputes the
+//!   statistics from the input instead of keeping five intermediate tensors;
+//! - [`attention`]: one node keeping the probabilities; `q` is scaled rather than the
+//!   (seq x seq) scores, and only the gradients of the inputs that need one are computed;
+//! - [`add`]: `a + b` with a frozen `b` (e.g. the time embedding), without a gradient for `b`.
+//!
+//! Each op computes its value with ordinary candle ops on detached inputs (so forward numbers are
+//! exactly those of the plain ops, with the fast fused kernels), then hands it to the custom op,
+//! adding the bias on the way, so that there is no extra copy. When no input is tracked
+//! (inference) the plain value is returned and no graph is built; when a weight is trainable
+//! (a `Var`, or computed from one) the op falls back to candle's own differentiable ops.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::Add;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Storage, Tensor, D,
+};
+
+/// The precision norms and softmax compute in: half precisions are upcast to f32 (their range
+/// is too small for variances and exponentials); f32 and f64 are kept.
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// Whether none of `tensors` needs a gradient.
+fn frozen<'a>(tensors: impl IntoIterator<Item = Option<&'a Tensor>>) -> bool {
+    tensors.into_iter().flatten().all(|t| !t.track_op())
+}
+
+/// `x W^T + b` for `x` (rows, in), `weight` (out, in), `bias` (out).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let value = |x: &Tensor| x.matmul(&weight.t()?);
+    if !x.track_op() || !frozen([Some(weight), bias]) {
+        let y = value(x)?;
+        return match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
+    let grad = LinearGrad { weight: weight.clone() };
+    x.apply_op1(Node::new(value(&x.detach())?, bias.cloned(), grad))
+}
+
+/// `torch.nn.functional.conv2d` with square padding and stride, no dilation, one group;
+/// `x` (batch, in, h, w), `weight` (out, in, kh, kw), `bias` (out).
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    let value = |x: &Tensor| x.conv2d(weight, padding, stride, 1, 1);
+    let channel_bias = |b: &Tensor| b.reshape((b.dim(0)?, 1, 1));
+    if !x.track_op() || !frozen([Some(weight), bias]) {
+        let y = value(x)?;
+        return match bias {
+            Some(b) => y.broadcast_add(&channel_bias(b)?),
+            None => Ok(y),
+        };
+    }
+    let (_, _, h, w) = x.dims4()?;
+    let grad = Conv2dGrad { weight: weight.clone(), padding, stride, input_size: (h, w) };
+    let bias = bias.map(channel_bias).transpose()?;
+    x.apply_op1(Node::new(value(&x.detach())?, bias, grad))
+}
+
+/// Group normalisation of `x` (batch, channels, ...) with a per-channel affine map; statistics
+/// and the affine map in [`compute_dtype`], the result in the dtype of `x`.
+pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || dims[1] % groups != 0 {
+        candle_core::bail!("group norm: input {:?} does not split into {groups} groups of channels", x.shape())
+    }
+    let mut channel = vec![1; dims.len()];
+    channel[1] = dims[1];
+    let stats_shape = vec![dims[0], groups, x.elem_count() / (dims[0] * groups)];
+    norm(x, stats_shape, &weight.reshape(channel.as_slice())?, &bias.reshape(channel.as_slice())?, eps)
+}
+
+/// Layer normalisation over the last dimension; statistics and the affine map in
+/// [`compute_dtype`], the result in the dtype of `x`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let stats_shape = x.dims().to_vec();
+    norm(x, stats_shape, weight, bias, eps)
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance, as PyTorch's norms).
+pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// Normalises `x` viewed as `stats_shape` over its last dimension, then `* weight + bias`
+/// (both broadcastable to `x`, in the compute dtype).
+fn norm(x: &Tensor, stats_shape: Vec<usize>, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let (dtype, compute) = (x.dtype(), weight.dtype());
+    let scaled = |x: &Tensor| {
+        normalize_last_dim(&x.to_dtype(compute)?.reshape(stats_shape.as_slice())?, eps)?
+            .reshape(x.shape())?
+            .broadcast_mul(weight)
+    };
+    if !x.track_op() || !frozen([Some(weight), Some(bias)]) {
+        return scaled(x)?.broadcast_add(bias)?.to_dtype(dtype);
+    }
+    let scaled_x = scaled(&x.detach())?;
+    let node = if compute == dtype {
+        Node::new(scaled_x, Some(bias.clone()), NormGrad { stats_shape, weight: weight.clone(), eps })
+    } else {
+        let value = scaled_x.broadcast_add(bias)?.to_dtype(dtype)?;
+        Node::new(value, None, NormGrad { stats_shape, weight: weight.clone(), eps })
+    };
+    x.apply_op1(node)
+}
+
+/// `a + b` where `b` broadcasts to the shape of `a`: when `b` is frozen and `a` is tracked, the
+/// backward passes the gradient to `a` only.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !a.track_op() || b.track_op() {
+        return a.broadcast_add(b);
+    }
+    a.apply_op1(Node::new(a.detach(), Some(b.clone()), AddGrad))
+}
+
+/// Softmax over the last dimension, built from differentiable ops (usable on trainable inputs).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Scaled dot-product attention on `(batch, heads, seq, head_dim)` tensors; `mask` is added to
+/// the scores (use large negative values to hide positions). Scores and softmax are computed in
+/// [`compute_dtype`] of `q` (pass `q` and `k` in f32 to upcast a half-precision model's
+/// attention); the result has the dtype of `v`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    if !frozen([mask]) {
+        return composite_attention(q, k, v, mask, scale);
+    }
+    if frozen([Some(q), Some(k), Some(v)]) {
+        return Ok(attention_probs_and_output(q, k, v, mask, scale)?.1);
+    }
+    let (probs, out) = attention_probs_and_output(&q.detach(), &k.detach(), &v.detach(), mask, scale)?;
+    q.apply_op3(k, v, AttentionNode { out: Precomputed::new(out, None), probs, scale })
+}
+
+/// The attention probabilities (in the compute dtype) and output.
+fn attention_probs_and_output(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let compute = compute_dtype(q.dtype());
+    let scores = (q * scale)?.matmul(&k.contiguous()?.t()?)?.to_dtype(compute)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(compute)?)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.to_dtype(v.dtype())?.matmul(&v.contiguous()?)?;
+    Ok((probs, out))
+}
+
+/// Attention from differentiable ops, for a trainable mask.
+fn composite_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let compute = compute_dtype(q.dtype());
+    let scores = (q * scale)?.matmul(&k.contiguous()?.t()?)?.to_dtype(compute)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(compute)?)?,
+        None => scores,
+    };
+    softmax_last_dim(&scores)?.to_dtype(v.dtype())?.matmul(&v.contiguous()?)
+}
+
+/// The value of a node, computed outside the graph before the custom op runs, plus an optional
+/// `addend` broadcast onto it (a bias): the custom op's forward only performs that addition (or a
+/// copy, with no addend), producing the storage the node owns.
+struct Precomputed {
+    value: Mutex<Option<Tensor>>,
+    addend: Option<Tensor>,
+}
+
+impl Precomputed {
+    fn new(value: Tensor, addend: Option<Tensor>) -> Self {
+        Self { value: Mutex::new(Some(value)), addend }
+    }
+
+    fn hand_over<S: Backend>(&self) -> Result<(S, Shape)> {
+        let value = self
+            .value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("precomputed op value: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("precomputed op value used twice".into()))?;
+        let (storage, layout) = value.storage_and_layout();
+        let storage = S::of(&storage)?;
+        let out = match &self.addend {
+            Some(addend) => {
+                let (a_storage, a_layout) = addend.storage_and_layout();
+                let a_layout = a_layout.broadcast_as(layout.shape())?;
+                storage.binary_impl::<Add>(S::of(&a_storage)?, layout, &a_layout)?
+            }
+            None => storage.affine(layout, 1.0, 0.0)?,
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+/// The backend storage behind a `Storage`, for code generic over devices.
+trait Backend: BackendStorage {
+    fn of(storage: &Storage) -> Result<&Self>;
+}
+
+macro_rules! backend {
+    ($storage:ty, $variant:ident) => {
+        impl Backend for $storage {
+            fn of(storage: &Storage) -> Result<&Self> {
+                match storage {
+                    Storage::$variant(s) => Ok(s),
+                    _ => Err(candle_core::Error::Msg("precomputed op value: device mismatch".into())),
+                }
+            }
+        }
+    };
+}
+backend!(CpuStorage, Cpu);
+backend!(CudaStorage, Cuda);
+backend!(MetalStorage, Metal);
+
+/// The input gradient of a one-input node.
+trait InputGrad: Send + Sync + 'static {
+    const NAME: &'static str;
+    /// `x` is the (detached) input, `grad` the gradient of the output.
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor>;
+}
+
+/// A one-input node: precomputed value, backward to the input only.
+struct Node<G> {
+    out: Precomputed,
+    grad: G,
+}
+
+impl<G: InputGrad> Node<G> {
+    fn new(value: Tensor, addend: Option<Tensor>, grad: G) -> Self {
+        Self { out: Precomputed::new(value, addend), grad }
+    }
+}
+
+impl<G: InputGrad> CustomOp1 for Node<G> {
+    fn name(&self) -> &'static str {
+        G::NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.hand_over()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.out.hand_over()
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.out.hand_over()
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Detached, so that the backward computation builds no graph of its own.
+        Ok(Some(self.grad.input_grad(&arg.detach(), grad)?))
+    }
+}
+
+struct LinearGrad {
+    weight: Tensor,
+}
+
+impl InputGrad for LinearGrad {
+    const NAME: &'static str = "frozen-linear";
+
+    fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        grad.contiguous()?.matmul(&self.weight)
+    }
+}
+
+struct Conv2dGrad {
+    weight: Tensor,
+    padding: usize,
+    stride: usize,
+    input_size: (usize, usize),
+}
+
+impl InputGrad for Conv2dGrad {
+    const NAME: &'static str = "frozen-conv2d";
+
+    /// `dx[i] = sum_k dy[(i + p - k) / s] w[k]` (terms with a whole index): with `dy` dilated by
+    /// the stride (zeros between rows and columns), that is a stride-1 correlation with the
+    /// flipped kernel, in/out channels swapped, padded by `k - 1 - p` before and by what makes
+    /// the size come out right after (cropped where those are negative).
+    fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let (h, w) = self.input_size;
+        let grad = dilate(grad, self.stride)?;
+        let (_, _, gh, gw) = grad.dims4()?;
+        let p = self.padding as isize;
+        let before = (kh as isize - 1 - p, kw as isize - 1 - p);
+        let after = ((h + kh) as isize - 1 - gh as isize - before.0, (w + kw) as isize - 1 - gw as isize - before.1);
+        let kernel = if kh * kw == 1 {
+            self.weight.clone()
+        } else {
+            let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
+            let reversed = Tensor::new(reversed, self.weight.device())?;
+            self.weight.reshape((c_out, c_in, kh * kw))?.index_select(&reversed, 2)?.reshape((c_out, c_in, kh, kw))?
+        };
+        // candle's CPU convolution reads a strided kernel as is; other backends want it contiguous.
+        let kernel = kernel.transpose(0, 1)?;
+        let kernel = if kernel.device().is_cpu() { kernel } else { kernel.contiguous()? };
+        let same = before.0;
+        if same >= 0 && [before.1, after.0, after.1].iter().all(|&n| n == same) {
+            grad.conv2d(&kernel, same as usize, 1, 1, 1)
+        } else {
+            let grad = pad_or_crop(&grad, 2, before.0, after.0)?;
+            pad_or_crop(&grad, 3, before.1, after.1)?.conv2d(&kernel, 0, 1, 1, 1)
+        }
+    }
+}
+
+/// Adds `before` / `after` zeros along `dim`, or removes that many entries where negative.
+fn pad_or_crop(x: &Tensor, dim: usize, before: isize, after: isize) -> Result<Tensor> {
+    let len = x.dim(dim)?;
+    let start = (-before).max(0) as usize;
+    let end = len - (-after).max(0) as usize;
+    x.narrow(dim, start, end - start)?.pad_with_zeros(dim, before.max(0) as usize, after.max(0) as usize)
+}
+
+/// `(b, c, h, w)` -> `(b, c, (h - 1) * s + 1, (w - 1) * s + 1)` with `s - 1` zeros between rows
+/// and between columns.
+fn dilate(x: &Tensor, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return Ok(x.clone());
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let zeros = x.zeros_like()?;
+    let mut columns = vec![x.clone()];
+    columns.extend(std::iter::repeat_n(zeros.clone(), s - 1));
+    let x = Tensor::stack(&columns, 4)?.reshape((b, c, h, w * s))?.narrow(3, 0, (w - 1) * s + 1)?;
+    let zeros = x.zeros_like()?;
+    let mut rows = vec![x];
+    rows.extend(std::iter::repeat_n(zeros, s - 1));
+    Tensor::stack(&rows, 3)?.reshape((b, c, h * s, (w - 1) * s + 1))?.narrow(2, 0, (h - 1) * s + 1)
+}
+
+struct NormGrad {
+    stats_shape: Vec<usize>,
+    weight: Tensor,
+    eps: f64,
+}
+
+impl InputGrad for NormGrad {
+    const NAME: &'static str = "frozen-norm";
+
+    /// With `x^ = (x - mean) * r`, `r = 1 / sqrt(var + eps)` and `g = dy * weight`:
+    /// `dx = r * (g - mean(g) - x^ * mean(g * x^))`, the means over each normalised group.
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let compute = self.weight.dtype();
+        let shape = self.stats_shape.as_slice();
+        let x_c = x.to_dtype(compute)?.reshape(shape)?;
+        let centered = x_c.broadcast_sub(&x_c.mean_keepdim(D::Minus1)?)?;
+        let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let x_hat = centered.broadcast_mul(&r)?;
+        let g = grad.to_dtype(compute)?.broadcast_mul(&self.weight)?.reshape(shape)?;
+        let projection = (&g * &x_hat)?.mean_keepdim(D::Minus1)?;
+        let dx =
+            g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?.sub(&x_hat.broadcast_mul(&projection)?)?.broadcast_mul(&r)?;
+        dx.reshape(x.shape())?.to_dtype(x.dtype())
+    }
+}
+
+struct AddGrad;
+
+impl InputGrad for AddGrad {
+    const NAME: &'static str = "add-frozen";
+
+    fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        Ok(grad.clone())
+    }
+}
+
+/// Attention as one node over `(q, k, v)`, keeping the probabilities for the backward.
+struct AttentionNode {
+    out: Precomputed,
+    probs: Tensor,
+    scale: f64,
+}
+
+impl CustomOp3 for AttentionNode {
+    fn name(&self) -> &'static str {
+        "frozen-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.hand_over()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.out.hand_over()
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.out.hand_over()
+    }
+
+    /// With `S = s q k^T + mask`, `P = softmax(S)`, `O = P v`: `dv = P^T dO`,
+    /// `dS = P * (dO v^T - rowsum(dO * O))`, `dq = s dS k`, `dk = s dS^T q`; only for the
+    /// inputs that need a gradient.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let compute = self.probs.dtype();
+        let grad_c = grad.to_dtype(compute)?;
+        let dv = if v.track_op() { Some(self.probs.t()?.matmul(&grad_c)?.to_dtype(v.dtype())?) } else { None };
+        if !q.track_op() && !k.track_op() {
+            return Ok((None, None, dv));
+        }
+        let v_c = v.detach().to_dtype(compute)?.contiguous()?;
+        let row_dot = (&grad_c * out.detach().to_dtype(compute)?)?.sum_keepdim(D::Minus1)?;
+        let d_scores = (grad_c.matmul(&v_c.t()?)?.broadcast_sub(&row_dot)? * &self.probs)?;
+        let d_scores = (d_scores * self.scale)?;
+        let dq = if q.track_op() {
+            let k_c = k.detach().to_dtype(compute)?.contiguous()?;
+            Some(d_scores.matmul(&k_c)?.to_dtype(q.dtype())?)
+        } else {
+            None
+        };
+        let dk = if k.track_op() {
+            let q_c = q.detach().to_dtype(compute)?.contiguous()?;
+            Some(d_scores.t()?.matmul(&q_c)?.to_dtype(k.dtype())?)
+        } else {
+            None
+        };
+        Ok((dq, dk, dv))
+    }
+}
