@@ -159,3 +159,26 @@ fn missing_and_mismatched_weights_name_the_file_and_tensor() {
     let err = StableDiffusion::load(&model, &Device::Cpu, DType::F32).err().unwrap().to_string();
     assert!(err.contains("unet") && err.contains("conv_in.weight") && err.contains("shape"), "{err}");
 }
+
+/// `stableid export --format diffusers` of the fixture identity, loaded by diffusers'
+/// `load_textual_inversion` in the reference script, gives the image this pipeline gives with the
+/// same file through `--identity`.
+#[test]
+fn exported_identity_matches_diffusers_textual_inversion_loading() {
+    let pipeline = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
+    let tensors = load_tensors("parity/pipeline.safetensors");
+    let exported = Identity::load(&fixture("parity/identity-diffusers.safetensors")).unwrap();
+    assert_eq!(common::max_abs_diff(&exported.embeddings, &tensors["identity"]), 0.0);
+
+    // What the export writes today is what the reference loaded.
+    let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("again.safetensors");
+    exported.export(&again, stableid::identity::ExportFormat::Diffusers).unwrap();
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(fixture("parity/identity-diffusers.safetensors")).unwrap());
+
+    let mut request = GenerateRequest::new("a photo of v1* v2* smiling", 64, 64);
+    request.steps = 10;
+    request.initial_latents = Some(tensors["latents"].clone());
+    let image = pipeline.generate(&request, &[exported], &mut |_, _| {}).unwrap();
+    assert_close(&image, &load_tensors("parity/identity_export.safetensors")["image"], 1e-4, "diffusers-loaded export");
+}

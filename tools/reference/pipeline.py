@@ -2,6 +2,7 @@
 stored initial latents, with an identity written into the `v1*` `v2*` token rows the way
 textual-inversion loading does. Writes tests/fixtures/parity/pipeline.safetensors (+ .json)."""
 import json
+import subprocess
 
 import torch
 from diffusers import (
@@ -11,7 +12,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from common import PARITY, TINY_SD, save_tensors, seed
+from common import PARITY, REPO, TINY_SD, save_tensors, seed
 
 SAMPLERS = {"dpm++": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
 
@@ -54,6 +55,26 @@ def main():
                       "sampler": sampler, "steps": steps, "guidance": guidance})
     save_tensors(PARITY / "pipeline.safetensors", tensors)
     (PARITY / "pipeline.json").write_text(json.dumps(cases, indent=2))
+    check_exported_identity(latents, base_config)
+
+
+def check_exported_identity(latents, scheduler_config):
+    """`stableid export --format diffusers` of the identity above, loaded by diffusers'
+    load_textual_inversion into a fresh pipeline: the image it makes is recorded for the Rust test."""
+    exported = PARITY / "identity-diffusers.safetensors"
+    subprocess.run(
+        ["cargo", "run", "--release", "--quiet", "--", "export", str(PARITY / "pipeline.safetensors"),
+         "--format", "diffusers", "--out", str(exported), "--force"],
+        cwd=REPO, check=True,
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(str(TINY_SD), safety_checker=None, feature_extractor=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config)
+    pipe.load_textual_inversion(str(exported), token="<me>")
+    with torch.no_grad():
+        image = pipe("a photo of <me> smiling", num_inference_steps=10, guidance_scale=8.5,
+                     latents=latents.clone(), height=64, width=64, output_type="np").images
+    save_tensors(PARITY / "identity_export.safetensors", {"image": torch.from_numpy(image).permute(0, 3, 1, 2)})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,153 @@
+//! `stableid learn` end to end on the tiny models (SD, ViT, SegFormer): learn, then generate
+//! with the identity, export and inspect it; a resumed run equals an uninterrupted one; outputs
+//! and checkpoints are never overwritten or mixed up silently.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::fixture;
+
+fn stableid(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stableid")).args(args).output().expect("the binary runs")
+}
+
+fn ok(output: Output) -> Output {
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Two-token names of the tiny tokenizer's vocabulary.
+fn names_file(dir: &Path) -> PathBuf {
+    let path = dir.join("names.txt");
+    std::fs::write(&path, "great king\nnew man\nlove art\nred son\n").unwrap();
+    path
+}
+
+/// `learn` on the tiny models with `extra` flags.
+fn learn(dir: &Path, out: &str, extra: &[&str]) -> Output {
+    let names = names_file(dir);
+    let out = dir.join(out);
+    let (model, vit, segformer) = (fixture("tiny-sd"), fixture("tiny-vit"), fixture("tiny-segformer"));
+    let photo = fixture("photos/astronaut_512.jpg");
+    let mut args = vec![
+        "learn",
+        photo.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--face-encoder",
+        vit.to_str().unwrap(),
+        "--face-parser-weights",
+        segformer.to_str().unwrap(),
+        "--celeb-names",
+        names.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    stableid(&args)
+}
+
+fn identity_tensor(path: &Path) -> Vec<f32> {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    tensors["identity"].flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn learn_then_generate_export_and_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = ok(learn(dir.path(), "me.safetensors", &["--steps", "2", "--json"]));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "two step lines and a summary");
+    assert_eq!(lines[1]["step"], 2);
+    assert!(lines[0]["loss"].as_f64().unwrap().is_finite());
+    assert_eq!(lines[2]["metadata"]["steps"], "2");
+    assert_eq!(lines[2]["metadata"]["seed"], "42");
+    assert_eq!(lines[2]["metadata"]["loss"], "two-phase");
+    assert_eq!(lines[2]["metadata"]["photo_sha256"].as_str().unwrap().len(), 64);
+
+    let identity = dir.path().join("me.safetensors");
+    let images = dir.path().join("images");
+    ok(stableid(&[
+        "generate",
+        "v1* v2* as an astronaut",
+        "--identity",
+        identity.to_str().unwrap(),
+        "--model",
+        fixture("tiny-sd").to_str().unwrap(),
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        images.to_str().unwrap(),
+    ]));
+    assert!(images.join("00000-3.png").is_file());
+
+    for format in ["diffusers", "a1111"] {
+        let exported = dir.path().join(format!("me-{format}.safetensors"));
+        ok(stableid(&["export", identity.to_str().unwrap(), "--format", format, "--out", exported.to_str().unwrap()]));
+        let tensors = candle_core::safetensors::load(&exported, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(tensors.len(), 1, "one two-vector embedding");
+        let embedding: Vec<f32> = tensors.values().next().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(embedding, identity_tensor(&identity));
+        let again = stableid(&["export", identity.to_str().unwrap(), "--format", format, "--out", exported.to_str().unwrap()]);
+        assert!(!again.status.success() && stderr(&again).contains("--force"), "{}", stderr(&again));
+    }
+
+    let inspect = ok(stableid(&["inspect", identity.to_str().unwrap(), "--json"]));
+    let summary: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(summary["shape"], serde_json::json!([2, 32]));
+    assert_eq!(summary["metadata"]["format"], "stableid-identity");
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(learn(dir.path(), "whole.safetensors", &["--steps", "3", "--save-every", "0"]));
+    // "Killed" after step 2: a 2-step run leaves its checkpoint; resuming to 3 steps continues it.
+    ok(learn(dir.path(), "split.safetensors", &["--steps", "2", "--save-every", "2"]));
+    assert!(dir.path().join("split.ckpt.safetensors").is_file());
+    ok(learn(dir.path(), "split.safetensors", &["--steps", "3", "--resume"]));
+    assert_eq!(
+        identity_tensor(&dir.path().join("whole.safetensors")),
+        identity_tensor(&dir.path().join("split.safetensors")),
+        "resuming must give exactly the uninterrupted result"
+    );
+
+    // A checkpoint made with other settings is refused, naming the difference.
+    let refused = learn(dir.path(), "split.safetensors", &["--steps", "4", "--resume", "--seed", "7"]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("seed = 42") && stderr(&refused).contains("seed = 7"), "{}", stderr(&refused));
+}
+
+#[test]
+fn existing_outputs_and_checkpoints_are_never_clobbered() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("me.safetensors");
+    std::fs::write(&out, b"precious").unwrap();
+    let refused = learn(dir.path(), "me.safetensors", &["--steps", "1"]);
+    assert!(!refused.status.success() && stderr(&refused).contains("--force"), "{}", stderr(&refused));
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+
+    std::fs::remove_file(&out).unwrap();
+    std::fs::write(dir.path().join("me.ckpt.safetensors"), b"an earlier run").unwrap();
+    let refused = learn(dir.path(), "me.safetensors", &["--steps", "1"]);
+    assert!(!refused.status.success() && stderr(&refused).contains("--resume"), "{}", stderr(&refused));
+    let corrupt = learn(dir.path(), "me.safetensors", &["--steps", "1", "--resume"]);
+    assert!(!corrupt.status.success() && stderr(&corrupt).contains("checkpoint"), "{}", stderr(&corrupt));
+    assert!(!out.exists(), "no identity from a failed run");
+
+    let tiny_photo = dir.path().join("tiny.png");
+    image::RgbImage::new(100, 100).save(&tiny_photo).unwrap();
+    let other = dir.path().join("other.safetensors");
+    let args = ["learn", tiny_photo.to_str().unwrap(), "--out", other.to_str().unwrap(), "--model", "/nonexistent"];
+    let small = stableid(&args);
+    assert!(!small.status.success() && stderr(&small).contains("256"), "{}", stderr(&small));
+}
