@@ -172,3 +172,63 @@ fn it_learns_and_identities_depend_on_the_photo() {
     let gap = common::max_abs_diff(&identity_a, &identity_b);
     assert!(gap > 1e-3, "different photos must give different identities (max diff {gap:e})");
 }
+
+/// A non-finite loss stops the run before the parameters change, says which step, and keeps the
+/// last good checkpoint; Ctrl-C (the stop flag) saves one and ends cleanly.
+#[test]
+fn training_stops_on_nan_and_keeps_the_last_checkpoint() {
+    use std::sync::atomic::AtomicBool;
+    use stableid::identity::checkpoint::Checkpoint;
+    use stableid::identity::train::{train, Outcome, StepSource, TrainOptions};
+
+    struct PoisonAt<'a> {
+        sd: &'a StableDiffusion,
+        tensors: &'a HashMap<String, Tensor>,
+        case: &'a Case,
+        calls: std::cell::Cell<usize>,
+        poison_at: usize,
+    }
+    impl StepSource for PoisonAt<'_> {
+        fn draw(&self, _rng: &mut rand::rngs::StdRng) -> stableid::Result<StepInputs> {
+            let (mut inputs, _, _) = case_inputs(self.sd, self.tensors, self.case, DType::F32);
+            if self.calls.get() == self.poison_at {
+                inputs.noise = (inputs.noise * f64::NAN).unwrap();
+            }
+            self.calls.set(self.calls.get() + 1);
+            Ok(inputs)
+        }
+    }
+
+    let sd = tiny_sd(DType::F32);
+    let tensors = load_tensors("parity/learner_step.safetensors");
+    let case = cases().into_iter().next().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("run.ckpt.safetensors");
+    let options = TrainOptions {
+        steps: 5,
+        seed: 42,
+        save_every: Some(2),
+        checkpoint: checkpoint.clone(),
+        fingerprint: serde_json::json!({ "test": true }),
+    };
+    let (_, basis, mlp) = case_inputs(&sd, &tensors, &case, DType::F32);
+    let mut learner =
+        Learner::new(sd.frozen_models().unwrap(), basis, mlp, AdamWConfig::default(), LossConfig::default(), 1.0).unwrap();
+    let source = PoisonAt { sd: &sd, tensors: &tensors, case: &case, calls: 0.into(), poison_at: 2 };
+    let err = train(&mut learner, &source, &options, 0, &AtomicBool::new(false), &mut |_, _| {}).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("step 3") && message.contains("after step 2") && message.contains("NaN"), "{message}");
+    let saved = Checkpoint::load(&checkpoint).unwrap();
+    assert_eq!(saved.step, 2);
+    for (name, var) in learner.mlp.params() {
+        let finite = var.as_tensor().sum_all().unwrap().to_scalar::<f32>().unwrap().is_finite();
+        assert!(finite, "{name} must stay finite");
+    }
+
+    // The stop flag: a checkpoint at the current step and a clean Interrupted outcome.
+    let stop = AtomicBool::new(true);
+    let source = PoisonAt { sd: &sd, tensors: &tensors, case: &case, calls: 0.into(), poison_at: usize::MAX };
+    let outcome = train(&mut learner, &source, &options, 2, &stop, &mut |_, _| {}).unwrap();
+    assert_eq!(outcome, Outcome::Interrupted { step: 2 });
+    assert_eq!(Checkpoint::load(&checkpoint).unwrap().step, 2);
+}
