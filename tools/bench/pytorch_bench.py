@@ -1,0 +1,341 @@
+"""The PyTorch side of `stableid bench`: the same measurements with diffusers' UNet2DConditionModel and
+AutoencoderKL and transformers' CLIPTextModel, built at the same SD 2.1-base configs (read from the
+constants of src/bench.rs, so both sides build the same models) with random weights:
+
+- learn: one StableIdentity learning step: equalized-linear MLP -> AdaIN landing -> v1*/v2* token
+  rows -> CLIPTextModel -> VAE encode of the photo (no grad) -> noising at t = LEARN_TIMESTEP (500,
+  the reconstruction phase: z0 is predicted from the UNet's noise) -> UNet -> masked two-phase loss
+  -> backward -> clip_grad_norm_(1.0) -> AdamW. Frozen models have requires_grad False.
+- denoise: one classifier-free-guidance step: the UNet on a batch of 2 and the guidance.
+- vae_encode, vae_decode, text: as named, under torch.no_grad().
+
+Times are the median of --repeats runs after --warmup runs. Memory: on the CPU the resident set
+size (VmRSS, peak VmHWM reset before each measurement through /proc/self/clear_refs, as the Rust
+side does; resource.getrusage's process peak where that is unavailable); on CUDA the device memory
+in use sampled every millisecond (torch.cuda.mem_get_info, as the Rust side) and
+torch.cuda.max_memory_allocated.
+
+Run from the repo root:  /work/venv/bin/python tools/bench/pytorch_bench.py --res 256 [--json]
+"""
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_RS = REPO / "src" / "bench.rs"
+FEATURE_DIM = 768  # ViT-B/16 CLS feature
+PROMPT_TOKENS = 77
+DENOISE_TIMESTEP = 981.0
+HAIR_WEIGHT = 0.1
+PHASE_THRESHOLD = 600
+MEASURES = ("learn", "denoise", "vae", "text")
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def rust_constants():
+    """The configs and constants of src/bench.rs."""
+    source = BENCH_RS.read_text()
+
+    def config(name):
+        body = re.search(rf'pub const {name}: &str = r#"(.*?)"#;', source, re.S).group(1)
+        return {k: v for k, v in json.loads(body).items() if not k.startswith("_")}
+
+    def number(name):
+        return float(re.search(rf"pub const {name}: \w+ = ([0-9.]+);", source).group(1))
+
+    return {
+        "unet": config("SD21_BASE_UNET"),
+        "text_encoder": config("SD21_BASE_TEXT_ENCODER"),
+        "vae": config("SD21_BASE_VAE"),
+        "scheduler": config("SD21_BASE_SCHEDULER"),
+        "learn_timestep": int(number("LEARN_TIMESTEP")),
+        "guidance_scale": number("GUIDANCE_SCALE"),
+    }
+
+
+class IdentityMlp(torch.nn.Module):
+    """768 -> EqualLinear -> LeakyReLU(0.2) -> LayerNorm -> EqualLinear -> LayerNorm, lr_mul 0.1."""
+
+    def __init__(self, token_dim):
+        super().__init__()
+        hidden = 2 * token_dim
+        self.fc1_w = torch.nn.Parameter(torch.randn(hidden, FEATURE_DIM) * 0.02)
+        self.fc1_b = torch.nn.Parameter(torch.zeros(hidden))
+        self.norm1 = torch.nn.LayerNorm(hidden, eps=1e-5)
+        self.fc2_w = torch.nn.Parameter(torch.randn(hidden, hidden) * 0.02)
+        self.fc2_b = torch.nn.Parameter(torch.zeros(hidden))
+        self.norm2 = torch.nn.LayerNorm(hidden, eps=1e-5)
+        self.token_dim = token_dim
+
+    def forward(self, f):
+        x = F.linear(f, self.fc1_w * 0.1, self.fc1_b * 0.1)
+        x = self.norm1(F.leaky_relu(x, 0.2))
+        x = self.norm2(F.linear(x, self.fc2_w * 0.1, self.fc2_b * 0.1))
+        return x.reshape(f.shape[0], 2, self.token_dim)
+
+
+class TokenEmbeddingWithIdentity(torch.nn.Module):
+    """The frozen token table; ids from `vocab` on take the rows of `identity` (differentiable)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.vocab = table.shape[0]
+        self.identity = None
+
+    def forward(self, ids):
+        rows = F.embedding(ids.clamp(max=self.vocab - 1), self.table)
+        extra = ids >= self.vocab
+        picked = self.identity.to(rows.dtype)[(ids - self.vocab).clamp(min=0)]
+        return torch.where(extra.unsqueeze(-1), picked, rows)
+
+
+class Memory:
+    """Memory in use and its peak since the last reset (see the module doc)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.peak_used = 0
+        if self.cuda:
+            self.description = ("device memory in use (total - free, as nvidia-smi counts it: CUDA context and "
+                                "caching allocator included; peak sampled every millisecond)")
+            self.stop = threading.Event()
+            self.sampler = threading.Thread(target=self._sample, daemon=True)
+            self.sampler.start()
+        else:
+            self.description = "resident set size (VmRSS; peak VmHWM, reset before each measurement)"
+
+    def _used(self):
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def _sample(self):
+        while not self.stop.is_set():
+            self.peak_used = max(self.peak_used, self._used())
+            time.sleep(0.001)
+
+    def current(self):
+        return self._used() if self.cuda else proc_status_bytes("VmRSS:")
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.peak_used = self._used()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass  # the peak stays the process's
+
+    def peak(self):
+        if self.cuda:
+            return max(self.peak_used, self._used())
+        peak = proc_status_bytes("VmHWM:")
+        return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def proc_status_bytes(field):
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line[len(field):].split()[0]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name, args, memory, op, device):
+    before = memory.current()
+    memory.reset_peak()
+    for _ in range(args.warmup):
+        op()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        op()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    result = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": times,
+              "memory_before_bytes": before, "peak_memory_bytes": memory.peak()}
+    if memory.cuda:
+        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return name, result
+
+
+def caption_ids(vocab, device):
+    """"a photo of v1* v2*" as src/bench.rs writes it: BOS, 3 words, 2 placeholder rows, EOS, padding 0."""
+    bos, eos = vocab - 2, vocab - 1
+    ids = [bos] + [w % bos for w in (320, 1125, 539)] + [vocab, vocab + 1, eos]
+    ids += [0] * (PROMPT_TOKENS - len(ids))
+    return torch.tensor([ids], device=device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--res", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=",".join(MEASURES), help="comma-separated: learn,denoise,vae,text")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="the frozen models' dtype")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch.set_num_threads (default: every core this process may use, as candle)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    only = args.only.split(",")
+    unknown = set(only) - set(MEASURES)
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}; expected some of {','.join(MEASURES)}")
+    if args.res % 64:
+        parser.error(f"--res {args.res} must be a multiple of 64")
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    import diffusers
+    import transformers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    consts = rust_constants()
+    memory = Memory(device)
+
+    start = time.perf_counter()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**consts["text_encoder"]))
+    unet = UNet2DConditionModel(**consts["unet"])
+    vae = AutoencoderKL(**consts["vae"])
+    models = {"unet": unet, "text_encoder": text_encoder, "vae": vae}
+    for model in models.values():
+        model.requires_grad_(False).eval().to(device)
+        if dtype != torch.float32:
+            model.to(dtype)
+    sync(device)
+    build_s = time.perf_counter() - start
+    memory_after_build = memory.current()
+    ddpm = DDPMScheduler.from_config(consts["scheduler"])
+    alphas_cumprod = ddpm.alphas_cumprod.to(device)
+    scaling = vae.config.scaling_factor
+
+    embeddings = text_encoder.get_input_embeddings()
+    owner = next(m for m in text_encoder.modules() if getattr(m, "token_embedding", None) is embeddings)
+    token_embedding = TokenEmbeddingWithIdentity(embeddings.weight)
+    owner.token_embedding = token_embedding
+
+    width = text_encoder.config.hidden_size
+    vocab = text_encoder.config.vocab_size
+    latent_side = args.res // 8
+    latent_shape = (1, unet.config.in_channels, latent_side, latent_side)
+    image = torch.rand(1, 3, args.res, args.res, device=device) * 2 - 1
+    ids = caption_ids(vocab, device)
+    basis_mean = torch.randn(2, width, device=device) * 0.01
+    basis_std = torch.randn(2, width, device=device).abs() * 0.01 + 0.005
+    mlp = IdentityMlp(width).to(device)
+    results = {}
+
+    if "learn" in only:
+        t = consts["learn_timestep"]
+        optimizer = torch.optim.AdamW(mlp.parameters(), lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+        feature = torch.randn(1, FEATURE_DIM, device=device)
+        face = (torch.rand(1, 1, latent_side, latent_side, device=device) >= 0.4).float()
+        hair = (torch.rand(1, 1, latent_side, latent_side, device=device) >= 0.8).float()
+        noise = torch.randn(latent_shape, device=device)
+        posterior_noise = torch.randn(latent_shape, device=device)
+        timesteps = torch.tensor([t], device=device)
+        abar = alphas_cumprod[t]
+
+        def learn_step():
+            optimizer.zero_grad(set_to_none=True)
+            token_embedding.identity = basis_mean + mlp(feature)[0] * basis_std
+            context = text_encoder(ids)[0]
+            with torch.no_grad():
+                posterior = vae.encode(image.to(dtype)).latent_dist
+                latents = (posterior.mean + posterior.std * posterior_noise.to(dtype)).float() * scaling
+            noisy = ddpm.add_noise(latents, noise, timesteps)
+            eps_hat = unet(noisy.to(dtype), timesteps, context).sample.float()
+            if t > PHASE_THRESHOLD:
+                pred, target = eps_hat, noise
+            else:
+                z0_hat = (noisy - (1 - abar).sqrt() * eps_hat) / abar.sqrt()
+                pred, target = z0_hat / scaling, latents / scaling
+            loss = F.mse_loss(face * pred, face * target) + HAIR_WEIGHT * F.mse_loss(hair * pred, hair * target)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mlp.parameters(), 1.0)
+            optimizer.step()
+            return loss.item()
+
+        name, result = measure("learn", args, memory, learn_step, device)
+        results[name] = result
+
+    with torch.no_grad():
+        if "denoise" in only:
+            latents = torch.randn(latent_shape, device=device)
+            context = torch.randn(2, PROMPT_TOKENS, width, device=device).to(dtype)
+            t = torch.full((2,), DENOISE_TIMESTEP, device=device)
+
+            def denoise_step():
+                pred = unet(torch.cat([latents, latents]).to(dtype), t, context).sample.float()
+                uncond, text = pred.chunk(2)
+                return uncond + consts["guidance_scale"] * (text - uncond)
+
+            name, result = measure("denoise", args, memory, denoise_step, device)
+            results[name] = result
+        if "vae" in only:
+            image_in = image.to(dtype)
+            name, result = measure("vae_encode", args, memory, lambda: vae.encode(image_in).latent_dist, device)
+            results[name] = result
+            z = torch.randn(latent_shape, device=device).to(dtype)
+            name, result = measure("vae_decode", args, memory, lambda: vae.decode(z).sample, device)
+            results[name] = result
+        if "text" in only:
+            token_embedding.identity = basis_mean
+            name, result = measure("text", args, memory, lambda: text_encoder(ids)[0], device)
+            results[name] = result
+
+    report = {
+        "implementation": "pytorch",
+        "version": f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
+        "device": "cpu" if device.type == "cpu" else f"cuda:{torch.cuda.current_device()}",
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "resolution": args.res,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "learn_timestep": consts["learn_timestep"],
+        "guidance_scale": consts["guidance_scale"],
+        "parameters": {**{k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+                       "mlp": sum(p.numel() for p in mlp.parameters())},
+        "build_s": build_s,
+        "memory": memory.description,
+        "memory_after_build_bytes": memory_after_build,
+        "results": results,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"PyTorch ({report['version']}), {report['device']}, {args.dtype}, {report['threads']} threads, "
+              f"{args.res}x{args.res}, warm-up {args.warmup}, repeats {args.repeats}; built in {build_s:.1f} s")
+        print(f"{'measurement':<12} {'median':>10} {'min':>10} {'max':>10} {'mem before':>12} {'mem peak':>12}")
+        gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "-"
+        for name, r in results.items():
+            print(f"{name:<12} {r['median_s']:>9.3f}s {r['min_s']:>9.3f}s {r['max_s']:>9.3f}s "
+                  f"{gib(r['memory_before_bytes']):>12} {gib(r['peak_memory_bytes']):>12}")
+
+
+if __name__ == "__main__":
+    main()
