@@ -140,3 +140,28 @@ fn bad_input_gets_one_line_errors_and_no_partial_files() {
     let leftovers: Vec<_> = std::fs::read_dir(&out).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
     assert!(leftovers.is_empty(), "failed runs left files: {leftovers:?}");
 }
+
+#[test]
+fn masks_writes_overlay_and_mask_pngs() {
+    let out = tempfile::tempdir().unwrap();
+    let photo = fixture("photos/astronaut_512.jpg");
+    let segformer = fixture("tiny-segformer");
+    let args = [
+        "masks",
+        photo.to_str().unwrap(),
+        "--face-parser-weights",
+        segformer.to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+        "--json",
+    ];
+    let output = stableid(&args, &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for name in ["astronaut_512-overlay.png", "astronaut_512-face.png", "astronaut_512-hair.png"] {
+        let path = out.path().join(name);
+        let decoded = image::open(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((decoded.width(), decoded.height()), (512, 512), "{name}");
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(summary.to_string().contains("face"), "{summary}");
+}
