@@ -41,3 +41,16 @@ def save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> Non
         out[name] = t
     save_file(out, str(path), metadata=metadata)
     print(f"wrote {path.relative_to(REPO)} ({path.stat().st_size // 1024} KiB)")
+
+
+def bytes_to_unicode():
+    """CLIP's reversible byte -> printable character table, in CLIP's order ('!' first)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]

@@ -13,22 +13,9 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from common import FIXTURES, SD21_BASE_SCHEDULER, TINY_SD, seed
+from common import FIXTURES, SD21_BASE_SCHEDULER, TINY_SD, bytes_to_unicode, seed
 
 TINY_MERGES = 400  # the first CLIP merges: common sub-words, so prompts tokenize sensibly
-
-
-def bytes_to_unicode():
-    """CLIP's reversible byte -> printable-character table (256 entries, '!' first)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def write_tiny_tokenizer(folder):

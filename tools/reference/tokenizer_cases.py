@@ -30,7 +30,7 @@ import transformers
 from transformers import CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIXTURES, REPO, TINY_SD  # noqa: E402
+from common import FIXTURES, REPO, TINY_SD, bytes_to_unicode  # noqa: E402
 
 OUT = FIXTURES / "tokenizer"
 PLACEHOLDERS = ["v1*", "v2*"]
@@ -77,19 +77,6 @@ def special_tokens_map(pad):
         "pad_token": pad,
         "unk_token": added_token("<|endoftext|>", False),
     }
-
-
-def bytes_to_unicode():
-    """CLIP's reversible byte -> printable character table, in CLIP's order ('!' first)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def write_vocabulary():
