@@ -78,6 +78,9 @@ pub enum DtypeArg {
 
 impl ModelArgs {
     pub fn device(&self) -> Result<Device> {
+        if self.device == DeviceArg::Cpu && self.dtype == DtypeArg::Bf16 {
+            bail!("--dtype bf16 needs --device cuda (candle has no bf16 matrix multiply on the CPU): use f32 or f16");
+        }
         self.device.open()
     }
 
