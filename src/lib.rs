@@ -8,11 +8,14 @@
 //! - [`weights`]: find a diffusers model folder (local or Hugging Face cache), read configs and tensors.
 //! - [`tokenizer`]: CLIP BPE with placeholder tokens for identities.
 //! - [`nn`]: differentiable building blocks shared by every model.
-//! - [`models`]: the frozen networks (CLIP text encoder, UNet, VAE).
+//! - [`models`]: the frozen networks (CLIP text encoder, UNet, VAE, face ViT, face parsers).
 //! - [`schedulers`]: DDPM, DDIM, Euler and DPM-Solver++ behind one trait.
 //! - [`priors`]: photo loading, face-recognition feature, face/hair masks, celebrity basis.
-//! - [`identity`]: the identity file (`v1*`, `v2*`).
+//! - [`identity`]: the learner (MLP, AdaIN, augmentation, masked two-phase loss, AdamW, loop,
+//!   checkpoints) and the identity file (`v1*`, `v2*`).
 //! - [`pipelines`]: text-to-image generation.
+//! - [`io`], [`random`]: atomic outputs with PNG metadata; seeded noise.
+//! - [`bench`]: timings of the real SD 2.1-base architecture against the PyTorch reference.
 
 pub mod bench;
 pub mod error;
