@@ -182,3 +182,30 @@ fn exported_identity_matches_diffusers_textual_inversion_loading() {
     let image = pipeline.generate(&request, &[exported], &mut |_, _| {}).unwrap();
     assert_close(&image, &load_tensors("parity/identity_export.safetensors")["image"], 1e-4, "diffusers-loaded export");
 }
+
+/// diffusers' `variant="fp16"` files (`*.fp16.safetensors`) load when the f32 ones are absent,
+/// upcast to the dtype asked for.
+#[test]
+fn fp16_variant_weights_load_and_upcast() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("tiny-sd"), dir.path());
+    for (component, stem) in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")] {
+        let f32_file = dir.path().join(component).join(format!("{stem}.safetensors"));
+        let half: std::collections::HashMap<String, Tensor> = candle_core::safetensors::load(&f32_file, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&half, dir.path().join(component).join(format!("{stem}.fp16.safetensors"))).unwrap();
+        std::fs::remove_file(f32_file).unwrap();
+    }
+    let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();
+    let half = StableDiffusion::load(&model, &Device::Cpu, DType::F32).unwrap();
+    let full = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
+    let mut request = GenerateRequest::new("a lighthouse", 64, 64);
+    request.steps = 3;
+    let a = half.generate(&request, &[], &mut |_, _| {}).unwrap();
+    let b = full.generate(&request, &[], &mut |_, _| {}).unwrap();
+    let diff = common::max_abs_diff(&a, &b);
+    assert!(diff < 2e-2, "fp16 weights upcast to f32 should give nearly the same image (max diff {diff})");
+}
