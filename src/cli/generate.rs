@@ -11,7 +11,7 @@ use stableid::pipelines::{GenerateRequest, StableDiffusion};
 use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
 
-use super::{progress_bar, ModelArgs};
+use super::{check_writable, progress_bar, ModelArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -79,7 +79,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     // Cheap checks first: bad identities and an unwritable folder fail before any model loads.
     let identities = args.identity.iter().map(|p| Identity::load(p)).collect::<Result<Vec<_>, _>>()?;
-    prepare_output_dir(&args.out)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
+    check_writable(&args.out)?;
     let device = args.model.device()?;
     let initial_latents = args.initial_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?;
     if initial_latents.is_some() && args.num_images > 1 {
@@ -157,15 +159,6 @@ fn png_text(request: &GenerateRequest, model: &str, identities: &[PathBuf]) -> V
         text.push(("identity", path.display().to_string()));
     }
     text
-}
-
-/// Creates the output folder and proves it writable before any slow work starts.
-fn prepare_output_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create output folder {}", dir.display()))?;
-    let probe = dir.join(format!(".stableid-write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("output folder {} is not writable", dir.display()))?;
-    std::fs::remove_file(&probe).ok();
-    Ok(())
 }
 
 /// `DIR/NNNNN-SEED.png` with the next number not yet used in DIR: never overwrites.

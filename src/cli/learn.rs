@@ -17,7 +17,7 @@ use stableid::priors::photo::load_photo;
 use stableid::weights::ModelDir;
 
 use super::masks::FaceParserArgs;
-use super::{progress_bar, ModelArgs};
+use super::{check_writable, progress_bar, ModelArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -103,6 +103,7 @@ pub fn run(args: LearnArgs) -> Result<()> {
     if !out_dir.is_dir() {
         bail!("the output folder {} does not exist", out_dir.display());
     }
+    check_writable(out_dir)?;
 
     let photo = load_photo(&args.photo)?;
     let device = args.model.device()?;

@@ -106,6 +106,15 @@ impl DeviceArg {
     }
 }
 
+/// Proves `dir` writable before any slow work starts, so a long run cannot fail at its end.
+pub fn check_writable(dir: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    let probe = dir.join(format!(".stableid-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("output folder {} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
 /// A progress bar on stderr with ETA (hidden when stderr is not a terminal).
 pub fn progress_bar(len: u64, message: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
