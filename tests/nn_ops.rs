@@ -291,3 +291,47 @@ fn add_passes_the_gradient_to_the_tracked_side_only() {
         &[&b],
     );
 }
+
+/// `x * Phi(x)` from candle's differentiable `erf` (candle's own `gelu_erf` backward uses
+/// 0.398942 for `1 / sqrt(2 pi)`, a relative error of 7e-7).
+fn gelu_reference(x: &Tensor) -> Tensor {
+    let cdf = (((x * std::f64::consts::FRAC_1_SQRT_2).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5).unwrap();
+    (x * cdf).unwrap()
+}
+
+#[test]
+fn activations_match_their_definitions() {
+    // Wide enough for the CPU kernels to split their rows over threads.
+    let x = randn(&[2, 3, 150, 160], 90);
+    check("silu", &|a| ops::silu(&a[0]).unwrap(), &|a| a[0].silu().unwrap(), &[x.clone()], &[true], &[]);
+    check("gelu (erf)", &|a| ops::gelu_erf(&a[0]).unwrap(), &|a| gelu_reference(&a[0]), &[x], &[true], &[]);
+    let geglu_reference = |h: &Tensor| {
+        let half = h.dim(D::Minus1).unwrap() / 2;
+        (h.narrow(D::Minus1, 0, half).unwrap() * gelu_reference(&h.narrow(D::Minus1, half, half).unwrap())).unwrap()
+    };
+    let h = randn(&[2, 300, 64], 91);
+    check("geglu", &|a| ops::geglu(&a[0]).unwrap(), &|a| geglu_reference(&a[0]), &[h], &[true], &[]);
+}
+
+#[test]
+fn activations_in_f32_and_f16() {
+    let x = randn(&[4, 6], 92);
+    for dtype in [DType::F32, DType::F16] {
+        let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let grads =
+            ops::geglu(xv.as_tensor()).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+        let expected = {
+            let xv = Var::from_tensor(&x).unwrap();
+            let g = ops::geglu(xv.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(xv.as_tensor()).unwrap().clone()
+        };
+        let grad = grads.get(xv.as_tensor()).unwrap();
+        assert_eq!(grad.dtype(), dtype);
+        assert_close(
+            grad,
+            &expected,
+            if dtype == DType::F16 { 1e-2 } else { 1e-6 },
+            &format!("geglu gradient in {dtype:?}"),
+        );
+    }
+}

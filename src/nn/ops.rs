@@ -13,7 +13,10 @@
 //!   statistics from the input instead of keeping five intermediate tensors;
 //! - [`attention`]: one node keeping the probabilities; `q` is scaled rather than the
 //!   (seq x seq) scores, and only the gradients of the inputs that need one are computed;
-//! - [`add`]: `a + b` with a frozen `b` (e.g. the time embedding), without a gradient for `b`.
+//! - [`add`]: `a + b` with a frozen `b` (e.g. the time embedding), without a gradient for `b`;
+//! - [`silu`], [`gelu_erf`], [`geglu`]: one node each, the derivative computed in one pass over
+//!   the input on the CPU (candle's own backward of these takes about ten passes and, for GEGLU,
+//!   pads both halves back to full size).
 //!
 //! Each op computes its value with ordinary candle ops on detached inputs (so forward numbers are
 //! exactly those of the plain ops, with the fast fused kernels), then hands it to the custom op,
@@ -26,7 +29,8 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Storage, Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+    WithDType, D,
 };
 
 /// The precision norms and softmax compute in: half precisions are upcast to f32 (their range
@@ -131,6 +135,37 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return a.broadcast_add(b);
     }
     a.apply_op1(Node::new(a.detach(), Some(b.clone()), AddGrad))
+}
+
+/// `x * sigmoid(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.silu();
+    }
+    x.apply_op1(Node::new(x.detach().silu()?, None, SiluGrad))
+}
+
+/// The exact (erf) GELU, `x * Phi(x)`, as PyTorch's default `gelu`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.gelu_erf();
+    }
+    x.apply_op1(Node::new(x.detach().gelu_erf()?, None, GeluErfGrad))
+}
+
+/// diffusers' GEGLU activation: `a * gelu_erf(gate)` where `a` and `gate` are the first and
+/// second halves of the last dimension of `h`.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let width = h.dim(D::Minus1)?;
+    if width % 2 != 0 {
+        candle_core::bail!("geglu: odd last dimension {width}")
+    }
+    let half = width / 2;
+    let value = |h: &Tensor| h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?;
+    if !h.track_op() {
+        return value(h);
+    }
+    h.apply_op1(Node::new(value(&h.detach())?, None, GegluGrad))
 }
 
 /// Softmax over the last dimension, built from differentiable ops (usable on trainable inputs).
@@ -308,33 +343,46 @@ impl InputGrad for Conv2dGrad {
     /// `dx[i] = sum_k dy[(i + p - k) / s] w[k]` (terms with a whole index): with `dy` dilated by
     /// the stride (zeros between rows and columns), that is a stride-1 correlation with the
     /// flipped kernel, in/out channels swapped, padded by `k - 1 - p` before and by what makes
-    /// the size come out right after (cropped where those are negative).
+    /// the size come out right after (cropped where those are negative). Flipping the kernel is
+    /// the same as flipping `dy` (its padding swapped) and the result: whichever is smaller is
+    /// flipped, the kernel at high resolutions, the activations in the deep low-resolution layers.
     fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
         let (h, w) = self.input_size;
-        let grad = dilate(grad, self.stride)?;
-        let (_, _, gh, gw) = grad.dims4()?;
+        let (b, _, oh, ow) = grad.dims4()?;
         let p = self.padding as isize;
-        let before = (kh as isize - 1 - p, kw as isize - 1 - p);
-        let after = ((h + kh) as isize - 1 - gh as isize - before.0, (w + kw) as isize - 1 - gw as isize - before.1);
-        let kernel = if kh * kw == 1 {
-            self.weight.clone()
-        } else {
-            let reversed: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
-            let reversed = Tensor::new(reversed, self.weight.device())?;
-            self.weight.reshape((c_out, c_in, kh * kw))?.index_select(&reversed, 2)?.reshape((c_out, c_in, kh, kw))?
-        };
+        let before = [kh as isize - 1 - p, kw as isize - 1 - p];
+        let dilated = [(oh - 1) * self.stride + 1, (ow - 1) * self.stride + 1];
+        let after = [(h + kh - 1 - dilated[0]) as isize - before[0], (w + kw - 1 - dilated[1]) as isize - before[1]];
+        let flip_activations = kh * kw > 1 && b * (c_out * oh * ow + c_in * h * w) < self.weight.elem_count();
+        let (grad, before, after) =
+            if flip_activations { (flip_hw(grad)?, after, before) } else { (grad.clone(), before, after) };
+        let kernel = if flip_activations || kh * kw == 1 { self.weight.clone() } else { flip_hw(&self.weight)? };
         // candle's CPU convolution reads a strided kernel as is; other backends want it contiguous.
         let kernel = kernel.transpose(0, 1)?;
         let kernel = if kernel.device().is_cpu() { kernel } else { kernel.contiguous()? };
-        let same = before.0;
-        if same >= 0 && [before.1, after.0, after.1].iter().all(|&n| n == same) {
-            grad.conv2d(&kernel, same as usize, 1, 1, 1)
+        let grad = dilate(&grad, self.stride)?;
+        let same = before[0];
+        let dx = if same >= 0 && [before[1], after[0], after[1]].iter().all(|&n| n == same) {
+            grad.conv2d(&kernel, same as usize, 1, 1, 1)?
         } else {
-            let grad = pad_or_crop(&grad, 2, before.0, after.0)?;
-            pad_or_crop(&grad, 3, before.1, after.1)?.conv2d(&kernel, 0, 1, 1, 1)
+            let grad = pad_or_crop(&grad, 2, before[0], after[0])?;
+            pad_or_crop(&grad, 3, before[1], after[1])?.conv2d(&kernel, 0, 1, 1, 1)?
+        };
+        if flip_activations {
+            flip_hw(&dx)
+        } else {
+            Ok(dx)
         }
     }
+}
+
+/// Reverses the last two axes of a 4-D tensor (a 180 degree rotation of each map).
+fn flip_hw(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let reversed: Vec<u32> = (0..(h * w) as u32).rev().collect();
+    let reversed = Tensor::new(reversed, x.device())?;
+    x.contiguous()?.reshape((b, c, h * w))?.index_select(&reversed, 2)?.reshape((b, c, h, w))
 }
 
 /// Adds `before` / `after` zeros along `dim`, or removes that many entries where negative.
@@ -396,6 +444,170 @@ impl InputGrad for AddGrad {
     fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
         Ok(grad.clone())
     }
+}
+
+/// `1 / sqrt(2 pi)`, the standard normal density at 0.
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// The standard normal CDF and density at `x`: GELU is `x * cdf`, its derivative `cdf + x * pdf`.
+fn normal_cdf_pdf(x: f64) -> (f64, f64) {
+    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2));
+    (cdf, FRAC_1_SQRT_2PI * (-0.5 * x * x).exp())
+}
+
+/// `cdf(x)` and `pdf(x)` as tensors, for the composite backwards.
+fn normal_cdf_pdf_tensors(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+    let pdf = (x.sqr()? * -0.5)?.exp()? * FRAC_1_SQRT_2PI;
+    Ok((cdf?, pdf?))
+}
+
+struct SiluGrad;
+
+impl RowGrad for SiluGrad {
+    fn row(&self, x: &[f64], grad: &[f64], out: &mut [f64]) {
+        for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+            let s = 1.0 / (1.0 + (-x).exp());
+            *o = g * s * (1.0 + x * (1.0 - s));
+        }
+    }
+}
+
+impl InputGrad for SiluGrad {
+    const NAME: &'static str = "silu";
+
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        cpu_rows(self, x, grad)?.map_or_else(|| self.composite(x, grad), Ok)
+    }
+}
+
+impl SiluGrad {
+    /// `dy * s * (1 + x * (1 - s))` with `s = sigmoid(x)`.
+    fn composite(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let s = (x.neg()?.exp()? + 1.0)?.recip()?;
+        grad * (&s * ((x * (1.0 - &s)?)? + 1.0)?)?
+    }
+}
+
+struct GeluErfGrad;
+
+impl RowGrad for GeluErfGrad {
+    fn row(&self, x: &[f64], grad: &[f64], out: &mut [f64]) {
+        for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+            let (cdf, pdf) = normal_cdf_pdf(x);
+            *o = g * (cdf + x * pdf);
+        }
+    }
+}
+
+impl InputGrad for GeluErfGrad {
+    const NAME: &'static str = "gelu-erf";
+
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        cpu_rows(self, x, grad)?.map_or_else(|| self.composite(x, grad), Ok)
+    }
+}
+
+impl GeluErfGrad {
+    /// `dy * (cdf(x) + x * pdf(x))`.
+    fn composite(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let (cdf, pdf) = normal_cdf_pdf_tensors(x)?;
+        grad * (cdf + (x * pdf)?)?
+    }
+}
+
+struct GegluGrad;
+
+impl RowGrad for GegluGrad {
+    /// A row of `h` is `[a, gate]`, a row of `grad` half as wide.
+    fn row(&self, h: &[f64], grad: &[f64], out: &mut [f64]) {
+        let half = grad.len();
+        for (j, &g) in grad.iter().enumerate() {
+            let (a, gate) = (h[j], h[half + j]);
+            let (cdf, pdf) = normal_cdf_pdf(gate);
+            out[j] = g * gate * cdf;
+            out[half + j] = g * a * (cdf + gate * pdf);
+        }
+    }
+}
+
+impl InputGrad for GegluGrad {
+    const NAME: &'static str = "geglu";
+
+    fn input_grad(&self, h: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        cpu_rows(self, h, grad)?.map_or_else(|| self.composite(h, grad), Ok)
+    }
+}
+
+impl GegluGrad {
+    /// `[da, dgate] = [dy * gelu(gate), dy * a * (cdf(gate) + gate * pdf(gate))]`.
+    fn composite(&self, h: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let half = grad.dim(D::Minus1)?;
+        let (a, gate) = (h.narrow(D::Minus1, 0, half)?, h.narrow(D::Minus1, half, half)?);
+        let (cdf, pdf) = normal_cdf_pdf_tensors(&gate)?;
+        let da = (grad * (&gate * &cdf)?)?;
+        let dgate = ((grad * a)? * (cdf + (gate * pdf)?)?)?;
+        Tensor::cat(&[da, dgate], D::Minus1)
+    }
+}
+
+/// A backward computed in one pass on the CPU, row by row (rows along the last dimension), in
+/// f64: a row of the input gradient from a row of the input and one of the output gradient.
+trait RowGrad: Sync {
+    fn row(&self, x: &[f64], grad: &[f64], out: &mut [f64]);
+}
+
+/// The input gradient (shaped as `x`) by `kernel` on the CPU for f32 and f64 tensors, the rows
+/// split over candle's number of threads; `None` on other devices and dtypes, where the ops
+/// compose candle ops instead (the same formulas, about ten passes).
+fn cpu_rows(kernel: &impl RowGrad, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() {
+        return Ok(None);
+    }
+    match x.dtype() {
+        DType::F32 => cpu_rows_typed::<f32>(kernel, x, grad).map(Some),
+        DType::F64 => cpu_rows_typed::<f64>(kernel, x, grad).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The elements of a contiguous CPU tensor's storage.
+fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((start, end))) => Ok(&cpu.as_slice::<T>()?[start..end]),
+        _ => candle_core::bail!("row kernel: a contiguous CPU tensor was expected"),
+    }
+}
+
+fn cpu_rows_typed<T: WithDType>(kernel: &impl RowGrad, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let (x, grad) = (x.contiguous()?, grad.to_dtype(T::DTYPE)?.contiguous()?);
+    let (x_width, grad_width) = (x.dim(D::Minus1)?, grad.dim(D::Minus1)?);
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (grad_storage, grad_layout) = grad.storage_and_layout();
+    let (x_values, grad_values) = (cpu_slice(&x_storage, x_layout)?, cpu_slice(&grad_storage, grad_layout)?);
+    let mut out = vec![T::from_f64(0.0); x_values.len()];
+    let rows = x_values.len() / x_width.max(1);
+    // Small tensors are not worth starting threads.
+    let threads = if out.len() < 1 << 16 { 1 } else { candle_core::utils::get_num_threads().clamp(1, rows.max(1)) };
+    let rows_per_thread = rows.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (i, chunk) in out.chunks_mut(rows_per_thread * x_width).enumerate() {
+            scope.spawn(move || {
+                let (mut x_row, mut grad_row, mut out_row) =
+                    (vec![0.0; x_width], vec![0.0; grad_width], vec![0.0; x_width]);
+                for (j, out) in chunk.chunks_mut(x_width).enumerate() {
+                    let r = i * rows_per_thread + j;
+                    let to_f64 =
+                        |dst: &mut [f64], src: &[T]| dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f64());
+                    to_f64(&mut x_row, &x_values[r * x_width..(r + 1) * x_width]);
+                    to_f64(&mut grad_row, &grad_values[r * grad_width..(r + 1) * grad_width]);
+                    kernel.row(&x_row, &grad_row, &mut out_row);
+                    out.iter_mut().zip(&out_row).for_each(|(o, &v)| *o = T::from_f64(v));
+                }
+            });
+        }
+    });
+    Tensor::from_vec(out, x.shape(), x.device())
 }
 
 /// Attention as one node over `(q, k, v)`, keeping the probabilities for the backward.
@@ -465,20 +677,53 @@ impl CustomOp3 for AttentionNode {
         }
         let v_c = v.detach().to_dtype(compute)?.contiguous()?;
         let row_dot = (&grad_c * out.detach().to_dtype(compute)?)?.sum_keepdim(D::Minus1)?;
+        // `dS / s`: the scale goes onto the (seq x head_dim) products, not the (seq x seq) matrix.
         let d_scores = (grad_c.matmul(&v_c.t()?)?.broadcast_sub(&row_dot)? * &self.probs)?;
-        let d_scores = (d_scores * self.scale)?;
         let dq = if q.track_op() {
             let k_c = k.detach().to_dtype(compute)?.contiguous()?;
-            Some(d_scores.matmul(&k_c)?.to_dtype(q.dtype())?)
+            Some((d_scores.matmul(&k_c)? * self.scale)?.to_dtype(q.dtype())?)
         } else {
             None
         };
         let dk = if k.track_op() {
             let q_c = q.detach().to_dtype(compute)?.contiguous()?;
-            Some(d_scores.t()?.matmul(&q_c)?.to_dtype(k.dtype())?)
+            Some((d_scores.t()?.matmul(&q_c)? * self.scale)?.to_dtype(k.dtype())?)
         } else {
             None
         };
         Ok((dq, dk, dv))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{cpu_rows, GegluGrad, GeluErfGrad, SiluGrad};
+
+    fn values(shape: (usize, usize), seed: u64) -> Tensor {
+        let n = shape.0 * shape.1;
+        let v: Vec<f64> = (0..n).map(|i| ((i as u64 * 7919 + seed * 104_729) % 1000) as f64 / 250.0 - 2.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// The composite backwards (other devices and dtypes) against the one-pass CPU kernels.
+    #[test]
+    fn composite_activation_gradients_match_the_cpu_kernels() {
+        let (x, g) = (values((3, 8), 1), values((3, 8), 2));
+        let silu = cpu_rows(&SiluGrad, &x, &g).unwrap().unwrap();
+        assert!(max_diff(&silu, &SiluGrad.composite(&x, &g).unwrap()) < 1e-14);
+        let gelu = cpu_rows(&GeluErfGrad, &x, &g).unwrap().unwrap();
+        assert!(max_diff(&gelu, &GeluErfGrad.composite(&x, &g).unwrap()) < 1e-14);
+        let h = values((3, 16), 3);
+        let geglu = cpu_rows(&GegluGrad, &h, &g).unwrap().unwrap();
+        assert_eq!(geglu.dims(), &[3, 16]);
+        assert!(max_diff(&geglu, &GegluGrad.composite(&h, &g).unwrap()) < 1e-14);
+        // Half precisions take the composite path.
+        assert!(cpu_rows(&SiluGrad, &x.to_dtype(DType::F16).unwrap(), &g).unwrap().is_none());
     }
 }

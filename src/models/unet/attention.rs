@@ -85,11 +85,7 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let inner = h.dim(candle_core::D::Minus1)? / 2;
-        let a = h.narrow(candle_core::D::Minus1, 0, inner)?;
-        let gate = h.narrow(candle_core::D::Minus1, inner, inner)?;
-        self.out.forward(&(a * gate.gelu_erf()?)?)
+        self.out.forward(&nn::ops::geglu(&self.proj.forward(x)?)?)
     }
 }
 

@@ -19,7 +19,7 @@ use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{Conv2d, GroupNorm};
+use crate::nn::{ops, Conv2d, GroupNorm};
 use attention::TransformerSpec;
 use blocks::{DownBlock, MidBlock, StageSpec, UpBlock};
 use embeddings::{timestep_embedding, TimestepEmbedding};
@@ -447,6 +447,6 @@ impl UNet2DConditionModel {
             )?;
         }
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+            .forward(&ops::silu(&self.conv_norm_out.forward(&x)?)?)
     }
 }

@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{Conv2d, GroupNorm, Linear};
+use crate::nn::{ops, Conv2d, GroupNorm, Linear};
 
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
@@ -52,14 +52,15 @@ impl ResnetBlock2D {
     /// `temb_act` is the time embedding after the SiLU that every block applies to it first
     /// (computed once per forward by the UNet).
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
         let t = self
             .time_emb_proj
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        // The time embedding does not depend on what is learned: no gradient is kept for it.
+        let h = ops::add(&h, &t)?;
+        let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
         match &self.conv_shortcut {
             Some(conv) => conv.forward(x)? + h,
             None => x + h,
