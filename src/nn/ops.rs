@@ -29,8 +29,8 @@ use std::sync::Mutex;
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, MetalStorage, Result, Shape, Storage, Tensor,
-    WithDType, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, MetalStorage, Result, Shape, Storage,
+    Tensor, WithDType, D,
 };
 
 /// The precision norms and softmax compute in: half precisions are upcast to f32 (their range
@@ -465,10 +465,11 @@ fn normal_cdf_pdf_tensors(x: &Tensor) -> Result<(Tensor, Tensor)> {
 struct SiluGrad;
 
 impl RowGrad for SiluGrad {
-    fn row(&self, x: &[f64], grad: &[f64], out: &mut [f64]) {
-        for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+    fn row<T: WithDType>(&self, x: &[T], grad: &[T], out: &mut [T]) {
+        for ((o, x), g) in out.iter_mut().zip(x).zip(grad) {
+            let x = x.to_f64();
             let s = 1.0 / (1.0 + (-x).exp());
-            *o = g * s * (1.0 + x * (1.0 - s));
+            *o = T::from_f64(g.to_f64() * s * (1.0 + x * (1.0 - s)));
         }
     }
 }
@@ -492,10 +493,11 @@ impl SiluGrad {
 struct GeluErfGrad;
 
 impl RowGrad for GeluErfGrad {
-    fn row(&self, x: &[f64], grad: &[f64], out: &mut [f64]) {
-        for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
+    fn row<T: WithDType>(&self, x: &[T], grad: &[T], out: &mut [T]) {
+        for ((o, x), g) in out.iter_mut().zip(x).zip(grad) {
+            let x = x.to_f64();
             let (cdf, pdf) = normal_cdf_pdf(x);
-            *o = g * (cdf + x * pdf);
+            *o = T::from_f64(g.to_f64() * (cdf + x * pdf));
         }
     }
 }
@@ -520,13 +522,13 @@ struct GegluGrad;
 
 impl RowGrad for GegluGrad {
     /// A row of `h` is `[a, gate]`, a row of `grad` half as wide.
-    fn row(&self, h: &[f64], grad: &[f64], out: &mut [f64]) {
+    fn row<T: WithDType>(&self, h: &[T], grad: &[T], out: &mut [T]) {
         let half = grad.len();
-        for (j, &g) in grad.iter().enumerate() {
-            let (a, gate) = (h[j], h[half + j]);
+        for (j, g) in grad.iter().enumerate() {
+            let (g, a, gate) = (g.to_f64(), h[j].to_f64(), h[half + j].to_f64());
             let (cdf, pdf) = normal_cdf_pdf(gate);
-            out[j] = g * gate * cdf;
-            out[half + j] = g * a * (cdf + gate * pdf);
+            out[j] = T::from_f64(g * gate * cdf);
+            out[half + j] = T::from_f64(g * a * (cdf + gate * pdf));
         }
     }
 }
@@ -551,10 +553,10 @@ impl GegluGrad {
     }
 }
 
-/// A backward computed in one pass on the CPU, row by row (rows along the last dimension), in
-/// f64: a row of the input gradient from a row of the input and one of the output gradient.
+/// A backward computed in one pass on the CPU, row by row (rows along the last dimension): a
+/// row of the input gradient from a row of the input and one of the output gradient.
 trait RowGrad: Sync {
-    fn row(&self, x: &[f64], grad: &[f64], out: &mut [f64]);
+    fn row<T: WithDType>(&self, x: &[T], grad: &[T], out: &mut [T]);
 }
 
 /// The input gradient (shaped as `x`) by `kernel` on the CPU for f32 and f64 tensors, the rows
@@ -593,21 +595,66 @@ fn cpu_rows_typed<T: WithDType>(kernel: &impl RowGrad, x: &Tensor, grad: &Tensor
     std::thread::scope(|scope| {
         for (i, chunk) in out.chunks_mut(rows_per_thread * x_width).enumerate() {
             scope.spawn(move || {
-                let (mut x_row, mut grad_row, mut out_row) =
-                    (vec![0.0; x_width], vec![0.0; grad_width], vec![0.0; x_width]);
                 for (j, out) in chunk.chunks_mut(x_width).enumerate() {
                     let r = i * rows_per_thread + j;
-                    let to_f64 =
-                        |dst: &mut [f64], src: &[T]| dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f64());
-                    to_f64(&mut x_row, &x_values[r * x_width..(r + 1) * x_width]);
-                    to_f64(&mut grad_row, &grad_values[r * grad_width..(r + 1) * grad_width]);
-                    kernel.row(&x_row, &grad_row, &mut out_row);
-                    out.iter_mut().zip(&out_row).for_each(|(o, &v)| *o = T::from_f64(v));
+                    let (x, grad) = (&x_values[r * x_width..][..x_width], &grad_values[r * grad_width..][..grad_width]);
+                    kernel.row(x, grad, out);
                 }
             });
         }
     });
     Tensor::from_vec(out, x.shape(), x.device())
+}
+
+/// The softmax backward along rows, in place on the CPU: the gradient of the probabilities `dp`
+/// becomes that of the scores, `p * (dp - sum(p * dp))` (one pass, no allocation).
+struct SoftmaxGradInPlace;
+
+impl InplaceOp2 for SoftmaxGradInPlace {
+    fn name(&self) -> &'static str {
+        "softmax-grad"
+    }
+
+    fn cpu_fwd(&self, dp: &mut CpuStorage, dp_layout: &Layout, p: &CpuStorage, p_layout: &Layout) -> Result<()> {
+        match (dp, p) {
+            (CpuStorage::F32(dp), CpuStorage::F32(p)) => softmax_grad_rows(dp, dp_layout, p, p_layout),
+            (CpuStorage::F64(dp), CpuStorage::F64(p)) => softmax_grad_rows(dp, dp_layout, p, p_layout),
+            _ => candle_core::bail!("softmax-grad: f32 or f64 tensors of one dtype expected"),
+        }
+    }
+}
+
+fn softmax_grad_rows<T: WithDType>(dp: &mut [T], dp_layout: &Layout, p: &[T], p_layout: &Layout) -> Result<()> {
+    let (Some((dp_start, dp_end)), Some((p_start, p_end))) =
+        (dp_layout.contiguous_offsets(), p_layout.contiguous_offsets())
+    else {
+        candle_core::bail!("softmax-grad: contiguous tensors expected")
+    };
+    let (dp, p) = (&mut dp[dp_start..dp_end], &p[p_start..p_end]);
+    let width = *dp_layout.dims().last().unwrap_or(&1);
+    let rows_per_thread = (dp.len() / width.max(1)).div_ceil(candle_core::utils::get_num_threads()).max(1);
+    std::thread::scope(|scope| {
+        for (dp, p) in dp.chunks_mut(rows_per_thread * width).zip(p.chunks(rows_per_thread * width)) {
+            scope.spawn(move || {
+                for (dp, p) in dp.chunks_mut(width).zip(p.chunks(width)) {
+                    let mut dot = T::from_f64(0.0);
+                    for (&p, &dp) in p.iter().zip(dp.iter()) {
+                        dot += p * dp;
+                    }
+                    for (dp, &p) in dp.iter_mut().zip(p) {
+                        *dp = p * (*dp - dot);
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// `P * (dP - rowsum(dO * O))` from candle ops, where [`SoftmaxGradInPlace`] does not run.
+fn softmax_grad_composite(probs: &Tensor, d_probs: &Tensor, grad: &Tensor, out: &Tensor) -> Result<Tensor> {
+    let row_dot = (grad * out)?.sum_keepdim(D::Minus1)?;
+    d_probs.broadcast_sub(&row_dot)? * probs
 }
 
 /// Attention as one node over `(q, k, v)`, keeping the probabilities for the backward.
@@ -658,9 +705,10 @@ impl CustomOp3 for AttentionNode {
         self.out.hand_over()
     }
 
-    /// With `S = s q k^T + mask`, `P = softmax(S)`, `O = P v`: `dv = P^T dO`,
-    /// `dS = P * (dO v^T - rowsum(dO * O))`, `dq = s dS k`, `dk = s dS^T q`; only for the
-    /// inputs that need a gradient.
+    /// With `S = s q k^T + mask`, `P = softmax(S)`, `O = P v`: `dv = P^T dO`, `dP = dO v^T`,
+    /// `dS = P * (dP - rowsum(dP * P))` (in one pass on the CPU; elsewhere with
+    /// `rowsum(dP * P) = rowsum(dO * O)`, a (seq x head_dim) product), `dq = s dS k`,
+    /// `dk = s dS^T q`; only for the inputs that need a gradient.
     fn bwd(
         &self,
         q: &Tensor,
@@ -676,9 +724,15 @@ impl CustomOp3 for AttentionNode {
             return Ok((None, None, dv));
         }
         let v_c = v.detach().to_dtype(compute)?.contiguous()?;
-        let row_dot = (&grad_c * out.detach().to_dtype(compute)?)?.sum_keepdim(D::Minus1)?;
         // `dS / s`: the scale goes onto the (seq x head_dim) products, not the (seq x seq) matrix.
-        let d_scores = (grad_c.matmul(&v_c.t()?)?.broadcast_sub(&row_dot)? * &self.probs)?;
+        let d_probs = grad_c.matmul(&v_c.t()?)?;
+        let d_scores = if d_probs.device().is_cpu() && matches!(compute, DType::F32 | DType::F64) {
+            // `d_probs` is this function's own: it becomes `dS` in place.
+            d_probs.inplace_op2(&self.probs, &SoftmaxGradInPlace)?;
+            d_probs
+        } else {
+            softmax_grad_composite(&self.probs, &d_probs, &grad_c, &out.detach().to_dtype(compute)?)?
+        };
         let dq = if q.track_op() {
             let k_c = k.detach().to_dtype(compute)?.contiguous()?;
             Some((d_scores.matmul(&k_c)? * self.scale)?.to_dtype(q.dtype())?)
@@ -699,7 +753,10 @@ impl CustomOp3 for AttentionNode {
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
-    use super::{cpu_rows, GegluGrad, GeluErfGrad, SiluGrad};
+    use super::{
+        attention_probs_and_output, cpu_rows, softmax_grad_composite, GegluGrad, GeluErfGrad, SiluGrad,
+        SoftmaxGradInPlace,
+    };
 
     fn values(shape: (usize, usize), seed: u64) -> Tensor {
         let n = shape.0 * shape.1;
@@ -725,5 +782,18 @@ mod tests {
         assert!(max_diff(&geglu, &GegluGrad.composite(&h, &g).unwrap()) < 1e-14);
         // Half precisions take the composite path.
         assert!(cpu_rows(&SiluGrad, &x.to_dtype(DType::F16).unwrap(), &g).unwrap().is_none());
+    }
+
+    /// The attention backward's softmax step: in place on the CPU, composite elsewhere.
+    #[test]
+    fn composite_softmax_gradient_matches_the_in_place_one() {
+        let (q, k, v) = (values((5, 4), 4).reshape((1, 1, 5, 4)).unwrap(), values((6, 4), 5), values((6, 4), 6));
+        let (k, v) = (k.reshape((1, 1, 6, 4)).unwrap(), v.reshape((1, 1, 6, 4)).unwrap());
+        let (probs, out) = attention_probs_and_output(&q, &k, &v, None, 0.5).unwrap();
+        let grad = values((5, 4), 7).reshape((1, 1, 5, 4)).unwrap();
+        let d_probs = grad.matmul(&v.t().unwrap()).unwrap();
+        let composite = softmax_grad_composite(&probs, &d_probs, &grad, &out).unwrap();
+        d_probs.inplace_op2(&probs, &SoftmaxGradInPlace).unwrap();
+        assert!(max_diff(&d_probs, &composite) < 1e-14);
     }
 }
