@@ -668,7 +668,7 @@ impl MemoryProbe {
                 Ok(())
             }
             #[cfg(feature = "cuda")]
-            Self::Cuda(sampler) => sampler.reset(),
+            Self::Cuda(sampler) => Ok(sampler.reset()?),
         }
     }
 
