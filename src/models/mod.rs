@@ -2,6 +2,7 @@
 
 pub mod clip_text;
 pub mod face_parsing;
+mod resnet;
 pub mod unet;
 pub mod vae;
 pub mod vit;

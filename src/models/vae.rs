@@ -10,6 +10,7 @@ use candle_core::{bail, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::models::resnet::{ResnetBlock2D, Upsample2D};
 use crate::nn::{attention, Conv2d, GroupNorm, Linear};
 
 /// The resnets and attention of the VAE use this epsilon in every group norm.
@@ -131,42 +132,6 @@ impl AutoencoderKLConfig {
     }
 }
 
-/// diffusers `ResnetBlock2D` without time embedding: `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`.
-#[derive(Debug, Clone)]
-struct ResnetBlock2D {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
-}
-
-impl ResnetBlock2D {
-    fn new(vb: VarBuilder, in_ch: usize, out_ch: usize, groups: usize) -> Result<Self> {
-        let conv_shortcut = if in_ch != out_ch {
-            Some(Conv2d::new(vb.pp("conv_shortcut"), in_ch, out_ch, 1, 1, 0)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            norm1: GroupNorm::new(vb.pp("norm1"), groups, in_ch, NORM_EPS)?,
-            conv1: Conv2d::new(vb.pp("conv1"), in_ch, out_ch, 3, 1, 1)?,
-            norm2: GroupNorm::new(vb.pp("norm2"), groups, out_ch, NORM_EPS)?,
-            conv2: Conv2d::new(vb.pp("conv2"), out_ch, out_ch, 3, 1, 1)?,
-            conv_shortcut,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
-        match &self.conv_shortcut {
-            Some(conv) => conv.forward(x)? + h,
-            None => x + h,
-        }
-    }
-}
-
 /// diffusers `Attention` as built by the VAE mid block: group norm, one head over all channels,
 /// residual connection.
 #[derive(Debug, Clone)]
@@ -222,7 +187,7 @@ struct MidBlock {
 impl MidBlock {
     fn new(vb: VarBuilder, channels: usize, groups: usize, add_attention: bool) -> Result<Self> {
         let resnet = |i: usize| {
-            ResnetBlock2D::new(vb.pp(format!("resnets.{i}")), channels, channels, groups)
+            ResnetBlock2D::new(vb.pp(format!("resnets.{i}")), channels, channels, None, groups, NORM_EPS)
         };
         let attention = if add_attention {
             Some(AttentionBlock::new(
@@ -240,11 +205,11 @@ impl MidBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = self.resnets[0].forward(x)?;
+        let mut x = self.resnets[0].forward(x, None)?;
         if let Some(attn) = &self.attention {
             x = attn.forward(&x)?;
         }
-        self.resnets[1].forward(&x)
+        self.resnets[1].forward(&x, None)
     }
 }
 
@@ -260,7 +225,7 @@ impl DownEncoderBlock2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for resnet in &self.resnets {
-            x = resnet.forward(&x)?;
+            x = resnet.forward(&x, None)?;
         }
         match &self.downsampler {
             Some(conv) => conv.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(
@@ -278,30 +243,22 @@ impl DownEncoderBlock2D {
 #[derive(Debug, Clone)]
 struct UpDecoderBlock2D {
     resnets: Vec<ResnetBlock2D>,
-    upsampler: Option<Conv2d>,
+    upsampler: Option<Upsample2D>,
 }
 
 impl UpDecoderBlock2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for resnet in &self.resnets {
-            x = resnet.forward(&x)?;
+            x = resnet.forward(&x, None)?;
         }
         match &self.upsampler {
-            Some(conv) => conv.forward(&upsample_nearest_2x(&x)?),
+            Some(upsampler) => upsampler.forward(&x, None),
             None => Ok(x),
         }
     }
 }
 
-/// Nearest-neighbour 2x upsampling of (b, c, h, w). Written as a broadcast so that its backward
-/// is a sum, not candle's per-channel convolution for `upsample_nearest2d`.
-fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))
-}
 
 #[derive(Debug, Clone)]
 struct Encoder {
@@ -324,7 +281,7 @@ impl Encoder {
             let resnets = (0..cfg.layers_per_block)
                 .map(|j| {
                     let block_in = if j == 0 { in_ch } else { out_ch };
-                    ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), block_in, out_ch, groups)
+                    ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), block_in, out_ch, None, groups, NORM_EPS)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let downsampler = if i + 1 < ch.len() {
@@ -391,18 +348,11 @@ impl Decoder {
             let resnets = (0..=cfg.layers_per_block)
                 .map(|j| {
                     let block_in = if j == 0 { in_ch } else { out_ch };
-                    ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), block_in, out_ch, groups)
+                    ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), block_in, out_ch, None, groups, NORM_EPS)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsampler = if i + 1 < reversed.len() {
-                Some(Conv2d::new(
-                    vb.pp("upsamplers.0.conv"),
-                    out_ch,
-                    out_ch,
-                    3,
-                    1,
-                    1,
-                )?)
+                Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?)
             } else {
                 None
             };

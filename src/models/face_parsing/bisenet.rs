@@ -16,6 +16,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{BatchNorm, Conv2dConfig, ModuleT, VarBuilder};
 
+use crate::models::resnet::resize_nearest;
+
 /// The classes of face-parsing.PyTorch, in output order (CelebAMask-HQ).
 pub const CLASSES: [&str; 19] = [
     "background",
@@ -157,17 +159,6 @@ fn global_average(x: &Tensor) -> Result<Tensor> {
     x.mean_keepdim(3)?.mean_keepdim(2)
 }
 
-/// Nearest-neighbour resize to `(h, w)` as `F.interpolate(mode="nearest")`: source index
-/// `floor(dst * in / out)`.
-fn resize_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-    let (_, _, in_h, in_w) = x.dims4()?;
-    let index = |out: usize, len: usize| -> Result<Tensor> {
-        let ids: Vec<u32> = (0..out).map(|i| (i * len / out) as u32).collect();
-        Tensor::new(ids, x.device())
-    };
-    x.index_select(&index(h, in_h)?, 2)?.index_select(&index(w, in_w)?, 3)
-}
-
 /// Features re-weighted per channel by an attention computed from their global average.
 #[derive(Debug, Clone)]
 struct AttentionRefinementModule {
@@ -225,9 +216,9 @@ impl ContextPath {
         let (_, _, h16, w16) = feat16.dims4()?;
         let avg = self.conv_avg.forward(&global_average(&feat32)?)?;
         let feat32_sum = self.arm32.forward(&feat32)?.broadcast_add(&avg)?;
-        let feat32_up = self.conv_head32.forward(&resize_nearest(&feat32_sum, h16, w16)?)?;
+        let feat32_up = self.conv_head32.forward(&resize_nearest(&feat32_sum, (h16, w16))?)?;
         let feat16_sum = (self.arm16.forward(&feat16)? + feat32_up)?;
-        let feat16_up = self.conv_head16.forward(&resize_nearest(&feat16_sum, h8, w8)?)?;
+        let feat16_up = self.conv_head16.forward(&resize_nearest(&feat16_sum, (h8, w8))?)?;
         Ok((feat8, feat16_up))
     }
 }

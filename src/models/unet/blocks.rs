@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{Transformer2DModel, TransformerSpec};
-use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// What every stage of one UNet shares.
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +28,7 @@ impl StageSpec {
             vb,
             in_channels,
             out_channels,
-            self.temb_channels,
+            Some(self.temb_channels),
             self.norm_groups,
             self.norm_eps,
         )
@@ -100,7 +100,7 @@ impl DownBlock {
         let mut x = x.clone();
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(&x, temb_act)?;
+            x = resnet.forward(&x, Some(temb_act))?;
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(&x, context)?;
             }
@@ -140,9 +140,9 @@ impl MidBlock {
     }
 
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let mut x = self.resnets[0].forward(x, temb_act)?;
+        let mut x = self.resnets[0].forward(x, Some(temb_act))?;
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = resnet.forward(&attn.forward(&x, context)?, temb_act)?;
+            x = resnet.forward(&attn.forward(&x, context)?, Some(temb_act))?;
         }
         Ok(x)
     }
@@ -214,7 +214,7 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-            x = resnet.forward(&Tensor::cat(&[&x, skip], 1)?, temb_act)?;
+            x = resnet.forward(&Tensor::cat(&[&x, skip], 1)?, Some(temb_act))?;
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(&x, context)?;
             }

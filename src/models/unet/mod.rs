@@ -11,7 +11,6 @@
 mod attention;
 mod blocks;
 mod embeddings;
-mod resnet;
 
 use std::fmt::Debug;
 

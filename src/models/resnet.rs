@@ -1,6 +1,7 @@
 //! `ResnetBlock2D` (`diffusers/models/resnet.py`), `Downsample2D` (`downsampling.py`) and
 //! `Upsample2D` (`upsampling.py`), in the configuration Stable Diffusion uses: pre-norm, SiLU,
-//! time embedding added after `conv1`, convolutional down/upsamplers.
+//! time embedding (UNet only) added after `conv1`, convolutional down/upsamplers. Shared by the
+//! UNet and the VAE.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -11,7 +12,8 @@ use crate::nn::{ops, Conv2d, GroupNorm, Linear};
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    /// Projection of the time embedding; the VAE's blocks have none.
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     /// 1x1 convolution on the skip path when the channel count changes.
@@ -23,7 +25,7 @@ impl ResnetBlock2D {
         vb: VarBuilder,
         in_channels: usize,
         out_channels: usize,
-        temb_channels: usize,
+        temb_channels: Option<usize>,
         groups: usize,
         eps: f64,
     ) -> Result<Self> {
@@ -42,7 +44,9 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: GroupNorm::new(vb.pp("norm1"), groups, in_channels, eps)?,
             conv1: Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
-            time_emb_proj: Linear::new(vb.pp("time_emb_proj"), temb_channels, out_channels, true)?,
+            time_emb_proj: temb_channels
+                .map(|temb| Linear::new(vb.pp("time_emb_proj"), temb, out_channels, true))
+                .transpose()?,
             norm2: GroupNorm::new(vb.pp("norm2"), groups, out_channels, eps)?,
             conv2: Conv2d::new(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
             conv_shortcut,
@@ -50,16 +54,14 @@ impl ResnetBlock2D {
     }
 
     /// `temb_act` is the time embedding after the SiLU that every block applies to it first
-    /// (computed once per forward by the UNet).
-    pub fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(temb_act)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        // The time embedding does not depend on what is learned: no gradient is kept for it.
-        let h = ops::add(&h, &t)?;
+    /// (computed once per forward by the UNet); `None` in the VAE.
+    pub fn forward(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
+        if let (Some(proj), Some(temb_act)) = (&self.time_emb_proj, temb_act) {
+            let t = proj.forward(temb_act)?.unsqueeze(2)?.unsqueeze(3)?;
+            // The time embedding does not depend on what is learned: no gradient is kept for it.
+            h = ops::add(&h, &t)?;
+        }
         let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
         match &self.conv_shortcut {
             Some(conv) => conv.forward(x)? + h,
@@ -123,7 +125,7 @@ fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
 /// PyTorch's `interpolate(mode="nearest", size=...)`: output pixel `i` reads input pixel
 /// `floor(i * in / out)` (scale in f32). Written as index selects, which back-propagate for any
 /// ratio (candle's `upsample_nearest2d` has no backward for non-integer factors).
-fn resize_nearest(x: &Tensor, (out_h, out_w): (usize, usize)) -> Result<Tensor> {
+pub(crate) fn resize_nearest(x: &Tensor, (out_h, out_w): (usize, usize)) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let rows = nearest_indices(h, out_h, x)?;
     let cols = nearest_indices(w, out_w, x)?;
