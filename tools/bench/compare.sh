@@ -26,16 +26,22 @@ if [[ -z ${STABLEID:-} ]]; then
   STABLEID=$repo/target/release/stableid
 fi
 
+# Other work on the machine skews the times: the load averages before and after go into the report.
+load() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown; }
+load_before=$(load)
 echo "stableid bench $* ($THREADS threads)..." >&2
 RAYON_NUM_THREADS=$THREADS "$STABLEID" bench "$@" --json >"$OUT/stableid.json"
 echo "pytorch_bench.py $* ($THREADS threads)..." >&2
 "$PYTHON" "$repo/tools/bench/pytorch_bench.py" "$@" --threads "$THREADS" --json >"$OUT/pytorch.json"
 
-"$PYTHON" - "$OUT/stableid.json" "$OUT/pytorch.json" <<'EOF'
+load_after=$(load)
+
+"$PYTHON" - "$OUT/stableid.json" "$OUT/pytorch.json" "$load_before" "$load_after" <<'EOF'
 import json
 import sys
 
 ours, ref = (json.load(open(path)) for path in sys.argv[1:3])
+print(f"load averages (1, 5, 15 min): {sys.argv[3]} before, {sys.argv[4]} after")
 print(f"{ours['device']}, {ours['dtype']}, {ours['resolution']}x{ours['resolution']}, threads {ours['threads']} "
       f"(PyTorch {ref['threads']}), warm-up {ours['warmup']}, median of {ours['repeats']}")
 print(f"PyTorch: {ref['version']}; learning step at t = {ours['learn_timestep']}")
