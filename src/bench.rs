@@ -352,7 +352,7 @@ fn check_options(configs: &SdConfigs, options: &BenchOptions) -> Result<()> {
     let vae_factor = 1 << (configs.vae.block_out_channels.len() - 1);
     let unet_factor = 1 << (configs.unet.block_out_channels.len() - 1);
     let multiple = vae_factor * unet_factor;
-    if options.resolution == 0 || options.resolution % multiple != 0 {
+    if options.resolution == 0 || !options.resolution.is_multiple_of(multiple) {
         return Err(Error::Input(format!(
             "--res {} must be a positive multiple of {multiple} (the VAE's factor {vae_factor} times the UNet's {unet_factor})",
             options.resolution
