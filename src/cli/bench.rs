@@ -10,7 +10,7 @@ use super::{DeviceArg, DtypeArg};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
-    stableid bench --res 256                 # CPU, everything, about 2 minutes on 2 cores\n  \
+    stableid bench --res 256                 # CPU, everything, about 3 minutes on 2 cores\n  \
     stableid bench --only learn --repeats 5 --json\n  \
     stableid bench --device cuda --dtype f16 --only learn,denoise\n  \
     RAYON_NUM_THREADS=4 stableid bench --res 256   # CPU threads\n\n\
