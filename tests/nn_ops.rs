@@ -335,3 +335,19 @@ fn activations_in_f32_and_f16() {
         );
     }
 }
+
+#[test]
+fn conv2d_input_gradient_of_a_half_precision_input() {
+    let (weight, bias) = (randn(&[4, 3, 3, 3], 93), randn(&[4], 94));
+    let x = randn(&[1, 3, 6, 5], 95);
+    let gradient = |dtype: DType| {
+        let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let (w, b) = (weight.to_dtype(dtype).unwrap(), bias.to_dtype(dtype).unwrap());
+        let y = ops::conv2d(xv.as_tensor(), &w, Some(&b), 1, 2).unwrap();
+        let grads = y.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        grads.get(xv.as_tensor()).unwrap().clone()
+    };
+    let half = gradient(DType::F16);
+    assert_eq!(half.dtype(), DType::F16);
+    assert_close(&half, &gradient(DType::F64), 1e-2, "conv2d input gradient in f16");
+}
