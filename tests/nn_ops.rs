@@ -100,7 +100,7 @@ fn linear_matches_matmul() {
         "linear",
         &|a| ops::linear(&a[0], &w, Some(&b)).unwrap(),
         &|a| linear_reference(&a[0], &w, Some(&b)),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         &[true],
         &[&w, &b],
     );
@@ -303,7 +303,7 @@ fn gelu_reference(x: &Tensor) -> Tensor {
 fn activations_match_their_definitions() {
     // Wide enough for the CPU kernels to split their rows over threads.
     let x = randn(&[2, 3, 150, 160], 90);
-    check("silu", &|a| ops::silu(&a[0]).unwrap(), &|a| a[0].silu().unwrap(), &[x.clone()], &[true], &[]);
+    check("silu", &|a| ops::silu(&a[0]).unwrap(), &|a| a[0].silu().unwrap(), std::slice::from_ref(&x), &[true], &[]);
     check("gelu (erf)", &|a| ops::gelu_erf(&a[0]).unwrap(), &|a| gelu_reference(&a[0]), &[x], &[true], &[]);
     let geglu_reference = |h: &Tensor| {
         let half = h.dim(D::Minus1).unwrap() / 2;

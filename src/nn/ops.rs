@@ -85,7 +85,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize
 /// and the affine map in [`compute_dtype`], the result in the dtype of `x`.
 pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dims = x.dims();
-    if dims.len() < 2 || dims[1] % groups != 0 {
+    if dims.len() < 2 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!("group norm: input {:?} does not split into {groups} groups of channels", x.shape())
     }
     let mut channel = vec![1; dims.len()];
