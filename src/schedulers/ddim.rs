@@ -3,8 +3,7 @@
 use candle_core::{DType, Tensor};
 
 use super::{
-    axpby, np_linspace, np_round, trailing_timesteps, PredictionType, Scheduler, SchedulerConfig,
-    TimestepSpacing,
+    axpby, np_linspace, np_round, trailing_timesteps, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing,
 };
 
 pub struct Ddim {
@@ -20,29 +19,19 @@ pub struct Ddim {
 
 impl Ddim {
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> crate::Result<Self> {
-        cfg.ensure_supported()?;
-        cfg.check_steps(steps)?;
+        cfg.check_sampling("ddim", steps, false)?;
         let t = cfg.num_train_timesteps;
         let timesteps: Vec<usize> = match cfg.timestep_spacing.unwrap_or(TimestepSpacing::Leading) {
-            TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, steps)
-                .into_iter()
-                .rev()
-                .map(np_round)
-                .collect(),
-            TimestepSpacing::Leading => (0..steps)
-                .rev()
-                .map(|i| i * (t / steps) + cfg.steps_offset)
-                .collect(),
+            TimestepSpacing::Linspace => {
+                np_linspace(0.0, (t - 1) as f64, steps).into_iter().rev().map(np_round).collect()
+            }
+            TimestepSpacing::Leading => (0..steps).rev().map(|i| i * (t / steps) + cfg.steps_offset).collect(),
             TimestepSpacing::Trailing => trailing_timesteps(t, steps),
         };
         cfg.check_timesteps(&timesteps)?;
         let alphas_cumprod = cfg.alphas_cumprod();
         Ok(Self {
-            final_alpha_cumprod: if cfg.set_alpha_to_one {
-                1.0
-            } else {
-                alphas_cumprod[0]
-            },
+            final_alpha_cumprod: if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] },
             alphas_cumprod,
             timesteps,
             step_ratio: t / steps,
@@ -57,16 +46,7 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: usize,
-        sample: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> candle_core::Result<Tensor> {
         let Some(&alpha_prod_t) = self.alphas_cumprod.get(timestep) else {
             candle_core::bail!("DDIM: timestep {timestep} is past the training schedule")
         };
@@ -79,30 +59,21 @@ impl Scheduler for Ddim {
         let sample = sample.to_dtype(DType::F32)?;
 
         let (pred_original, pred_epsilon) = match self.prediction_type {
-            PredictionType::Epsilon => (
-                (axpby(1.0, &sample, -sqrt_beta, &out)? / f64::from(sqrt_alpha))?,
-                out,
-            ),
+            PredictionType::Epsilon => ((axpby(1.0, &sample, -sqrt_beta, &out)? / f64::from(sqrt_alpha))?, out),
             PredictionType::Sample => {
                 let eps = (axpby(1.0, &sample, -sqrt_alpha, &out)? / f64::from(sqrt_beta))?;
                 (out, eps)
             }
-            PredictionType::VPrediction => (
-                axpby(sqrt_alpha, &sample, -sqrt_beta, &out)?,
-                axpby(sqrt_alpha, &out, sqrt_beta, &sample)?,
-            ),
+            PredictionType::VPrediction => {
+                (axpby(sqrt_alpha, &sample, -sqrt_beta, &out)?, axpby(sqrt_alpha, &out, sqrt_beta, &sample)?)
+            }
         };
         let pred_original = match self.clip_sample_range {
             Some(range) => pred_original.clamp(-range, range)?,
             None => pred_original,
         };
         // eta = 0: no noise, the whole remaining variance points along the predicted noise.
-        let prev = axpby(
-            alpha_prod_t_prev.sqrt(),
-            &pred_original,
-            (1.0 - alpha_prod_t_prev).sqrt(),
-            &pred_epsilon,
-        )?;
+        let prev = axpby(alpha_prod_t_prev.sqrt(), &pred_original, (1.0 - alpha_prod_t_prev).sqrt(), &pred_epsilon)?;
         prev.to_dtype(model_output.dtype())
     }
 }

@@ -14,10 +14,7 @@ pub struct Ddpm {
 impl Ddpm {
     pub fn new(cfg: &SchedulerConfig) -> crate::Result<Self> {
         cfg.ensure_supported()?;
-        Ok(Self {
-            alphas_cumprod: cfg.alphas_cumprod(),
-            prediction_type: cfg.prediction_type,
-        })
+        Ok(Self { alphas_cumprod: cfg.alphas_cumprod(), prediction_type: cfg.prediction_type })
     }
 
     pub fn num_train_timesteps(&self) -> usize {
@@ -44,23 +41,13 @@ impl Ddpm {
     }
 
     /// `sqrt(abar_t) * z0 + sqrt(1 - abar_t) * noise`, `timesteps[i]` applying to sample `i`.
-    pub fn add_noise(
-        &self,
-        z0: &Tensor,
-        noise: &Tensor,
-        timesteps: &[usize],
-    ) -> candle_core::Result<Tensor> {
+    pub fn add_noise(&self, z0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> candle_core::Result<Tensor> {
         let (a, b) = self.coefficients(timesteps, z0)?;
         a.broadcast_mul(z0)? + b.broadcast_mul(noise)?
     }
 
     /// diffusers' `get_velocity`: the v-prediction target `sqrt(abar_t) * noise - sqrt(1 - abar_t) * z0`.
-    pub fn velocity(
-        &self,
-        z0: &Tensor,
-        noise: &Tensor,
-        timesteps: &[usize],
-    ) -> candle_core::Result<Tensor> {
+    pub fn velocity(&self, z0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> candle_core::Result<Tensor> {
         let (a, b) = self.coefficients(timesteps, z0)?;
         a.broadcast_mul(noise)? - b.broadcast_mul(z0)?
     }
@@ -82,33 +69,20 @@ impl Ddpm {
     }
 
     /// `sqrt(abar_t)` and `sqrt(1 - abar_t)` per sample, shaped `(batch, 1, 1, ..)` to broadcast over `like`.
-    fn coefficients(
-        &self,
-        timesteps: &[usize],
-        like: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+    fn coefficients(&self, timesteps: &[usize], like: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let batch = like.dim(0)?;
         if timesteps.len() != batch {
             candle_core::bail!("DDPM: {} timesteps for a batch of {batch}", timesteps.len())
         }
         if let Some(t) = timesteps.iter().find(|&&t| t >= self.alphas_cumprod.len()) {
-            candle_core::bail!(
-                "DDPM: timestep {t} is past num_train_timesteps {}",
-                self.alphas_cumprod.len()
-            )
+            candle_core::bail!("DDPM: timestep {t} is past num_train_timesteps {}", self.alphas_cumprod.len())
         }
         let mut shape = vec![1; like.rank()];
         shape[0] = batch;
         let column = |f: &dyn Fn(f32) -> f32| -> candle_core::Result<Tensor> {
-            let values: Vec<f32> = timesteps
-                .iter()
-                .map(|&t| f(self.alphas_cumprod[t]))
-                .collect();
+            let values: Vec<f32> = timesteps.iter().map(|&t| f(self.alphas_cumprod[t])).collect();
             Tensor::from_vec(values, shape.as_slice(), like.device())?.to_dtype(like.dtype())
         };
-        Ok((
-            column(&|abar| abar.sqrt())?,
-            column(&|abar| (1.0 - abar).sqrt())?,
-        ))
+        Ok((column(&|abar| abar.sqrt())?, column(&|abar| (1.0 - abar).sqrt())?))
     }
 }

@@ -8,8 +8,8 @@
 use candle_core::{DType, Tensor};
 
 use super::{
-    axpby, index_for_timestep, np_linspace, np_round, trailing_timesteps, PredictionType,
-    Scheduler, SchedulerConfig, TimestepSpacing,
+    axpby, index_for_timestep, np_linspace, np_round, trailing_timesteps, PredictionType, Scheduler, SchedulerConfig,
+    TimestepSpacing,
 };
 
 pub struct DpmSolverMultistep {
@@ -35,53 +35,28 @@ impl Level {
         let alpha = 1.0 / (schedule_sigma * schedule_sigma + 1.0).sqrt();
         let sigma = schedule_sigma * alpha;
         // At the final sigma 0, lambda is +inf and the update returns the data prediction.
-        Self {
-            alpha,
-            sigma,
-            lambda: alpha.ln() - sigma.ln(),
-        }
+        Self { alpha, sigma, lambda: alpha.ln() - sigma.ln() }
     }
 }
 
 impl DpmSolverMultistep {
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> crate::Result<Self> {
-        cfg.ensure_supported()?;
-        if cfg.use_karras_sigmas {
-            return Err(crate::Error::UnsupportedModel(
-                "scheduler config: use_karras_sigmas is not supported by the dpm++ sampler".into(),
-            ));
-        }
-        cfg.check_steps(steps)?;
+        cfg.check_sampling("dpm++", steps, true)?;
         let t = cfg.num_train_timesteps;
         // Spaced over steps + 1 points, dropping the one at 0.
-        let timesteps: Vec<usize> = match cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace)
-        {
-            TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, steps + 1)
-                .into_iter()
-                .skip(1)
-                .rev()
-                .map(np_round)
-                .collect(),
-            TimestepSpacing::Leading => (1..=steps)
-                .rev()
-                .map(|i| i * (t / (steps + 1)) + cfg.steps_offset)
-                .collect(),
+        let timesteps: Vec<usize> = match cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace) {
+            TimestepSpacing::Linspace => {
+                np_linspace(0.0, (t - 1) as f64, steps + 1).into_iter().skip(1).rev().map(np_round).collect()
+            }
+            TimestepSpacing::Leading => (1..=steps).rev().map(|i| i * (t / (steps + 1)) + cfg.steps_offset).collect(),
             TimestepSpacing::Trailing => trailing_timesteps(t, steps),
         };
         cfg.check_timesteps(&timesteps)?;
         let alphas_cumprod = cfg.alphas_cumprod();
-        let mut sigmas: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| ((1.0 - alphas_cumprod[t]) / alphas_cumprod[t]).sqrt())
-            .collect();
+        let mut sigmas: Vec<f32> =
+            timesteps.iter().map(|&t| ((1.0 - alphas_cumprod[t]) / alphas_cumprod[t]).sqrt()).collect();
         sigmas.push(0.0);
-        Ok(Self {
-            timesteps,
-            sigmas,
-            prediction_type: cfg.prediction_type,
-            step_index: None,
-            previous_x0: None,
-        })
+        Ok(Self { timesteps, sigmas, prediction_type: cfg.prediction_type, step_index: None, previous_x0: None })
     }
 }
 
@@ -90,20 +65,11 @@ impl Scheduler for DpmSolverMultistep {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: usize,
-        sample: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> candle_core::Result<Tensor> {
         // diffusers falls back to the last step for a timestep it cannot find.
-        let i = self.step_index.unwrap_or_else(|| {
-            index_for_timestep(&self.timesteps, timestep).unwrap_or(self.timesteps.len() - 1)
-        });
+        let i = self
+            .step_index
+            .unwrap_or_else(|| index_for_timestep(&self.timesteps, timestep).unwrap_or(self.timesteps.len() - 1));
         if i >= self.timesteps.len() {
             candle_core::bail!("DPM-Solver++: every step of the schedule has been taken")
         }
@@ -113,20 +79,13 @@ impl Scheduler for DpmSolverMultistep {
         let next = Level::new(self.sigmas[i + 1]);
 
         let x0 = match self.prediction_type {
-            PredictionType::Epsilon => {
-                (axpby(1.0, &sample, -s0.sigma, &out)? / f64::from(s0.alpha))?
-            }
+            PredictionType::Epsilon => (axpby(1.0, &sample, -s0.sigma, &out)? / f64::from(s0.alpha))?,
             PredictionType::VPrediction => axpby(s0.alpha, &sample, -s0.sigma, &out)?,
             PredictionType::Sample => out,
         };
 
         let h = next.lambda - s0.lambda;
-        let first_order = axpby(
-            next.sigma / s0.sigma,
-            &sample,
-            -(next.alpha * ((-h).exp() - 1.0)),
-            &x0,
-        )?;
+        let first_order = axpby(next.sigma / s0.sigma, &sample, -(next.alpha * ((-h).exp() - 1.0)), &x0)?;
         let is_last = i + 1 == self.timesteps.len();
         let prev = match (&self.previous_x0, is_last) {
             (Some(x0_prev), false) => {

@@ -5,8 +5,8 @@
 use candle_core::{DType, Tensor};
 
 use super::{
-    axpby, index_for_timestep, np_linspace, trailing_timesteps, PredictionType, Scheduler,
-    SchedulerConfig, TimestepSpacing,
+    axpby, index_for_timestep, np_linspace, trailing_timesteps, PredictionType, Scheduler, SchedulerConfig,
+    TimestepSpacing,
 };
 
 pub struct EulerDiscrete {
@@ -23,44 +23,24 @@ pub struct EulerDiscrete {
 
 impl EulerDiscrete {
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> crate::Result<Self> {
-        cfg.ensure_supported()?;
-        if cfg.use_karras_sigmas {
-            return Err(crate::Error::UnsupportedModel(
-                "scheduler config: use_karras_sigmas is not supported by the Euler sampler".into(),
-            ));
-        }
-        cfg.check_steps(steps)?;
+        cfg.check_sampling("Euler", steps, true)?;
         let t = cfg.num_train_timesteps;
         let spacing = cfg.timestep_spacing.unwrap_or(TimestepSpacing::Linspace);
         let unet_timesteps: Vec<f32> = match spacing {
-            TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, steps)
-                .into_iter()
-                .rev()
-                .map(|x| x as f32)
-                .collect(),
-            TimestepSpacing::Leading => (0..steps)
-                .rev()
-                .map(|i| (i * (t / steps) + cfg.steps_offset) as f32)
-                .collect(),
-            TimestepSpacing::Trailing => trailing_timesteps(t, steps)
-                .into_iter()
-                .map(|x| x as f32)
-                .collect(),
+            TimestepSpacing::Linspace => {
+                np_linspace(0.0, (t - 1) as f64, steps).into_iter().rev().map(|x| x as f32).collect()
+            }
+            TimestepSpacing::Leading => (0..steps).rev().map(|i| (i * (t / steps) + cfg.steps_offset) as f32).collect(),
+            TimestepSpacing::Trailing => trailing_timesteps(t, steps).into_iter().map(|x| x as f32).collect(),
         };
         let timesteps: Vec<usize> = unet_timesteps.iter().map(|&x| x.round() as usize).collect();
         cfg.check_timesteps(&timesteps)?;
 
         // The training sigmas sqrt((1 - abar) / abar) in float32, then numpy's float64 `interp`
         // at the (possibly fractional) timesteps, stored back as float32.
-        let train_sigmas: Vec<f32> = cfg
-            .alphas_cumprod()
-            .into_iter()
-            .map(|abar| ((1.0 - abar) / abar).sqrt())
-            .collect();
-        let mut sigmas: Vec<f32> = unet_timesteps
-            .iter()
-            .map(|&x| interp(f64::from(x), &train_sigmas) as f32)
-            .collect();
+        let train_sigmas: Vec<f32> =
+            cfg.alphas_cumprod().into_iter().map(|abar| ((1.0 - abar) / abar).sqrt()).collect();
+        let mut sigmas: Vec<f32> = unet_timesteps.iter().map(|&x| interp(f64::from(x), &train_sigmas) as f32).collect();
         sigmas.push(0.0);
 
         let max_sigma = sigmas.iter().copied().fold(0f32, f32::max);
@@ -80,16 +60,10 @@ impl EulerDiscrete {
 
     /// The current step: counted once started, else looked up like diffusers' `_init_step_index`.
     fn index(&self, timestep: usize) -> candle_core::Result<usize> {
-        match self
-            .step_index
-            .or_else(|| index_for_timestep(&self.timesteps, timestep))
-        {
+        match self.step_index.or_else(|| index_for_timestep(&self.timesteps, timestep)) {
             Some(i) if i < self.timesteps.len() => Ok(i),
             Some(_) => candle_core::bail!("Euler: every step of the schedule has been taken"),
-            None => candle_core::bail!(
-                "Euler: timestep {timestep} is not in the schedule {:?}",
-                self.timesteps
-            ),
+            None => candle_core::bail!("Euler: timestep {timestep} is not in the schedule {:?}", self.timesteps),
         }
     }
 }
@@ -130,12 +104,7 @@ impl Scheduler for EulerDiscrete {
         sample / f64::from((sigma * sigma + 1.0).sqrt())
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: usize,
-        sample: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> candle_core::Result<Tensor> {
         let i = self.index(timestep)?;
         let (sigma, sigma_next) = (self.sigmas[i], self.sigmas[i + 1]);
         let out = model_output.to_dtype(DType::F32)?;

@@ -73,9 +73,7 @@ impl TryFrom<String> for PredictionType {
             "epsilon" => Ok(Self::Epsilon),
             "v_prediction" => Ok(Self::VPrediction),
             "sample" => Ok(Self::Sample),
-            _ => Err(format!(
-                "prediction_type \"{s}\" is not supported (expected epsilon, v_prediction or sample)"
-            )),
+            _ => Err(format!("prediction_type \"{s}\" is not supported (expected epsilon, v_prediction or sample)")),
         }
     }
 }
@@ -97,9 +95,7 @@ impl TryFrom<String> for TimestepSpacing {
             "linspace" => Ok(Self::Linspace),
             "leading" => Ok(Self::Leading),
             "trailing" => Ok(Self::Trailing),
-            _ => Err(format!(
-                "timestep_spacing \"{s}\" is not supported (expected linspace, leading or trailing)"
-            )),
+            _ => Err(format!("timestep_spacing \"{s}\" is not supported (expected linspace, leading or trailing)")),
         }
     }
 }
@@ -160,10 +156,7 @@ impl SchedulerConfig {
     /// Reads and checks a `scheduler_config.json`; errors name the file and the offending field.
     pub fn from_file(path: impl AsRef<Path>) -> crate::Result<Self> {
         let path = path.as_ref();
-        let config_error = |msg: String| crate::Error::Config {
-            file: path.to_path_buf(),
-            msg,
-        };
+        let config_error = |msg: String| crate::Error::Config { file: path.to_path_buf(), msg };
         let text = std::fs::read_to_string(path).map_err(|e| config_error(e.to_string()))?;
         let config: Self = serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
         config.check().map_err(config_error)?;
@@ -173,10 +166,7 @@ impl SchedulerConfig {
     /// Rejects settings none of the schedulers here implement.
     fn check(&self) -> Result<(), String> {
         if self.num_train_timesteps < 2 {
-            return Err(format!(
-                "num_train_timesteps {} must be at least 2",
-                self.num_train_timesteps
-            ));
+            return Err(format!("num_train_timesteps {} must be at least 2", self.num_train_timesteps));
         }
         if let Some(betas) = &self.trained_betas {
             if betas.len() != self.num_train_timesteps {
@@ -191,17 +181,14 @@ impl SchedulerConfig {
             return Err("thresholding: dynamic thresholding is not supported".into());
         }
         if self.rescale_betas_zero_snr {
-            return Err(
-                "rescale_betas_zero_snr: zero-terminal-SNR rescaling is not supported".into(),
-            );
+            return Err("rescale_betas_zero_snr: zero-terminal-SNR rescaling is not supported".into());
         }
         Ok(())
     }
 
     /// [`Self::check`] for configs built in code, where there is no file to name.
     fn ensure_supported(&self) -> crate::Result<()> {
-        self.check()
-            .map_err(|msg| crate::Error::UnsupportedModel(format!("scheduler config: {msg}")))
+        self.check().map_err(|msg| crate::Error::UnsupportedModel(format!("scheduler config: {msg}")))
     }
 
     /// The betas as diffusers' float32 tensor.
@@ -211,23 +198,15 @@ impl SchedulerConfig {
             return betas.iter().map(|&b| b as f32).collect();
         }
         match self.beta_schedule {
-            BetaSchedule::Linear => {
-                torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n)
+            BetaSchedule::Linear => torch_linspace_f32(self.beta_start as f32, self.beta_end as f32, n),
+            BetaSchedule::ScaledLinear => {
+                torch_linspace_f32(self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32, n)
+                    .into_iter()
+                    .map(|b| b * b)
+                    .collect()
             }
-            BetaSchedule::ScaledLinear => torch_linspace_f32(
-                self.beta_start.sqrt() as f32,
-                self.beta_end.sqrt() as f32,
-                n,
-            )
-            .into_iter()
-            .map(|b| b * b)
-            .collect(),
             BetaSchedule::SquaredCosCapV2 => {
-                let alpha_bar = |t: f64| {
-                    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
-                        .cos()
-                        .powi(2)
-                };
+                let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
                 (0..n)
                     .map(|i| {
                         let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -251,6 +230,18 @@ impl SchedulerConfig {
     }
 
     /// Inference timesteps must exist, and at most one per training timestep.
+    /// Checks the config and the step count before a sampler is built. Karras sigmas are
+    /// rejected for the samplers that would use them (`uses_sigmas`), naming `sampler`.
+    fn check_sampling(&self, sampler: &str, steps: usize, uses_sigmas: bool) -> crate::Result<()> {
+        self.ensure_supported()?;
+        if uses_sigmas && self.use_karras_sigmas {
+            return Err(crate::Error::UnsupportedModel(format!(
+                "scheduler config: use_karras_sigmas is not supported by the {sampler} sampler"
+            )));
+        }
+        self.check_steps(steps)
+    }
+
     fn check_steps(&self, steps: usize) -> crate::Result<()> {
         if steps == 0 || steps > self.num_train_timesteps {
             return Err(crate::Error::Input(format!(
@@ -281,13 +272,7 @@ fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     }
     let step = (end - start) / (n - 1) as f32;
     (0..n)
-        .map(|i| {
-            if i < n / 2 {
-                step.mul_add(i as f32, start)
-            } else {
-                (-step).mul_add((n - 1 - i) as f32, end)
-            }
-        })
+        .map(|i| if i < n / 2 { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
         .collect()
 }
 
@@ -313,19 +298,13 @@ fn np_round(x: f64) -> usize {
 fn trailing_timesteps(num_train_timesteps: usize, steps: usize) -> Vec<usize> {
     let start = num_train_timesteps as f64;
     let stride = (start - start / steps as f64) - start;
-    (0..steps)
-        .map(|i| np_round(start + i as f64 * stride) - 1)
-        .collect()
+    (0..steps).map(|i| np_round(start + i as f64 * stride) - 1).collect()
 }
 
 /// Position of `timestep` in a schedule, as diffusers' `index_for_timestep`: the second match when
 /// the schedule repeats it, so that a run started mid-schedule does not skip a sigma.
 fn index_for_timestep(timesteps: &[usize], timestep: usize) -> Option<usize> {
-    let mut matches = timesteps
-        .iter()
-        .enumerate()
-        .filter(|&(_, &t)| t == timestep)
-        .map(|(i, _)| i);
+    let mut matches = timesteps.iter().enumerate().filter(|&(_, &t)| t == timestep).map(|(i, _)| i);
     let first = matches.next()?;
     Some(matches.next().unwrap_or(first))
 }
@@ -349,7 +328,10 @@ pub trait Scheduler: Send {
     }
 
     /// Standard deviation of the initial noise.
-    fn init_noise_sigma(&self) -> f64;
+    /// Scale of the initial noise: 1 for the samplers that work on variance-preserving samples.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// The model input for `sample` at `timestep` (unchanged unless the scheduler works in sigma space).
     fn scale_model_input(&self, sample: &Tensor, _timestep: usize) -> candle_core::Result<Tensor> {
@@ -357,12 +339,7 @@ pub trait Scheduler: Send {
     }
 
     /// One denoising step: the sample at the next (less noisy) timestep.
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        timestep: usize,
-        sample: &Tensor,
-    ) -> candle_core::Result<Tensor>;
+    fn step(&mut self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> candle_core::Result<Tensor>;
 }
 
 /// The samplers `generate --sampler` offers.
@@ -410,14 +387,8 @@ impl fmt::Display for Sampler {
 impl FromStr for Sampler {
     type Err = crate::Error;
     fn from_str(s: &str) -> crate::Result<Self> {
-        Sampler::ALL
-            .into_iter()
-            .find(|sampler| sampler.name() == s)
-            .ok_or_else(|| {
-                crate::Error::Input(format!(
-                    "unknown sampler \"{s}\" (expected one of {})",
-                    Sampler::NAMES.join(", ")
-                ))
-            })
+        Sampler::ALL.into_iter().find(|sampler| sampler.name() == s).ok_or_else(|| {
+            crate::Error::Input(format!("unknown sampler \"{s}\" (expected one of {})", Sampler::NAMES.join(", ")))
+        })
     }
 }
