@@ -35,6 +35,7 @@ use crate::identity::optim::AdamWConfig;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::nn::profile::{self, Profile};
 use crate::random::standard_normal;
 use crate::schedulers::{Ddpm, SchedulerConfig};
 use crate::{Error, Result};
@@ -248,6 +249,9 @@ pub struct BenchOptions {
     /// The frozen models' dtype (the MLP and the loss stay f32).
     pub dtype: DType,
     pub seed: u64,
+    /// After the timed runs, one more run of each measurement with op timing on
+    /// ([`crate::nn::profile`]).
+    pub profile: bool,
 }
 
 impl BenchOptions {
@@ -261,6 +265,7 @@ impl BenchOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             seed: 0,
+            profile: false,
         }
     }
 }
@@ -276,6 +281,8 @@ pub struct Timing {
     pub memory_before: Option<u64>,
     /// The most memory in use during the runs, warm-up included, in bytes.
     pub memory_peak: Option<u64>,
+    /// One more run's op-by-op times, with `--profile`.
+    pub profile: Option<Profile>,
 }
 
 impl Timing {
@@ -623,7 +630,9 @@ fn measure_op(
         op()?;
         times_s.push(start.elapsed().as_secs_f64());
     }
-    Ok(Timing { name, times_s, memory_before, memory_peak: memory.peak()? })
+    let memory_peak = memory.peak()?;
+    let profile = if options.profile { Some(profile::record(&options.device, &mut op)?.1) } else { None };
+    Ok(Timing { name, times_s, memory_before, memory_peak, profile })
 }
 
 /// Memory in use and its peak: the resident set size on the CPU (Linux's VmRSS / VmHWM, the
@@ -773,6 +782,15 @@ impl BenchReport {
                     "peak_memory_bytes": t.memory_peak,
                 }),
             );
+            if let Some(profile) = &t.profile {
+                let ops: Vec<Value> = profile
+                    .ops
+                    .iter()
+                    .map(|op| json!({"name": op.name, "calls": op.calls, "seconds": op.seconds}))
+                    .collect();
+                results[t.name]["profile"] =
+                    json!({"total_s": profile.total_seconds, "rest_s": profile.rest_seconds(), "ops": ops});
+            }
         }
         json!({
             "implementation": "stableid",
@@ -840,8 +858,33 @@ impl BenchReport {
                 mem(t.memory_peak),
             );
         }
+        for t in &self.timings {
+            if let Some(profile) = &t.profile {
+                out += &profile_table(t.name, profile);
+            }
+        }
         out
     }
+}
+
+/// One profiled run, op by op, with each op's share of the run's time.
+fn profile_table(name: &str, profile: &Profile) -> String {
+    let total = profile.total_seconds;
+    let mut out = format!(
+        "\n{name}, one run with op timing (waits for the device around every op): {}\n{:<22} {:>6} {:>10} {:>7}\n",
+        seconds(total),
+        "op",
+        "calls",
+        "time",
+        "share"
+    );
+    let share = |s: f64| format!("{:.1}%", 100.0 * s / total);
+    for op in &profile.ops {
+        out += &format!("{:<22} {:>6} {:>10} {:>7}\n", op.name, op.calls, seconds(op.seconds), share(op.seconds));
+    }
+    let rest = profile.rest_seconds();
+    out += &format!("{:<22} {:>6} {:>10} {:>7}\n", "rest (other candle ops)", "", seconds(rest), share(rest));
+    out
 }
 
 /// The dtype as the benchmarks' JSON and flags name it.

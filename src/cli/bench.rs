@@ -12,6 +12,7 @@ use super::{DeviceArg, DtypeArg};
 #[command(after_help = "Examples:\n  \
     stableid bench --res 256                 # CPU, everything, about 3 minutes on 2 cores\n  \
     stableid bench --only learn --repeats 5 --json\n  \
+    stableid bench --res 256 --only learn --profile   # which ops take the time\n  \
     stableid bench --device cuda --dtype f16 --only learn,denoise\n  \
     RAYON_NUM_THREADS=4 stableid bench --res 256   # CPU threads\n\n\
     tools/bench/compare.sh runs the same measurements in PyTorch and prints the ratios (docs/benchmarks.md).")]
@@ -37,6 +38,10 @@ pub struct BenchArgs {
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// After the timed runs, run each measurement once more timing every op (forward and
+    /// backward) and print where the time goes.
+    #[arg(long)]
+    profile: bool,
     /// Print the results as JSON (the keys tools/bench/pytorch_bench.py writes) instead of a table.
     #[arg(long)]
     json: bool,
@@ -76,6 +81,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             DtypeArg::Bf16 => DType::BF16,
         },
         seed: args.seed,
+        profile: args.profile,
     };
     if !args.json {
         eprintln!("building the SD 2.1-base models with random weights and measuring (this takes a while on a CPU)...");

@@ -7,6 +7,7 @@
 //! the gradients of frozen weights) and keeps few tensors in the graph.
 
 pub mod ops;
+pub mod profile;
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;

@@ -28,6 +28,8 @@
 
 use std::sync::Mutex;
 
+use super::profile;
+
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{
@@ -51,34 +53,38 @@ fn frozen<'a>(tensors: impl IntoIterator<Item = Option<&'a Tensor>>) -> bool {
 
 /// `x W^T + b` for `x` (rows, in), `weight` (out, in), `bias` (out).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let value = |x: &Tensor| x.matmul(&weight.t()?);
-    if !x.track_op() || !frozen([Some(weight), bias]) {
-        let y = value(x)?;
-        return match bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        };
-    }
-    let grad = LinearGrad { weight: weight.clone() };
-    x.apply_op1(Node::new(value(&x.detach())?, bias.cloned(), grad))
+    profile::timed("linear", x.device(), || {
+        let value = |x: &Tensor| x.matmul(&weight.t()?);
+        if !x.track_op() || !frozen([Some(weight), bias]) {
+            let y = value(x)?;
+            return match bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
+        let grad = LinearGrad { weight: weight.clone() };
+        x.apply_op1(Node::new(value(&x.detach())?, bias.cloned(), grad))
+    })
 }
 
 /// `torch.nn.functional.conv2d` with square padding and stride, no dilation, one group;
 /// `x` (batch, in, h, w), `weight` (out, in, kh, kw), `bias` (out).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    let value = |x: &Tensor| x.conv2d(weight, padding, stride, 1, 1);
-    let channel_bias = |b: &Tensor| b.reshape((b.dim(0)?, 1, 1));
-    if !x.track_op() || !frozen([Some(weight), bias]) {
-        let y = value(x)?;
-        return match bias {
-            Some(b) => y.broadcast_add(&channel_bias(b)?),
-            None => Ok(y),
-        };
-    }
-    let (_, _, h, w) = x.dims4()?;
-    let grad = Conv2dGrad { weight: weight.clone(), padding, stride, input_size: (h, w) };
-    let bias = bias.map(channel_bias).transpose()?;
-    x.apply_op1(Node::new(value(&x.detach())?, bias, grad))
+    profile::timed("conv2d", x.device(), || {
+        let value = |x: &Tensor| x.conv2d(weight, padding, stride, 1, 1);
+        let channel_bias = |b: &Tensor| b.reshape((b.dim(0)?, 1, 1));
+        if !x.track_op() || !frozen([Some(weight), bias]) {
+            let y = value(x)?;
+            return match bias {
+                Some(b) => y.broadcast_add(&channel_bias(b)?),
+                None => Ok(y),
+            };
+        }
+        let (_, _, h, w) = x.dims4()?;
+        let grad = Conv2dGrad { weight: weight.clone(), padding, stride, input_size: (h, w) };
+        let bias = bias.map(channel_bias).transpose()?;
+        x.apply_op1(Node::new(value(&x.detach())?, bias, grad))
+    })
 }
 
 /// Group normalisation of `x` (batch, channels, ...) with a per-channel affine map; statistics
@@ -111,23 +117,25 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// Normalises `x` viewed as `stats_shape` over its last dimension, then `* weight + bias`
 /// (both broadcastable to `x`, in the compute dtype).
 fn norm(x: &Tensor, stats_shape: Vec<usize>, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let (dtype, compute) = (x.dtype(), weight.dtype());
-    let scaled = |x: &Tensor| {
-        normalize_last_dim(&x.to_dtype(compute)?.reshape(stats_shape.as_slice())?, eps)?
-            .reshape(x.shape())?
-            .broadcast_mul(weight)
-    };
-    if !x.track_op() || !frozen([Some(weight), Some(bias)]) {
-        return scaled(x)?.broadcast_add(bias)?.to_dtype(dtype);
-    }
-    let scaled_x = scaled(&x.detach())?;
-    let node = if compute == dtype {
-        Node::new(scaled_x, Some(bias.clone()), NormGrad { stats_shape, weight: weight.clone(), eps })
-    } else {
-        let value = scaled_x.broadcast_add(bias)?.to_dtype(dtype)?;
-        Node::new(value, None, NormGrad { stats_shape, weight: weight.clone(), eps })
-    };
-    x.apply_op1(node)
+    profile::timed("norm", x.device(), || {
+        let (dtype, compute) = (x.dtype(), weight.dtype());
+        let scaled = |x: &Tensor| {
+            normalize_last_dim(&x.to_dtype(compute)?.reshape(stats_shape.as_slice())?, eps)?
+                .reshape(x.shape())?
+                .broadcast_mul(weight)
+        };
+        if !x.track_op() || !frozen([Some(weight), Some(bias)]) {
+            return scaled(x)?.broadcast_add(bias)?.to_dtype(dtype);
+        }
+        let scaled_x = scaled(&x.detach())?;
+        let node = if compute == dtype {
+            Node::new(scaled_x, Some(bias.clone()), NormGrad { stats_shape, weight: weight.clone(), eps })
+        } else {
+            let value = scaled_x.broadcast_add(bias)?.to_dtype(dtype)?;
+            Node::new(value, None, NormGrad { stats_shape, weight: weight.clone(), eps })
+        };
+        x.apply_op1(node)
+    })
 }
 
 /// `a + b` where `b` broadcasts to the shape of `a`: when `b` is frozen and `a` is tracked, the
@@ -141,33 +149,39 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `x * sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
-        return x.silu();
-    }
-    x.apply_op1(Node::new(x.detach().silu()?, None, SiluGrad))
+    profile::timed("activation", x.device(), || {
+        if !x.track_op() {
+            return x.silu();
+        }
+        x.apply_op1(Node::new(x.detach().silu()?, None, SiluGrad))
+    })
 }
 
 /// The exact (erf) GELU, `x * Phi(x)`, as PyTorch's default `gelu`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
-        return x.gelu_erf();
-    }
-    x.apply_op1(Node::new(x.detach().gelu_erf()?, None, GeluErfGrad))
+    profile::timed("activation", x.device(), || {
+        if !x.track_op() {
+            return x.gelu_erf();
+        }
+        x.apply_op1(Node::new(x.detach().gelu_erf()?, None, GeluErfGrad))
+    })
 }
 
 /// diffusers' GEGLU activation: `a * gelu_erf(gate)` where `a` and `gate` are the first and
 /// second halves of the last dimension of `h`.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
-    let width = h.dim(D::Minus1)?;
-    if width % 2 != 0 {
-        candle_core::bail!("geglu: odd last dimension {width}")
-    }
-    let half = width / 2;
-    let value = |h: &Tensor| h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?;
-    if !h.track_op() {
-        return value(h);
-    }
-    h.apply_op1(Node::new(value(&h.detach())?, None, GegluGrad))
+    profile::timed("activation", h.device(), || {
+        let width = h.dim(D::Minus1)?;
+        if width % 2 != 0 {
+            candle_core::bail!("geglu: odd last dimension {width}")
+        }
+        let half = width / 2;
+        let value = |h: &Tensor| h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?;
+        if !h.track_op() {
+            return value(h);
+        }
+        h.apply_op1(Node::new(value(&h.detach())?, None, GegluGrad))
+    })
 }
 
 /// Softmax over the last dimension, built from differentiable ops (usable on trainable inputs).
@@ -182,15 +196,17 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// [`compute_dtype`] of `q` (pass `q` and `k` in f32 to upcast a half-precision model's
 /// attention); the result has the dtype of `v`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    if !frozen([mask]) {
-        return composite_attention(q, k, v, mask, scale);
-    }
-    if frozen([Some(q), Some(k), Some(v)]) {
-        return Ok(attention_probs_and_output(q, k, v, mask, scale)?.1);
-    }
-    let (probs, out) = attention_probs_and_output(&q.detach(), &k.detach(), &v.detach(), mask, scale)?;
-    q.apply_op3(k, v, AttentionNode { out: Precomputed::new(out, None), probs, scale })
+    profile::timed("attention", q.device(), || {
+        let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+        if !frozen([mask]) {
+            return composite_attention(q, k, v, mask, scale);
+        }
+        if frozen([Some(q), Some(k), Some(v)]) {
+            return Ok(attention_probs_and_output(q, k, v, mask, scale)?.1);
+        }
+        let (probs, out) = attention_probs_and_output(&q.detach(), &k.detach(), &v.detach(), mask, scale)?;
+        q.apply_op3(k, v, AttentionNode { out: Precomputed::new(out, None), probs, scale })
+    })
 }
 
 /// The attention probabilities (in the compute dtype) and output.
@@ -281,6 +297,8 @@ backend!(MetalStorage, Metal);
 /// The input gradient of a one-input node.
 trait InputGrad: Send + Sync + 'static {
     const NAME: &'static str;
+    /// What [`profile`] calls the backward.
+    const BACKWARD: &'static str;
     /// `x` is the (detached) input, `grad` the gradient of the output.
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor>;
 }
@@ -316,7 +334,7 @@ impl<G: InputGrad> CustomOp1 for Node<G> {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // Detached, so that the backward computation builds no graph of its own.
-        Ok(Some(self.grad.input_grad(&arg.detach(), grad)?))
+        profile::timed(G::BACKWARD, arg.device(), || Ok(Some(self.grad.input_grad(&arg.detach(), grad)?)))
     }
 }
 
@@ -326,6 +344,7 @@ struct LinearGrad {
 
 impl InputGrad for LinearGrad {
     const NAME: &'static str = "frozen-linear";
+    const BACKWARD: &'static str = "linear backward";
 
     fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
         grad.contiguous()?.matmul(&self.weight)
@@ -341,6 +360,7 @@ struct Conv2dGrad {
 
 impl InputGrad for Conv2dGrad {
     const NAME: &'static str = "frozen-conv2d";
+    const BACKWARD: &'static str = "conv2d backward";
 
     /// `dx[i] = sum_k dy[(i + p - k) / s] w[k]` (terms with a whole index): with `dy` dilated by
     /// the stride (zeros between rows and columns), that is a stride-1 correlation with the
@@ -424,6 +444,7 @@ struct NormGrad {
 
 impl InputGrad for NormGrad {
     const NAME: &'static str = "frozen-norm";
+    const BACKWARD: &'static str = "norm backward";
 
     /// With `x^ = (x - mean) * r`, `r = 1 / sqrt(var + eps)` and `g = dy * weight`:
     /// `dx = r * (g - mean(g) - x^ * mean(g * x^))`, the means over each normalised group.
@@ -446,6 +467,7 @@ struct AddGrad;
 
 impl InputGrad for AddGrad {
     const NAME: &'static str = "add-frozen";
+    const BACKWARD: &'static str = "add backward";
 
     fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
         Ok(grad.clone())
@@ -482,6 +504,7 @@ impl RowGrad for SiluGrad {
 
 impl InputGrad for SiluGrad {
     const NAME: &'static str = "silu";
+    const BACKWARD: &'static str = "activation backward";
 
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         cpu_rows(self, x, grad)?.map_or_else(|| self.composite(x, grad), Ok)
@@ -510,6 +533,7 @@ impl RowGrad for GeluErfGrad {
 
 impl InputGrad for GeluErfGrad {
     const NAME: &'static str = "gelu-erf";
+    const BACKWARD: &'static str = "activation backward";
 
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         cpu_rows(self, x, grad)?.map_or_else(|| self.composite(x, grad), Ok)
@@ -541,6 +565,7 @@ impl RowGrad for GegluGrad {
 
 impl InputGrad for GegluGrad {
     const NAME: &'static str = "geglu";
+    const BACKWARD: &'static str = "activation backward";
 
     fn input_grad(&self, h: &Tensor, grad: &Tensor) -> Result<Tensor> {
         cpu_rows(self, h, grad)?.map_or_else(|| self.composite(h, grad), Ok)
@@ -723,35 +748,37 @@ impl CustomOp3 for AttentionNode {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let compute = self.probs.dtype();
-        let grad_c = grad.to_dtype(compute)?;
-        let dv = if v.track_op() { Some(self.probs.t()?.matmul(&grad_c)?.to_dtype(v.dtype())?) } else { None };
-        if !q.track_op() && !k.track_op() {
-            return Ok((None, None, dv));
-        }
-        let v_c = v.detach().to_dtype(compute)?.contiguous()?;
-        // `dS / s`: the scale goes onto the (seq x head_dim) products, not the (seq x seq) matrix.
-        let d_probs = grad_c.matmul(&v_c.t()?)?;
-        let d_scores = if d_probs.device().is_cpu() && matches!(compute, DType::F32 | DType::F64) {
-            // `d_probs` is this function's own: it becomes `dS` in place.
-            d_probs.inplace_op2(&self.probs, &SoftmaxGradInPlace)?;
-            d_probs
-        } else {
-            softmax_grad_composite(&self.probs, &d_probs, &grad_c, &out.detach().to_dtype(compute)?)?
-        };
-        let dq = if q.track_op() {
-            let k_c = k.detach().to_dtype(compute)?.contiguous()?;
-            Some((d_scores.matmul(&k_c)? * self.scale)?.to_dtype(q.dtype())?)
-        } else {
-            None
-        };
-        let dk = if k.track_op() {
-            let q_c = q.detach().to_dtype(compute)?.contiguous()?;
-            Some((d_scores.t()?.matmul(&q_c)? * self.scale)?.to_dtype(k.dtype())?)
-        } else {
-            None
-        };
-        Ok((dq, dk, dv))
+        profile::timed("attention backward", q.device(), || {
+            let compute = self.probs.dtype();
+            let grad_c = grad.to_dtype(compute)?;
+            let dv = if v.track_op() { Some(self.probs.t()?.matmul(&grad_c)?.to_dtype(v.dtype())?) } else { None };
+            if !q.track_op() && !k.track_op() {
+                return Ok((None, None, dv));
+            }
+            let v_c = v.detach().to_dtype(compute)?.contiguous()?;
+            // `dS / s`: the scale goes onto the (seq x head_dim) products, not the (seq x seq) matrix.
+            let d_probs = grad_c.matmul(&v_c.t()?)?;
+            let d_scores = if d_probs.device().is_cpu() && matches!(compute, DType::F32 | DType::F64) {
+                // `d_probs` is this function's own: it becomes `dS` in place.
+                d_probs.inplace_op2(&self.probs, &SoftmaxGradInPlace)?;
+                d_probs
+            } else {
+                softmax_grad_composite(&self.probs, &d_probs, &grad_c, &out.detach().to_dtype(compute)?)?
+            };
+            let dq = if q.track_op() {
+                let k_c = k.detach().to_dtype(compute)?.contiguous()?;
+                Some((d_scores.matmul(&k_c)? * self.scale)?.to_dtype(q.dtype())?)
+            } else {
+                None
+            };
+            let dk = if k.track_op() {
+                let q_c = q.detach().to_dtype(compute)?.contiguous()?;
+                Some((d_scores.t()?.matmul(&q_c)? * self.scale)?.to_dtype(k.dtype())?)
+            } else {
+                None
+            };
+            Ok((dq, dk, dv))
+        })
     }
 }
 

@@ -15,6 +15,9 @@ side does; resource.getrusage's process peak where that is unavailable); on CUDA
 in use sampled every millisecond (torch.cuda.mem_get_info, as the Rust side) and
 torch.cuda.max_memory_allocated.
 
+--profile runs each measurement once more under torch.profiler and reports its ops by self time
+(device time on CUDA, CPU time on the CPU), to compare with `stableid bench --profile`.
+
 Run from the repo root:  /work/venv/bin/python tools/bench/pytorch_bench.py --res 256 [--json]
 """
 import argparse
@@ -136,6 +139,11 @@ class Memory:
             except OSError:
                 pass  # the peak stays the process's
 
+    def close(self):
+        if self.cuda:
+            self.stop.set()
+            self.sampler.join()
+
     def peak(self):
         if self.cuda:
             return max(self.peak_used, self._used())
@@ -173,7 +181,24 @@ def measure(name, args, memory, op, device):
               "memory_before_bytes": before, "peak_memory_bytes": memory.peak()}
     if memory.cuda:
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    if args.profile:
+        result["profile"] = profile(op, device)
     return name, result
+
+
+def profile(op, device, top=25):
+    """One run of `op` under torch.profiler: total seconds and the `top` ops by self time."""
+    from torch.profiler import ProfilerActivity
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        op()
+        sync(device)
+        total = time.perf_counter() - start
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    ops = [{"name": e.key, "calls": e.count, "seconds": getattr(e, key) / 1e6} for e in events[:top]]
+    return {"total_s": total, "time": key, "ops": ops}
 
 
 def caption_ids(vocab, device):
@@ -196,6 +221,7 @@ def main():
                         help="torch.set_num_threads (default: every core this process may use, as candle)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="one more run of each under torch.profiler")
     args = parser.parse_args()
     only = args.only.split(",")
     unknown = set(only) - set(MEASURES)
@@ -325,6 +351,7 @@ def main():
         "memory_after_build_bytes": memory_after_build,
         "results": results,
     }
+    memory.close()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -335,6 +362,12 @@ def main():
         for name, r in results.items():
             print(f"{name:<12} {r['median_s']:>9.3f}s {r['min_s']:>9.3f}s {r['max_s']:>9.3f}s "
                   f"{gib(r['memory_before_bytes']):>12} {gib(r['peak_memory_bytes']):>12}")
+        for name, r in results.items():
+            if "profile" in r:
+                p = r["profile"]
+                print(f"\n{name}, one run under torch.profiler: {p['total_s'] * 1e3:.1f} ms; ops by {p['time']}")
+                for op in p["ops"]:
+                    print(f"{op['name'][:40]:<40} {op['calls']:>6} {op['seconds'] * 1e3:>10.2f} ms")
 
 
 if __name__ == "__main__":

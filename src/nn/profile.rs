@@ -1,0 +1,125 @@
+//! Where a step's time goes, op by op: `stableid bench --profile`.
+//!
+//! While [`record`] runs, every op of [`super::ops`] (forward and backward) waits for its device
+//! before and after it runs, so that each op's time is its own even on a GPU, where kernels are
+//! otherwise queued and run later. The waits cost time themselves, so a profiled run is slower
+//! than a timed one: the shares are what matter. The time a profiled run spends outside these
+//! ops (candle's own ops: reshapes, copies, residual additions, the loss, the optimizer, the
+//! backward of plain candle ops) is reported as the rest.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use candle_core::{Device, Result};
+
+/// Total time and calls of one kind of op during a recording.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpTime {
+    pub name: &'static str,
+    pub calls: u64,
+    pub seconds: f64,
+}
+
+/// A recording: the ops' times, most expensive first, and the wall time of the whole run.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub ops: Vec<OpTime>,
+    pub total_seconds: f64,
+}
+
+impl Profile {
+    /// The time spent outside the profiled ops.
+    pub fn rest_seconds(&self) -> f64 {
+        (self.total_seconds - self.ops.iter().map(|op| op.seconds).sum::<f64>()).max(0.0)
+    }
+}
+
+static RECORDING: AtomicBool = AtomicBool::new(false);
+static TABLE: Mutex<Vec<OpTime>> = Mutex::new(Vec::new());
+/// Serialises recordings: the table is global.
+static RECORDER: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// Whether this thread is inside a timed op (an op built from other timed ops counts once).
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `work` (which must return once its work is done on `device`) with op timing on.
+pub fn record<T>(device: &Device, work: impl FnOnce() -> crate::Result<T>) -> crate::Result<(T, Profile)> {
+    let _one_at_a_time = RECORDER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    table().clear();
+    device.synchronize()?;
+    RECORDING.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    let result = work();
+    let synced = device.synchronize();
+    let total_seconds = start.elapsed().as_secs_f64();
+    RECORDING.store(false, Ordering::SeqCst);
+    let value = result?;
+    synced?;
+    let mut ops = std::mem::take(&mut *table());
+    ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    Ok((value, Profile { ops, total_seconds }))
+}
+
+/// Runs one op, timing it under `name` while a recording is on.
+pub(crate) fn timed<T>(name: &'static str, device: &Device, op: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !RECORDING.load(Ordering::Relaxed) || INSIDE.get() {
+        return op();
+    }
+    device.synchronize()?;
+    INSIDE.set(true);
+    let start = Instant::now();
+    let result = op();
+    let synced = device.synchronize();
+    let seconds = start.elapsed().as_secs_f64();
+    INSIDE.set(false);
+    let value = result?;
+    synced?;
+    let mut table = table();
+    match table.iter_mut().find(|entry| entry.name == name) {
+        Some(entry) => {
+            entry.calls += 1;
+            entry.seconds += seconds;
+        }
+        None => table.push(OpTime { name, calls: 1, seconds }),
+    }
+    Ok(value)
+}
+
+fn table() -> std::sync::MutexGuard<'static, Vec<OpTime>> {
+    TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::record;
+    use crate::nn::ops;
+
+    #[test]
+    fn a_recording_counts_forward_and_backward_ops() {
+        let device = Device::Cpu;
+        let x = candle_core::Var::new(&[[1.0f32, -2.0, 3.0], [0.5, 0.0, -1.0]], &device).unwrap();
+        let w = Tensor::new(&[[1.0f32, 0.0, 2.0], [0.0, 1.0, 0.0]], &device).unwrap();
+        let (_, profile) = record(&device, || {
+            let y = ops::silu(&ops::linear(x.as_tensor(), &w, None)?)?;
+            Ok(y.sum_all()?.backward()?)
+        })
+        .unwrap();
+        let calls = |name: &str| profile.ops.iter().find(|op| op.name == name).map(|op| op.calls);
+        assert_eq!(calls("linear"), Some(1));
+        assert_eq!(calls("linear backward"), Some(1));
+        assert_eq!(calls("activation"), Some(1));
+        assert_eq!(calls("activation backward"), Some(1));
+        let timed: f64 = profile.ops.iter().map(|op| op.seconds).sum();
+        assert!(timed <= profile.total_seconds && profile.rest_seconds() >= 0.0);
+        // Outside a recording nothing is counted.
+        ops::linear(x.as_tensor(), &w, None).unwrap();
+        let (_, empty) = record(&device, || Ok(())).unwrap();
+        assert!(empty.ops.is_empty());
+    }
+}
