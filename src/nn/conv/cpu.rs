@@ -1,0 +1,520 @@
+//! The CPU convolution in f32 and f64: im2col over NCHW and matrix products with the `gemm`
+//! crate (Caffe's `im2col` + GEMM formulation).
+//!
+//! The column matrix of one image has one row per `(ci, ky, kx)`, which is the kernel's own
+//! contiguous `(c_out, c_in * kh * kw)` flattening, and one column per output pixel: row
+//! `(ci, ky, kx)` is input plane `ci` shifted by `(ky, kx)` (and subsampled by the stride), zeros
+//! where it falls in the padding. Then `y[b] (c_out x pixels) = kernel * col`, written straight
+//! into the NCHW output, and the input gradient is `dcol = kernel^T * dy[b]` scatter-added back
+//! into the input planes (col2im), which handles strides without dilating `dy`. A 1x1 stride-1
+//! unpadded convolution needs no column matrix: `x[b]` already is one.
+//!
+//! The column matrix is built for a few whole output rows at a time, never more than
+//! [`COLUMN_BUDGET_BYTES`], so that high-resolution layers (a 3x3 convolution over 128 channels
+//! at 256x256 makes a 300 MB column matrix) do not raise the peak memory of a training step.
+//!
+//! Threads (candle's count): the forward builds the column matrix one input channel per rayon
+//! task and lets gemm parallelise its product; the input gradient runs one task per block of
+//! input channels, each multiplying its own rows of `dcol` single-threaded and adding them into
+//! its own planes (see [`gradient_block_channels`]).
+
+use std::ops::{AddAssign, Range};
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::ConvShape;
+
+/// The largest column matrix (one tile of output rows) built at once: the UNet's are whole at
+/// 256x256 images (the largest, 320 channels at 32x32, is 11.25 MiB); smaller tiles measured no
+/// faster.
+const COLUMN_BUDGET_BYTES: usize = 16 << 20;
+
+/// About how many column-matrix rows each task of the input gradient owns (80 channels of a 3x3
+/// kernel). Narrow blocks make a task's product read a narrow band of the kernel and its col2im
+/// read what its own product just wrote; this size measured fastest at Stable Diffusion's shapes
+/// (deep 8x8 layers gain a fifth over one product on all threads; smaller blocks are slower).
+const GRADIENT_BLOCK_ROWS: usize = 720;
+
+/// The element types of the CPU convolution: `f32` and `f64`, the types `gemm` multiplies.
+pub(super) trait Element: Copy + Send + Sync + AddAssign + 'static {
+    const ZERO: Self;
+    const ONE: Self;
+}
+
+impl Element for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
+impl Element for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
+/// `y = conv(x, kernel)`: `x` contiguous (batch, c_in, h, w), `kernel` contiguous
+/// (c_out, c_in, kh, kw); returns contiguous (batch, c_out, out_h, out_w).
+pub(super) fn forward<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape) -> Vec<T> {
+    forward_tiled(x, kernel, shape, COLUMN_BUDGET_BYTES)
+}
+
+/// The gradient with respect to `x` of [`forward`] from the gradient `dy` of its output:
+/// `dy` contiguous (batch, c_out, out_h, out_w); returns contiguous (batch, c_in, h, w).
+pub(super) fn input_grad<T: Element>(dy: &[T], kernel: &[T], shape: &ConvShape) -> Vec<T> {
+    input_grad_tiled(dy, kernel, shape, COLUMN_BUDGET_BYTES)
+}
+
+/// [`forward`] with column matrices of at most `budget` bytes (at least one output row).
+fn forward_tiled<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape, budget: usize) -> Vec<T> {
+    let geometry = Geometry::new(shape);
+    let Geometry { plane_in, plane_out, depth, taps, out_w, .. } = geometry;
+    let ConvShape { batch, c_in, c_out, .. } = *shape;
+    assert_eq!(x.len(), batch * c_in * plane_in, "conv2d: input size");
+    assert_eq!(kernel.len(), c_out * depth, "conv2d: kernel size");
+    let mut y = vec![T::ZERO; batch * c_out * plane_out];
+    if y.is_empty() || depth == 0 {
+        return y;
+    }
+    let kernel_matrix = Strided::row_major(c_out, depth);
+    let images = y.chunks_exact_mut(c_out * plane_out).zip(x.chunks_exact(c_in * plane_in));
+    if geometry.is_pointwise() {
+        for (y, x) in images {
+            matmul(y, plane_out, kernel, kernel_matrix, x, Strided::row_major(c_in, plane_in), all_threads());
+        }
+        return y;
+    }
+    let tile_rows = geometry.tile_rows::<T>(budget);
+    let mut col = vec![T::ZERO; depth * tile_rows * out_w];
+    for (y, x) in images {
+        for rows in geometry.tiles(tile_rows) {
+            let pixels = rows.len() * out_w;
+            let col = &mut col[..depth * pixels];
+            col.par_chunks_mut(taps * pixels)
+                .zip(x.par_chunks(plane_in))
+                .for_each(|(col, plane)| geometry.im2col(plane, rows.clone(), col));
+            let y = &mut y[rows.start * out_w..];
+            matmul(y, plane_out, kernel, kernel_matrix, col, Strided::row_major(depth, pixels), all_threads());
+        }
+    }
+    y
+}
+
+/// [`input_grad`] with column matrices of at most `budget` bytes (at least one output row).
+fn input_grad_tiled<T: Element>(dy: &[T], kernel: &[T], shape: &ConvShape, budget: usize) -> Vec<T> {
+    let geometry = Geometry::new(shape);
+    let Geometry { plane_in, plane_out, depth, taps, out_w, .. } = geometry;
+    let ConvShape { batch, c_in, c_out, .. } = *shape;
+    assert_eq!(dy.len(), batch * c_out * plane_out, "conv2d backward: output gradient size");
+    assert_eq!(kernel.len(), c_out * depth, "conv2d backward: kernel size");
+    let mut dx = vec![T::ZERO; batch * c_in * plane_in];
+    if dx.is_empty() || c_out == 0 {
+        return dx;
+    }
+    let images = dx.chunks_exact_mut(c_in * plane_in).zip(dy.chunks_exact(c_out * plane_out));
+    if geometry.is_pointwise() {
+        // kernel^T (c_in x c_out), read in place.
+        let kernel_t = Strided { rows: c_in, cols: c_out, row_stride: 1, col_stride: c_in };
+        for (dx, dy) in images {
+            matmul(dx, plane_in, kernel, kernel_t, dy, Strided::row_major(c_out, plane_out), all_threads());
+        }
+        return dx;
+    }
+    let tile_rows = geometry.tile_rows::<T>(budget);
+    let mut col = vec![T::ZERO; depth * tile_rows * out_w];
+    let block_channels = gradient_block_channels(c_in, taps);
+    for (dx, dy) in images {
+        for rows in geometry.tiles(tile_rows) {
+            let pixels = rows.len() * out_w;
+            let dy = &dy[rows.start * out_w..];
+            let dy_tile = Strided { rows: c_out, cols: pixels, row_stride: plane_out, col_stride: 1 };
+            // A block's rows of dcol are contiguous, and so are its planes of dx: tiles overlap
+            // in dx, blocks never do.
+            col[..depth * pixels]
+                .par_chunks_mut(block_channels * taps * pixels)
+                .zip(dx.par_chunks_mut(block_channels * plane_in))
+                .enumerate()
+                .for_each(|(block, (col, dx))| {
+                    let first_row = block * block_channels * taps;
+                    // The block's rows of kernel^T ((c_in * kh * kw) x c_out), read in place.
+                    let kernel_t = Strided { rows: col.len() / pixels, cols: c_out, row_stride: 1, col_stride: depth };
+                    matmul(col, pixels, &kernel[first_row..], kernel_t, dy, dy_tile, Parallelism::None);
+                    for (plane, col) in dx.chunks_exact_mut(plane_in).zip(col.chunks_exact(taps * pixels)) {
+                        geometry.col2im(col, rows.clone(), plane);
+                    }
+                });
+        }
+    }
+    dx
+}
+
+/// Input channels per task of the input gradient: blocks of about [`GRADIENT_BLOCK_ROWS`]
+/// column-matrix rows, as many blocks as a multiple of the thread count (at least one per
+/// thread) so that the threads finish together.
+fn gradient_block_channels(c_in: usize, taps: usize) -> usize {
+    let threads = candle_core::utils::get_num_threads();
+    let blocks = threads * (c_in * taps / (threads * GRADIENT_BLOCK_ROWS)).max(1);
+    c_in.div_ceil(blocks)
+}
+
+/// Where each kernel tap reads: the sizes of one convolution seen from a single input channel.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    h: usize,
+    w: usize,
+    kw: usize,
+    padding: usize,
+    stride: usize,
+    out_h: usize,
+    out_w: usize,
+    /// `h * w`.
+    plane_in: usize,
+    /// `out_h * out_w`.
+    plane_out: usize,
+    /// `kh * kw`: the column-matrix rows of one input channel.
+    taps: usize,
+    /// `c_in * kh * kw`: the column-matrix rows, the inner dimension of the forward product.
+    depth: usize,
+}
+
+impl Geometry {
+    fn new(shape: &ConvShape) -> Self {
+        let ConvShape { c_in, h, w, kh, kw, padding, stride, .. } = *shape;
+        let (out_h, out_w) = (shape.out_h(), shape.out_w());
+        Self {
+            h,
+            w,
+            kw,
+            padding,
+            stride,
+            out_h,
+            out_w,
+            plane_in: h * w,
+            plane_out: out_h * out_w,
+            taps: kh * kw,
+            depth: c_in * kh * kw,
+        }
+    }
+
+    /// A 1x1 stride-1 unpadded convolution: the input images are their own column matrices.
+    fn is_pointwise(&self) -> bool {
+        self.taps == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// How many output rows make a column matrix within `budget` bytes (at least one).
+    fn tile_rows<T>(&self, budget: usize) -> usize {
+        let row_bytes = self.depth * self.out_w * size_of::<T>();
+        (budget / row_bytes.max(1)).clamp(1, self.out_h)
+    }
+
+    /// The output rows in tiles of `tile_rows` rows.
+    fn tiles(&self, tile_rows: usize) -> impl Iterator<Item = Range<usize>> {
+        let out_h = self.out_h;
+        (0..out_h).step_by(tile_rows).map(move |start| start..(start + tile_rows).min(out_h))
+    }
+
+    /// The input row (of `len`) that output row `out` reads through kernel tap `tap`, `None` in
+    /// the padding.
+    fn input_index(&self, out: usize, tap: usize, len: usize) -> Option<usize> {
+        (out * self.stride + tap).checked_sub(self.padding).filter(|&i| i < len)
+    }
+
+    /// The output columns whose kernel tap `kx` reads inside the input row (not in the padding).
+    fn inside_columns(&self, kx: usize) -> Range<usize> {
+        let (padding, stride) = (self.padding, self.stride);
+        let start = padding.saturating_sub(kx).div_ceil(stride).min(self.out_w);
+        // The last one has out * stride + kx - padding <= w - 1.
+        let end = match (self.w + padding).checked_sub(kx + 1) {
+            Some(last) => (last / stride + 1).min(self.out_w),
+            None => 0,
+        };
+        start..end.max(start)
+    }
+
+    /// Fills `col`, the `kh * kw` column-matrix rows (each `rows.len() * out_w` long) of one input
+    /// `plane`, for output rows `rows`.
+    fn im2col<T: Element>(&self, plane: &[T], rows: Range<usize>, col: &mut [T]) {
+        let pixels = rows.len() * self.out_w;
+        for (tap, col) in col.chunks_exact_mut(pixels).enumerate() {
+            let (ky, kx) = (tap / self.kw, tap % self.kw);
+            let inside = self.inside_columns(kx);
+            for (oy, out_row) in rows.clone().zip(col.chunks_exact_mut(self.out_w)) {
+                let Some(iy) = self.input_index(oy, ky, self.h).filter(|_| !inside.is_empty()) else {
+                    out_row.fill(T::ZERO);
+                    continue;
+                };
+                out_row[..inside.start].fill(T::ZERO);
+                out_row[inside.end..].fill(T::ZERO);
+                let first = inside.start * self.stride + kx - self.padding;
+                let source = &plane[iy * self.w..(iy + 1) * self.w][first..];
+                let out_row = &mut out_row[inside.clone()];
+                if self.stride == 1 {
+                    out_row.copy_from_slice(&source[..out_row.len()]);
+                } else {
+                    for (out, &value) in out_row.iter_mut().zip(source.iter().step_by(self.stride)) {
+                        *out = value;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Self::im2col`]: adds `col`, one input channel's column-matrix rows for
+    /// output rows `rows`, into that channel's `plane` where each entry was read from.
+    fn col2im<T: Element>(&self, col: &[T], rows: Range<usize>, plane: &mut [T]) {
+        let pixels = rows.len() * self.out_w;
+        for (tap, col) in col.chunks_exact(pixels).enumerate() {
+            let (ky, kx) = (tap / self.kw, tap % self.kw);
+            let inside = self.inside_columns(kx);
+            if inside.is_empty() {
+                continue;
+            }
+            for (oy, col_row) in rows.clone().zip(col.chunks_exact(self.out_w)) {
+                let Some(iy) = self.input_index(oy, ky, self.h) else { continue };
+                let first = inside.start * self.stride + kx - self.padding;
+                let target = &mut plane[iy * self.w..(iy + 1) * self.w][first..];
+                let col_row = &col_row[inside.clone()];
+                // The unit-stride loop is the one the compiler vectorises.
+                if self.stride == 1 {
+                    for (target, &value) in target[..col_row.len()].iter_mut().zip(col_row) {
+                        *target += value;
+                    }
+                } else {
+                    for (target, &value) in target.iter_mut().step_by(self.stride).zip(col_row) {
+                        *target += value;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A matrix inside a slice: entry `(i, j)` at `i * row_stride + j * col_stride`.
+#[derive(Debug, Clone, Copy)]
+struct Strided {
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl Strided {
+    fn row_major(rows: usize, cols: usize) -> Self {
+        Self { rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    /// One past the last offset of an entry: the slice must be at least this long.
+    fn extent(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
+        }
+    }
+}
+
+/// gemm's parallelism over candle's thread count.
+fn all_threads() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => Parallelism::None,
+        threads => Parallelism::Rayon(threads),
+    }
+}
+
+/// `dst = lhs * rhs`, `dst` row-major with rows `dst_row_stride` apart (a block of a wider
+/// matrix), overwritten.
+fn matmul<T: Element>(
+    dst: &mut [T],
+    dst_row_stride: usize,
+    lhs: &[T],
+    lhs_l: Strided,
+    rhs: &[T],
+    rhs_l: Strided,
+    parallelism: Parallelism,
+) {
+    let (m, n, k) = (lhs_l.rows, rhs_l.cols, lhs_l.cols);
+    let dst_l = Strided { rows: m, cols: n, row_stride: dst_row_stride, col_stride: 1 };
+    assert_eq!(rhs_l.rows, k, "matmul: inner dimensions");
+    assert!(dst_row_stride >= n, "matmul: destination rows overlap");
+    assert!(dst.len() >= dst_l.extent() && lhs.len() >= lhs_l.extent() && rhs.len() >= rhs_l.extent());
+    // SAFETY: the asserts above keep every offset gemm reads (lhs, rhs) or writes (dst) inside
+    // its slice; dst's entries are distinct (rows at least n apart, unit column stride) and dst,
+    // a `&mut`, aliases neither operand. T is f32 or f64 (`Element`), both of which gemm supports.
+    // With `read_dst` false, alpha is unused and dst = 1 * lhs * rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_l.col_stride as isize,
+            lhs_l.row_stride as isize,
+            rhs.as_ptr(),
+            rhs_l.col_stride as isize,
+            rhs_l.row_stride as isize,
+            T::ZERO,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ConvShape;
+    use super::{forward, forward_tiled, input_grad, input_grad_tiled};
+
+    fn shape(
+        (batch, c_in, h, w): (usize, usize, usize, usize),
+        (c_out, k): (usize, usize),
+        padding: usize,
+        stride: usize,
+    ) -> ConvShape {
+        ConvShape { batch, c_in, c_out, h, w, kh: k, kw: k, padding, stride }
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        (0..n as u64).map(|i| ((i * 7919 + seed * 104_729) % 1000) as f64 / 250.0 - 2.0).collect()
+    }
+
+    /// The convolution by its definition, one output at a time.
+    fn direct(x: &[f64], kernel: &[f64], s: &ConvShape) -> Vec<f64> {
+        let (oh, ow) = (s.out_h(), s.out_w());
+        let mut y = vec![0.0; s.batch * s.c_out * oh * ow];
+        for b in 0..s.batch {
+            for co in 0..s.c_out {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut sum = 0.0;
+                        for ci in 0..s.c_in {
+                            for ky in 0..s.kh {
+                                for kx in 0..s.kw {
+                                    let iy = (oy * s.stride + ky) as isize - s.padding as isize;
+                                    let ix = (ox * s.stride + kx) as isize - s.padding as isize;
+                                    if (0..s.h as isize).contains(&iy) && (0..s.w as isize).contains(&ix) {
+                                        let xi = ((b * s.c_in + ci) * s.h + iy as usize) * s.w + ix as usize;
+                                        sum += x[xi] * kernel[((co * s.c_in + ci) * s.kh + ky) * s.kw + kx];
+                                    }
+                                }
+                            }
+                        }
+                        y[((b * s.c_out + co) * oh + oy) * ow + ox] = sum;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+    }
+
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(a, b)| a * b).sum()
+    }
+
+    /// `<forward(x), dy> == <x, input_grad(dy)>`: the input gradient is the adjoint of the forward.
+    fn assert_adjoint(s: &ConvShape, budget: usize) {
+        let x = values(s.batch * s.c_in * s.h * s.w, 1);
+        let kernel = values(s.c_out * s.c_in * s.kh * s.kw, 2);
+        let dy = values(s.batch * s.c_out * s.out_h() * s.out_w(), 3);
+        let y = forward_tiled(&x, &kernel, s, budget);
+        let dx = input_grad_tiled(&dy, &kernel, s, budget);
+        let (lhs, rhs) = (dot(&y, &dy), dot(&x, &dx));
+        assert!((lhs - rhs).abs() <= 1e-10 * lhs.abs().max(1.0), "{s:?}: {lhs} vs {rhs}");
+    }
+
+    /// Column matrices cut into tiles of a few output rows (the last one shorter) give the
+    /// whole-image result, forward and backward.
+    #[test]
+    fn tiles_give_the_whole_image_result() {
+        for s in [shape((2, 3, 11, 9), (4, 3), 1, 1), shape((1, 2, 13, 8), (3, 3), 1, 2)] {
+            let x = values(s.batch * s.c_in * s.h * s.w, 4);
+            let kernel = values(s.c_out * s.c_in * s.kh * s.kw, 5);
+            let dy = values(s.batch * s.c_out * s.out_h() * s.out_w(), 6);
+            let row_bytes = s.c_in * s.kh * s.kw * s.out_w() * size_of::<f64>();
+            let expected = direct(&x, &kernel, &s);
+            assert!(max_diff(&forward(&x, &kernel, &s), &expected) < 1e-12);
+            let whole = input_grad(&dy, &kernel, &s);
+            for tile_rows in [1, 2, 3] {
+                let budget = tile_rows * row_bytes;
+                assert!(max_diff(&forward_tiled(&x, &kernel, &s, budget), &expected) < 1e-12, "{tile_rows} rows");
+                assert!(max_diff(&input_grad_tiled(&dy, &kernel, &s, budget), &whole) < 1e-12, "{tile_rows} rows");
+                assert_adjoint(&s, budget);
+            }
+        }
+    }
+
+    /// The input gradient is the adjoint of the forward over kernel sizes, paddings (including
+    /// padding wider than the kernel reaches) and strides, on odd sizes, and with enough input
+    /// channels for several gradient blocks whatever the thread count.
+    #[test]
+    fn input_grad_is_the_adjoint_of_forward() {
+        for s in [
+            shape((2, 3, 7, 9), (5, 3), 1, 1),
+            shape((1, 4, 8, 8), (6, 3), 1, 2),
+            shape((1, 3, 9, 9), (4, 3), 0, 2),
+            shape((2, 2, 5, 6), (3, 3), 2, 1),
+            shape((1, 2, 2, 3), (2, 5), 3, 2),
+            shape((1, 3, 6, 5), (2, 4), 1, 3),
+            shape((2, 170, 5, 4), (3, 3), 1, 1),
+        ] {
+            let x = values(s.batch * s.c_in * s.h * s.w, 7);
+            let kernel = values(s.c_out * s.c_in * s.kh * s.kw, 8);
+            assert!(max_diff(&forward(&x, &kernel, &s), &direct(&x, &kernel, &s)) < 1e-12, "{s:?}");
+            assert_adjoint(&s, usize::MAX);
+        }
+    }
+
+    /// 1x1 convolutions: stride 1 unpadded is a plain product on the input; with a stride or
+    /// padding it goes through the column matrix.
+    #[test]
+    fn pointwise_convolutions() {
+        for s in
+            [shape((2, 5, 4, 3), (7, 1), 0, 1), shape((1, 3, 5, 5), (2, 1), 0, 2), shape((1, 2, 3, 3), (2, 1), 1, 1)]
+        {
+            let x = values(s.batch * s.c_in * s.h * s.w, 9);
+            let kernel = values(s.c_out * s.c_in, 10);
+            assert!(max_diff(&forward(&x, &kernel, &s), &direct(&x, &kernel, &s)) < 1e-12, "{s:?}");
+            assert_adjoint(&s, usize::MAX);
+        }
+    }
+
+    /// A 3x3 stride-2 convolution (as the UNet's and the VAE's downsamplers) in f32 against the
+    /// f64 definition, and its input gradient against a direct scatter of `dy`.
+    #[test]
+    fn stride_two_in_f32() {
+        let s = shape((2, 3, 10, 7), (4, 3), 1, 2);
+        let x = values(s.batch * s.c_in * s.h * s.w, 11);
+        let kernel = values(s.c_out * s.c_in * 9, 12);
+        let dy = values(s.batch * s.c_out * s.out_h() * s.out_w(), 13);
+        let single = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<_>>();
+        let double = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+        let y = double(forward(&single(&x), &single(&kernel), &s));
+        assert!(max_diff(&y, &direct(&x, &kernel, &s)) < 1e-4);
+
+        // dx[b, ci, oy * 2 + ky - 1, ox * 2 + kx - 1] += dy[b, co, oy, ox] * kernel[co, ci, ky, kx].
+        let (oh, ow) = (s.out_h(), s.out_w());
+        let mut expected = vec![0.0; x.len()];
+        for (i, &g) in dy.iter().enumerate() {
+            let (b, co, oy, ox) = (i / (s.c_out * oh * ow), i / (oh * ow) % s.c_out, i / ow % oh, i % ow);
+            for (j, &k) in kernel[co * s.c_in * 9..(co + 1) * s.c_in * 9].iter().enumerate() {
+                let (ci, ky, kx) = (j / 9, j / 3 % 3, j % 3);
+                let (iy, ix) = ((oy * 2 + ky).wrapping_sub(1), (ox * 2 + kx).wrapping_sub(1));
+                if iy < s.h && ix < s.w {
+                    expected[((b * s.c_in + ci) * s.h + iy) * s.w + ix] += g * k;
+                }
+            }
+        }
+        let dx = double(input_grad(&single(&dy), &single(&kernel), &s));
+        assert!(max_diff(&dx, &expected) < 1e-4);
+    }
+}
