@@ -321,6 +321,8 @@ pub struct BenchReport {
     /// `cpu` or `cuda:N`.
     pub device: String,
     pub dtype: DType,
+    /// Whether f32 products ran on TF32 tensor cores ([`crate::nn::set_tf32`]; CUDA only).
+    pub tf32: bool,
     /// CPU threads candle uses (`RAYON_NUM_THREADS`, else all cores).
     pub threads: usize,
     pub resolution: usize,
@@ -461,6 +463,7 @@ fn run_here(configs: &SdConfigs, options: &BenchOptions) -> Result<BenchReport> 
     Ok(BenchReport {
         device: device_name(device),
         dtype: options.dtype,
+        tf32: device.is_cuda() && crate::nn::tf32(),
         threads: candle_core::utils::get_num_threads(),
         resolution: options.resolution,
         latent_side,
@@ -788,8 +791,17 @@ impl BenchReport {
                     .iter()
                     .map(|op| json!({"name": op.name, "calls": op.calls, "seconds": op.seconds}))
                     .collect();
-                results[t.name]["profile"] =
-                    json!({"total_s": profile.total_seconds, "rest_s": profile.rest_seconds(), "ops": ops});
+                let phases: Vec<Value> = profile
+                    .phases
+                    .iter()
+                    .map(|p| json!({"name": p.name, "calls": p.calls, "seconds": p.seconds}))
+                    .collect();
+                results[t.name]["profile"] = json!({
+                    "total_s": profile.total_seconds,
+                    "rest_s": profile.rest_seconds(),
+                    "ops": ops,
+                    "phases": phases,
+                });
             }
         }
         json!({
@@ -797,6 +809,7 @@ impl BenchReport {
             "version": env!("CARGO_PKG_VERSION"),
             "device": self.device,
             "dtype": dtype_name(self.dtype),
+            "tf32_matmul": self.tf32,
             "threads": self.threads,
             "resolution": self.resolution,
             "warmup": self.warmup,
@@ -822,11 +835,12 @@ impl BenchReport {
         let millions = |n: u64| n as f64 / 1e6;
         let mut out = format!(
             "Stable Diffusion 2.1-base architecture, random weights\n\
-             device {}, dtype {}, {} threads, {}x{} (latents {}x{}), warm-up {}, repeats {}\n\
+             device {}, dtype {}{}, {} threads, {}x{} (latents {}x{}), warm-up {}, repeats {}\n\
              parameters: UNet {:.1}M, text encoder {:.1}M, VAE {:.1}M, identity MLP {:.1}M; built in {:.1} s\n\
              memory: {}{}\n\n",
             self.device,
             dtype_name(self.dtype),
+            if self.tf32 { " (TF32 products)" } else { "" },
             self.threads,
             self.resolution,
             self.resolution,
@@ -884,6 +898,15 @@ fn profile_table(name: &str, profile: &Profile) -> String {
     }
     let rest = profile.rest_seconds();
     out += &format!("{:<22} {:>6} {:>10} {:>7}\n", "rest (other candle ops)", "", seconds(rest), share(rest));
+    for phase in &profile.phases {
+        out += &format!(
+            "phase: {:<15} {:>6} {:>10} {:>7}\n",
+            phase.name,
+            phase.calls,
+            seconds(phase.seconds),
+            share(phase.seconds)
+        );
+    }
     out
 }
 

@@ -11,6 +11,7 @@ use crate::identity::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
+use crate::nn::profile;
 use crate::schedulers::Ddpm;
 use crate::{Error, Result};
 
@@ -91,18 +92,21 @@ impl<'a> Learner<'a> {
         let dtype = m.text_encoder.token_embedding().dtype();
         // The loss is computed in f32 (f64 when the models are f64, for finite-difference checks).
         let loss_dtype = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let device = inputs.feature.device();
         let identity = self.identity(&inputs.feature)?.squeeze(0)?;
-        let context = m.text_encoder.forward(&inputs.caption_ids, Some(&identity))?;
+        let context =
+            profile::phase("text encoder", device, || m.text_encoder.forward(&inputs.caption_ids, Some(&identity)))?;
 
         // The photo's latent: a posterior sample, scaled; no gradient flows into the VAE.
         let scaling = m.vae.config().scaling_factor;
-        let posterior = m.vae.encode(&inputs.image.to_dtype(dtype)?)?;
-        let latents = (posterior.sample(&inputs.posterior_noise.to_dtype(dtype)?)?.to_dtype(loss_dtype)? * scaling)?
-            .detach();
+        let posterior = profile::phase("VAE encoder", device, || m.vae.encode(&inputs.image.to_dtype(dtype)?))?;
+        let latents =
+            (posterior.sample(&inputs.posterior_noise.to_dtype(dtype)?)?.to_dtype(loss_dtype)? * scaling)?.detach();
         let timesteps = [inputs.timestep];
         let noisy = m.schedule.add_noise(&latents, &inputs.noise, &timesteps)?;
         let t = Tensor::new(&[inputs.timestep as f32], noisy.device())?;
-        let noise_pred = m.unet.forward(&noisy.to_dtype(dtype)?, &t, &context)?.to_dtype(loss_dtype)?;
+        let noise_pred = profile::phase("UNet", device, || m.unet.forward(&noisy.to_dtype(dtype)?, &t, &context))?
+            .to_dtype(loss_dtype)?;
 
         let loss_inputs = LossInputs {
             noise_pred: &noise_pred,
@@ -119,11 +123,12 @@ impl<'a> Learner<'a> {
     /// Gradients of the loss for every MLP parameter (in `PARAM_NAMES` order), and the loss.
     pub fn gradients(&self, inputs: &StepInputs) -> Result<(f64, Vec<Tensor>)> {
         let loss = self.loss(inputs)?;
+        // Read after the backward is queued, so that a GPU is not left idle while it is built.
+        let grads = profile::phase("backward", loss.device(), || loss.backward())?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(Error::Input(format!("the loss is {value} at timestep {}", inputs.timestep)));
         }
-        let grads = loss.backward()?;
         drop(loss);
         let grads = self
             .mlp

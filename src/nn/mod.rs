@@ -6,14 +6,36 @@
 //! fast. They run on the ops of [`ops`], whose backward computes input gradients only (never
 //! the gradients of frozen weights) and keeps few tensors in the graph.
 
+mod conv;
+#[cfg(feature = "cuda")]
+mod norm_cuda;
 pub mod ops;
 pub mod profile;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use ops::compute_dtype;
+
 pub use ops::{attention, normalize_last_dim, softmax_last_dim};
+
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Whether f32 matrix products and convolutions on CUDA may run on TF32 tensor cores (10-bit
+/// mantissas in the products, f32 sums; PyTorch's `allow_tf32` switches). Off until set; the CLI
+/// turns it on for CUDA unless `STABLEID_TF32=0`.
+pub fn set_tf32(allowed: bool) {
+    TF32.store(allowed, Ordering::Relaxed);
+    #[cfg(feature = "cuda")]
+    candle_core::cuda::set_gemm_reduced_precision_f32(allowed);
+}
+
+/// See [`set_tf32`].
+pub fn tf32() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
 
 /// `y = x W^T + b` over the last dimension of an input of any rank.
 #[derive(Debug, Clone)]

@@ -7,9 +7,8 @@
 //! input gradient only, and whose graph node keeps only what that gradient needs:
 //!
 //! - [`linear`]: `dx = dy W`, no `dW`, no `db`;
-//! - [`conv2d`]: the input gradient as a stride-1 `conv2d` of `dy` with the flipped kernel
-//!   (candle's `conv_transpose2d` is a naive direct loop), no kernel gradient;
-//!   half precisions in f32;
+//! - [`conv2d`]: value and input gradient from [`super::conv`] (im2col + gemm on the CPU,
+//!   cuDNN with the fastest algorithm per shape on CUDA), no kernel gradient;
 //! - [`group_norm`], [`layer_norm`]: one node per norm; the backward recomputes the
 //!   statistics from the input instead of keeping five intermediate tensors;
 //! - [`attention`]: one node keeping the probabilities; `q` is scaled rather than the
@@ -28,7 +27,7 @@
 
 use std::sync::Mutex;
 
-use super::profile;
+use super::{conv, profile};
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
@@ -71,19 +70,25 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// `x` (batch, in, h, w), `weight` (out, in, kh, kw), `bias` (out).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
     profile::timed("conv2d", x.device(), || {
-        let value = |x: &Tensor| x.conv2d(weight, padding, stride, 1, 1);
         let channel_bias = |b: &Tensor| b.reshape((b.dim(0)?, 1, 1));
-        if !x.track_op() || !frozen([Some(weight), bias]) {
-            let y = value(x)?;
+        if !frozen([Some(weight), bias]) {
+            let y = x.conv2d(weight, padding, stride, 1, 1)?;
             return match bias {
                 Some(b) => y.broadcast_add(&channel_bias(b)?),
                 None => Ok(y),
             };
         }
+        let y = conv::forward(x, weight, padding, stride)?;
+        let bias = bias.map(channel_bias).transpose()?;
+        if !x.track_op() {
+            return match bias {
+                Some(b) => y.broadcast_add(&b),
+                None => Ok(y),
+            };
+        }
         let (_, _, h, w) = x.dims4()?;
         let grad = Conv2dGrad { weight: weight.clone(), padding, stride, input_size: (h, w) };
-        let bias = bias.map(channel_bias).transpose()?;
-        x.apply_op1(Node::new(value(&x.detach())?, bias, grad))
+        x.apply_op1(Node::new(y, bias, grad))
     })
 }
 
@@ -97,14 +102,14 @@ pub fn group_norm(x: &Tensor, groups: usize, weight: &Tensor, bias: &Tensor, eps
     let mut channel = vec![1; dims.len()];
     channel[1] = dims[1];
     let stats_shape = vec![dims[0], groups, x.elem_count() / (dims[0] * groups)];
-    norm(x, stats_shape, &weight.reshape(channel.as_slice())?, &bias.reshape(channel.as_slice())?, eps)
+    norm(x, stats_shape, groups, &weight.reshape(channel.as_slice())?, &bias.reshape(channel.as_slice())?, eps)
 }
 
 /// Layer normalisation over the last dimension; statistics and the affine map in
 /// [`compute_dtype`], the result in the dtype of `x`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let stats_shape = x.dims().to_vec();
-    norm(x, stats_shape, weight, bias, eps)
+    norm(x, stats_shape, 1, weight, bias, eps)
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance, as PyTorch's norms).
@@ -115,24 +120,44 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Normalises `x` viewed as `stats_shape` over its last dimension, then `* weight + bias`
-/// (both broadcastable to `x`, in the compute dtype).
-fn norm(x: &Tensor, stats_shape: Vec<usize>, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+/// (both broadcastable to `x`, in the compute dtype; `groups` consecutive rows of `stats_shape`
+/// share none of their channels, 1 for a layer norm).
+fn norm(
+    x: &Tensor,
+    stats_shape: Vec<usize>,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     profile::timed("norm", x.device(), || {
         let (dtype, compute) = (x.dtype(), weight.dtype());
+        let n = *stats_shape.last().expect("a norm has a dimension to normalise");
+        let fused = FusedNorm::new(x.elem_count() / n.max(1), n, groups, weight.elem_count(), eps);
         let scaled = |x: &Tensor| {
             normalize_last_dim(&x.to_dtype(compute)?.reshape(stats_shape.as_slice())?, eps)?
                 .reshape(x.shape())?
                 .broadcast_mul(weight)
         };
-        if !x.track_op() || !frozen([Some(weight), Some(bias)]) {
+        if !frozen([Some(weight), Some(bias)]) {
+            return scaled(x)?.broadcast_add(bias)?.to_dtype(dtype);
+        }
+        if fused.fits(x, weight) {
+            let y = fused.forward(&x.detach(), weight, bias)?;
+            if !x.track_op() {
+                return Ok(y);
+            }
+            return x.apply_op1(Node::new(y, None, NormGrad { stats_shape, weight: weight.clone(), eps, fused }));
+        }
+        if !x.track_op() {
             return scaled(x)?.broadcast_add(bias)?.to_dtype(dtype);
         }
         let scaled_x = scaled(&x.detach())?;
+        let grad = NormGrad { stats_shape, weight: weight.clone(), eps, fused };
         let node = if compute == dtype {
-            Node::new(scaled_x, Some(bias.clone()), NormGrad { stats_shape, weight: weight.clone(), eps })
+            Node::new(scaled_x, Some(bias.clone()), grad)
         } else {
-            let value = scaled_x.broadcast_add(bias)?.to_dtype(dtype)?;
-            Node::new(value, None, NormGrad { stats_shape, weight: weight.clone(), eps })
+            Node::new(scaled_x.broadcast_add(bias)?.to_dtype(dtype)?, None, grad)
         };
         x.apply_op1(node)
     })
@@ -362,84 +387,16 @@ impl InputGrad for Conv2dGrad {
     const NAME: &'static str = "frozen-conv2d";
     const BACKWARD: &'static str = "conv2d backward";
 
-    /// `dx[i] = sum_k dy[(i + p - k) / s] w[k]` (terms with a whole index): with `dy` dilated by
-    /// the stride (zeros between rows and columns), that is a stride-1 correlation with the
-    /// flipped kernel, in/out channels swapped, padded by `k - 1 - p` before and by what makes
-    /// the size come out right after (cropped where those are negative). Flipping the kernel is
-    /// the same as flipping `dy` (its padding swapped) and the result: whichever is smaller is
-    /// flipped, the kernel at high resolutions, the activations in the deep low-resolution layers.
-    ///
-    /// Half precisions are computed in f32: more accurate sums, and candle's half-precision
-    /// convolutions are the slower ones (bf16 on an H200 with cuDNN: about 3 ms a call whatever
-    /// the size, f32 0.55 ms).
     fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        let dtype = grad.dtype();
-        let compute = compute_dtype(dtype);
-        let (grad, weight) = (grad.to_dtype(compute)?, self.weight.to_dtype(compute)?);
-        let (c_out, c_in, kh, kw) = weight.dims4()?;
-        let (h, w) = self.input_size;
-        let (b, _, oh, ow) = grad.dims4()?;
-        let p = self.padding as isize;
-        let before = [kh as isize - 1 - p, kw as isize - 1 - p];
-        let dilated = [(oh - 1) * self.stride + 1, (ow - 1) * self.stride + 1];
-        let after = [(h + kh - 1 - dilated[0]) as isize - before[0], (w + kw - 1 - dilated[1]) as isize - before[1]];
-        let flip_activations = kh * kw > 1 && b * (c_out * oh * ow + c_in * h * w) < weight.elem_count();
-        let (grad, before, after) =
-            if flip_activations { (flip_hw(&grad)?, after, before) } else { (grad.clone(), before, after) };
-        let kernel = if flip_activations || kh * kw == 1 { weight.clone() } else { flip_hw(&weight)? };
-        // candle's CPU convolution reads a strided kernel as is; other backends want it contiguous.
-        let kernel = kernel.transpose(0, 1)?;
-        let kernel = if kernel.device().is_cpu() { kernel } else { kernel.contiguous()? };
-        let grad = dilate(&grad, self.stride)?;
-        let same = before[0];
-        let dx = if same >= 0 && [before[1], after[0], after[1]].iter().all(|&n| n == same) {
-            grad.conv2d(&kernel, same as usize, 1, 1, 1)?
-        } else {
-            let grad = pad_or_crop(&grad, 2, before[0], after[0])?;
-            pad_or_crop(&grad, 3, before[1], after[1])?.conv2d(&kernel, 0, 1, 1, 1)?
-        };
-        let dx = if flip_activations { flip_hw(&dx)? } else { dx };
-        dx.to_dtype(dtype)
+        conv::input_grad(grad, &self.weight, self.input_size, self.padding, self.stride)
     }
-}
-
-/// Reverses the last two axes of a 4-D tensor (a 180 degree rotation of each map).
-fn flip_hw(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let reversed: Vec<u32> = (0..(h * w) as u32).rev().collect();
-    let reversed = Tensor::new(reversed, x.device())?;
-    x.contiguous()?.reshape((b, c, h * w))?.index_select(&reversed, 2)?.reshape((b, c, h, w))
-}
-
-/// Adds `before` / `after` zeros along `dim`, or removes that many entries where negative.
-fn pad_or_crop(x: &Tensor, dim: usize, before: isize, after: isize) -> Result<Tensor> {
-    let len = x.dim(dim)?;
-    let start = (-before).max(0) as usize;
-    let end = len - (-after).max(0) as usize;
-    x.narrow(dim, start, end - start)?.pad_with_zeros(dim, before.max(0) as usize, after.max(0) as usize)
-}
-
-/// `(b, c, h, w)` -> `(b, c, (h - 1) * s + 1, (w - 1) * s + 1)` with `s - 1` zeros between rows
-/// and between columns.
-fn dilate(x: &Tensor, s: usize) -> Result<Tensor> {
-    if s == 1 {
-        return Ok(x.clone());
-    }
-    let (b, c, h, w) = x.dims4()?;
-    let zeros = x.zeros_like()?;
-    let mut columns = vec![x.clone()];
-    columns.extend(std::iter::repeat_n(zeros.clone(), s - 1));
-    let x = Tensor::stack(&columns, 4)?.reshape((b, c, h, w * s))?.narrow(3, 0, (w - 1) * s + 1)?;
-    let zeros = x.zeros_like()?;
-    let mut rows = vec![x];
-    rows.extend(std::iter::repeat_n(zeros, s - 1));
-    Tensor::stack(&rows, 3)?.reshape((b, c, h * s, (w - 1) * s + 1))?.narrow(2, 0, (h - 1) * s + 1)
 }
 
 struct NormGrad {
     stats_shape: Vec<usize>,
     weight: Tensor,
     eps: f64,
+    fused: FusedNorm,
 }
 
 impl InputGrad for NormGrad {
@@ -449,6 +406,9 @@ impl InputGrad for NormGrad {
     /// With `x^ = (x - mean) * r`, `r = 1 / sqrt(var + eps)` and `g = dy * weight`:
     /// `dx = r * (g - mean(g) - x^ * mean(g * x^))`, the means over each normalised group.
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        if self.fused.fits(x, &self.weight) {
+            return self.fused.input_grad(x, grad, &self.weight);
+        }
         let compute = self.weight.dtype();
         let shape = self.stats_shape.as_slice();
         let x_c = x.to_dtype(compute)?.reshape(shape)?;
@@ -460,6 +420,48 @@ impl InputGrad for NormGrad {
         let dx =
             g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?.sub(&x_hat.broadcast_mul(&projection)?)?.broadcast_mul(&r)?;
         dx.reshape(x.shape())?.to_dtype(x.dtype())
+    }
+}
+
+/// The fused CUDA norm kernels where this build has them ([`super::norm_cuda`]); nothing
+/// elsewhere.
+#[derive(Debug, Clone, Copy)]
+struct FusedNorm {
+    #[cfg(feature = "cuda")]
+    spec: super::norm_cuda::NormSpec,
+}
+
+impl FusedNorm {
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn new(rows: usize, n: usize, groups: usize, channels: usize, eps: f64) -> Self {
+        Self {
+            #[cfg(feature = "cuda")]
+            spec: super::norm_cuda::NormSpec { rows, n, groups, channels, eps },
+        }
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn fits(&self, x: &Tensor, weight: &Tensor) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.spec.fits(x, weight);
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn forward(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        return super::norm_cuda::forward(x, weight, bias, self.spec);
+        #[cfg(not(feature = "cuda"))]
+        candle_core::bail!("fused norms need the `cuda` feature")
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn input_grad(&self, x: &Tensor, dy: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        return super::norm_cuda::input_grad(x, dy, weight, self.spec);
+        #[cfg(not(feature = "cuda"))]
+        candle_core::bail!("fused norms need the `cuda` feature")
     }
 }
 

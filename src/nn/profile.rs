@@ -5,7 +5,8 @@
 //! otherwise queued and run later. The waits cost time themselves, so a profiled run is slower
 //! than a timed one: the shares are what matter. The time a profiled run spends outside these
 //! ops (candle's own ops: reshapes, copies, residual additions, the loss, the optimizer, the
-//! backward of plain candle ops) is reported as the rest.
+//! backward of plain candle ops) is reported as the rest. Phases ([`phase`]: the text encoder,
+//! the UNet, the backward...) are timed the same way, around the ops they contain.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,10 +23,12 @@ pub struct OpTime {
     pub seconds: f64,
 }
 
-/// A recording: the ops' times, most expensive first, and the wall time of the whole run.
+/// A recording: the ops' times, most expensive first, the phases' in the order they first ran,
+/// and the wall time of the whole run.
 #[derive(Debug, Clone)]
 pub struct Profile {
     pub ops: Vec<OpTime>,
+    pub phases: Vec<OpTime>,
     pub total_seconds: f64,
 }
 
@@ -38,6 +41,7 @@ impl Profile {
 
 static RECORDING: AtomicBool = AtomicBool::new(false);
 static TABLE: Mutex<Vec<OpTime>> = Mutex::new(Vec::new());
+static PHASES: Mutex<Vec<OpTime>> = Mutex::new(Vec::new());
 /// Serialises recordings: the table is global.
 static RECORDER: Mutex<()> = Mutex::new(());
 
@@ -49,7 +53,8 @@ thread_local! {
 /// Runs `work` (which must return once its work is done on `device`) with op timing on.
 pub fn record<T>(device: &Device, work: impl FnOnce() -> crate::Result<T>) -> crate::Result<(T, Profile)> {
     let _one_at_a_time = RECORDER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    table().clear();
+    lock(&TABLE).clear();
+    lock(&PHASES).clear();
     device.synchronize()?;
     RECORDING.store(true, Ordering::SeqCst);
     let start = Instant::now();
@@ -59,9 +64,10 @@ pub fn record<T>(device: &Device, work: impl FnOnce() -> crate::Result<T>) -> cr
     RECORDING.store(false, Ordering::SeqCst);
     let value = result?;
     synced?;
-    let mut ops = std::mem::take(&mut *table());
+    let mut ops = std::mem::take(&mut *lock(&TABLE));
     ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-    Ok((value, Profile { ops, total_seconds }))
+    let phases = std::mem::take(&mut *lock(&PHASES));
+    Ok((value, Profile { ops, phases, total_seconds }))
 }
 
 /// Runs one op, timing it under `name` while a recording is on.
@@ -78,7 +84,29 @@ pub(crate) fn timed<T>(name: &'static str, device: &Device, op: impl FnOnce() ->
     INSIDE.set(false);
     let value = result?;
     synced?;
-    let mut table = table();
+    add(&TABLE, name, seconds);
+    Ok(value)
+}
+
+/// Runs a phase of a step (made of ops), timing it under `name` while a recording is on.
+pub fn phase<T, E: From<candle_core::Error>>(
+    name: &'static str,
+    device: &Device,
+    work: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    if !RECORDING.load(Ordering::Relaxed) || INSIDE.get() {
+        return work();
+    }
+    device.synchronize()?;
+    let start = Instant::now();
+    let value = work()?;
+    device.synchronize()?;
+    add(&PHASES, name, start.elapsed().as_secs_f64());
+    Ok(value)
+}
+
+fn add(table: &Mutex<Vec<OpTime>>, name: &'static str, seconds: f64) {
+    let mut table = lock(table);
     match table.iter_mut().find(|entry| entry.name == name) {
         Some(entry) => {
             entry.calls += 1;
@@ -86,18 +114,17 @@ pub(crate) fn timed<T>(name: &'static str, device: &Device, op: impl FnOnce() ->
         }
         None => table.push(OpTime { name, calls: 1, seconds }),
     }
-    Ok(value)
 }
 
-fn table() -> std::sync::MutexGuard<'static, Vec<OpTime>> {
-    TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock(table: &Mutex<Vec<OpTime>>) -> std::sync::MutexGuard<'_, Vec<OpTime>> {
+    table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
 
-    use super::record;
+    use super::{phase, record};
     use crate::nn::ops;
 
     #[test]
@@ -106,8 +133,8 @@ mod tests {
         let x = candle_core::Var::new(&[[1.0f32, -2.0, 3.0], [0.5, 0.0, -1.0]], &device).unwrap();
         let w = Tensor::new(&[[1.0f32, 0.0, 2.0], [0.0, 1.0, 0.0]], &device).unwrap();
         let (_, profile) = record(&device, || {
-            let y = ops::silu(&ops::linear(x.as_tensor(), &w, None)?)?;
-            Ok(y.sum_all()?.backward()?)
+            let y = phase("forward", &device, || ops::silu(&ops::linear(x.as_tensor(), &w, None)?))?;
+            Ok(phase("backward", &device, || y.sum_all()?.backward())?)
         })
         .unwrap();
         let calls = |name: &str| profile.ops.iter().find(|op| op.name == name).map(|op| op.calls);
@@ -115,6 +142,8 @@ mod tests {
         assert_eq!(calls("linear backward"), Some(1));
         assert_eq!(calls("activation"), Some(1));
         assert_eq!(calls("activation backward"), Some(1));
+        let phases: Vec<_> = profile.phases.iter().map(|p| (p.name, p.calls)).collect();
+        assert_eq!(phases, [("forward", 1), ("backward", 1)]);
         let timed: f64 = profile.ops.iter().map(|op| op.seconds).sum();
         assert!(timed <= profile.total_seconds && profile.rest_seconds() >= 0.0);
         // Outside a recording nothing is counted.

@@ -222,6 +222,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", action="store_true", help="one more run of each under torch.profiler")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 tensor cores for f32 matrix products too (PyTorch's default: convolutions only)")
     args = parser.parse_args()
     only = args.only.split(",")
     unknown = set(only) - set(MEASURES)
@@ -236,6 +238,7 @@ def main():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -338,6 +341,7 @@ def main():
         "version": f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
         "device": "cpu" if device.type == "cpu" else f"cuda:{torch.cuda.current_device()}",
         "dtype": args.dtype,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "threads": torch.get_num_threads(),
         "resolution": args.res,
         "warmup": args.warmup,

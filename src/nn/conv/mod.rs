@@ -1,0 +1,344 @@
+//! 2-D convolution, the value and the input gradient, each on the fastest path its device has:
+//!
+//! - CPU, f32 and f64: [`cpu`], im2col over NCHW and one matrix product per image with the `gemm`
+//!   crate (candle's CPU convolution transposes to NHWC and multiplies in small tiles, about three
+//!   times slower than PyTorch's oneDNN at Stable Diffusion's shapes);
+//! - CUDA with the `cudnn` feature: [`cudnn`], cuDNN's forward and backward-data convolutions
+//!   with the fastest algorithm for each shape, found once and cached (as PyTorch's
+//!   `torch.backends.cudnn.benchmark`), and one workspace reused (candle's cuDNN call picks an
+//!   algorithm by heuristics and allocates and zeroes a workspace on every call: about nine
+//!   times PyTorch's time on an H200);
+//! - anything else: candle's `conv2d`, and the input gradient as a stride-1 `conv2d` of the
+//!   dilated output gradient with the flipped kernel.
+//!
+//! Neither builds a graph: [`super::ops::conv2d`] makes them one differentiable node.
+
+mod cpu;
+#[cfg(feature = "cudnn")]
+mod cudnn;
+
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+
+use super::ops::compute_dtype;
+
+/// The sizes of one convolution: `x` (batch, c_in, h, w), kernel (c_out, c_in, kh, kw), the same
+/// padding and stride on both axes, no dilation, one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ConvShape {
+    pub batch: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub padding: usize,
+    pub stride: usize,
+}
+
+impl ConvShape {
+    fn new(input: (usize, usize, usize, usize), kernel: &Tensor, padding: usize, stride: usize) -> Result<Self> {
+        let (batch, c_in, h, w) = input;
+        let (c_out, kernel_c_in, kh, kw) = kernel.dims4()?;
+        if kernel_c_in != c_in {
+            candle_core::bail!("conv2d: input has {c_in} channels, the kernel {kernel_c_in}")
+        }
+        if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+            candle_core::bail!("conv2d: a {kh}x{kw} kernel with padding {padding}, stride {stride} on a {h}x{w} input")
+        }
+        Ok(Self { batch, c_in, c_out, h, w, kh, kw, padding, stride })
+    }
+
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.padding - self.kh) / self.stride + 1
+    }
+
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.padding - self.kw) / self.stride + 1
+    }
+
+    fn input_dims(&self) -> (usize, usize, usize, usize) {
+        (self.batch, self.c_in, self.h, self.w)
+    }
+
+    fn output_dims(&self) -> (usize, usize, usize, usize) {
+        (self.batch, self.c_out, self.out_h(), self.out_w())
+    }
+}
+
+/// Which of the two computations a [`ConvOp`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Direction {
+    /// `y = conv(x, kernel)`.
+    Forward,
+    /// `dx` from `dy`: the gradient of the forward with respect to its input.
+    InputGrad,
+}
+
+/// `conv2d(x, kernel)` without bias; no graph.
+pub(crate) fn forward(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let shape = ConvShape::new(x.dims4()?, kernel, padding, stride)?;
+    if has_fast_path(x) {
+        let op = ConvOp { shape, direction: Direction::Forward };
+        return x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op);
+    }
+    x.detach().conv2d(&kernel.detach(), padding, stride, 1, 1)
+}
+
+/// The gradient with respect to `x` of `conv2d(x, kernel)`, `x` being `input_size` high and wide,
+/// from the gradient `dy` of its output; no graph.
+pub(crate) fn input_grad(
+    dy: &Tensor,
+    kernel: &Tensor,
+    input_size: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (batch, _, _, _) = dy.dims4()?;
+    let c_in = kernel.dim(1)?;
+    let shape = ConvShape::new((batch, c_in, input_size.0, input_size.1), kernel, padding, stride)?;
+    if dy.dims4()? != shape.output_dims() {
+        candle_core::bail!("conv2d backward: output gradient {:?}, expected {:?}", dy.shape(), shape.output_dims())
+    }
+    if has_fast_path(dy) {
+        let op = ConvOp { shape, direction: Direction::InputGrad };
+        return dy.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op);
+    }
+    flipped_kernel_input_grad(&dy.detach(), &kernel.detach(), &shape)
+}
+
+fn has_fast_path(x: &Tensor) -> bool {
+    match x.device() {
+        Device::Cpu => matches!(x.dtype(), DType::F32 | DType::F64),
+        Device::Cuda(_) => cfg!(feature = "cudnn") && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16),
+        _ => false,
+    }
+}
+
+/// A convolution as a candle op on contiguous `(data, kernel)`: `data` is `x` for the forward and
+/// `dy` for the input gradient.
+struct ConvOp {
+    shape: ConvShape,
+    direction: Direction,
+}
+
+impl ConvOp {
+    fn out_dims(&self) -> (usize, usize, usize, usize) {
+        match self.direction {
+            Direction::Forward => self.shape.output_dims(),
+            Direction::InputGrad => self.shape.input_dims(),
+        }
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        match self.direction {
+            Direction::Forward => "conv2d",
+            Direction::InputGrad => "conv2d-input-grad",
+        }
+    }
+
+    fn cpu_fwd(&self, data: &CpuStorage, d: &Layout, kernel: &CpuStorage, k: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match (data, kernel) {
+            (CpuStorage::F32(data), CpuStorage::F32(kernel)) => CpuStorage::F32(self.cpu(data, d, kernel, k)),
+            (CpuStorage::F64(data), CpuStorage::F64(kernel)) => CpuStorage::F64(self.cpu(data, d, kernel, k)),
+            _ => candle_core::bail!("conv2d on the CPU: f32 or f64, both operands of one dtype"),
+        };
+        Ok((out, Shape::from(self.out_dims())))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        data: &CudaStorage,
+        d: &Layout,
+        kernel: &CudaStorage,
+        k: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = cudnn::run(self.shape, self.direction, data, d, kernel, k)?;
+        Ok((out, Shape::from(self.out_dims())))
+    }
+
+    #[cfg(not(feature = "cudnn"))]
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        candle_core::bail!("conv2d: this build has no cuDNN (the `cudnn` feature)")
+    }
+}
+
+impl ConvOp {
+    fn cpu<T: cpu::Element>(&self, data: &[T], d: &Layout, kernel: &[T], k: &Layout) -> Vec<T> {
+        let data = &data[d.start_offset()..d.start_offset() + d.shape().elem_count()];
+        let kernel = &kernel[k.start_offset()..k.start_offset() + k.shape().elem_count()];
+        match self.direction {
+            Direction::Forward => cpu::forward(data, kernel, &self.shape),
+            Direction::InputGrad => cpu::input_grad(data, kernel, &self.shape),
+        }
+    }
+}
+
+/// `dx[i] = sum_k dy[(i + p - k) / s] w[k]` (terms with a whole index): with `dy` dilated by the
+/// stride (zeros between rows and columns), that is a stride-1 correlation with the flipped
+/// kernel, in/out channels swapped, padded by `k - 1 - p` before and by what makes the size come
+/// out right after (cropped where those are negative). Flipping the kernel is the same as
+/// flipping `dy` (its padding swapped) and the result: whichever is smaller is flipped, the
+/// kernel at high resolutions, the activations in the deep low-resolution layers. Half
+/// precisions are computed in f32.
+fn flipped_kernel_input_grad(dy: &Tensor, kernel: &Tensor, shape: &ConvShape) -> Result<Tensor> {
+    let dtype = dy.dtype();
+    let compute = compute_dtype(dtype);
+    let (grad, weight) = (dy.to_dtype(compute)?, kernel.to_dtype(compute)?);
+    let ConvShape { batch: b, c_in, c_out, h, w, kh, kw, padding, stride } = *shape;
+    let (oh, ow) = (shape.out_h(), shape.out_w());
+    let p = padding as isize;
+    let before = [kh as isize - 1 - p, kw as isize - 1 - p];
+    let dilated = [(oh - 1) * stride + 1, (ow - 1) * stride + 1];
+    let after = [(h + kh - 1 - dilated[0]) as isize - before[0], (w + kw - 1 - dilated[1]) as isize - before[1]];
+    let flip_activations = kh * kw > 1 && b * (c_out * oh * ow + c_in * h * w) < weight.elem_count();
+    let (grad, before, after) = if flip_activations { (flip_hw(&grad)?, after, before) } else { (grad, before, after) };
+    let kernel = if flip_activations || kh * kw == 1 { weight } else { flip_hw(&weight)? };
+    let kernel = kernel.transpose(0, 1)?.contiguous()?;
+    let grad = dilate(&grad, stride)?;
+    let same = before[0];
+    let dx = if same >= 0 && [before[1], after[0], after[1]].iter().all(|&n| n == same) {
+        grad.conv2d(&kernel, same as usize, 1, 1, 1)?
+    } else {
+        let grad = pad_or_crop(&grad, 2, before[0], after[0])?;
+        pad_or_crop(&grad, 3, before[1], after[1])?.conv2d(&kernel, 0, 1, 1, 1)?
+    };
+    let dx = if flip_activations { flip_hw(&dx)? } else { dx };
+    dx.to_dtype(dtype)
+}
+
+/// Reverses the last two axes of a 4-D tensor (a 180 degree rotation of each map).
+fn flip_hw(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let reversed: Vec<u32> = (0..(h * w) as u32).rev().collect();
+    let reversed = Tensor::new(reversed, x.device())?;
+    x.contiguous()?.reshape((b, c, h * w))?.index_select(&reversed, 2)?.reshape((b, c, h, w))
+}
+
+/// Adds `before` / `after` zeros along `dim`, or removes that many entries where negative.
+fn pad_or_crop(x: &Tensor, dim: usize, before: isize, after: isize) -> Result<Tensor> {
+    let len = x.dim(dim)?;
+    let start = (-before).max(0) as usize;
+    let end = len - (-after).max(0) as usize;
+    x.narrow(dim, start, end - start)?.pad_with_zeros(dim, before.max(0) as usize, after.max(0) as usize)
+}
+
+/// `(b, c, h, w)` -> `(b, c, (h - 1) * s + 1, (w - 1) * s + 1)` with `s - 1` zeros between rows
+/// and between columns.
+fn dilate(x: &Tensor, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return Ok(x.clone());
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let zeros = x.zeros_like()?;
+    let mut columns = vec![x.clone()];
+    columns.extend(std::iter::repeat_n(zeros.clone(), s - 1));
+    let x = Tensor::stack(&columns, 4)?.reshape((b, c, h, w * s))?.narrow(3, 0, (w - 1) * s + 1)?;
+    let zeros = x.zeros_like()?;
+    let mut rows = vec![x];
+    rows.extend(std::iter::repeat_n(zeros, s - 1));
+    Tensor::stack(&rows, 3)?.reshape((b, c, h * s, (w - 1) * s + 1))?.narrow(2, 0, (h - 1) * s + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{flipped_kernel_input_grad, forward, input_grad, ConvShape};
+
+    fn values(dims: (usize, usize, usize, usize), seed: u64) -> Tensor {
+        let n = dims.0 * dims.1 * dims.2 * dims.3;
+        let v: Vec<f64> = (0..n).map(|i| ((i as u64 * 7919 + seed * 104_729) % 1000) as f64 / 250.0 - 2.0).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// The fast CPU path against candle's convolution (forward) and against the flipped-kernel
+    /// formulation (input gradient), over kernel sizes, paddings, strides and odd sizes.
+    #[test]
+    fn cpu_path_matches_candle() {
+        let cases = [
+            (2, 3, 5, 9, 7, 3, 1, 1),
+            (1, 4, 6, 8, 8, 3, 1, 2),
+            (2, 5, 3, 7, 9, 1, 0, 1),
+            (1, 3, 4, 9, 9, 3, 0, 2),
+            (1, 2, 3, 6, 5, 3, 2, 1),
+            (3, 6, 2, 4, 4, 1, 0, 2),
+        ];
+        for (i, &(b, c_in, c_out, h, w, k, padding, stride)) in cases.iter().enumerate() {
+            let x = values((b, c_in, h, w), i as u64);
+            let kernel = values((c_out, c_in, k, k), 100 + i as u64);
+            let shape = ConvShape::new((b, c_in, h, w), &kernel, padding, stride).unwrap();
+            let expected = x.conv2d(&kernel, padding, stride, 1, 1).unwrap();
+            for dtype in [DType::F64, DType::F32] {
+                let (x, kernel) = (x.to_dtype(dtype).unwrap(), kernel.to_dtype(dtype).unwrap());
+                let y = forward(&x, &kernel, padding, stride).unwrap().to_dtype(DType::F64).unwrap();
+                let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
+                assert!(max_diff(&y, &expected) < tolerance, "case {i} {dtype:?}: forward");
+
+                let dy = values(shape.output_dims(), 200 + i as u64).to_dtype(dtype).unwrap();
+                let dx = input_grad(&dy, &kernel, (h, w), padding, stride).unwrap().to_dtype(DType::F64).unwrap();
+                let reference = flipped_kernel_input_grad(
+                    &dy.to_dtype(DType::F64).unwrap(),
+                    &kernel.to_dtype(DType::F64).unwrap(),
+                    &shape,
+                )
+                .unwrap();
+                assert!(max_diff(&dx, &reference) < tolerance, "case {i} {dtype:?}: input gradient");
+            }
+        }
+    }
+
+    /// A non-contiguous input (a transposed view) gives the same result as its contiguous copy.
+    #[test]
+    fn strided_inputs_are_read_correctly() {
+        let x = values((1, 3, 6, 5), 7).transpose(2, 3).unwrap();
+        let kernel = values((4, 3, 3, 3), 8);
+        let y = forward(&x, &kernel, 1, 1).unwrap();
+        let expected = x.contiguous().unwrap().conv2d(&kernel, 1, 1, 1, 1).unwrap();
+        assert!(max_diff(&y, &expected) < 1e-12);
+    }
+
+    /// With a CUDA build on a machine with a GPU: cuDNN's results against the CPU's, in f32 (TF32
+    /// tensor cores allowed, as PyTorch's default) and bf16, forward and input gradient.
+    #[cfg(feature = "cudnn")]
+    #[test]
+    fn cudnn_path_matches_the_cpu() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: cudnn_path_matches_the_cpu skipped");
+            return;
+        };
+        let cases = [
+            (2, 3, 5, 9, 7, 3, 1, 1),
+            (1, 64, 32, 32, 32, 3, 1, 1),
+            (1, 32, 64, 16, 16, 3, 1, 2),
+            (2, 64, 96, 8, 8, 1, 0, 1),
+        ];
+        for (i, &(b, c_in, c_out, h, w, k, padding, stride)) in cases.iter().enumerate() {
+            let x = values((b, c_in, h, w), i as u64).to_dtype(DType::F32).unwrap();
+            let kernel = (values((c_out, c_in, k, k), 100 + i as u64) / (c_in * k * k) as f64).unwrap();
+            let kernel = kernel.to_dtype(DType::F32).unwrap();
+            let shape = ConvShape::new((b, c_in, h, w), &kernel, padding, stride).unwrap();
+            let dy = values(shape.output_dims(), 200 + i as u64).to_dtype(DType::F32).unwrap();
+            let y = forward(&x, &kernel, padding, stride).unwrap();
+            let dx = input_grad(&dy, &kernel, (h, w), padding, stride).unwrap();
+            for (dtype, relative) in [(DType::F32, 5e-3), (DType::BF16, 3e-2)] {
+                let on_gpu = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
+                let back = |t: Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+                let y_gpu = back(forward(&on_gpu(&x), &on_gpu(&kernel), padding, stride).unwrap());
+                let dx_gpu = back(input_grad(&on_gpu(&dy), &on_gpu(&kernel), (h, w), padding, stride).unwrap());
+                for (name, got, expected) in [("forward", &y_gpu, &y), ("input gradient", &dx_gpu, &dx)] {
+                    let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+                    let diff = max_diff(&got.to_dtype(DType::F64).unwrap(), &expected.to_dtype(DType::F64).unwrap());
+                    assert!(diff <= relative * scale, "case {i} {dtype:?} {name}: {diff} vs scale {scale}");
+                }
+            }
+        }
+    }
+}
