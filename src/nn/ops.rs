@@ -10,30 +10,31 @@
 //! - [`conv2d`]: value and input gradient from [`super::conv`] (im2col + gemm on the CPU,
 //!   cuDNN with the fastest algorithm per shape on CUDA), no kernel gradient;
 //! - [`group_norm`], [`layer_norm`]: one node per norm; the backward recomputes the
-//!   statistics from the input instead of keeping five intermediate tensors;
+//!   statistics from the input instead of keeping five intermediate tensors (fused kernels for
+//!   f32 / f64 on the CPU, [`super::cpu_kernels`], and on CUDA);
 //! - [`attention`]: one node keeping the probabilities; `q` is scaled rather than the
 //!   (seq x seq) scores, the softmax backward runs in place, and only the gradients of the
 //!   inputs that need one are computed;
 //! - [`add`]: `a + b` with a frozen `b` (e.g. the time embedding), without a gradient for `b`;
-//! - [`silu`], [`gelu_erf`], [`geglu`]: one node each, the derivative computed in one pass over
-//!   the input on the CPU (candle's own backward of these takes about ten passes and, for GEGLU,
-//!   pads both halves back to full size).
+//! - [`silu`], [`gelu_erf`], [`geglu`]: one node each, value and derivative computed in one pass
+//!   over the input on the CPU by [`super::cpu_kernels`] (candle's own backward of these takes
+//!   about ten passes and, for GEGLU, pads both halves back to full size).
 //!
-//! Each op computes its value with ordinary candle ops on detached inputs (so forward numbers are
-//! exactly those of the plain ops, with the fast fused kernels), then hands it to the custom op,
-//! adding the bias on the way, so that there is no extra copy. When no input is tracked
+//! Each op computes its value on detached inputs, with ordinary candle ops or the CPU kernels,
+//! then hands it to the custom op, adding the bias on the way, so that there is no extra copy. When no input is tracked
 //! (inference) the plain value is returned and no graph is built; when a weight is trainable
 //! (a `Var`, or computed from one) the op falls back to candle's own differentiable ops.
 
 use std::sync::Mutex;
 
+use super::cpu_kernels::{self, Activation, NormSpec};
 use super::{conv, profile};
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, MetalStorage, Result, Shape, Storage,
-    Tensor, WithDType, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Device, InplaceOp2, Layout, MetalStorage, Result, Shape,
+    Storage, Tensor, WithDType, D,
 };
 
 /// The precision norms and softmax compute in: half precisions are upcast to f32 (their range
@@ -134,6 +135,7 @@ fn norm(
         let (dtype, compute) = (x.dtype(), weight.dtype());
         let n = *stats_shape.last().expect("a norm has a dimension to normalise");
         let fused = FusedNorm::new(x.elem_count() / n.max(1), n, groups, weight.elem_count(), eps);
+        let cpu = NormSpec { n, groups, eps };
         let scaled = |x: &Tensor| {
             normalize_last_dim(&x.to_dtype(compute)?.reshape(stats_shape.as_slice())?, eps)?
                 .reshape(x.shape())?
@@ -147,13 +149,20 @@ fn norm(
             if !x.track_op() {
                 return Ok(y);
             }
-            return x.apply_op1(Node::new(y, None, NormGrad { stats_shape, weight: weight.clone(), eps, fused }));
+            return x.apply_op1(Node::new(y, None, NormGrad { stats_shape, weight: weight.clone(), eps, fused, cpu }));
+        }
+        if let Some(y) = cpu_kernels::norm(&x.detach(), weight, bias, cpu)? {
+            if !x.track_op() {
+                return cpu_tensor(y, x.shape());
+            }
+            let grad = NormGrad { stats_shape, weight: weight.clone(), eps, fused, cpu };
+            return x.apply_op1(Node::computed(y, x.shape().clone(), grad));
         }
         if !x.track_op() {
             return scaled(x)?.broadcast_add(bias)?.to_dtype(dtype);
         }
         let scaled_x = scaled(&x.detach())?;
-        let grad = NormGrad { stats_shape, weight: weight.clone(), eps, fused };
+        let grad = NormGrad { stats_shape, weight: weight.clone(), eps, fused, cpu };
         let node = if compute == dtype {
             Node::new(scaled_x, Some(bias.clone()), grad)
         } else {
@@ -174,39 +183,59 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `x * sigmoid(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    profile::timed("activation", x.device(), || {
-        if !x.track_op() {
-            return x.silu();
-        }
-        x.apply_op1(Node::new(x.detach().silu()?, None, SiluGrad))
-    })
+    activation(x, Activation::Silu, |x| x.silu(), SiluGrad)
 }
 
 /// The exact (erf) GELU, `x * Phi(x)`, as PyTorch's default `gelu`.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    profile::timed("activation", x.device(), || {
-        if !x.track_op() {
-            return x.gelu_erf();
-        }
-        x.apply_op1(Node::new(x.detach().gelu_erf()?, None, GeluErfGrad))
-    })
+    activation(x, Activation::GeluErf, |x| x.gelu_erf(), GeluErfGrad)
 }
 
 /// diffusers' GEGLU activation: `a * gelu_erf(gate)` where `a` and `gate` are the first and
 /// second halves of the last dimension of `h`.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
-    profile::timed("activation", h.device(), || {
-        let width = h.dim(D::Minus1)?;
-        if width % 2 != 0 {
-            candle_core::bail!("geglu: odd last dimension {width}")
+    let width = h.dim(D::Minus1)?;
+    if width % 2 != 0 {
+        candle_core::bail!("geglu: odd last dimension {width}")
+    }
+    let half = width / 2;
+    let value = |h: &Tensor| h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?;
+    activation(h, Activation::Geglu, value, GegluGrad)
+}
+
+/// An activation node: the value from [`cpu_kernels`] for f32 and f64 CPU tensors, from
+/// `composite` (candle ops) elsewhere.
+fn activation<G: InputGrad>(
+    x: &Tensor,
+    kind: Activation,
+    composite: impl Fn(&Tensor) -> Result<Tensor>,
+    grad: G,
+) -> Result<Tensor> {
+    profile::timed("activation", x.device(), || {
+        if let Some(y) = cpu_kernels::activation(&x.detach(), kind)? {
+            let mut dims = x.dims().to_vec();
+            if kind == Activation::Geglu {
+                *dims.last_mut().expect("geglu has a last dimension") /= 2;
+            }
+            if !x.track_op() {
+                return cpu_tensor(y, dims);
+            }
+            return x.apply_op1(Node::computed(y, dims.into(), grad));
         }
-        let half = width / 2;
-        let value = |h: &Tensor| h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?;
-        if !h.track_op() {
-            return value(h);
+        if !x.track_op() {
+            return composite(x);
         }
-        h.apply_op1(Node::new(value(&h.detach())?, None, GegluGrad))
+        x.apply_op1(Node::new(composite(&x.detach())?, None, grad))
     })
+}
+
+/// A tensor on the CPU holding `values`.
+pub(super) fn cpu_tensor(values: CpuStorage, shape: impl Into<Shape>) -> Result<Tensor> {
+    match values {
+        CpuStorage::F32(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+        CpuStorage::F64(v) => Tensor::from_vec(v, shape, &Device::Cpu),
+        other => candle_core::bail!("cpu kernel: unexpected {:?} values", other.dtype()),
+    }
 }
 
 /// Softmax over the last dimension, built from differentiable ops (usable on trainable inputs).
@@ -219,7 +248,10 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention on `(batch, heads, seq, head_dim)` tensors; `mask` is added to
 /// the scores (use large negative values to hide positions). Scores and softmax are computed in
 /// [`compute_dtype`] of `q` (pass `q` and `k` in f32 to upcast a half-precision model's
-/// attention); the result has the dtype of `v`.
+/// attention), except on CUDA, where half-precision scores and probabilities stay in half
+/// precision (candle's CUDA softmax sums in f32, and the backward computes in f32), as PyTorch's
+/// fused attention keeps them: the (seq x seq) matrices are the largest tensors of a step;
+/// the result has the dtype of `v`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     profile::timed("attention", q.device(), || {
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
@@ -242,7 +274,7 @@ fn attention_probs_and_output(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let compute = compute_dtype(q.dtype());
+    let compute = if q.device().is_cuda() { q.dtype() } else { compute_dtype(q.dtype()) };
     let scores = (q * scale)?.matmul(&k.contiguous()?.t()?)?.to_dtype(compute)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.to_dtype(compute)?)?,
@@ -266,15 +298,21 @@ fn composite_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>
 
 /// The value of a node, computed outside the graph before the custom op runs, plus an optional
 /// `addend` broadcast onto it (a bias): the custom op's forward only performs that addition (or a
-/// copy, with no addend), producing the storage the node owns.
+/// copy, with no addend), producing the storage the node owns. A value computed by
+/// [`cpu_kernels`] is handed over as it is.
 struct Precomputed {
-    value: Mutex<Option<Tensor>>,
+    value: Mutex<Option<Value>>,
     addend: Option<Tensor>,
+}
+
+enum Value {
+    Tensor(Tensor),
+    Cpu(CpuStorage, Shape),
 }
 
 impl Precomputed {
     fn new(value: Tensor, addend: Option<Tensor>) -> Self {
-        Self { value: Mutex::new(Some(value)), addend }
+        Self { value: Mutex::new(Some(Value::Tensor(value))), addend }
     }
 
     fn hand_over<S: Backend>(&self) -> Result<(S, Shape)> {
@@ -284,6 +322,10 @@ impl Precomputed {
             .map_err(|_| candle_core::Error::Msg("precomputed op value: poisoned lock".into()))?
             .take()
             .ok_or_else(|| candle_core::Error::Msg("precomputed op value used twice".into()))?;
+        let value = match value {
+            Value::Tensor(value) => value,
+            Value::Cpu(values, shape) => return Ok((S::from_cpu(values)?, shape)),
+        };
         let (storage, layout) = value.storage_and_layout();
         let storage = S::of(&storage)?;
         let out = match &self.addend {
@@ -301,6 +343,7 @@ impl Precomputed {
 /// The backend storage behind a `Storage`, for code generic over devices.
 trait Backend: BackendStorage {
     fn of(storage: &Storage) -> Result<&Self>;
+    fn from_cpu(values: CpuStorage) -> Result<Self>;
 }
 
 macro_rules! backend {
@@ -308,6 +351,13 @@ macro_rules! backend {
         impl Backend for $storage {
             fn of(storage: &Storage) -> Result<&Self> {
                 match storage {
+                    Storage::$variant(s) => Ok(s),
+                    _ => Err(candle_core::Error::Msg("precomputed op value: device mismatch".into())),
+                }
+            }
+
+            fn from_cpu(values: CpuStorage) -> Result<Self> {
+                match Storage::Cpu(values) {
                     Storage::$variant(s) => Ok(s),
                     _ => Err(candle_core::Error::Msg("precomputed op value: device mismatch".into())),
                 }
@@ -337,6 +387,11 @@ struct Node<G> {
 impl<G: InputGrad> Node<G> {
     fn new(value: Tensor, addend: Option<Tensor>, grad: G) -> Self {
         Self { out: Precomputed::new(value, addend), grad }
+    }
+
+    /// A node whose value [`cpu_kernels`] computed.
+    fn computed(values: CpuStorage, shape: Shape, grad: G) -> Self {
+        Self { out: Precomputed { value: Mutex::new(Some(Value::Cpu(values, shape))), addend: None }, grad }
     }
 }
 
@@ -397,6 +452,7 @@ struct NormGrad {
     weight: Tensor,
     eps: f64,
     fused: FusedNorm,
+    cpu: NormSpec,
 }
 
 impl InputGrad for NormGrad {
@@ -408,6 +464,9 @@ impl InputGrad for NormGrad {
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         if self.fused.fits(x, &self.weight) {
             return self.fused.input_grad(x, grad, &self.weight);
+        }
+        if let Some(dx) = cpu_kernels::norm_input_grad(x, grad, &self.weight, self.cpu)? {
+            return cpu_tensor(dx, x.shape());
         }
         let compute = self.weight.dtype();
         let shape = self.stats_shape.as_slice();
@@ -479,12 +538,6 @@ impl InputGrad for AddGrad {
 /// `1 / sqrt(2 pi)`, the standard normal density at 0.
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
-/// The standard normal CDF and density at `x`: GELU is `x * cdf`, its derivative `cdf + x * pdf`.
-fn normal_cdf_pdf(x: f64) -> (f64, f64) {
-    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2));
-    (cdf, FRAC_1_SQRT_2PI * (-0.5 * x * x).exp())
-}
-
 /// `cdf(x)` and `pdf(x)` as tensors, for the composite backwards.
 fn normal_cdf_pdf_tensors(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
@@ -492,91 +545,58 @@ fn normal_cdf_pdf_tensors(x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((cdf?, pdf?))
 }
 
-struct SiluGrad;
-
-impl RowGrad for SiluGrad {
-    fn row<T: WithDType>(&self, x: &[T], grad: &[T], out: &mut [T]) {
-        for ((o, x), g) in out.iter_mut().zip(x).zip(grad) {
-            let x = x.to_f64();
-            let s = 1.0 / (1.0 + (-x).exp());
-            *o = T::from_f64(g.to_f64() * s * (1.0 + x * (1.0 - s)));
-        }
-    }
-}
+pub(super) struct SiluGrad;
 
 impl InputGrad for SiluGrad {
     const NAME: &'static str = "silu";
     const BACKWARD: &'static str = "activation backward";
 
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        cpu_rows(self, x, grad)?.map_or_else(|| self.composite(x, grad), Ok)
+        cpu_grad(x, grad, Activation::Silu)?.map_or_else(|| self.composite(x, grad), Ok)
     }
 }
 
 impl SiluGrad {
     /// `dy * s * (1 + x * (1 - s))` with `s = sigmoid(x)`.
-    fn composite(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    pub(super) fn composite(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let s = (x.neg()?.exp()? + 1.0)?.recip()?;
         grad * (&s * ((x * (1.0 - &s)?)? + 1.0)?)?
     }
 }
 
-struct GeluErfGrad;
-
-impl RowGrad for GeluErfGrad {
-    fn row<T: WithDType>(&self, x: &[T], grad: &[T], out: &mut [T]) {
-        for ((o, x), g) in out.iter_mut().zip(x).zip(grad) {
-            let x = x.to_f64();
-            let (cdf, pdf) = normal_cdf_pdf(x);
-            *o = T::from_f64(g.to_f64() * (cdf + x * pdf));
-        }
-    }
-}
+pub(super) struct GeluErfGrad;
 
 impl InputGrad for GeluErfGrad {
     const NAME: &'static str = "gelu-erf";
     const BACKWARD: &'static str = "activation backward";
 
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        cpu_rows(self, x, grad)?.map_or_else(|| self.composite(x, grad), Ok)
+        cpu_grad(x, grad, Activation::GeluErf)?.map_or_else(|| self.composite(x, grad), Ok)
     }
 }
 
 impl GeluErfGrad {
     /// `dy * (cdf(x) + x * pdf(x))`.
-    fn composite(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    pub(super) fn composite(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let (cdf, pdf) = normal_cdf_pdf_tensors(x)?;
         grad * (cdf + (x * pdf)?)?
     }
 }
 
-struct GegluGrad;
-
-impl RowGrad for GegluGrad {
-    /// A row of `h` is `[a, gate]`, a row of `grad` half as wide.
-    fn row<T: WithDType>(&self, h: &[T], grad: &[T], out: &mut [T]) {
-        let half = grad.len();
-        for (j, g) in grad.iter().enumerate() {
-            let (g, a, gate) = (g.to_f64(), h[j].to_f64(), h[half + j].to_f64());
-            let (cdf, pdf) = normal_cdf_pdf(gate);
-            out[j] = T::from_f64(g * gate * cdf);
-            out[half + j] = T::from_f64(g * a * (cdf + gate * pdf));
-        }
-    }
-}
+pub(super) struct GegluGrad;
 
 impl InputGrad for GegluGrad {
     const NAME: &'static str = "geglu";
     const BACKWARD: &'static str = "activation backward";
 
     fn input_grad(&self, h: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        cpu_rows(self, h, grad)?.map_or_else(|| self.composite(h, grad), Ok)
+        cpu_grad(h, grad, Activation::Geglu)?.map_or_else(|| self.composite(h, grad), Ok)
     }
 }
 
 impl GegluGrad {
     /// `[da, dgate] = [dy * gelu(gate), dy * a * (cdf(gate) + gate * pdf(gate))]`.
-    fn composite(&self, h: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    pub(super) fn composite(&self, h: &Tensor, grad: &Tensor) -> Result<Tensor> {
         let half = grad.dim(D::Minus1)?;
         let (a, gate) = (h.narrow(D::Minus1, 0, half)?, h.narrow(D::Minus1, half, half)?);
         let (cdf, pdf) = normal_cdf_pdf_tensors(&gate)?;
@@ -586,57 +606,9 @@ impl GegluGrad {
     }
 }
 
-/// A backward computed in one pass on the CPU, row by row (rows along the last dimension): a
-/// row of the input gradient from a row of the input and one of the output gradient.
-trait RowGrad: Sync {
-    fn row<T: WithDType>(&self, x: &[T], grad: &[T], out: &mut [T]);
-}
-
-/// The input gradient (shaped as `x`) by `kernel` on the CPU for f32 and f64 tensors, the rows
-/// split over candle's number of threads; `None` on other devices and dtypes, where the ops
-/// compose candle ops instead (the same formulas, about ten passes).
-fn cpu_rows(kernel: &impl RowGrad, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() {
-        return Ok(None);
-    }
-    match x.dtype() {
-        DType::F32 => cpu_rows_typed::<f32>(kernel, x, grad).map(Some),
-        DType::F64 => cpu_rows_typed::<f64>(kernel, x, grad).map(Some),
-        _ => Ok(None),
-    }
-}
-
-/// The elements of a contiguous CPU tensor's storage.
-fn cpu_slice<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
-    match (storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(cpu), Some((start, end))) => Ok(&cpu.as_slice::<T>()?[start..end]),
-        _ => candle_core::bail!("row kernel: a contiguous CPU tensor was expected"),
-    }
-}
-
-fn cpu_rows_typed<T: WithDType>(kernel: &impl RowGrad, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    let (x, grad) = (x.contiguous()?, grad.to_dtype(T::DTYPE)?.contiguous()?);
-    let (x_width, grad_width) = (x.dim(D::Minus1)?, grad.dim(D::Minus1)?);
-    let (x_storage, x_layout) = x.storage_and_layout();
-    let (grad_storage, grad_layout) = grad.storage_and_layout();
-    let (x_values, grad_values) = (cpu_slice(&x_storage, x_layout)?, cpu_slice(&grad_storage, grad_layout)?);
-    let mut out = vec![T::from_f64(0.0); x_values.len()];
-    let rows = x_values.len() / x_width.max(1);
-    // Small tensors are not worth starting threads.
-    let threads = if out.len() < 1 << 16 { 1 } else { candle_core::utils::get_num_threads().clamp(1, rows.max(1)) };
-    let rows_per_thread = rows.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        for (i, chunk) in out.chunks_mut(rows_per_thread * x_width).enumerate() {
-            scope.spawn(move || {
-                for (j, out) in chunk.chunks_mut(x_width).enumerate() {
-                    let r = i * rows_per_thread + j;
-                    let (x, grad) = (&x_values[r * x_width..][..x_width], &grad_values[r * grad_width..][..grad_width]);
-                    kernel.row(x, grad, out);
-                }
-            });
-        }
-    });
-    Tensor::from_vec(out, x.shape(), x.device())
+/// The input gradient of an activation by [`cpu_kernels`], `None` where it does not run.
+fn cpu_grad(x: &Tensor, grad: &Tensor, kind: Activation) -> Result<Option<Tensor>> {
+    cpu_kernels::activation_grad(x, grad, kind)?.map(|dx| cpu_tensor(dx, x.shape())).transpose()
 }
 
 /// The softmax backward along rows, in place on the CPU: the gradient of the probabilities `dp`
@@ -751,9 +723,10 @@ impl CustomOp3 for AttentionNode {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         profile::timed("attention backward", q.device(), || {
-            let compute = self.probs.dtype();
+            let compute = compute_dtype(self.probs.dtype());
+            let probs = self.probs.to_dtype(compute)?;
             let grad_c = grad.to_dtype(compute)?;
-            let dv = if v.track_op() { Some(self.probs.t()?.matmul(&grad_c)?.to_dtype(v.dtype())?) } else { None };
+            let dv = if v.track_op() { Some(probs.t()?.matmul(&grad_c)?.to_dtype(v.dtype())?) } else { None };
             if !q.track_op() && !k.track_op() {
                 return Ok((None, None, dv));
             }
@@ -762,10 +735,10 @@ impl CustomOp3 for AttentionNode {
             let d_probs = grad_c.matmul(&v_c.t()?)?;
             let d_scores = if d_probs.device().is_cpu() && matches!(compute, DType::F32 | DType::F64) {
                 // `d_probs` is this function's own: it becomes `dS` in place.
-                d_probs.inplace_op2(&self.probs, &SoftmaxGradInPlace)?;
+                d_probs.inplace_op2(&probs, &SoftmaxGradInPlace)?;
                 d_probs
             } else {
-                softmax_grad_composite(&self.probs, &d_probs, &grad_c, &out.detach().to_dtype(compute)?)?
+                softmax_grad_composite(&probs, &d_probs, &grad_c, &out.detach().to_dtype(compute)?)?
             };
             let dq = if q.track_op() {
                 let k_c = k.detach().to_dtype(compute)?.contiguous()?;
@@ -789,7 +762,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::{
-        attention_probs_and_output, cpu_rows, softmax_grad_composite, GegluGrad, GeluErfGrad, SiluGrad,
+        attention_probs_and_output, cpu_grad, softmax_grad_composite, Activation, GegluGrad, GeluErfGrad, SiluGrad,
         SoftmaxGradInPlace,
     };
 
@@ -807,16 +780,16 @@ mod tests {
     #[test]
     fn composite_activation_gradients_match_the_cpu_kernels() {
         let (x, g) = (values((3, 8), 1), values((3, 8), 2));
-        let silu = cpu_rows(&SiluGrad, &x, &g).unwrap().unwrap();
+        let silu = cpu_grad(&x, &g, Activation::Silu).unwrap().unwrap();
         assert!(max_diff(&silu, &SiluGrad.composite(&x, &g).unwrap()) < 1e-14);
-        let gelu = cpu_rows(&GeluErfGrad, &x, &g).unwrap().unwrap();
+        let gelu = cpu_grad(&x, &g, Activation::GeluErf).unwrap().unwrap();
         assert!(max_diff(&gelu, &GeluErfGrad.composite(&x, &g).unwrap()) < 1e-14);
         let h = values((3, 16), 3);
-        let geglu = cpu_rows(&GegluGrad, &h, &g).unwrap().unwrap();
+        let geglu = cpu_grad(&h, &g, Activation::Geglu).unwrap().unwrap();
         assert_eq!(geglu.dims(), &[3, 16]);
         assert!(max_diff(&geglu, &GegluGrad.composite(&h, &g).unwrap()) < 1e-14);
         // Half precisions take the composite path.
-        assert!(cpu_rows(&SiluGrad, &x.to_dtype(DType::F16).unwrap(), &g).unwrap().is_none());
+        assert!(cpu_grad(&x.to_dtype(DType::F16).unwrap(), &g, Activation::Silu).unwrap().is_none());
     }
 
     /// The attention backward's softmax step: in place on the CPU, composite elsewhere.
