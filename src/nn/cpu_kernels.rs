@@ -1,11 +1,15 @@
-//! f32 and f64 CPU kernels for the norms and activations of [`super::ops`], values and input
-//! gradients.
+//! f32 and f64 CPU kernels for the norms, activations and linear layers of [`super::ops`]:
+//! values and input gradients.
 //!
 //! candle computes a norm as about ten whole-tensor passes (and the composite backward fifteen),
 //! its f32 `silu` / `gelu_erf` as scalar loops calling `expf` / `erff`, and its row reductions
 //! one row at a time. These kernels read their inputs once or twice, split the rows over rayon's
 //! pool (candle's thread count), and are compiled a second time for AVX2 + FMA, chosen at run
 //! time ([`simd_fn!`]), so that the loops vectorise without a `target-cpu` flag.
+//!
+//! The linear layer and its input gradient are `gemm` products (candle's own matrix product),
+//! split by output columns over the threads, with the bias written into the output first
+//! rather than added in a second pass over it.
 //!
 //! f32 activations are computed in f64 with branch-free, vectorisable approximations of `exp`
 //! ([`exp_fast`]) and `erf` ([`erf_fast`]), far below f32 rounding; f64 ones keep libm's. Norm
@@ -599,11 +603,134 @@ simd_fn! {
     }
 }
 
+/// `x W^T + b` for `x` (rows, in), `weight` (out, in), `bias` (out) by [`matmul`]: `W^T` is
+/// read through its strides, and the bias rows are written into the output first, for the
+/// product to add onto (no separate pass over the output). `None` unless all are non-empty
+/// CPU tensors of one dtype, f32 or f64.
+pub(super) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<CpuStorage>> {
+    let ((rows, x_in), (out_dim, in_dim)) = (x.dims2()?, weight.dims2()?);
+    // Mismatched sizes are left to candle's matmul to report.
+    if x_in != in_dim || bias.is_some_and(|b| b.dims() != [out_dim]) || rows * out_dim * in_dim == 0 {
+        return Ok(None);
+    }
+    let mut tensors = vec![x, weight];
+    tensors.extend(bias);
+    match cpu_dtype(&tensors) {
+        Some(DType::F32) => with_values::<f32, _>(&tensors, |v| linear_typed(v, rows, in_dim, out_dim)).map(Some),
+        Some(DType::F64) => with_values::<f64, _>(&tensors, |v| linear_typed(v, rows, in_dim, out_dim)).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn linear_typed<T: Element>(values: &[&[T]], rows: usize, in_dim: usize, out_dim: usize) -> CpuStorage {
+    let (x, weight) = (values[0], values[1]);
+    let (mut out, add) = match values.get(2) {
+        Some(bias) => (bias.repeat(rows), true),
+        None => (vec![T::narrow(0.0); rows * out_dim], false),
+    };
+    // `W^T` (in_dim, out_dim): row stride 1, column stride in_dim.
+    let rhs = Strided { values: weight, row_stride: 1, col_stride: in_dim };
+    matmul(&mut out, add, x, rows, in_dim, rhs, out_dim);
+    T::storage(out)
+}
+
+/// The input gradient of [`linear`], `dy W` for `dy` (rows, out) and `weight` (out, in); `None`
+/// where [`linear`] is.
+pub(super) fn linear_input_grad(dy: &Tensor, weight: &Tensor) -> Result<Option<CpuStorage>> {
+    let ((rows, dy_out), (out_dim, in_dim)) = (dy.dims2()?, weight.dims2()?);
+    if dy_out != out_dim || rows * out_dim * in_dim == 0 {
+        return Ok(None);
+    }
+    match cpu_dtype(&[dy, weight]) {
+        Some(DType::F32) => {
+            with_values::<f32, _>(&[dy, weight], |v| linear_grad_typed(v, rows, out_dim, in_dim)).map(Some)
+        }
+        Some(DType::F64) => {
+            with_values::<f64, _>(&[dy, weight], |v| linear_grad_typed(v, rows, out_dim, in_dim)).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+fn linear_grad_typed<T: Element>(values: &[&[T]], rows: usize, out_dim: usize, in_dim: usize) -> CpuStorage {
+    let mut dx = vec![T::narrow(0.0); rows * in_dim];
+    // `W` (out_dim, in_dim) row-major.
+    let rhs = Strided { values: values[1], row_stride: in_dim, col_stride: 1 };
+    matmul(&mut dx, false, values[0], rows, out_dim, rhs, in_dim);
+    T::storage(dx)
+}
+
+/// A matrix in a slice: entry `(i, j)` at `i * row_stride + j * col_stride`.
+#[derive(Clone, Copy)]
+struct Strided<'a, T> {
+    values: &'a [T],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// Output columns each thread's block of a product has at least; narrower products run on
+/// gemm's own threads.
+const MIN_BLOCK_COLUMNS: usize = 64;
+
+/// `out (m, n) = [out +] lhs (m, k) * rhs (k, n)`, `out` and `lhs` row-major. With several
+/// threads, each computes a block of columns single-threaded: at these layers' shapes (tens to
+/// a thousand rows, a wide inner dimension) that is up to 1.6 times as fast as gemm's own
+/// split over two threads.
+fn matmul<T: Element>(out: &mut [T], add: bool, lhs: &[T], m: usize, k: usize, rhs: Strided<T>, n: usize) {
+    let rhs_extent = (k - 1) * rhs.row_stride + (n - 1) * rhs.col_stride + 1;
+    assert!(out.len() == m * n && lhs.len() == m * k && rhs.values.len() >= rhs_extent, "matmul: operand sizes");
+    let threads = candle_core::utils::get_num_threads();
+    let block = n.div_ceil(threads.max(1));
+    // Raw pointers, shared between the threads, which write disjoint columns.
+    let out_ptr = out.as_mut_ptr() as usize;
+    let (lhs, rhs_values) = (lhs.as_ptr() as usize, rhs.values.as_ptr() as usize);
+    // SAFETY (both calls): gemm reads `lhs` at `i * k + l` (i < m, l < k) and `rhs` at
+    // `l * row_stride + j * col_stride` (j < n), and writes `out` at `i * n + j`, all inside
+    // their slices by the asserted sizes; the blocks' columns `j0..j0 + cols` are disjoint, so
+    // no two threads write one entry, and `out` is borrowed mutably for the whole call.
+    let product = |j0: usize, cols: usize, parallelism| unsafe {
+        gemm::gemm(
+            m,
+            cols,
+            k,
+            (out_ptr as *mut T).add(j0),
+            1,
+            n as isize,
+            add,
+            lhs as *const T,
+            1,
+            k as isize,
+            (rhs_values as *const T).add(j0 * rhs.col_stride),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            T::narrow(1.0),
+            T::narrow(1.0),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    };
+    if threads <= 1 {
+        product(0, n, gemm::Parallelism::None);
+    } else if block < MIN_BLOCK_COLUMNS {
+        product(0, n, gemm::Parallelism::Rayon(threads));
+    } else {
+        (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+            let j0 = b * block;
+            product(j0, block.min(n - j0), gemm::Parallelism::None);
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor, Var, D};
 
-    use super::{activation, activation_grad, erf_fast, exp_fast, norm, norm_input_grad, Activation, NormSpec};
+    use super::{
+        activation, activation_grad, erf_fast, exp_fast, linear, linear_input_grad, norm, norm_input_grad, Activation,
+        NormSpec,
+    };
     use crate::nn::ops::{cpu_tensor, normalize_last_dim, GegluGrad, GeluErfGrad, SiluGrad};
 
     /// Deterministic values in [-3, 3), `dtype`, transposed in its last two dimensions so that
@@ -739,5 +866,31 @@ mod tests {
         let x = values(&[2, 4], 1, DType::F16);
         assert!(activation(&x, Activation::Silu).unwrap().is_none());
         assert!(activation(&values(&[2, 3], 1, DType::F32), Activation::Geglu).is_err());
+    }
+
+    #[test]
+    fn linear_matches_matmul() {
+        for dtype in [DType::F32, DType::F64] {
+            // Non-contiguous `x` and `dy`; a narrow product (on gemm's threads) and a wide one
+            // (split by columns), sizes that are not multiples of gemm's blocks.
+            for (rows, in_dim, out_dim) in [(37, 19, 23), (37, 301, 259)] {
+                let x = values(&[rows, in_dim], 7, dtype);
+                let weight = values(&[in_dim, out_dim], 8, dtype).t().unwrap().contiguous().unwrap();
+                let bias = values(&[out_dim, 1], 9, dtype).reshape(out_dim).unwrap();
+                let product = x.matmul(&weight.t().unwrap()).unwrap();
+                let tol = tolerance(dtype) / 10.0;
+                let y = cpu_tensor(linear(&x, &weight, Some(&bias)).unwrap().unwrap(), (rows, out_dim)).unwrap();
+                assert!(rel_diff(&y, &product.broadcast_add(&bias).unwrap()) < tol);
+                let y = cpu_tensor(linear(&x, &weight, None).unwrap().unwrap(), (rows, out_dim)).unwrap();
+                assert!(rel_diff(&y, &product) < tol);
+                let dy = values(&[rows, out_dim], 10, dtype);
+                let dx = cpu_tensor(linear_input_grad(&dy, &weight).unwrap().unwrap(), (rows, in_dim)).unwrap();
+                assert!(rel_diff(&dx, &dy.matmul(&weight).unwrap()) < tol);
+            }
+        }
+        // Mismatched sizes are left to candle.
+        let (x, w) = (values(&[3, 4], 1, DType::F32), values(&[5, 3], 2, DType::F32));
+        assert!(linear(&x, &w, None).unwrap().is_none());
+        assert!(linear_input_grad(&x, &w).unwrap().is_none());
     }
 }

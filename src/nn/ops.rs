@@ -6,7 +6,8 @@
 //! (CANDLE_NOTES.md, 3 and 5). The ops here are candle custom ops whose backward returns the
 //! input gradient only, and whose graph node keeps only what that gradient needs:
 //!
-//! - [`linear`]: `dx = dy W`, no `dW`, no `db`;
+//! - [`linear`]: `dx = dy W`, no `dW`, no `db` (on the CPU, one `gemm` call for `x W^T + b`,
+//!   [`super::cpu_kernels::linear`]);
 //! - [`conv2d`]: value and input gradient from [`super::conv`] (im2col + gemm on the CPU,
 //!   cuDNN with the fastest algorithm per shape on CUDA), no kernel gradient;
 //! - [`group_norm`], [`layer_norm`]: one node per norm; the backward recomputes the
@@ -54,6 +55,15 @@ fn frozen<'a>(tensors: impl IntoIterator<Item = Option<&'a Tensor>>) -> bool {
 /// `x W^T + b` for `x` (rows, in), `weight` (out, in), `bias` (out).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     profile::timed("linear", x.device(), || {
+        if frozen([Some(weight), bias]) {
+            if let Some(y) = cpu_kernels::linear(&x.detach(), weight, bias)? {
+                let shape = Shape::from((x.dim(0)?, weight.dim(0)?));
+                if !x.track_op() {
+                    return cpu_tensor(y, shape);
+                }
+                return x.apply_op1(Node::computed(y, shape, LinearGrad { weight: weight.clone() }));
+            }
+        }
         let value = |x: &Tensor| x.matmul(&weight.t()?);
         if !x.track_op() || !frozen([Some(weight), bias]) {
             let y = value(x)?;
@@ -426,8 +436,11 @@ impl InputGrad for LinearGrad {
     const NAME: &'static str = "frozen-linear";
     const BACKWARD: &'static str = "linear backward";
 
-    fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        grad.contiguous()?.matmul(&self.weight)
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        match cpu_kernels::linear_input_grad(grad, &self.weight)? {
+            Some(dx) => cpu_tensor(dx, x.shape()),
+            None => grad.contiguous()?.matmul(&self.weight),
+        }
     }
 }
 
