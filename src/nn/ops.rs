@@ -22,9 +22,10 @@
 //!   about ten passes and, for GEGLU, pads both halves back to full size).
 //!
 //! Each op computes its value on detached inputs, with ordinary candle ops or the CPU kernels,
-//! then hands it to the custom op, adding the bias on the way, so that there is no extra copy. When no input is tracked
-//! (inference) the plain value is returned and no graph is built; when a weight is trainable
-//! (a `Var`, or computed from one) the op falls back to candle's own differentiable ops.
+//! then hands it to the custom op, adding the bias on the way, so that there is no extra copy.
+//! When no input is tracked (inference) the plain value is returned and no graph is built; when
+//! a weight is trainable (a `Var`, or computed from one) the op falls back to candle's own
+//! differentiable ops.
 
 use std::sync::Mutex;
 
