@@ -1,0 +1,53 @@
+//! Checks of the CUDA paths of [`super::ops`] against the CPU, run by the tests of a CUDA build
+//! on a machine with a GPU (the convolution and norm kernels have theirs beside them).
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::ops;
+
+fn values(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> =
+        (0..n).map(|i| (((i as u64 * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0) * scale).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn relative_error(got: &Tensor, expected: &Tensor) -> f32 {
+    let diff = (got - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6)
+}
+
+/// Attention's value and the gradients of q, k and v on the GPU in f32 (TF32 off) and bf16
+/// (half-precision scores and probabilities) against the CPU in f32.
+#[test]
+fn attention_matches_the_cpu() {
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("no CUDA device: attention_matches_the_cpu skipped");
+        return;
+    };
+    let shape = [1, 3, 200, 64];
+    let (q, k, v) = (values(&shape, 1, 1.5), values(&shape, 2, 1.5), values(&shape, 3, 1.0));
+    let dy = values(&shape, 4, 1.0);
+    let run = |device: &Device, dtype: DType| {
+        let vars: Vec<Var> = [&q, &k, &v]
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap())
+            .collect();
+        let out = ops::attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), None).unwrap();
+        let loss = (out.to_dtype(DType::F32).unwrap() * dy.to_device(device).unwrap()).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let back = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let mut results = vec![back(&out)];
+        results.extend(vars.iter().map(|var| back(grads.get(var.as_tensor()).unwrap())));
+        results
+    };
+    let expected = run(&Device::Cpu, DType::F32);
+    super::set_tf32(false);
+    for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+        let got = run(&gpu, dtype);
+        for (name, (g, e)) in ["output", "dq", "dk", "dv"].iter().zip(got.iter().zip(&expected)) {
+            let error = relative_error(g, e);
+            assert!(error <= tolerance, "{dtype:?} {name}: relative error {error}");
+        }
+    }
+}
