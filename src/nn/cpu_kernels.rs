@@ -21,6 +21,8 @@ use std::ops::{Add, Mul, Sub};
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::ops::NormSpec;
+
 /// Elements each rayon task handles at least: smaller tasks cost more to hand out than to run.
 const MIN_TASK: usize = 1 << 14;
 
@@ -232,26 +234,6 @@ fn for_each_chunk<T: Element>(out: &mut [T], width: usize, kernel: impl Fn(usize
     } else {
         let min_len = MIN_TASK.div_ceil(width);
         out.par_chunks_mut(width).with_min_len(min_len).enumerate().for_each(|(i, chunk)| kernel(i, chunk));
-    }
-}
-
-/// A normalisation: `x` viewed as rows of `n` values, each row normalised, then value `col` of
-/// row `row` scaled and shifted by channel `(row % groups) * (channels / groups) + col / inner`
-/// with `inner = n * groups / channels` (group norm: `channels / groups` channels of `h * w`
-/// values per row; layer norm: one group, a channel per value).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct NormSpec {
-    pub n: usize,
-    pub groups: usize,
-    pub eps: f64,
-}
-
-impl NormSpec {
-    /// `(channels per row, values per channel)` for an affine map of `channels`, if it fits.
-    fn split(&self, channels: usize) -> Option<(usize, usize)> {
-        let per_row = channels / self.groups.max(1);
-        let fits = self.groups > 0 && channels.is_multiple_of(self.groups) && per_row > 0;
-        (fits && self.n.is_multiple_of(per_row)).then(|| (per_row, self.n / per_row))
     }
 }
 
@@ -729,9 +711,8 @@ mod tests {
 
     use super::{
         activation, activation_grad, erf_fast, exp_fast, linear, linear_input_grad, norm, norm_input_grad, Activation,
-        NormSpec,
     };
-    use crate::nn::ops::{cpu_tensor, normalize_last_dim, GegluGrad, GeluErfGrad, SiluGrad};
+    use crate::nn::ops::{cpu_tensor, normalize_last_dim, GegluGrad, GeluErfGrad, NormSpec, SiluGrad};
 
     /// Deterministic values in [-3, 3), `dtype`, transposed in its last two dimensions so that
     /// the kernels see a non-contiguous tensor (`dims` is the shape they see).

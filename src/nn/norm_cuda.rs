@@ -13,38 +13,21 @@ use candle_core::cuda::{CudaDType, CudaDevice};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-/// A normalisation: `x` as (rows, n), rows normalised, then channel `c` of
-/// `(row % groups) * (channels / groups) + col / (n * groups / channels)` scaled and shifted.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct NormSpec {
-    pub rows: usize,
-    pub n: usize,
-    pub groups: usize,
-    pub channels: usize,
-    pub eps: f64,
-}
+use super::ops::NormSpec;
 
-impl NormSpec {
-    /// Whether these kernels handle `x` with this spec (CUDA, f32/f16/bf16, f32 affine).
-    pub fn fits(&self, x: &Tensor, weight: &Tensor) -> bool {
-        x.device().is_cuda()
-            && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
-            && weight.dtype() == DType::F32
-            && self.rows <= MAX_ROWS
-            && self.n <= i32::MAX as usize
-            && (self.n * self.groups).is_multiple_of(self.channels)
-            && self.channels.is_multiple_of(self.groups)
-    }
-
-    fn layout(&self) -> KernelLayout {
-        let per_group = self.channels / self.groups;
-        KernelLayout {
-            n: self.n as i32,
-            groups: self.groups as i32,
-            per_group: per_group as i32,
-            inner: (self.n / per_group) as i32,
-        }
-    }
+/// What the kernels need of a [`NormSpec`] for `x` and `weight`: the rows and the affine
+/// layout, if these kernels handle them (CUDA, f32/f16/bf16, f32 affine, within the grid).
+fn plan(x: &Tensor, weight: &Tensor, spec: &NormSpec) -> Option<(usize, KernelLayout)> {
+    let (per_row, inner) = spec.split(weight.elem_count())?;
+    let rows = x.elem_count() / spec.n.max(1);
+    let fits = x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && weight.dtype() == DType::F32
+        && rows <= MAX_ROWS
+        && spec.n <= i32::MAX as usize;
+    let layout =
+        KernelLayout { n: spec.n as i32, groups: spec.groups as i32, per_group: per_row as i32, inner: inner as i32 };
+    fits.then_some((rows, layout))
 }
 
 /// Rows are the grid's second dimension.
@@ -66,19 +49,25 @@ struct KernelLayout {
 // SAFETY: a plain `repr(C)` struct of four ints, as the kernels declare it.
 unsafe impl DeviceRepr for KernelLayout {}
 
-/// `(x - mean) * rstd * weight + bias`, with `weight`, `bias` of `spec.channels` f32 values.
-pub(super) fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, spec: NormSpec) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &Norm { spec, backward: false })
+/// `(x - mean) * rstd * weight + bias` as `spec` says; `None` where these kernels do not apply.
+pub(super) fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor, spec: NormSpec) -> Result<Option<Tensor>> {
+    let Some((rows, layout)) = plan(x, weight, &spec) else { return Ok(None) };
+    let op = Norm { rows, layout, eps: spec.eps, backward: false };
+    Ok(Some(x.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)?))
 }
 
 /// The gradient with respect to `x` of [`forward`], from the output gradient `dy`.
-pub(super) fn input_grad(x: &Tensor, dy: &Tensor, weight: &Tensor, spec: NormSpec) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(&dy.contiguous()?, &weight.contiguous()?, &Norm { spec, backward: true })
+pub(super) fn input_grad(x: &Tensor, dy: &Tensor, weight: &Tensor, spec: NormSpec) -> Result<Option<Tensor>> {
+    let Some((rows, layout)) = plan(x, weight, &spec) else { return Ok(None) };
+    let op = Norm { rows, layout, eps: spec.eps, backward: true };
+    Ok(Some(x.contiguous()?.apply_op3_no_bwd(&dy.contiguous()?, &weight.contiguous()?, &op)?))
 }
 
 /// Forward: `(x, weight, bias)`; backward: `(x, dy, weight)`.
 struct Norm {
-    spec: NormSpec,
+    rows: usize,
+    layout: KernelLayout,
+    eps: f64,
     backward: bool,
 }
 
@@ -126,18 +115,17 @@ impl CustomOp3 for Norm {
 impl Norm {
     fn run<T: CudaDType + DeviceRepr>(&self, suffix: &str, args: [(&CudaStorage, &Layout); 3]) -> Result<CudaStorage> {
         let device = &args[0].0.device;
-        let spec = &self.spec;
-        let layout = spec.layout();
-        let total = spec.rows * spec.n;
+        let (rows, n, layout) = (self.rows, self.layout.n as usize, self.layout);
+        let total = rows * n;
         // The operands in kernel order: x, then dy (backward), then the f32 affine parameters.
         let x = args[0].0.as_cuda_slice::<T>()?.slice(args[0].1.start_offset()..);
         let (sums_per_row, sum_kernel, apply_kernel) =
             if self.backward { (4, "backward_sums", "backward_apply") } else { (2, "forward_sums", "forward_apply") };
-        let mut sums = device.alloc_zeros::<f64>(spec.rows * sums_per_row)?;
+        let mut sums = device.alloc_zeros::<f64>(rows * sums_per_row)?;
         // SAFETY: the apply kernel writes every element.
         let mut out = unsafe { device.alloc::<T>(total)? };
         let sum_grid = LaunchConfig {
-            grid_dim: (spec.n.div_ceil(CHUNK) as u32, spec.rows as u32, 1),
+            grid_dim: (n.div_ceil(CHUNK) as u32, rows as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -146,7 +134,7 @@ impl Norm {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (chunk, eps, total) = (CHUNK as i32, spec.eps as f32, total);
+        let (chunk, eps) = (CHUNK as i32, self.eps as f32);
         let wrap = candle_core::Error::wrap;
         let stream = device.cuda_stream();
         if self.backward {
@@ -201,8 +189,8 @@ fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction> {
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
-    use super::{forward, input_grad, NormSpec};
-    use crate::nn::ops;
+    use super::{forward, input_grad};
+    use crate::nn::ops::{self, NormSpec};
 
     fn values(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
@@ -243,15 +231,15 @@ mod tests {
             let y = cpu_norm(var.as_tensor()).unwrap();
             let dx = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap().get(var.as_tensor()).unwrap().clone();
             let n = if groups == 0 { channels } else { x.elem_count() / (dims[0] * groups) };
-            let spec = NormSpec { rows: x.elem_count() / n, n, groups: groups.max(1), channels, eps: 1e-5 };
+            let spec = NormSpec { n, groups: groups.max(1), eps: 1e-5 };
             let shaped = |t: &Tensor| if groups == 0 { t.clone() } else { t.reshape((1, channels, 1, 1)).unwrap() };
             let (w_gpu, b_gpu) = (shaped(&weight).to_device(&gpu).unwrap(), shaped(&bias).to_device(&gpu).unwrap());
             for (dtype, tolerance) in [(DType::F32, 2e-5), (DType::BF16, 5e-2)] {
                 let on_gpu = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
                 let back = |t: Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-                assert!(spec.fits(&on_gpu(&x), &w_gpu), "case {i}");
-                let y_gpu = back(forward(&on_gpu(&x), &w_gpu, &b_gpu, spec).unwrap());
-                let dx_gpu = back(input_grad(&on_gpu(&x), &on_gpu(&dy), &w_gpu, spec).unwrap());
+                let y_gpu = back(forward(&on_gpu(&x), &w_gpu, &b_gpu, spec).unwrap().expect("the kernels apply"));
+                let dx_gpu =
+                    back(input_grad(&on_gpu(&x), &on_gpu(&dy), &w_gpu, spec).unwrap().expect("the kernels apply"));
                 let (ey, edx) = (max_diff(&y_gpu, &y), max_diff(&dx_gpu, &dx));
                 let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
                 assert!(ey <= tolerance * scale(&y), "case {i} {dtype:?}: forward off by {ey}");

@@ -29,7 +29,7 @@
 
 use std::sync::Mutex;
 
-use super::cpu_kernels::{self, Activation, NormSpec};
+use super::cpu_kernels::{self, Activation};
 use super::{conv, profile};
 
 use candle_core::backend::BackendStorage;
@@ -131,6 +131,26 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
     centered.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
+/// A normalisation: `x` viewed as rows of `n` values, each row normalised, then value `col` of
+/// row `row` scaled and shifted by channel `(row % groups) * (channels / groups) + col / inner`
+/// with `inner = n * groups / channels` (group norm: `channels / groups` channels of `h * w`
+/// values per row; layer norm: one group, a channel per value).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NormSpec {
+    pub n: usize,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl NormSpec {
+    /// `(channels per row, values per channel)` for an affine map of `channels`, if it fits.
+    pub(super) fn split(&self, channels: usize) -> Option<(usize, usize)> {
+        let per_row = channels / self.groups.max(1);
+        let fits = self.groups > 0 && channels.is_multiple_of(self.groups) && per_row > 0;
+        (fits && self.n.is_multiple_of(per_row)).then(|| (per_row, self.n / per_row))
+    }
+}
+
 /// Normalises `x` viewed as `stats_shape` over its last dimension, then `* weight + bias`
 /// (both broadcastable to `x`, in the compute dtype; `groups` consecutive rows of `stats_shape`
 /// share none of their channels, 1 for a layer norm).
@@ -145,8 +165,7 @@ fn norm(
     profile::timed("norm", x.device(), || {
         let (dtype, compute) = (x.dtype(), weight.dtype());
         let n = *stats_shape.last().expect("a norm has a dimension to normalise");
-        let fused = FusedNorm::new(x.elem_count() / n.max(1), n, groups, weight.elem_count(), eps);
-        let cpu = NormSpec { n, groups, eps };
+        let spec = NormSpec { n, groups, eps };
         let scaled = |x: &Tensor| {
             normalize_last_dim(&x.to_dtype(compute)?.reshape(stats_shape.as_slice())?, eps)?
                 .reshape(x.shape())?
@@ -155,25 +174,25 @@ fn norm(
         if !frozen([Some(weight), Some(bias)]) {
             return scaled(x)?.broadcast_add(bias)?.to_dtype(dtype);
         }
-        if fused.fits(x, weight) {
-            let y = fused.forward(&x.detach(), weight, bias)?;
+        #[cfg(feature = "cuda")]
+        if let Some(y) = super::norm_cuda::forward(&x.detach(), weight, bias, spec)? {
             if !x.track_op() {
                 return Ok(y);
             }
-            return x.apply_op1(Node::new(y, None, NormGrad { stats_shape, weight: weight.clone(), eps, fused, cpu }));
+            return x.apply_op1(Node::new(y, None, NormGrad { stats_shape, weight: weight.clone(), spec }));
         }
-        if let Some(y) = cpu_kernels::norm(&x.detach(), weight, bias, cpu)? {
+        if let Some(y) = cpu_kernels::norm(&x.detach(), weight, bias, spec)? {
             if !x.track_op() {
                 return cpu_tensor(y, x.shape());
             }
-            let grad = NormGrad { stats_shape, weight: weight.clone(), eps, fused, cpu };
+            let grad = NormGrad { stats_shape, weight: weight.clone(), spec };
             return x.apply_op1(Node::computed(y, x.shape().clone(), grad));
         }
         if !x.track_op() {
             return scaled(x)?.broadcast_add(bias)?.to_dtype(dtype);
         }
         let scaled_x = scaled(&x.detach())?;
-        let grad = NormGrad { stats_shape, weight: weight.clone(), eps, fused, cpu };
+        let grad = NormGrad { stats_shape, weight: weight.clone(), spec };
         let node = if compute == dtype {
             Node::new(scaled_x, Some(bias.clone()), grad)
         } else {
@@ -464,9 +483,7 @@ impl InputGrad for Conv2dGrad {
 struct NormGrad {
     stats_shape: Vec<usize>,
     weight: Tensor,
-    eps: f64,
-    fused: FusedNorm,
-    cpu: NormSpec,
+    spec: NormSpec,
 }
 
 impl InputGrad for NormGrad {
@@ -476,65 +493,24 @@ impl InputGrad for NormGrad {
     /// With `x^ = (x - mean) * r`, `r = 1 / sqrt(var + eps)` and `g = dy * weight`:
     /// `dx = r * (g - mean(g) - x^ * mean(g * x^))`, the means over each normalised group.
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        if self.fused.fits(x, &self.weight) {
-            return self.fused.input_grad(x, grad, &self.weight);
+        #[cfg(feature = "cuda")]
+        if let Some(dx) = super::norm_cuda::input_grad(x, grad, &self.weight, self.spec)? {
+            return Ok(dx);
         }
-        if let Some(dx) = cpu_kernels::norm_input_grad(x, grad, &self.weight, self.cpu)? {
+        if let Some(dx) = cpu_kernels::norm_input_grad(x, grad, &self.weight, self.spec)? {
             return cpu_tensor(dx, x.shape());
         }
         let compute = self.weight.dtype();
         let shape = self.stats_shape.as_slice();
         let x_c = x.to_dtype(compute)?.reshape(shape)?;
         let centered = x_c.broadcast_sub(&x_c.mean_keepdim(D::Minus1)?)?;
-        let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let r = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.spec.eps)?.sqrt()?.recip()?;
         let x_hat = centered.broadcast_mul(&r)?;
         let g = grad.to_dtype(compute)?.broadcast_mul(&self.weight)?.reshape(shape)?;
         let projection = (&g * &x_hat)?.mean_keepdim(D::Minus1)?;
         let dx =
             g.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?.sub(&x_hat.broadcast_mul(&projection)?)?.broadcast_mul(&r)?;
         dx.reshape(x.shape())?.to_dtype(x.dtype())
-    }
-}
-
-/// The fused CUDA norm kernels where this build has them ([`super::norm_cuda`]); nothing
-/// elsewhere.
-#[derive(Debug, Clone, Copy)]
-struct FusedNorm {
-    #[cfg(feature = "cuda")]
-    spec: super::norm_cuda::NormSpec,
-}
-
-impl FusedNorm {
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    fn new(rows: usize, n: usize, groups: usize, channels: usize, eps: f64) -> Self {
-        Self {
-            #[cfg(feature = "cuda")]
-            spec: super::norm_cuda::NormSpec { rows, n, groups, channels, eps },
-        }
-    }
-
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    fn fits(&self, x: &Tensor, weight: &Tensor) -> bool {
-        #[cfg(feature = "cuda")]
-        return self.spec.fits(x, weight);
-        #[cfg(not(feature = "cuda"))]
-        false
-    }
-
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    fn forward(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        return super::norm_cuda::forward(x, weight, bias, self.spec);
-        #[cfg(not(feature = "cuda"))]
-        candle_core::bail!("fused norms need the `cuda` feature")
-    }
-
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    fn input_grad(&self, x: &Tensor, dy: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        return super::norm_cuda::input_grad(x, dy, weight, self.spec);
-        #[cfg(not(feature = "cuda"))]
-        candle_core::bail!("fused norms need the `cuda` feature")
     }
 }
 
