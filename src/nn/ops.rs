@@ -278,10 +278,10 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Scaled dot-product attention on `(batch, heads, seq, head_dim)` tensors; `mask` is added to
 /// the scores (use large negative values to hide positions). Scores and softmax are computed in
 /// [`compute_dtype`] of `q` (pass `q` and `k` in f32 to upcast a half-precision model's
-/// attention), except on CUDA, where half-precision scores and probabilities stay in half
-/// precision (candle's CUDA softmax sums in f32, and the backward computes in f32), as PyTorch's
-/// fused attention keeps them: the (seq x seq) matrices are the largest tensors of a step;
-/// the result has the dtype of `v`.
+/// attention), except on CUDA: there a half-precision product gives half-precision scores either
+/// way, and candle's CUDA softmax computes in f32 inside, so the scores and probabilities stay
+/// in half precision, sparing two conversions of the (seq x seq) matrices and half of what the
+/// backward keeps (the backward computes in f32); the result has the dtype of `v`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     profile::timed("attention", q.device(), || {
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
