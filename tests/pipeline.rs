@@ -65,7 +65,7 @@ fn identity_changes_the_image_and_seed_reproduces_it() {
         metadata: Default::default(),
     };
     let second = Identity { embeddings: Tensor::randn(0f32, 1.0, (2, 32), &Device::Cpu).unwrap(), ..first.clone() };
-    let a = pipeline.generate(&request, &[first.clone()], &mut |_, _| {}).unwrap();
+    let a = pipeline.generate(&request, std::slice::from_ref(&first), &mut |_, _| {}).unwrap();
     let a_again = pipeline.generate(&request, &[first], &mut |_, _| {}).unwrap();
     let b = pipeline.generate(&request, &[second], &mut |_, _| {}).unwrap();
     assert_eq!(common::max_abs_diff(&a, &a_again), 0.0, "same seed, same identity: same image");
@@ -79,7 +79,7 @@ fn prompt_placeholders_need_identities() {
     let err = pipeline.encode_prompt("a photo of v1* v2*", &[]).unwrap_err().to_string();
     assert!(err.contains("--identity"), "{err}");
     let one = Identity { embeddings: Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap(), source: "a".into(), metadata: Default::default() };
-    let err = pipeline.encode_prompt("v1* v2* and v3* v4*", &[one.clone()]).unwrap_err().to_string();
+    let err = pipeline.encode_prompt("v1* v2* and v3* v4*", std::slice::from_ref(&one)).unwrap_err().to_string();
     assert!(err.contains("needs 2 identities"), "{err}");
     let wide = Identity { embeddings: Tensor::zeros((2, 1024), DType::F32, &Device::Cpu).unwrap(), source: "wide".into(), metadata: Default::default() };
     let err = pipeline.encode_prompt("v1* v2*", &[wide]).unwrap_err().to_string();

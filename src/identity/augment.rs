@@ -40,7 +40,7 @@ impl TrainingPhoto {
     /// `rgb`: interleaved 8-bit RGB, row-major; masks: row-major, values in {0, 1}. Both sides
     /// must be multiples of 8 (the VAE factor).
     pub fn new(height: usize, width: usize, rgb: Vec<u8>, face_mask: Vec<f32>, hair_mask: Vec<f32>) -> Result<Self> {
-        if height == 0 || width == 0 || height % LATENT_FACTOR != 0 || width % LATENT_FACTOR != 0 {
+        if height == 0 || width == 0 || !height.is_multiple_of(LATENT_FACTOR) || !width.is_multiple_of(LATENT_FACTOR) {
             return Err(Error::Input(format!(
                 "training photo {width}x{height}: both sides must be non-zero multiples of {LATENT_FACTOR}"
             )));

@@ -84,10 +84,10 @@ impl ViTConfig {
         if self.hidden_act != "gelu" {
             bail!("hidden_act: unsupported activation {:?} (expected \"gelu\")", self.hidden_act)
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!("num_attention_heads: {} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size)
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             bail!("patch_size: {} does not divide image_size {}", self.patch_size, self.image_size)
         }
         if self.num_channels != 3 {

@@ -7,6 +7,7 @@
 //! tensor cores unless [`crate::nn::set_tf32`] turned them off (as PyTorch's
 //! `torch.backends.cudnn.allow_tf32`, on by default); f16 and bf16 accumulate in f32.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
@@ -91,10 +92,10 @@ fn run_typed<T: Element>(
     let mut out = unsafe { device.alloc::<T>(out_len)? };
 
     let mut states = states();
-    if !states.contains_key(&device.id()) {
-        states.insert(device.id(), DeviceState::new(stream.clone())?);
-    }
-    let state = states.get_mut(&device.id()).expect("inserted above");
+    let state = match states.entry(device.id()) {
+        Entry::Occupied(entry) => entry.into_mut(),
+        Entry::Vacant(entry) => entry.insert(DeviceState::new(stream.clone())?),
+    };
     let key = (shape, direction, T::DATA_TYPE as i32, T::math() as i32);
     if !state.plans.contains_key(&key) {
         let plan = Plan::find::<T>(state, device, shape, direction, &data, &kernel, &mut out)?;
