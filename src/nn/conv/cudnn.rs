@@ -4,8 +4,8 @@
 //! (`cudnnFind*AlgorithmEx`, as PyTorch does with `torch.backends.cudnn.benchmark = True`) and
 //! keeps the fastest that fits [`SEARCH_WORKSPACE_BYTES`], with its descriptors. One workspace
 //! per device, grown to the largest chosen algorithm's need, serves every call. f32 runs on TF32
-//! tensor cores unless [`crate::nn::set_tf32`] turned them off (as PyTorch's
-//! `torch.backends.cudnn.allow_tf32`, on by default); f16 and bf16 accumulate in f32.
+//! tensor cores where [`crate::nn::set_tf32`] allows it (the CLI's default on CUDA, as PyTorch's
+//! `torch.backends.cudnn.allow_tf32`), in full f32 otherwise; f16 and bf16 accumulate in f32.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
