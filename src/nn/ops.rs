@@ -288,11 +288,28 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
         if !frozen([mask]) {
             return composite_attention(q, k, v, mask, scale);
         }
-        if frozen([Some(q), Some(k), Some(v)]) {
+        let tracked = !frozen([Some(q), Some(k), Some(v)]);
+        let kernel = cpu_kernels::attention(&q.detach(), &k.detach(), &v.detach(), mask, scale, tracked)?;
+        if let Some((probs, out)) = kernel {
+            let ((b, h, n, _), (m, dv)) = (q.dims4()?, (k.dim(2)?, v.dim(3)?));
+            // The kernel's output is laid out (batch, n, heads, dv): viewed as (batch, heads, n, dv).
+            let heads_last = Shape::from((b, n, h, dv));
+            let out = match probs {
+                Some(probs) if tracked => {
+                    let probs = cpu_tensor(probs, (b, h, n, m))?;
+                    let node =
+                        AttentionNode { out: Precomputed::computed(out, heads_last), probs, scale, kernel: true };
+                    q.apply_op3(k, v, node)?
+                }
+                _ => cpu_tensor(out, heads_last)?,
+            };
+            return out.transpose(1, 2);
+        }
+        if !tracked {
             return Ok(attention_probs_and_output(q, k, v, mask, scale)?.1);
         }
         let (probs, out) = attention_probs_and_output(&q.detach(), &k.detach(), &v.detach(), mask, scale)?;
-        q.apply_op3(k, v, AttentionNode { out: Precomputed::new(out, None), probs, scale })
+        q.apply_op3(k, v, AttentionNode { out: Precomputed::new(out, None), probs, scale, kernel: false })
     })
 }
 
@@ -343,6 +360,11 @@ enum Value {
 impl Precomputed {
     fn new(value: Tensor, addend: Option<Tensor>) -> Self {
         Self { value: Mutex::new(Some(Value::Tensor(value))), addend }
+    }
+
+    /// A value that [`cpu_kernels`] computed.
+    fn computed(values: CpuStorage, shape: Shape) -> Self {
+        Self { value: Mutex::new(Some(Value::Cpu(values, shape))), addend: None }
     }
 
     fn hand_over<S: Backend>(&self) -> Result<(S, Shape)> {
@@ -421,7 +443,7 @@ impl<G: InputGrad> Node<G> {
 
     /// A node whose value [`cpu_kernels`] computed.
     fn computed(values: CpuStorage, shape: Shape, grad: G) -> Self {
-        Self { out: Precomputed { value: Mutex::new(Some(Value::Cpu(values, shape))), addend: None }, grad }
+        Self { out: Precomputed::computed(values, shape), grad }
     }
 }
 
@@ -657,6 +679,9 @@ struct AttentionNode {
     out: Precomputed,
     probs: Tensor,
     scale: f64,
+    /// Whether [`cpu_kernels::attention`] computed the value, laid out (batch, n, heads, dv):
+    /// the backward is then [`cpu_kernels::attention_grad`].
+    kernel: bool,
 }
 
 impl CustomOp3 for AttentionNode {
@@ -713,6 +738,15 @@ impl CustomOp3 for AttentionNode {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         profile::timed("attention backward", q.device(), || {
+            if self.kernel {
+                let needed = [q.track_op(), k.track_op(), v.track_op()];
+                let Some([dq, dk, dv]) = cpu_kernels::attention_grad([q, k, v], &self.probs, grad, self.scale, needed)?
+                else {
+                    candle_core::bail!("attention backward: the CPU kernel's node has non-CPU inputs")
+                };
+                let grad_of = |g: Option<CpuStorage>, x: &Tensor| g.map(|g| cpu_tensor(g, x.shape())).transpose();
+                return Ok((grad_of(dq, q)?, grad_of(dk, k)?, grad_of(dv, v)?));
+            }
             let compute = compute_dtype(self.probs.dtype());
             let probs = self.probs.to_dtype(compute)?;
             let grad_c = grad.to_dtype(compute)?;
@@ -751,9 +785,11 @@ impl CustomOp3 for AttentionNode {
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
+    use candle_core::Var;
+
     use super::{
-        attention_probs_and_output, cpu_grad, softmax_grad_composite, Activation, GegluGrad, GeluErfGrad, SiluGrad,
-        SoftmaxGradInPlace,
+        attention, attention_probs_and_output, composite_attention, cpu_grad, softmax_grad_composite, Activation,
+        GegluGrad, GeluErfGrad, SiluGrad, SoftmaxGradInPlace,
     };
 
     fn values(shape: (usize, usize), seed: u64) -> Tensor {
@@ -793,5 +829,88 @@ mod tests {
         let composite = softmax_grad_composite(&probs, &d_probs, &grad, &out).unwrap();
         d_probs.inplace_op2(&probs, &SoftmaxGradInPlace).unwrap();
         assert!(max_diff(&d_probs, &composite) < 1e-14);
+    }
+
+    /// `(batch, seq, heads, head_dim)` values viewed as `(batch, heads, seq, head_dim)`, as the
+    /// models split heads.
+    fn split_heads(batch: usize, seq: usize, heads: usize, head_dim: usize, seed: u64, dtype: DType) -> Var {
+        let t = values((batch * seq, heads * head_dim), seed).to_dtype(dtype).unwrap();
+        Var::from_tensor(&t.reshape((batch, seq, heads, head_dim)).unwrap()).unwrap()
+    }
+
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
+        max_diff(&a, &b) / b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1.0)
+    }
+
+    /// The value and the gradients of `sum(attention * dy)` with respect to the tracked ones of
+    /// `q`, `k`, `v` (given as `(batch, seq, heads, head_dim)` variables).
+    fn attention_and_grads(
+        f: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+        vars: [&Var; 3],
+        tracked: [bool; 3],
+        dy: &Tensor,
+    ) -> (Tensor, Vec<Option<Tensor>>) {
+        let inputs: Vec<Tensor> = vars
+            .iter()
+            .zip(tracked)
+            .map(|(v, t)| {
+                let t = if t { v.as_tensor().clone() } else { v.as_tensor().detach() };
+                t.transpose(1, 2).unwrap()
+            })
+            .collect();
+        let out = f(&inputs[0], &inputs[1], &inputs[2]);
+        if !tracked.contains(&true) {
+            return (out, vec![None; 3]);
+        }
+        let grads = (&out * dy).unwrap().sum_all().unwrap().backward().unwrap();
+        (out.detach(), vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect())
+    }
+
+    /// The CPU attention kernels against the composite attention (candle's matmul, softmax and
+    /// autograd): values and gradients, f32 and f64, self- and cross-attention, with a mask,
+    /// with each input tracked or not, and sizes that split into several blocks of rows.
+    #[test]
+    fn attention_kernels_match_the_composite_attention() {
+        for dtype in [DType::F32, DType::F64] {
+            let tolerance = if dtype == DType::F64 { 1e-12 } else { 2e-6 };
+            for (batch, heads, n, m, head_dim, masked) in
+                [(2, 3, 70, 70, 8, false), (1, 2, 130, 45, 16, false), (2, 4, 77, 77, 8, true), (1, 1, 5, 3, 4, true)]
+            {
+                let q = split_heads(batch, n, heads, head_dim, 1, dtype);
+                let k = split_heads(batch, m, heads, head_dim, 2, dtype);
+                let v = split_heads(batch, m, heads, head_dim, 3, dtype);
+                // A causal mask (as the text encoder's) broadcast over batch and heads.
+                let mask = masked.then(|| {
+                    let causal: Vec<f64> =
+                        (0..n * m).map(|i| if i % m > i / m { f64::NEG_INFINITY } else { 0.0 }).collect();
+                    Tensor::from_vec(causal, (n, m), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+                });
+                let dy = values((batch * heads * n, head_dim), 4).to_dtype(dtype).unwrap();
+                let dy = dy.reshape((batch, heads, n, head_dim)).unwrap();
+                let scale = 1.0 / (head_dim as f64).sqrt();
+                for tracked in [[true; 3], [false, true, true], [true, false, false], [false; 3]] {
+                    let kernel = |q: &Tensor, k: &Tensor, v: &Tensor| attention(q, k, v, mask.as_ref()).unwrap();
+                    let composite = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                        composite_attention(q, k, v, mask.as_ref(), scale).unwrap()
+                    };
+                    let (out, grads) = attention_and_grads(kernel, [&q, &k, &v], tracked, &dy);
+                    let (out_ref, grads_ref) = attention_and_grads(composite, [&q, &k, &v], tracked, &dy);
+                    let case = format!("{dtype:?} {batch}x{heads}x{n}x{m}x{head_dim} mask {masked} {tracked:?}");
+                    assert!(rel_diff(&out, &out_ref) < tolerance, "{case}: value {:e}", rel_diff(&out, &out_ref));
+                    for (i, (g, g_ref)) in grads.iter().zip(&grads_ref).enumerate() {
+                        match (g, g_ref) {
+                            (Some(g), Some(g_ref)) => {
+                                let diff = rel_diff(g, g_ref);
+                                assert!(diff < 10.0 * tolerance, "{case}: gradient {i} {diff:e}");
+                            }
+                            (None, None) => {}
+                            _ => panic!("{case}: gradient {i} present in one only"),
+                        }
+                    }
+                }
+            }
+        }
     }
 }
