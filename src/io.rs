@@ -57,9 +57,8 @@ pub fn write_png(path: &Path, image: &RgbImage, text: &[(&str, String)]) -> Resu
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     let file = File::open(path)?;
     let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder
-        .read_info()
-        .map_err(|e| Error::Input(format!("{}: not a readable PNG ({e})", path.display())))?;
+    let reader =
+        decoder.read_info().map_err(|e| Error::Input(format!("{}: not a readable PNG ({e})", path.display())))?;
     let info = reader.info();
     let mut out: Vec<(String, String)> =
         info.uncompressed_latin1_text.iter().map(|c| (c.keyword.clone(), c.text.clone())).collect();

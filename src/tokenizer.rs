@@ -23,8 +23,8 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use regex::Regex;
-use unicode_normalization_alignments::UnicodeNormalization;
 use serde_json::{Map, Value};
+use unicode_normalization_alignments::UnicodeNormalization;
 
 use crate::{Error, Result};
 

@@ -71,7 +71,11 @@ impl ModelDir {
             } else {
                 format!("expected {} or {}", candidates[0], candidates[1])
             };
-            return Err(Error::MissingFile { what: format!("{component} weights"), path: dir.join(&candidates[0]), hint });
+            return Err(Error::MissingFile {
+                what: format!("{component} weights"),
+                path: dir.join(&candidates[0]),
+                hint,
+            });
         };
         // Safety: the file is memory-mapped read-only; it must not be modified while in use,
         // which holds for model files that the user keeps.

@@ -36,7 +36,19 @@ fn assert_fails_with(output: &Output, needles: &[&str]) {
 fn generate_writes_pngs_with_settings_and_is_reproducible() {
     let out = tempfile::tempdir().unwrap();
     let out_dir = out.path().to_str().unwrap();
-    let args = ["generate", "a photo of a lighthouse", "--model", &tiny(), "--steps", "3", "--seed", "5", "--out", out_dir, "--json"];
+    let args = [
+        "generate",
+        "a photo of a lighthouse",
+        "--model",
+        &tiny(),
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--out",
+        out_dir,
+        "--json",
+    ];
     let first = stableid(&args, &[]);
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
@@ -70,14 +82,28 @@ fn generate_with_identity_and_several_images() {
     let images = out.path().join("images");
     let output = stableid(
         &[
-            "generate", "v1* v2* as an astronaut", "--model", &tiny(), "--steps", "2", "--seed", "9",
-            "--num-images", "2", "--sampler", "euler", "--identity", identity.to_str().unwrap(),
-            "--out", images.to_str().unwrap(),
+            "generate",
+            "v1* v2* as an astronaut",
+            "--model",
+            &tiny(),
+            "--steps",
+            "2",
+            "--seed",
+            "9",
+            "--num-images",
+            "2",
+            "--sampler",
+            "euler",
+            "--identity",
+            identity.to_str().unwrap(),
+            "--out",
+            images.to_str().unwrap(),
         ],
         &[],
     );
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let mut names: Vec<_> = std::fs::read_dir(&images).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<_> =
+        std::fs::read_dir(&images).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["00000-9.png", "00001-10.png"]);
 }
@@ -91,11 +117,25 @@ fn hub_ids_resolve_through_the_hub_cache() {
     std::fs::write(repo.join("refs/main"), commit).unwrap();
     copy_dir(&fixture("tiny-sd"), &repo.join("snapshots").join(commit));
     let out = cache.path().join("out");
-    let args = ["generate", "a cat", "--model", "someone/tiny-sd", "--steps", "1", "--seed", "1", "--out", out.to_str().unwrap()];
+    let args = [
+        "generate",
+        "a cat",
+        "--model",
+        "someone/tiny-sd",
+        "--steps",
+        "1",
+        "--seed",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let output = stableid(&args, &[("HF_HUB_CACHE", cache.path())]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
-    let missing = stableid(&["generate", "a cat", "--model", "someone/absent", "--out", out.to_str().unwrap()], &[("HF_HUB_CACHE", cache.path())]);
+    let missing = stableid(
+        &["generate", "a cat", "--model", "someone/absent", "--out", out.to_str().unwrap()],
+        &[("HF_HUB_CACHE", cache.path())],
+    );
     assert_fails_with(&missing, &["someone/absent", "huggingface-cli download"]);
 }
 
@@ -118,12 +158,18 @@ fn bad_input_gets_one_line_errors_and_no_partial_files() {
     let bad_identity = dir.path().join("bad.safetensors");
     let tensor = candle_core::Tensor::zeros((3, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
     candle_core::safetensors::save(&[("identity", tensor)].into_iter().collect(), &bad_identity).unwrap();
-    let r = stableid(&["generate", "v1* v2*", "--model", &tiny, "--identity", bad_identity.to_str().unwrap(), "--out", out_s], &[]);
+    let r = stableid(
+        &["generate", "v1* v2*", "--model", &tiny, "--identity", bad_identity.to_str().unwrap(), "--out", out_s],
+        &[],
+    );
     assert_fails_with(&r, &["bad.safetensors", "[3, 32]"]);
 
     let not_safetensors = dir.path().join("junk.safetensors");
     std::fs::write(&not_safetensors, b"definitely not a tensor file").unwrap();
-    let r = stableid(&["generate", "v1* v2*", "--model", &tiny, "--identity", not_safetensors.to_str().unwrap(), "--out", out_s], &[]);
+    let r = stableid(
+        &["generate", "v1* v2*", "--model", &tiny, "--identity", not_safetensors.to_str().unwrap(), "--out", out_s],
+        &[],
+    );
     assert_fails_with(&r, &["junk.safetensors", "not a safetensors file"]);
 
     let a_file = dir.path().join("a-file");
@@ -137,7 +183,8 @@ fn bad_input_gets_one_line_errors_and_no_partial_files() {
     }
 
     // Nothing was written by any failed run.
-    let leftovers: Vec<_> = std::fs::read_dir(&out).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&out).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
     assert!(leftovers.is_empty(), "failed runs left files: {leftovers:?}");
 }
 

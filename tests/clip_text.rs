@@ -18,9 +18,7 @@ fn config() -> ClipTextConfig {
 }
 
 fn load(dtype: DType) -> ClipTextModel {
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], dtype, &Device::Cpu) }
-            .unwrap();
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], dtype, &Device::Cpu) }.unwrap();
     ClipTextModel::new(vb, &config()).unwrap()
 }
 
@@ -43,25 +41,13 @@ fn matches_transformers_with_randomised_norms_and_biases() {
     let mut weights = load_tensors(WEIGHTS);
     for (name, value) in &t {
         if let Some(weight) = name.strip_prefix("perturbed.") {
-            assert!(
-                weights.insert(weight.to_string(), value.clone()).is_some(),
-                "no weight {weight}"
-            );
+            assert!(weights.insert(weight.to_string(), value.clone()).is_some(), "no weight {weight}");
         }
     }
-    let model = ClipTextModel::new(
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-        &config(),
-    )
-    .unwrap();
+    let model = ClipTextModel::new(VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu), &config()).unwrap();
     let (ids, extra) = inputs(&t);
     let out = model.forward(&ids, Some(&extra)).unwrap();
-    assert_close(
-        &out,
-        &t["perturbed_output"],
-        1e-4,
-        "last_hidden_state, perturbed weights",
-    );
+    assert_close(&out, &t["perturbed_output"], 1e-4, "last_hidden_state, perturbed weights");
 }
 
 #[test]
@@ -70,11 +56,7 @@ fn placeholders_take_rows_of_extra() {
     let vocab = model.config().vocab_size as u32;
     let ids = Tensor::new(&[[5u32, vocab + 1, vocab, 7]], &Device::Cpu).unwrap();
     let extra = Tensor::new(&[[1f32; 32], [2f32; 32]], &Device::Cpu).unwrap();
-    let emb = model
-        .embed_tokens(&ids, Some(&extra))
-        .unwrap()
-        .squeeze(0)
-        .unwrap();
+    let emb = model.embed_tokens(&ids, Some(&extra)).unwrap().squeeze(0).unwrap();
     let table = model.token_embedding();
     assert_eq!(max_abs_diff(&emb.i(0).unwrap(), &table.i(5).unwrap()), 0.0);
     assert_eq!(max_abs_diff(&emb.i(1).unwrap(), &extra.i(1).unwrap()), 0.0);
@@ -97,14 +79,8 @@ fn ids_beyond_the_vocabulary_and_extra_rows_are_errors() {
 
 #[test]
 fn unsupported_activation_is_rejected_by_name() {
-    let cfg = ClipTextConfig {
-        hidden_act: "relu".into(),
-        ..config()
-    };
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], DType::F32, &Device::Cpu)
-    }
-    .unwrap();
+    let cfg = ClipTextConfig { hidden_act: "relu".into(), ..config() };
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], DType::F32, &Device::Cpu) }.unwrap();
     let err = ClipTextModel::new(vb, &cfg).unwrap_err().to_string();
     assert!(err.contains("hidden_act"), "{err}");
 }
@@ -121,24 +97,12 @@ fn gradient_wrt_extra_matches_finite_differences() {
     let n: usize = shape.iter().product();
     let w: Vec<f64> = (0..n).map(|k| (0.37 * k as f64).sin()).collect();
     let w = Tensor::from_vec(w, shape, &Device::Cpu).unwrap();
-    let objective = |e: &Tensor| -> Tensor {
-        (model.forward(&ids, Some(e)).unwrap() * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
+    let objective = |e: &Tensor| -> Tensor { (model.forward(&ids, Some(e)).unwrap() * &w).unwrap().sum_all().unwrap() };
 
     let var = Var::from_tensor(&extra).unwrap();
     let grads = objective(var.as_tensor()).backward().unwrap();
-    let grad = grads
-        .get(var.as_tensor())
-        .expect("no gradient reached extra")
-        .to_vec2::<f64>()
-        .unwrap();
-    assert!(
-        grad.iter().all(|row| row.iter().any(|g| g.abs() > 1e-2)),
-        "a placeholder row got no gradient"
-    );
+    let grad = grads.get(var.as_tensor()).expect("no gradient reached extra").to_vec2::<f64>().unwrap();
+    assert!(grad.iter().all(|row| row.iter().any(|g| g.abs() > 1e-2)), "a placeholder row got no gradient");
 
     // The shared norms and softmax compute in f32 even for f64 tensors, which leaves ~1e-5 of
     // rounding noise in the objective: the step must be large enough to keep the difference
@@ -150,19 +114,12 @@ fn gradient_wrt_extra_matches_finite_differences() {
         let mut minus = plus.clone();
         plus[row][col] += h;
         minus[row][col] -= h;
-        let f = |v: Vec<Vec<f64>>| {
-            objective(&Tensor::new(v, &Device::Cpu).unwrap())
-                .to_scalar::<f64>()
-                .unwrap()
-        };
+        let f = |v: Vec<Vec<f64>>| objective(&Tensor::new(v, &Device::Cpu).unwrap()).to_scalar::<f64>().unwrap();
         let numeric = (f(plus) - f(minus)) / (2.0 * h);
         let analytic = grad[row][col];
         // Relative to the gradient's largest entry, so that small entries do not amplify noise.
         let rel = (numeric - analytic).abs() / scale;
         eprintln!("d/d extra[{row}][{col}]: autograd {analytic:.6e}, finite difference {numeric:.6e}, rel {rel:.1e}");
-        assert!(
-            rel < 1e-3,
-            "extra[{row}][{col}]: autograd {analytic} vs finite difference {numeric}"
-        );
+        assert!(rel < 1e-3, "extra[{row}][{col}]: autograd {analytic} vs finite difference {numeric}");
     }
 }

@@ -97,7 +97,8 @@ fn learn_then_generate_export_and_inspect() {
         assert_eq!(tensors.len(), 1, "one two-vector embedding");
         let embedding: Vec<f32> = tensors.values().next().unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(embedding, identity_tensor(&identity));
-        let again = stableid(&["export", identity.to_str().unwrap(), "--format", format, "--out", exported.to_str().unwrap()]);
+        let again =
+            stableid(&["export", identity.to_str().unwrap(), "--format", format, "--out", exported.to_str().unwrap()]);
         assert!(!again.status.success() && stderr(&again).contains("--force"), "{}", stderr(&again));
     }
 

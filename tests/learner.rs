@@ -64,8 +64,15 @@ fn one_step_equals_the_pytorch_reference() {
     let tensors = load_tensors("parity/learner_step.safetensors");
     for case in cases() {
         let (inputs, basis, mlp) = case_inputs(&sd, &tensors, &case, DType::F32);
-        let mut learner =
-            Learner::new(sd.frozen_models().unwrap(), basis, mlp, AdamWConfig::default(), LossConfig::default(), case.max_grad_norm).unwrap();
+        let mut learner = Learner::new(
+            sd.frozen_models().unwrap(),
+            basis,
+            mlp,
+            AdamWConfig::default(),
+            LossConfig::default(),
+            case.max_grad_norm,
+        )
+        .unwrap();
         let identity = learner.identity(&inputs.feature).unwrap().squeeze(0).unwrap();
         assert_close(&identity, &tensors[&format!("{}.identity", case.name)], 1e-5, "identity");
 
@@ -104,7 +111,15 @@ fn mlp_gradients_match_finite_differences() {
     let tensors = load_tensors("parity/learner_step.safetensors");
     for case in cases() {
         let (inputs, basis, mlp) = case_inputs(&sd, &tensors, &case, DType::F64);
-        let learner = Learner::new(sd.frozen_models().unwrap(), basis.clone(), mlp, AdamWConfig::default(), LossConfig::default(), 1.0).unwrap();
+        let learner = Learner::new(
+            sd.frozen_models().unwrap(),
+            basis.clone(),
+            mlp,
+            AdamWConfig::default(),
+            LossConfig::default(),
+            1.0,
+        )
+        .unwrap();
         let (_, grads) = learner.gradients(&inputs).unwrap();
         let params: Vec<Tensor> = learner.mlp.params().iter().map(|(_, v)| v.as_tensor().clone()).collect();
         let shape = learner.mlp.shape();
@@ -114,7 +129,15 @@ fn mlp_gradients_match_finite_differences() {
             values[flat] += delta;
             tensors[index] = Tensor::from_vec(values, params[index].dims(), &Device::Cpu).unwrap();
             let mlp = IdentityMlp::from_tensors(shape, tensors).unwrap();
-            let probe = Learner::new(sd.frozen_models().unwrap(), basis.clone(), mlp, AdamWConfig::default(), LossConfig::default(), 1.0).unwrap();
+            let probe = Learner::new(
+                sd.frozen_models().unwrap(),
+                basis.clone(),
+                mlp,
+                AdamWConfig::default(),
+                LossConfig::default(),
+                1.0,
+            )
+            .unwrap();
             probe.loss(&inputs).unwrap().to_scalar::<f64>().unwrap()
         };
         // The largest-gradient entry of every parameter, plus a fixed one of each weight matrix.
@@ -177,9 +200,9 @@ fn it_learns_and_identities_depend_on_the_photo() {
 /// last good checkpoint; Ctrl-C (the stop flag) saves one and ends cleanly.
 #[test]
 fn training_stops_on_nan_and_keeps_the_last_checkpoint() {
-    use std::sync::atomic::AtomicBool;
     use stableid::identity::checkpoint::Checkpoint;
     use stableid::identity::train::{train, Outcome, StepSource, TrainOptions};
+    use std::sync::atomic::AtomicBool;
 
     struct PoisonAt<'a> {
         sd: &'a StableDiffusion,
@@ -213,7 +236,8 @@ fn training_stops_on_nan_and_keeps_the_last_checkpoint() {
     };
     let (_, basis, mlp) = case_inputs(&sd, &tensors, &case, DType::F32);
     let mut learner =
-        Learner::new(sd.frozen_models().unwrap(), basis, mlp, AdamWConfig::default(), LossConfig::default(), 1.0).unwrap();
+        Learner::new(sd.frozen_models().unwrap(), basis, mlp, AdamWConfig::default(), LossConfig::default(), 1.0)
+            .unwrap();
     let source = PoisonAt { sd: &sd, tensors: &tensors, case: &case, calls: 0.into(), poison_at: 2 };
     let err = train(&mut learner, &source, &options, 0, &AtomicBool::new(false), &mut |_, _| {}).unwrap_err();
     let message = err.to_string();

@@ -32,11 +32,8 @@ fn pipeline_matches_diffusers_from_the_same_latents() {
     let tensors = load_tensors("parity/pipeline.safetensors");
     let cases: Vec<Case> =
         serde_json::from_str(&std::fs::read_to_string(fixture("parity/pipeline.json")).unwrap()).unwrap();
-    let identity = Identity {
-        embeddings: tensors["identity"].clone(),
-        source: "fixture".into(),
-        metadata: Default::default(),
-    };
+    let identity =
+        Identity { embeddings: tensors["identity"].clone(), source: "fixture".into(), metadata: Default::default() };
     assert!(!cases.is_empty());
     for case in cases {
         let mut request = GenerateRequest::new(&case.prompt, 64, 64);
@@ -78,10 +75,18 @@ fn prompt_placeholders_need_identities() {
     let pipeline = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
     let err = pipeline.encode_prompt("a photo of v1* v2*", &[]).unwrap_err().to_string();
     assert!(err.contains("--identity"), "{err}");
-    let one = Identity { embeddings: Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap(), source: "a".into(), metadata: Default::default() };
+    let one = Identity {
+        embeddings: Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap(),
+        source: "a".into(),
+        metadata: Default::default(),
+    };
     let err = pipeline.encode_prompt("v1* v2* and v3* v4*", std::slice::from_ref(&one)).unwrap_err().to_string();
     assert!(err.contains("needs 2 identities"), "{err}");
-    let wide = Identity { embeddings: Tensor::zeros((2, 1024), DType::F32, &Device::Cpu).unwrap(), source: "wide".into(), metadata: Default::default() };
+    let wide = Identity {
+        embeddings: Tensor::zeros((2, 1024), DType::F32, &Device::Cpu).unwrap(),
+        source: "wide".into(),
+        metadata: Default::default(),
+    };
     let err = pipeline.encode_prompt("v1* v2*", &[wide]).unwrap_err().to_string();
     assert!(err.contains("1024-wide") && err.contains("32 wide"), "{err}");
     // Two identities fill two pairs.
@@ -174,7 +179,10 @@ fn exported_identity_matches_diffusers_textual_inversion_loading() {
     let dir = tempfile::tempdir().unwrap();
     let again = dir.path().join("again.safetensors");
     exported.export(&again, stableid::identity::ExportFormat::Diffusers).unwrap();
-    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(fixture("parity/identity-diffusers.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(fixture("parity/identity-diffusers.safetensors")).unwrap()
+    );
 
     let mut request = GenerateRequest::new("a photo of v1* v2* smiling", 64, 64);
     request.steps = 10;
@@ -189,14 +197,17 @@ fn exported_identity_matches_diffusers_textual_inversion_loading() {
 fn fp16_variant_weights_load_and_upcast() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture("tiny-sd"), dir.path());
-    for (component, stem) in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")] {
+    for (component, stem) in
+        [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")]
+    {
         let f32_file = dir.path().join(component).join(format!("{stem}.safetensors"));
         let half: std::collections::HashMap<String, Tensor> = candle_core::safetensors::load(&f32_file, &Device::Cpu)
             .unwrap()
             .into_iter()
             .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
             .collect();
-        candle_core::safetensors::save(&half, dir.path().join(component).join(format!("{stem}.fp16.safetensors"))).unwrap();
+        candle_core::safetensors::save(&half, dir.path().join(component).join(format!("{stem}.fp16.safetensors")))
+            .unwrap();
         std::fs::remove_file(f32_file).unwrap();
     }
     let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();

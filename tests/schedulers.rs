@@ -37,8 +37,7 @@ struct Run {
 
 fn load_fixture() -> Fixture {
     let path = fixture("parity/schedulers.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
@@ -90,46 +89,20 @@ fn unsupported_config_is_rejected_naming_file_and_field() {
     let fx = load_fixture();
     let dir = tempfile::tempdir().unwrap();
     for (key, value, expected) in [
-        (
-            "beta_schedule",
-            Value::from("sigmoid"),
-            "beta_schedule \"sigmoid\"",
-        ),
-        (
-            "prediction_type",
-            Value::from("flow_prediction"),
-            "prediction_type \"flow_prediction\"",
-        ),
-        (
-            "timestep_spacing",
-            Value::from("uniform"),
-            "timestep_spacing \"uniform\"",
-        ),
+        ("beta_schedule", Value::from("sigmoid"), "beta_schedule \"sigmoid\""),
+        ("prediction_type", Value::from("flow_prediction"), "prediction_type \"flow_prediction\""),
+        ("timestep_spacing", Value::from("uniform"), "timestep_spacing \"uniform\""),
         ("thresholding", Value::from(true), "thresholding"),
-        (
-            "rescale_betas_zero_snr",
-            Value::from(true),
-            "rescale_betas_zero_snr",
-        ),
-        (
-            "trained_betas",
-            Value::from(vec![0.1, 0.2]),
-            "trained_betas",
-        ),
+        ("rescale_betas_zero_snr", Value::from(true), "rescale_betas_zero_snr"),
+        ("trained_betas", Value::from(vec![0.1, 0.2]), "trained_betas"),
     ] {
         let mut config = fx.config.clone();
         config.insert(key.into(), value);
         let path = write_config(&dir, &config);
         let err = SchedulerConfig::from_file(&path).unwrap_err();
-        assert!(
-            matches!(err, stableid::Error::Config { .. }),
-            "{key}: {err}"
-        );
+        assert!(matches!(err, stableid::Error::Config { .. }), "{key}: {err}");
         let msg = err.to_string();
-        assert!(
-            msg.contains(expected) && msg.contains(&path.display().to_string()),
-            "{key}: {msg}"
-        );
+        assert!(msg.contains(expected) && msg.contains(&path.display().to_string()), "{key}: {msg}");
     }
     assert!(SchedulerConfig::from_file(dir.path().join("missing.json")).is_err());
 
@@ -144,12 +117,7 @@ fn unsupported_config_is_rejected_naming_file_and_field() {
         assert!(sampler.build(&cfg, 1001).is_err());
     }
     // Leading spacing with steps_offset 1 would reach timestep 1000 with 1000 steps.
-    assert!(Sampler::Ddim
-        .build(&cfg, 1000)
-        .err()
-        .unwrap()
-        .to_string()
-        .contains("steps_offset"));
+    assert!(Sampler::Ddim.build(&cfg, 1000).err().unwrap().to_string().contains("steps_offset"));
 }
 
 #[test]
@@ -160,10 +128,7 @@ fn sampler_names_round_trip() {
         assert_eq!(name.parse::<Sampler>().unwrap(), sampler);
     }
     let err = "heun".parse::<Sampler>().unwrap_err().to_string();
-    assert!(
-        err.contains("heun") && err.contains("dpm++, ddim, euler"),
-        "{err}"
-    );
+    assert!(err.contains("heun") && err.contains("dpm++, ddim, euler"), "{err}");
 }
 
 /// Every sampler x spacing x step count of the tables: the exact diffusers timesteps.
@@ -178,17 +143,9 @@ fn timestep_tables_match_diffusers() {
         let sampler: Sampler = sampler.parse().unwrap();
         for (steps, expected) in table {
             let scheduler = sampler.build(&cfg, steps.parse().unwrap()).unwrap();
-            assert_eq!(
-                as_f32(&scheduler.unet_timesteps()),
-                as_f32(expected),
-                "{key} {steps} steps"
-            );
+            assert_eq!(as_f32(&scheduler.unet_timesteps()), as_f32(expected), "{key} {steps} steps");
             let rounded: Vec<usize> = expected.iter().map(|t| t.round() as usize).collect();
-            assert_eq!(
-                scheduler.timesteps(),
-                rounded.as_slice(),
-                "{key} {steps} steps"
-            );
+            assert_eq!(scheduler.timesteps(), rounded.as_slice(), "{key} {steps} steps");
             checked += 1;
         }
     }
@@ -204,28 +161,13 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
 fn replay_runs(sampler_name: &str) {
     let fx = load_fixture();
     let tensors = load_tensors(TENSORS);
-    let runs: Vec<&Run> = fx
-        .runs
-        .iter()
-        .filter(|run| run.sampler == sampler_name)
-        .collect();
+    let runs: Vec<&Run> = fx.runs.iter().filter(|run| run.sampler == sampler_name).collect();
     assert!(runs.len() >= 5, "{sampler_name}: {} runs", runs.len());
     for run in runs {
         let cfg = config_with(&fx, &run.overrides);
-        let mut scheduler = run
-            .sampler
-            .parse::<Sampler>()
-            .unwrap()
-            .build(&cfg, run.steps)
-            .unwrap();
-        assert_eq!(
-            as_f32(&scheduler.unet_timesteps()),
-            as_f32(&run.timesteps),
-            "{}: timesteps",
-            run.name
-        );
-        let sigma_err =
-            (scheduler.init_noise_sigma() - run.init_noise_sigma).abs() / run.init_noise_sigma;
+        let mut scheduler = run.sampler.parse::<Sampler>().unwrap().build(&cfg, run.steps).unwrap();
+        assert_eq!(as_f32(&scheduler.unet_timesteps()), as_f32(&run.timesteps), "{}: timesteps", run.name);
+        let sigma_err = (scheduler.init_noise_sigma() - run.init_noise_sigma).abs() / run.init_noise_sigma;
         assert!(
             sigma_err < 1e-6,
             "{}: init_noise_sigma {} vs {}",
@@ -237,14 +179,8 @@ fn replay_runs(sampler_name: &str) {
         let samples = &tensors[&format!("{}.samples", run.name)];
         let outputs = &tensors[&format!("model_outputs_{}", run.steps)];
         let scaled = tensors.get(&format!("{}.scaled", run.name));
-        let mut sample =
-            (&tensors[&format!("noise_{}", run.steps)] * scheduler.init_noise_sigma()).unwrap();
-        assert_close(
-            &sample,
-            &samples.get(0).unwrap(),
-            1e-6,
-            &format!("{}: initial sample", run.name),
-        );
+        let mut sample = (&tensors[&format!("noise_{}", run.steps)] * scheduler.init_noise_sigma()).unwrap();
+        assert_close(&sample, &samples.get(0).unwrap(), 1e-6, &format!("{}: initial sample", run.name));
 
         let timesteps = scheduler.timesteps().to_vec();
         assert_eq!(timesteps.len(), run.steps);
@@ -253,32 +189,19 @@ fn replay_runs(sampler_name: &str) {
             let model_input = scheduler.scale_model_input(&sample, t).unwrap();
             if let Some(scaled) = scaled {
                 let err = relative_error(&model_input, &scaled.get(i).unwrap());
-                assert!(
-                    err <= 1e-4,
-                    "{}: scaled input {i} (t {t}) off by {err:e}",
-                    run.name
-                );
+                assert!(err <= 1e-4, "{}: scaled input {i} (t {t}) off by {err:e}", run.name);
                 worst_scaled = worst_scaled.max(err);
             }
-            sample = scheduler
-                .step(&outputs.get(i).unwrap(), t, &sample)
-                .unwrap();
+            sample = scheduler.step(&outputs.get(i).unwrap(), t, &sample).unwrap();
             let err = relative_error(&sample, &samples.get(i + 1).unwrap());
-            assert!(
-                err <= 1e-4,
-                "{}: sample after step {i} (t {t}) off by {err:e}",
-                run.name
-            );
+            assert!(err <= 1e-4, "{}: sample after step {i} (t {t}) off by {err:e}", run.name);
             worst = worst.max(err);
         }
         let scaled_note = match scaled {
             Some(_) => format!(", of a scaled input {worst_scaled:e}"),
             None => String::new(),
         };
-        eprintln!(
-            "{}: worst relative error of a sample {worst:e}{scaled_note}",
-            run.name
-        );
+        eprintln!("{}: worst relative error of a sample {worst:e}{scaled_note}", run.name);
     }
 }
 
@@ -304,22 +227,12 @@ fn ddpm_matches_diffusers() {
     let alphas_cumprod = |ddpm: &Ddpm| Tensor::new(ddpm.alphas_cumprod(), &Device::Cpu).unwrap();
     let ddpm = Ddpm::new(&config_with(&fx, &Map::new())).unwrap();
     assert_eq!(ddpm.num_train_timesteps(), 1000);
-    assert_close(
-        &alphas_cumprod(&ddpm),
-        &tensors["ddpm.alphas_cumprod"],
-        1e-6,
-        "alphas_cumprod scaled_linear",
-    );
+    assert_close(&alphas_cumprod(&ddpm), &tensors["ddpm.alphas_cumprod"], 1e-6, "alphas_cumprod scaled_linear");
     for schedule in ["linear", "squaredcos_cap_v2"] {
         let overrides = one_key("beta_schedule", schedule.into());
         let other = Ddpm::new(&config_with(&fx, &overrides)).unwrap();
         let expected = &tensors[&format!("ddpm.alphas_cumprod.{schedule}")];
-        assert_close(
-            &alphas_cumprod(&other),
-            expected,
-            1e-6,
-            &format!("alphas_cumprod {schedule}"),
-        );
+        assert_close(&alphas_cumprod(&other), expected, 1e-6, &format!("alphas_cumprod {schedule}"));
     }
 
     let (z0, noise) = (&tensors["ddpm.z0"], &tensors["ddpm.noise"]);
@@ -327,12 +240,7 @@ fn ddpm_matches_diffusers() {
     assert_eq!(ts, &[0, 500, 999]);
     let noisy = ddpm.add_noise(z0, noise, ts).unwrap();
     assert_close(&noisy, &tensors["ddpm.noisy"], 1e-6, "add_noise");
-    assert_close(
-        &ddpm.velocity(z0, noise, ts).unwrap(),
-        &tensors["ddpm.velocity"],
-        1e-6,
-        "velocity",
-    );
+    assert_close(&ddpm.velocity(z0, noise, ts).unwrap(), &tensors["ddpm.velocity"], 1e-6, "velocity");
     for &t in ts {
         let a = ddpm.sqrt_alpha_cumprod(t);
         let b = ddpm.sqrt_one_minus_alpha_cumprod(t);

@@ -18,8 +18,7 @@ fn load_unet(folder: &str, dtype: DType) -> UNet2DConditionModel {
     let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let config: UNet2DConditionConfig = serde_json::from_str(&config).unwrap();
     let weights = dir.join("diffusion_pytorch_model.safetensors");
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu).unwrap() };
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu).unwrap() };
     UNet2DConditionModel::new(vb, &config).unwrap()
 }
 
@@ -28,30 +27,19 @@ fn load_unet(folder: &str, dtype: DType) -> UNet2DConditionModel {
 fn assert_parity(actual: &Tensor, expected: &Tensor, what: &str) {
     assert_close(actual, expected, 1e-4, what);
     let (diff, scale) = (max_abs_diff(actual, expected), max_abs(expected));
-    assert!(
-        diff <= 1e-4 * scale,
-        "{what}: max abs diff {diff:e} exceeds 1e-4 x {scale}"
-    );
+    assert!(diff <= 1e-4 * scale, "{what}: max abs diff {diff:e} exceeds 1e-4 x {scale}");
 }
 
 fn check_case(unet: &UNet2DConditionModel, fx: &HashMap<String, Tensor>, case: &str) {
     let out = unet
-        .forward(
-            &fx[&format!("{case}.sample")],
-            &fx[&format!("{case}.timesteps")],
-            &fx[&format!("{case}.context")],
-        )
+        .forward(&fx[&format!("{case}.sample")], &fx[&format!("{case}.timesteps")], &fx[&format!("{case}.context")])
         .unwrap();
     assert_parity(&out, &fx[&format!("{case}.out")], case);
 }
 
 #[test]
 fn tiny_sd_batch_with_one_timestep_per_sample() {
-    check_case(
-        &load_unet("tiny-sd/unet", DType::F32),
-        &load_tensors("parity/unet.safetensors"),
-        "batch",
-    );
+    check_case(&load_unet("tiny-sd/unet", DType::F32), &load_tensors("parity/unet.safetensors"), "batch");
 }
 
 #[test]
@@ -60,27 +48,17 @@ fn tiny_sd_single_timestep_broadcasts_over_the_batch() {
     let fx = load_tensors("parity/unet.safetensors");
     for t in [0u32, 500, 981] {
         let timesteps = Tensor::new(&[t as f32], &Device::Cpu).unwrap();
-        let out = unet
-            .forward(&fx["single.sample"], &timesteps, &fx["single.context"])
-            .unwrap();
+        let out = unet.forward(&fx["single.sample"], &timesteps, &fx["single.context"]).unwrap();
         assert_parity(&out, &fx[&format!("single.t{t}.out")], &format!("t = {t}"));
     }
     // Integer timesteps and a scalar tensor are accepted too.
-    let out = unet.forward(
-        &fx["single.sample"],
-        &Tensor::new(500u32, &Device::Cpu).unwrap(),
-        &fx["single.context"],
-    );
+    let out = unet.forward(&fx["single.sample"], &Tensor::new(500u32, &Device::Cpu).unwrap(), &fx["single.context"]);
     assert_parity(&out.unwrap(), &fx["single.t500.out"], "scalar u32 timestep");
 }
 
 #[test]
 fn tiny_sd_latents_not_divisible_by_the_downsampling() {
-    check_case(
-        &load_unet("tiny-sd/unet", DType::F32),
-        &load_tensors("parity/unet.safetensors"),
-        "odd",
-    );
+    check_case(&load_unet("tiny-sd/unet", DType::F32), &load_tensors("parity/unet.safetensors"), "odd");
 }
 
 #[test]
@@ -96,44 +74,26 @@ fn timesteps_of_the_wrong_length_are_rejected() {
     let unet = load_unet("tiny-sd/unet", DType::F32);
     let fx = load_tensors("parity/unet.safetensors");
     let t = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
-    let err = unet
-        .forward(&fx["batch.sample"], &t, &fx["batch.context"])
-        .unwrap_err();
+    let err = unet.forward(&fx["batch.sample"], &t, &fx["batch.context"]).unwrap_err();
     assert!(err.to_string().contains("timesteps of shape [3]"), "{err}");
 }
 
 #[test]
 fn config_defaults_and_rejections() {
     let cfg: UNet2DConditionConfig =
-        serde_json::from_str(r#"{"attention_head_dim": [5, 10, 20, 20], "unknown_key": 1}"#)
-            .unwrap();
+        serde_json::from_str(r#"{"attention_head_dim": [5, 10, 20, 20], "unknown_key": 1}"#).unwrap();
     assert_eq!(cfg.block_out_channels, vec![320, 640, 1280, 1280]);
     assert_eq!(cfg.norm_num_groups, Some(32));
     assert!(cfg.flip_sin_to_cos && !cfg.use_linear_projection);
     cfg.validate().unwrap();
 
     for (json, field) in [
-        (
-            r#"{"class_embed_type": "timestep"}"#,
-            "`class_embed_type` = \"timestep\"",
-        ),
-        (
-            r#"{"resnet_time_scale_shift": "scale_shift"}"#,
-            "`resnet_time_scale_shift` = \"scale_shift\"",
-        ),
-        (
-            r#"{"num_attention_heads": 8}"#,
-            "`num_attention_heads` = One(8)",
-        ),
+        (r#"{"class_embed_type": "timestep"}"#, "`class_embed_type` = \"timestep\""),
+        (r#"{"resnet_time_scale_shift": "scale_shift"}"#, "`resnet_time_scale_shift` = \"scale_shift\""),
+        (r#"{"num_attention_heads": 8}"#, "`num_attention_heads` = One(8)"),
         (r#"{"mid_block_type": null}"#, "`mid_block_type` = None"),
-        (
-            r#"{"only_cross_attention": true}"#,
-            "`only_cross_attention` = One(true)",
-        ),
-        (
-            r#"{"attention_head_dim": [5, 10]}"#,
-            "`attention_head_dim` = [5, 10] has 2 entries for 4 blocks",
-        ),
+        (r#"{"only_cross_attention": true}"#, "`only_cross_attention` = One(true)"),
+        (r#"{"attention_head_dim": [5, 10]}"#, "`attention_head_dim` = [5, 10] has 2 entries for 4 blocks"),
         (
             r#"{"down_block_types": ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#,
             "`down_block_types` = \"AttnDownBlock2D\"",
@@ -149,9 +109,7 @@ fn config_defaults_and_rejections() {
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = shape.iter().product();
-    let data: Vec<f64> = (0..n)
-        .map(|_| rng.sample(rand_distr::StandardNormal))
-        .collect();
+    let data: Vec<f64> = (0..n).map(|_| rng.sample(rand_distr::StandardNormal)).collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
@@ -168,40 +126,23 @@ fn check_gradients(folder: &str, sample_shape: &[usize], ctx_shape: &[usize], t:
         let out = unet.forward(s, &timesteps, c).unwrap();
         (out * &w).unwrap().sum_all().unwrap()
     };
-    let grads = loss(sample.as_tensor(), ctx.as_tensor())
-        .backward()
-        .unwrap();
+    let grads = loss(sample.as_tensor(), ctx.as_tensor()).backward().unwrap();
 
     let h = 1e-4;
     for (name, var) in [("sample", &sample), ("encoder_hidden_states", &ctx)] {
-        let grad = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let grad = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
         let n = grad.elem_count();
         let mut rng = StdRng::seed_from_u64(4);
-        let mut directions: Vec<(String, Tensor)> = (0..2)
-            .map(|k| (format!("random direction {k}"), randn(var.dims(), 10 + k)))
-            .collect();
+        let mut directions: Vec<(String, Tensor)> =
+            (0..2).map(|k| (format!("random direction {k}"), randn(var.dims(), 10 + k))).collect();
         for _ in 0..4 {
             let i = rng.random_range(0..n as u32);
-            let one_hot = Tensor::arange(0, n as u32, &Device::Cpu)
-                .unwrap()
-                .eq(i)
-                .unwrap();
-            let one_hot = one_hot
-                .to_dtype(DType::F64)
-                .unwrap()
-                .reshape(var.dims())
-                .unwrap();
+            let one_hot = Tensor::arange(0, n as u32, &Device::Cpu).unwrap().eq(i).unwrap();
+            let one_hot = one_hot.to_dtype(DType::F64).unwrap().reshape(var.dims()).unwrap();
             directions.push((format!("coordinate {i}"), one_hot));
         }
         for (what, v) in directions {
-            let autograd = (grad * &v)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let autograd = (grad * &v).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
             let value = |delta: f64| {
                 let moved = (var.as_tensor() + (&v * delta).unwrap()).unwrap();
                 let l = match name {
@@ -213,10 +154,7 @@ fn check_gradients(folder: &str, sample_shape: &[usize], ctx_shape: &[usize], t:
             let fd = (value(h) - value(-h)) / (2.0 * h);
             let rel = (fd - autograd).abs() / autograd.abs();
             eprintln!("{folder} d/d{name}, {what}: autograd {autograd:.6e}, finite difference {fd:.6e}, rel {rel:.1e}");
-            assert!(
-                rel < 1e-3,
-                "{folder} d/d{name}, {what}: autograd {autograd} vs finite difference {fd}"
-            );
+            assert!(rel < 1e-3, "{folder} d/d{name}, {what}: autograd {autograd} vs finite difference {fd}");
         }
     }
 }

@@ -17,18 +17,11 @@ fn config() -> AutoencoderKLConfig {
 }
 
 fn from_weights(weights: HashMap<String, Tensor>) -> AutoencoderKL {
-    AutoencoderKL::new(
-        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
-        &config(),
-    )
-    .unwrap()
+    AutoencoderKL::new(VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu), &config()).unwrap()
 }
 
 fn load() -> AutoencoderKL {
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], DType::F32, &Device::Cpu)
-    }
-    .unwrap();
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], DType::F32, &Device::Cpu) }.unwrap();
     AutoencoderKL::new(vb, &config()).unwrap()
 }
 
@@ -39,12 +32,7 @@ fn encode_matches_diffusers() {
     let posterior = vae.encode(&t["image"]).unwrap();
     assert_close(&posterior.mean, &t["mean"], 1e-4, "posterior mean");
     assert_close(&posterior.std, &t["std"], 1e-4, "posterior std");
-    assert_close(
-        &posterior.sample(&t["noise"]).unwrap(),
-        &t["sample"],
-        1e-4,
-        "posterior sample",
-    );
+    assert_close(&posterior.sample(&t["noise"]).unwrap(), &t["sample"], 1e-4, "posterior sample");
 }
 
 #[test]
@@ -61,12 +49,7 @@ fn non_square_batch_matches_diffusers() {
     let posterior = vae.encode(&t["image_ns"]).unwrap();
     assert_close(&posterior.mean, &t["mean_ns"], 1e-4, "posterior mean 64x48");
     assert_close(&posterior.std, &t["std_ns"], 1e-4, "posterior std 64x48");
-    assert_close(
-        &vae.decode(&t["latents_ns"]).unwrap(),
-        &t["decoded_ns"],
-        1e-4,
-        "decoded 64x48",
-    );
+    assert_close(&vae.decode(&t["latents_ns"]).unwrap(), &t["decoded_ns"], 1e-4, "decoded 64x48");
 }
 
 #[test]
@@ -75,87 +58,46 @@ fn matches_diffusers_with_randomised_norms_and_biases() {
     let mut weights = load_tensors(WEIGHTS);
     for (name, value) in &t {
         if let Some(weight) = name.strip_prefix("perturbed.") {
-            assert!(
-                weights.insert(weight.to_string(), value.clone()).is_some(),
-                "no weight {weight}"
-            );
+            assert!(weights.insert(weight.to_string(), value.clone()).is_some(), "no weight {weight}");
         }
     }
     let vae = from_weights(weights);
     let posterior = vae.encode(&t["image"]).unwrap();
-    assert_close(
-        &posterior.mean,
-        &t["perturbed_mean"],
-        1e-4,
-        "posterior mean, perturbed weights",
-    );
-    assert_close(
-        &posterior.std,
-        &t["perturbed_std"],
-        1e-4,
-        "posterior std, perturbed weights",
-    );
-    assert_close(
-        &vae.decode(&t["latents"]).unwrap(),
-        &t["perturbed_decoded"],
-        1e-4,
-        "decoded, perturbed weights",
-    );
+    assert_close(&posterior.mean, &t["perturbed_mean"], 1e-4, "posterior mean, perturbed weights");
+    assert_close(&posterior.std, &t["perturbed_std"], 1e-4, "posterior std, perturbed weights");
+    assert_close(&vae.decode(&t["latents"]).unwrap(), &t["perturbed_decoded"], 1e-4, "decoded, perturbed weights");
 }
 
 /// Checkpoints from before diffusers 0.14 name the mid-block attention query/key/value/proj_attn.
 #[test]
 fn loads_legacy_attention_names() {
     let t = load_tensors("parity/vae.safetensors");
-    let renames = [
-        (".to_q.", ".query."),
-        (".to_k.", ".key."),
-        (".to_v.", ".value."),
-        (".to_out.0.", ".proj_attn."),
-    ];
+    let renames = [(".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")];
     let legacy = load_tensors(WEIGHTS)
         .into_iter()
         .map(|(name, value)| {
-            let name = renames
-                .iter()
-                .fold(name, |n, (new, old)| n.replace(new, old));
+            let name = renames.iter().fold(name, |n, (new, old)| n.replace(new, old));
             (name, value)
         })
         .collect::<HashMap<_, _>>();
-    assert!(legacy
-        .keys()
-        .any(|k| k.ends_with("attentions.0.proj_attn.weight")));
+    assert!(legacy.keys().any(|k| k.ends_with("attentions.0.proj_attn.weight")));
     let decoded = from_weights(legacy).decode(&t["latents"]).unwrap();
     assert_close(&decoded, &t["decoded"], 1e-4, "decoded image, legacy names");
 }
 
 #[test]
 fn config_defaults_and_rejections() {
-    let cfg: AutoencoderKLConfig =
-        serde_json::from_str(r#"{"block_out_channels": [128, 256, 512, 512]}"#).unwrap();
+    let cfg: AutoencoderKLConfig = serde_json::from_str(r#"{"block_out_channels": [128, 256, 512, 512]}"#).unwrap();
     assert!(cfg.mid_block_add_attention && cfg.use_quant_conv && cfg.use_post_quant_conv);
-    assert_eq!(
-        (cfg.latent_channels, cfg.norm_num_groups, cfg.scaling_factor),
-        (4, 32, 0.18215)
-    );
+    assert_eq!((cfg.latent_channels, cfg.norm_num_groups, cfg.scaling_factor), (4, 32, 0.18215));
     assert_eq!(load().downscale_factor(), 8);
 
-    let vb = || {
-        unsafe {
-            VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], DType::F32, &Device::Cpu)
-        }
-        .unwrap()
-    };
+    let vb = || unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], DType::F32, &Device::Cpu) }.unwrap();
     let mut attn_blocks = config();
     attn_blocks.down_block_types[1] = "AttnDownEncoderBlock2D".into();
-    let err = AutoencoderKL::new(vb(), &attn_blocks)
-        .unwrap_err()
-        .to_string();
+    let err = AutoencoderKL::new(vb(), &attn_blocks).unwrap_err().to_string();
     assert!(err.contains("down_block_types"), "{err}");
-    let gelu = AutoencoderKLConfig {
-        act_fn: "gelu".into(),
-        ..config()
-    };
+    let gelu = AutoencoderKLConfig { act_fn: "gelu".into(), ..config() };
     let err = AutoencoderKL::new(vb(), &gelu).unwrap_err().to_string();
     assert!(err.contains("act_fn"), "{err}");
 }

@@ -175,7 +175,8 @@ fn next_free_path(dir: &Path, seed: u64) -> Result<PathBuf> {
 fn read_latents(path: &Path, device: &Device) -> Result<Tensor> {
     let tensors = candle_core::safetensors::load(path, device)
         .with_context(|| format!("cannot read initial latents {}", path.display()))?;
-    let Some(latents) = tensors.get("latents").or_else(|| tensors.values().next().filter(|_| tensors.len() == 1)) else {
+    let Some(latents) = tensors.get("latents").or_else(|| tensors.values().next().filter(|_| tensors.len() == 1))
+    else {
         bail!("{}: expected one tensor named `latents`", path.display());
     };
     Ok(latents.to_dtype(DType::F32)?)

@@ -111,8 +111,8 @@ pub fn run(args: LearnArgs) -> Result<()> {
     let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
     let encoder = load_face_encoder(&args.face_encoder, &device)?;
     let parser = FaceParser::load(args.parser.kind(), args.parser.weights(), &device)?;
-    let prepared = PreparedPhoto::new(&photo, &encoder, &parser, &device)
-        .with_context(|| format!("{}", args.photo.display()))?;
+    let prepared =
+        PreparedPhoto::new(&photo, &encoder, &parser, &device).with_context(|| format!("{}", args.photo.display()))?;
     let names = CelebNames::load(args.celeb_names.as_deref())?;
     let basis = CelebBasis::load_or_compute(
         &basis_cache_dir(out_dir),
@@ -198,7 +198,10 @@ pub fn run(args: LearnArgs) -> Result<()> {
         LearnOutcome::Finished(identity) => {
             identity.save(&args.out)?;
             if json {
-                println!("{}", serde_json::json!({ "identity": args.out, "steps": args.steps, "metadata": identity.metadata }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "identity": args.out, "steps": args.steps, "metadata": identity.metadata })
+                );
             } else {
                 println!("{}", args.out.display());
             }

@@ -108,7 +108,9 @@ impl DeviceArg {
             }
             #[cfg(not(feature = "cuda"))]
             DeviceArg::Cuda => {
-                bail!("this build has no CUDA support: rebuild with `cargo build --release --features cuda` (see README)")
+                bail!(
+                    "this build has no CUDA support: rebuild with `cargo build --release --features cuda` (see README)"
+                )
             }
         }
     }

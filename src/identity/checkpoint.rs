@@ -71,8 +71,8 @@ impl Checkpoint {
             .get("fingerprint")
             .and_then(|s| serde_json::from_str(s).ok())
             .ok_or_else(|| bad("no fingerprint".into()))?;
-        let tensors =
-            candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| bad(format!("unreadable ({e})")))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| bad(format!("unreadable ({e})")))?;
         Ok(Self { step, fingerprint, tensors })
     }
 
@@ -108,7 +108,8 @@ impl Checkpoint {
         let params = PARAM_NAMES.iter().map(|n| get(format!("mlp.{n}"))).collect::<Result<Vec<_>>>()?;
         learner.mlp = IdentityMlp::from_tensors(learner.mlp.shape(), params)
             .map_err(|e| Error::Input(format!("checkpoint does not fit this model: {e}")))?;
-        learner.optimizer.exp_avg = PARAM_NAMES.iter().map(|n| get(format!("adam.exp_avg.{n}"))).collect::<Result<_>>()?;
+        learner.optimizer.exp_avg =
+            PARAM_NAMES.iter().map(|n| get(format!("adam.exp_avg.{n}"))).collect::<Result<_>>()?;
         learner.optimizer.exp_avg_sq =
             PARAM_NAMES.iter().map(|n| get(format!("adam.exp_avg_sq.{n}"))).collect::<Result<_>>()?;
         learner.optimizer.step = self.step;

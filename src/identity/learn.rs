@@ -206,9 +206,12 @@ impl LearnRun<'_> {
             fingerprint,
         };
         let total = s.steps;
-        let outcome = train(&mut learner, &source, &options, start, stop, &mut |done, report| on_step(done, total, report))?;
+        let outcome =
+            train(&mut learner, &source, &options, start, stop, &mut |done, report| on_step(done, total, report))?;
         match outcome {
-            Outcome::Interrupted { step } => Ok(LearnOutcome::Interrupted { step, checkpoint: self.checkpoint.clone() }),
+            Outcome::Interrupted { step } => {
+                Ok(LearnOutcome::Interrupted { step, checkpoint: self.checkpoint.clone() })
+            }
             Outcome::Finished => {
                 let embeddings = learner.identity(&self.photo.feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
                 Ok(LearnOutcome::Finished(Identity {
@@ -225,7 +228,9 @@ impl LearnRun<'_> {
         let s = &self.settings;
         let mut m: HashMap<String, String> = self.provenance.clone();
         let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
-        for key in ["model", "text_encoder_sha256", "photo_sha256", "seed", "lr", "loss", "phase_threshold", "hair_weight"] {
+        for key in
+            ["model", "text_encoder_sha256", "photo_sha256", "seed", "lr", "loss", "phase_threshold", "hair_weight"]
+        {
             m.insert(key.to_string(), text(&fingerprint[key]));
         }
         m.insert("steps".into(), s.steps.to_string());

@@ -43,7 +43,9 @@ pub struct TrainOptions {
 pub enum Outcome {
     Finished,
     /// Stopped on request after `step` steps; the checkpoint holds them.
-    Interrupted { step: usize },
+    Interrupted {
+        step: usize,
+    },
 }
 
 /// Trains from `start_step` (0, or a checkpoint's step) to `options.steps`.

@@ -113,16 +113,12 @@ impl ClipAttention {
 
     fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
-        let split_heads = |t: Tensor| {
-            t.reshape((b, s, self.heads, h / self.heads))?
-                .transpose(1, 2)
-        };
+        let split_heads = |t: Tensor| t.reshape((b, s, self.heads, h / self.heads))?.transpose(1, 2);
         let q = split_heads(self.q_proj.forward(x)?)?;
         let k = split_heads(self.k_proj.forward(x)?)?;
         let v = split_heads(self.v_proj.forward(x)?)?;
         let y = attention(&q, &k, &v, Some(causal_mask))?;
-        self.out_proj
-            .forward(&y.transpose(1, 2)?.reshape((b, s, h))?)
+        self.out_proj.forward(&y.transpose(1, 2)?.reshape((b, s, h))?)
     }
 }
 
@@ -168,9 +164,7 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, causal_mask)?)?;
+        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, causal_mask)?)?;
         &x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?
     }
 }
@@ -191,37 +185,20 @@ impl ClipTextModel {
     /// `embeddings...` (transformers 5 saves `CLIPTextModel` without the `text_model` level).
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let act = Activation::from_config(&cfg.hidden_act)?;
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
-        {
-            bail!(
-                "num_attention_heads: {} does not divide hidden_size {}",
-                cfg.num_attention_heads,
-                cfg.hidden_size
-            )
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+            bail!("num_attention_heads: {} does not divide hidden_size {}", cfg.num_attention_heads, cfg.hidden_size)
         }
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
-            vb.pp("text_model")
-        } else {
-            vb
-        };
+        let vb =
+            if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let h = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let token_embedding = emb.get((cfg.vocab_size, h), "token_embedding.weight")?;
-        let position_embedding = emb.get(
-            (cfg.max_position_embeddings, h),
-            "position_embedding.weight",
-        )?;
+        let position_embedding = emb.get((cfg.max_position_embeddings, h), "position_embedding.weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), cfg, act))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(vb.pp("final_layer_norm"), h, cfg.layer_norm_eps)?;
-        Ok(Self {
-            token_embedding,
-            position_embedding,
-            layers,
-            final_layer_norm,
-            config: cfg.clone(),
-        })
+        Ok(Self { token_embedding, position_embedding, layers, final_layer_norm, config: cfg.clone() })
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -249,10 +226,7 @@ impl ClipTextModel {
             Some(e) => {
                 let (n, h) = e.dims2()?;
                 if h != self.config.hidden_size {
-                    bail!(
-                        "extra embeddings have width {h}, the text encoder {}",
-                        self.config.hidden_size
-                    )
+                    bail!("extra embeddings have width {h}, the text encoder {}", self.config.hidden_size)
                 }
                 n as u32
             }
@@ -263,21 +237,15 @@ impl ClipTextModel {
             bail!("token id {bad} is outside the vocabulary ({vocab}) and the {n_extra} extra embeddings")
         }
         let device = self.token_embedding.device();
-        let table_ids: Vec<u32> = flat
-            .iter()
-            .map(|&id| if id < vocab { id } else { 0 })
-            .collect();
-        let rows = self
-            .token_embedding
-            .index_select(&Tensor::new(table_ids, device)?, 0)?;
+        let table_ids: Vec<u32> = flat.iter().map(|&id| if id < vocab { id } else { 0 }).collect();
+        let rows = self.token_embedding.index_select(&Tensor::new(table_ids, device)?, 0)?;
         let rows = match extra {
             Some(extra) if flat.iter().any(|&id| id >= vocab) => {
                 let extra = extra.to_dtype(rows.dtype())?;
                 let extra_ids: Vec<u32> = flat.iter().map(|&id| id.saturating_sub(vocab)).collect();
                 let extra_rows = extra.index_select(&Tensor::new(extra_ids, device)?, 0)?;
                 let is_extra: Vec<u8> = flat.iter().map(|&id| u8::from(id >= vocab)).collect();
-                let is_extra = Tensor::from_vec(is_extra, (flat.len(), 1), device)?
-                    .broadcast_as(rows.shape())?;
+                let is_extra = Tensor::from_vec(is_extra, (flat.len(), 1), device)?.broadcast_as(rows.shape())?;
                 is_extra.where_cond(&extra_rows, &rows)?
             }
             _ => rows,
@@ -290,15 +258,9 @@ impl ClipTextModel {
     pub fn forward_embeddings(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
         let (_, s, _) = inputs_embeds.dims3()?;
         if s > self.config.max_position_embeddings {
-            bail!(
-                "sequence of {s} tokens exceeds max_position_embeddings {}",
-                self.config.max_position_embeddings
-            )
+            bail!("sequence of {s} tokens exceeds max_position_embeddings {}", self.config.max_position_embeddings)
         }
-        let positions = self
-            .position_embedding
-            .narrow(0, 0, s)?
-            .to_dtype(inputs_embeds.dtype())?;
+        let positions = self.position_embedding.narrow(0, 0, s)?.to_dtype(inputs_embeds.dtype())?;
         let mut x = inputs_embeds.broadcast_add(&positions)?;
         let mask = causal_mask(s, x.dtype(), x.device())?;
         for layer in &self.layers {
@@ -315,8 +277,7 @@ impl ClipTextModel {
 
 /// (seq, seq) additive mask: 0 where a token may attend (itself and earlier), -inf after.
 fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let values: Vec<f32> =
+        (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(values, (seq, seq), device)?.to_dtype(dtype)
 }

@@ -30,14 +30,7 @@ impl ResnetBlock2D {
         eps: f64,
     ) -> Result<Self> {
         let conv_shortcut = if in_channels != out_channels {
-            Some(Conv2d::new(
-                vb.pp("conv_shortcut"),
-                in_channels,
-                out_channels,
-                1,
-                1,
-                0,
-            )?)
+            Some(Conv2d::new(vb.pp("conv_shortcut"), in_channels, out_channels, 1, 1, 0)?)
         } else {
             None
         };
@@ -78,9 +71,7 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self {
-            conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 2, 1)?,
-        })
+        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 2, 1)? })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -96,9 +87,7 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self {
-            conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1)?,
-        })
+        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1)? })
     }
 
     /// Doubles the resolution, or resizes to `size` (height, width) when given: the UNet passes
@@ -117,9 +106,7 @@ impl Upsample2D {
 /// `upsample_nearest2d` (a per-channel convolution).
 fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))
+    x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, 2 * h, 2 * w))
 }
 
 /// PyTorch's `interpolate(mode="nearest", size=...)`: output pixel `i` reads input pixel
@@ -134,8 +121,6 @@ pub(crate) fn resize_nearest(x: &Tensor, (out_h, out_w): (usize, usize)) -> Resu
 
 fn nearest_indices(in_size: usize, out_size: usize, like: &Tensor) -> Result<Tensor> {
     let scale = in_size as f32 / out_size as f32;
-    let idx: Vec<u32> = (0..out_size)
-        .map(|i| ((i as f32 * scale).floor() as usize).min(in_size - 1) as u32)
-        .collect();
+    let idx: Vec<u32> = (0..out_size).map(|i| ((i as f32 * scale).floor() as usize).min(in_size - 1) as u32).collect();
     Tensor::from_vec(idx, out_size, like.device())
 }

@@ -98,10 +98,7 @@ impl AutoencoderKLConfig {
     /// Rejects what this implementation does not build, naming the config field.
     fn validate(&self) -> Result<()> {
         if self.act_fn != "silu" && self.act_fn != "swish" {
-            bail!(
-                "act_fn: unsupported activation {:?} (only \"silu\")",
-                self.act_fn
-            )
+            bail!("act_fn: unsupported activation {:?} (only \"silu\")", self.act_fn)
         }
         if self.block_out_channels.is_empty() {
             bail!("block_out_channels: empty")
@@ -114,18 +111,10 @@ impl AutoencoderKLConfig {
                 self.up_block_types.len()
             )
         }
-        if let Some(t) = self
-            .down_block_types
-            .iter()
-            .find(|t| *t != "DownEncoderBlock2D")
-        {
+        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
             bail!("down_block_types: unsupported block {t:?} (only DownEncoderBlock2D)")
         }
-        if let Some(t) = self
-            .up_block_types
-            .iter()
-            .find(|t| *t != "UpDecoderBlock2D")
-        {
+        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
             bail!("up_block_types: unsupported block {t:?} (only UpDecoderBlock2D)")
         }
         Ok(())
@@ -161,18 +150,12 @@ impl AttentionBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         // (b, c, h, w) -> (b, 1 head, h*w tokens, c)
-        let tokens = self
-            .group_norm
-            .forward(x)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?;
+        let tokens = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?;
         let one_head = |t: Tensor| t.unsqueeze(1);
         let q = one_head(self.to_q.forward(&tokens)?)?;
         let k = one_head(self.to_k.forward(&tokens)?)?;
         let v = one_head(self.to_v.forward(&tokens)?)?;
-        let y = self
-            .to_out
-            .forward(&attention(&q, &k, &v, None)?.squeeze(1)?)?;
+        let y = self.to_out.forward(&attention(&q, &k, &v, None)?.squeeze(1)?)?;
         x + y.transpose(1, 2)?.reshape((b, c, h, w))?
     }
 }
@@ -186,22 +169,11 @@ struct MidBlock {
 
 impl MidBlock {
     fn new(vb: VarBuilder, channels: usize, groups: usize, add_attention: bool) -> Result<Self> {
-        let resnet = |i: usize| {
-            ResnetBlock2D::new(vb.pp(format!("resnets.{i}")), channels, channels, None, groups, NORM_EPS)
-        };
-        let attention = if add_attention {
-            Some(AttentionBlock::new(
-                vb.pp("attentions.0"),
-                channels,
-                groups,
-            )?)
-        } else {
-            None
-        };
-        Ok(Self {
-            resnets: [resnet(0)?, resnet(1)?],
-            attention,
-        })
+        let resnet =
+            |i: usize| ResnetBlock2D::new(vb.pp(format!("resnets.{i}")), channels, channels, None, groups, NORM_EPS);
+        let attention =
+            if add_attention { Some(AttentionBlock::new(vb.pp("attentions.0"), channels, groups)?) } else { None };
+        Ok(Self { resnets: [resnet(0)?, resnet(1)?], attention })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -228,11 +200,7 @@ impl DownEncoderBlock2D {
             x = resnet.forward(&x, None)?;
         }
         match &self.downsampler {
-            Some(conv) => conv.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(
-                D::Minus2,
-                0,
-                1,
-            )?),
+            Some(conv) => conv.forward(&x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?),
             None => Ok(x),
         }
     }
@@ -259,7 +227,6 @@ impl UpDecoderBlock2D {
     }
 }
 
-
 #[derive(Debug, Clone)]
 struct Encoder {
     conv_in: Conv2d,
@@ -285,31 +252,16 @@ impl Encoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let downsampler = if i + 1 < ch.len() {
-                Some(Conv2d::new(
-                    vb.pp("downsamplers.0.conv"),
-                    out_ch,
-                    out_ch,
-                    3,
-                    2,
-                    0,
-                )?)
+                Some(Conv2d::new(vb.pp("downsamplers.0.conv"), out_ch, out_ch, 3, 2, 0)?)
             } else {
                 None
             };
-            down_blocks.push(DownEncoderBlock2D {
-                resnets,
-                downsampler,
-            });
+            down_blocks.push(DownEncoderBlock2D { resnets, downsampler });
         }
         Ok(Self {
             conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
             down_blocks,
-            mid_block: MidBlock::new(
-                vb.pp("mid_block"),
-                last,
-                groups,
-                cfg.mid_block_add_attention,
-            )?,
+            mid_block: MidBlock::new(vb.pp("mid_block"), last, groups, cfg.mid_block_add_attention)?,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), groups, last, NORM_EPS)?,
             // Mean and log-variance, stacked on the channel axis.
             conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
@@ -322,8 +274,7 @@ impl Encoder {
             x = block.forward(&x)?;
         }
         let x = self.mid_block.forward(&x)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
     }
 }
 
@@ -351,22 +302,14 @@ impl Decoder {
                     ResnetBlock2D::new(vb.pp(format!("resnets.{j}")), block_in, out_ch, None, groups, NORM_EPS)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let upsampler = if i + 1 < reversed.len() {
-                Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?)
-            } else {
-                None
-            };
+            let upsampler =
+                if i + 1 < reversed.len() { Some(Upsample2D::new(vb.pp("upsamplers.0"), out_ch)?) } else { None };
             up_blocks.push(UpDecoderBlock2D { resnets, upsampler });
         }
         let (first, last) = (reversed[reversed.len() - 1], reversed[0]);
         Ok(Self {
             conv_in: Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, last, 3, 1, 1)?,
-            mid_block: MidBlock::new(
-                vb.pp("mid_block"),
-                last,
-                groups,
-                cfg.mid_block_add_attention,
-            )?,
+            mid_block: MidBlock::new(vb.pp("mid_block"), last, groups, cfg.mid_block_add_attention)?,
             up_blocks,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), groups, first, NORM_EPS)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
@@ -378,8 +321,7 @@ impl Decoder {
         for block in &self.up_blocks {
             x = block.forward(&x)?;
         }
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward(&x)?.silu()?)
     }
 }
 
@@ -413,26 +355,12 @@ impl AutoencoderKL {
         cfg.validate()?;
         let latent = cfg.latent_channels;
         let quant_conv = if cfg.use_quant_conv {
-            Some(Conv2d::new(
-                vb.pp("quant_conv"),
-                2 * latent,
-                2 * latent,
-                1,
-                1,
-                0,
-            )?)
+            Some(Conv2d::new(vb.pp("quant_conv"), 2 * latent, 2 * latent, 1, 1, 0)?)
         } else {
             None
         };
         let post_quant_conv = if cfg.use_post_quant_conv {
-            Some(Conv2d::new(
-                vb.pp("post_quant_conv"),
-                latent,
-                latent,
-                1,
-                1,
-                0,
-            )?)
+            Some(Conv2d::new(vb.pp("post_quant_conv"), latent, latent, 1, 1, 0)?)
         } else {
             None
         };

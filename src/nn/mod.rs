@@ -7,9 +7,9 @@
 //! the gradients of frozen weights) and keeps few tensors in the graph.
 
 mod conv;
+mod cpu_kernels;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_checks;
-mod cpu_kernels;
 #[cfg(feature = "cuda")]
 mod norm_cuda;
 pub mod ops;

@@ -89,7 +89,8 @@ pub const DEFAULT_FACE_ENCODER: &str = "jayanta/vit-base-patch16-224-in21k-face-
 /// or a zip-format pytorch_model.bin, names with or without the `vit.` prefix of
 /// `ViTForImageClassification`) given as a local path or a hub id in the hub cache.
 pub fn load_face_encoder(dir_or_hub_id: &str, device: &Device) -> Result<FaceEncoder> {
-    let dir = crate::weights::resolve_folder(dir_or_hub_id, "config.json", "face-recognition model", DEFAULT_FACE_ENCODER)?;
+    let dir =
+        crate::weights::resolve_folder(dir_or_hub_id, "config.json", "face-recognition model", DEFAULT_FACE_ENCODER)?;
     let config_path = dir.join("config.json");
     let config: ViTConfig = read_json(&config_path)?;
     let unsupported = |msg: String| Error::UnsupportedModel(format!("{}: {msg}", config_path.display()));

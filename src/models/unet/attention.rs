@@ -48,22 +48,18 @@ impl Attention {
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
         let (q, k) = match q.dtype() {
-            DType::F16 | DType::BF16 if self.upcast => {
-                (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-            }
+            DType::F16 | DType::BF16 if self.upcast => (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?),
             _ => (q, k),
         };
         let out = nn::attention(&q, &k, &v, None)?;
         let (b, heads, n, head_dim) = out.dims4()?;
-        self.to_out
-            .forward(&out.transpose(1, 2)?.reshape((b, n, heads * head_dim))?)
+        self.to_out.forward(&out.transpose(1, 2)?.reshape((b, n, heads * head_dim))?)
     }
 
     /// (batch, n, heads * head_dim) -> (batch, heads, n, head_dim)
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, inner) = x.dims3()?;
-        x.reshape((b, n, self.heads, inner / self.heads))?
-            .transpose(1, 2)
+        x.reshape((b, n, self.heads, inner / self.heads))?.transpose(1, 2)
     }
 }
 
@@ -114,14 +110,7 @@ impl BasicTransformerBlock {
             norm1: LayerNorm::new(vb.pp("norm1"), dim, eps)?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, upcast_attention)?,
             norm2: LayerNorm::new(vb.pp("norm2"), dim, eps)?,
-            attn2: Attention::new(
-                vb.pp("attn2"),
-                dim,
-                cross_attention_dim,
-                heads,
-                head_dim,
-                upcast_attention,
-            )?,
+            attn2: Attention::new(vb.pp("attn2"), dim, cross_attention_dim, heads, head_dim, upcast_attention)?,
             norm3: LayerNorm::new(vb.pp("norm3"), dim, eps)?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -129,10 +118,7 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }

@@ -18,20 +18,8 @@ pub struct StageSpec {
 }
 
 impl StageSpec {
-    fn resnet(
-        &self,
-        vb: VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-    ) -> Result<ResnetBlock2D> {
-        ResnetBlock2D::new(
-            vb,
-            in_channels,
-            out_channels,
-            Some(self.temb_channels),
-            self.norm_groups,
-            self.norm_eps,
-        )
+    fn resnet(&self, vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<ResnetBlock2D> {
+        ResnetBlock2D::new(vb, in_channels, out_channels, Some(self.temb_channels), self.norm_groups, self.norm_eps)
     }
 }
 
@@ -77,26 +65,14 @@ impl DownBlock {
                 stage.resnet(vb.pp(format!("resnets.{i}")), in_c, out_channels)
             })
             .collect::<Result<Vec<_>>>()?;
-        let downsampler = if add_downsample {
-            Some(Downsample2D::new(vb.pp("downsamplers.0"), out_channels)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            resnets,
-            attentions: transformers(&vb, attention, transformer_layers)?,
-            downsampler,
-        })
+        let downsampler =
+            if add_downsample { Some(Downsample2D::new(vb.pp("downsamplers.0"), out_channels)?) } else { None };
+        Ok(Self { resnets, attentions: transformers(&vb, attention, transformer_layers)?, downsampler })
     }
 
     /// Returns the output and the states the up path concatenates back (one per resnet, plus
     /// the downsampled output).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        temb_act: &Tensor,
-        context: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         let mut x = x.clone();
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -133,10 +109,7 @@ impl MidBlock {
             .map(|i| stage.resnet(vb.pp(format!("resnets.{i}")), channels, channels))
             .collect::<Result<Vec<_>>>()?;
         let attentions = transformers(&vb, Some(attention), &[transformer_layers])?;
-        Ok(Self {
-            resnets,
-            attentions,
-        })
+        Ok(Self { resnets, attentions })
     }
 
     pub fn forward(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -173,29 +146,13 @@ impl UpBlock {
         let n = transformer_layers.len();
         let resnets = (0..n)
             .map(|i| {
-                let skip = if i == n - 1 {
-                    skip_in_channels
-                } else {
-                    out_channels
-                };
-                let in_c = if i == 0 {
-                    prev_output_channels
-                } else {
-                    out_channels
-                };
+                let skip = if i == n - 1 { skip_in_channels } else { out_channels };
+                let in_c = if i == 0 { prev_output_channels } else { out_channels };
                 stage.resnet(vb.pp(format!("resnets.{i}")), in_c + skip, out_channels)
             })
             .collect::<Result<Vec<_>>>()?;
-        let upsampler = if add_upsample {
-            Some(Upsample2D::new(vb.pp("upsamplers.0"), out_channels)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            resnets,
-            attentions: transformers(&vb, attention, transformer_layers)?,
-            upsampler,
-        })
+        let upsampler = if add_upsample { Some(Upsample2D::new(vb.pp("upsamplers.0"), out_channels)?) } else { None };
+        Ok(Self { resnets, attentions: transformers(&vb, attention, transformer_layers)?, upsampler })
     }
 
     /// How many skip states this block consumes.

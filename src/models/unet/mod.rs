@@ -37,10 +37,7 @@ impl<T: Clone + Debug> PerBlock<T> {
         match self {
             Self::One(v) => Ok(vec![v.clone(); n]),
             Self::Each(vs) if vs.len() == n => Ok(vs.clone()),
-            Self::Each(vs) => bail!(
-                "unet config: `{field}` = {vs:?} has {} entries for {n} blocks",
-                vs.len()
-            ),
+            Self::Each(vs) => bail!("unet config: `{field}` = {vs:?} has {} entries for {n} blocks", vs.len()),
         }
     }
 }
@@ -109,12 +106,7 @@ impl Default for UNet2DConditionConfig {
                 "DownBlock2D",
             ]),
             mid_block_type: Some(MID_BLOCK.to_string()),
-            up_block_types: strings(&[
-                "UpBlock2D",
-                "CrossAttnUpBlock2D",
-                "CrossAttnUpBlock2D",
-                "CrossAttnUpBlock2D",
-            ]),
+            up_block_types: strings(&["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
             only_cross_attention: PerBlock::One(false),
             block_out_channels: vec![320, 640, 1280, 1280],
             layers_per_block: PerBlock::One(2),
@@ -192,11 +184,7 @@ impl UNet2DConditionConfig {
 
     fn plan(&self) -> Result<Plan> {
         expect_eq("center_input_sample", &self.center_input_sample, &false)?;
-        expect_eq(
-            "mid_block_type",
-            &self.mid_block_type.as_deref(),
-            &Some(MID_BLOCK),
-        )?;
+        expect_eq("mid_block_type", &self.mid_block_type.as_deref(), &Some(MID_BLOCK))?;
         expect_eq("downsample_padding", &self.downsample_padding, &1)?;
         expect_eq("mid_block_scale_factor", &self.mid_block_scale_factor, &1.0)?;
         if !matches!(self.act_fn.as_str(), "silu" | "swish") {
@@ -213,16 +201,8 @@ impl UNet2DConditionConfig {
         expect_unset("class_embed_type", &self.class_embed_type)?;
         expect_unset("addition_embed_type", &self.addition_embed_type)?;
         expect_unset("num_class_embeds", &self.num_class_embeds)?;
-        expect_eq(
-            "resnet_time_scale_shift",
-            &self.resnet_time_scale_shift.as_str(),
-            &"default",
-        )?;
-        expect_eq(
-            "time_embedding_type",
-            &self.time_embedding_type.as_str(),
-            &"positional",
-        )?;
+        expect_eq("resnet_time_scale_shift", &self.resnet_time_scale_shift.as_str(), &"default")?;
+        expect_eq("time_embedding_type", &self.time_embedding_type.as_str(), &"positional")?;
         expect_unset("time_embedding_dim", &self.time_embedding_dim)?;
         expect_unset("time_embedding_act_fn", &self.time_embedding_act_fn)?;
         expect_unset("timestep_post_act", &self.timestep_post_act)?;
@@ -240,14 +220,9 @@ impl UNet2DConditionConfig {
                 self.up_block_types.len()
             )
         }
-        let only_cross = self
-            .only_cross_attention
-            .expand("only_cross_attention", n)?;
+        let only_cross = self.only_cross_attention.expand("only_cross_attention", n)?;
         if only_cross.iter().any(|&b| b) {
-            return Err(unsupported(
-                "only_cross_attention",
-                &self.only_cross_attention,
-            ));
+            return Err(unsupported("only_cross_attention", &self.only_cross_attention));
         }
         let block_kinds = |field: &str, types: &[String], cross: &str, plain: &str| {
             types
@@ -259,18 +234,9 @@ impl UNet2DConditionConfig {
                 })
                 .collect::<Result<Vec<_>>>()
         };
-        let down_attention = block_kinds(
-            "down_block_types",
-            &self.down_block_types,
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        )?;
-        let up_attention = block_kinds(
-            "up_block_types",
-            &self.up_block_types,
-            "CrossAttnUpBlock2D",
-            "UpBlock2D",
-        )?;
+        let down_attention =
+            block_kinds("down_block_types", &self.down_block_types, "CrossAttnDownBlock2D", "DownBlock2D")?;
+        let up_attention = block_kinds("up_block_types", &self.up_block_types, "CrossAttnUpBlock2D", "UpBlock2D")?;
         let heads = self.attention_head_dim.expand("attention_head_dim", n)?;
         for (&channels, &h) in self.block_out_channels.iter().zip(&heads) {
             if h == 0 || channels % h != 0 {
@@ -282,9 +248,7 @@ impl UNet2DConditionConfig {
             up_attention,
             heads,
             layers: self.layers_per_block.expand("layers_per_block", n)?,
-            transformer_layers: self
-                .transformer_layers_per_block
-                .expand("transformer_layers_per_block", n)?,
+            transformer_layers: self.transformer_layers_per_block.expand("transformer_layers_per_block", n)?,
             cross_attention_dim: self.cross_attention_dim.expand("cross_attention_dim", n)?,
             norm_groups,
         })
@@ -311,11 +275,7 @@ impl UNet2DConditionModel {
         let channels = &cfg.block_out_channels;
         let n = channels.len();
         let time_embed_dim = 4 * channels[0];
-        let stage = StageSpec {
-            temb_channels: time_embed_dim,
-            norm_groups: plan.norm_groups,
-            norm_eps: cfg.norm_eps,
-        };
+        let stage = StageSpec { temb_channels: time_embed_dim, norm_groups: plan.norm_groups, norm_eps: cfg.norm_eps };
         // The transformers of block `i` (down numbering).
         let attention = |i: usize| TransformerSpec {
             channels: channels[i],
@@ -366,20 +326,11 @@ impl UNet2DConditionModel {
         Ok(Self {
             config: cfg.clone(),
             conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, channels[0], 3, 1, 1)?,
-            time_embedding: TimestepEmbedding::new(
-                vb.pp("time_embedding"),
-                channels[0],
-                time_embed_dim,
-            )?,
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?,
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::new(
-                vb.pp("conv_norm_out"),
-                plan.norm_groups,
-                channels[0],
-                cfg.norm_eps,
-            )?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), plan.norm_groups, channels[0], cfg.norm_eps)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), channels[0], cfg.out_channels, 3, 1, 1)?,
         })
     }
@@ -391,12 +342,7 @@ impl UNet2DConditionModel {
     /// Noise prediction for `sample` (batch, C, h, w) at `timesteps` (shape (batch,), one per
     /// sample, any dtype; a (1,) tensor broadcasts) with `encoder_hidden_states`
     /// (batch, seq, cross_attention_dim).
-    pub fn forward(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         let (batch, _, height, width) = sample.dims4()?;
         let timesteps = match timesteps.dims() {
             [] => timesteps.reshape(1)?,
@@ -424,9 +370,7 @@ impl UNet2DConditionModel {
             x = out;
             skips.extend(states);
         }
-        x = self
-            .mid_block
-            .forward(&x, &temb_act, encoder_hidden_states)?;
+        x = self.mid_block.forward(&x, &temb_act, encoder_hidden_states)?;
         let last = self.up_blocks.len() - 1;
         for (i, block) in self.up_blocks.iter().enumerate() {
             let block_skips = skips.split_off(skips.len() - block.num_skips());
@@ -437,15 +381,8 @@ impl UNet2DConditionModel {
                 }
                 _ => None,
             };
-            x = block.forward(
-                &x,
-                &block_skips,
-                &temb_act,
-                encoder_hidden_states,
-                upsample_size,
-            )?;
+            x = block.forward(&x, &block_skips, &temb_act, encoder_hidden_states, upsample_size)?;
         }
-        self.conv_out
-            .forward(&ops::silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&ops::silu(&self.conv_norm_out.forward(&x)?)?)
     }
 }
