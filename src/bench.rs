@@ -28,7 +28,7 @@ use rand::rngs::{SmallRng, StdRng};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::identity::learner::{Basis, FrozenModels, Learner, StepInputs};
+use crate::identity::learner::{on_training_stack, Basis, FrozenModels, Learner, StepInputs};
 use crate::identity::loss::LossConfig;
 use crate::identity::mlp::{IdentityMlp, MlpShape};
 use crate::identity::optim::AdamWConfig;
@@ -122,9 +122,6 @@ pub const GUIDANCE_SCALE: f64 = 8.5;
 const DENOISE_TIMESTEP: f32 = 981.0;
 /// The token length of every prompt.
 const PROMPT_TOKENS: usize = 77;
-/// Backward walks the graph recursively (CANDLE_NOTES item 6): learning steps run on a thread
-/// with this stack.
-pub const TRAINING_STACK_BYTES: usize = 256 << 20;
 
 /// The configs of the frozen models and the noise schedule.
 #[derive(Debug, Clone)]
@@ -340,19 +337,11 @@ pub struct BenchReport {
     pub timings: Vec<Timing>,
 }
 
-/// Builds the models with random weights and measures `options.measures`. Runs on a thread of
-/// its own with a [`TRAINING_STACK_BYTES`] stack, since the learning step back-propagates
-/// through a deep graph.
+/// Builds the models with random weights and measures `options.measures`, on a thread with a
+/// stack deep enough for the learning step's backward ([`on_training_stack`]).
 pub fn run(configs: &SdConfigs, options: &BenchOptions) -> Result<BenchReport> {
     check_options(configs, options)?;
-    std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("bench".into())
-            .stack_size(TRAINING_STACK_BYTES)
-            .spawn_scoped(scope, || run_here(configs, options))?
-            .join()
-            .map_err(|_| Error::Input("the benchmark thread panicked".into()))?
-    })
+    on_training_stack("bench", || run_here(configs, options))?
 }
 
 fn check_options(configs: &SdConfigs, options: &BenchOptions) -> Result<()> {

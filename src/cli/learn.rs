@@ -165,27 +165,13 @@ pub fn run(args: LearnArgs) -> Result<()> {
 
     let bar = progress_bar(args.steps as u64, "learning");
     let json = args.json;
-    // candle's backward walks the graph recursively: through the 23-layer text encoder and the
-    // UNet that needs far more than the main thread's 8 MB of stack (CANDLE_NOTES item 6).
-    let outcome = std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("learner".into())
-            .stack_size(LEARNER_STACK_BYTES)
-            .spawn_scoped(scope, || {
-                run.run(&stop, &mut |done, _total, report| {
-                    bar.set_position(done as u64);
-                    bar.set_message(format!("learning, loss {:.4}", report.loss));
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({ "step": done, "loss": report.loss, "grad_norm": report.grad_norm })
-                        );
-                    }
-                })
-            })
-            .map(|handle| handle.join().expect("the learner thread does not panic"))
-    })
-    .context("cannot start the learner thread")?;
+    let outcome = run.run(&stop, &mut |done, _total, report| {
+        bar.set_position(done as u64);
+        bar.set_message(format!("learning, loss {:.4}", report.loss));
+        if json {
+            println!("{}", serde_json::json!({ "step": done, "loss": report.loss, "grad_norm": report.grad_norm }));
+        }
+    });
     bar.finish_and_clear();
     match outcome? {
         LearnOutcome::Interrupted { step, checkpoint } => {
@@ -209,9 +195,6 @@ pub fn run(args: LearnArgs) -> Result<()> {
     }
     Ok(())
 }
-
-/// Stack of the learning thread.
-const LEARNER_STACK_BYTES: usize = 256 << 20;
 
 /// `me.safetensors` -> `me.ckpt.safetensors`.
 fn default_checkpoint(out: &Path) -> PathBuf {

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::identity::augment::{augment, AugmentConfig, TrainingPhoto};
 use crate::identity::checkpoint::Checkpoint;
-use crate::identity::learner::{Basis, Learner, StepInputs, StepReport};
+use crate::identity::learner::{on_training_stack, Basis, Learner, StepInputs, StepReport};
 use crate::identity::loss::LossConfig;
 use crate::identity::mlp::{IdentityMlp, MlpShape};
 use crate::identity::optim::AdamWConfig;
@@ -166,8 +166,21 @@ impl LearnRun<'_> {
     }
 
     /// Learns the identity; `on_step(done, total, report)` after every step; `stop` ends the run
-    /// early with a checkpoint.
-    pub fn run(&self, stop: &AtomicBool, on_step: &mut dyn FnMut(usize, usize, &StepReport)) -> Result<LearnOutcome> {
+    /// early with a checkpoint. Runs on a thread of its own with a big enough stack
+    /// ([`on_training_stack`]).
+    pub fn run(
+        &self,
+        stop: &AtomicBool,
+        on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
+    ) -> Result<LearnOutcome> {
+        on_training_stack("learner", || self.run_here(stop, on_step))?
+    }
+
+    fn run_here(
+        &self,
+        stop: &AtomicBool,
+        on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
+    ) -> Result<LearnOutcome> {
         let s = &self.settings;
         let fingerprint = self.fingerprint()?;
         let shape = MlpShape { feature_dim: self.photo.feature.dim(1)?, token_dim: self.sd.text_width() };

@@ -15,6 +15,21 @@ use crate::nn::profile;
 use crate::schedulers::Ddpm;
 use crate::{Error, Result};
 
+/// The stack a learning step needs: candle's backward walks the graph recursively
+/// (CANDLE_NOTES item 6), and through the 23-layer text encoder and the UNet that is far deeper
+/// than a main thread's 8 MB allow.
+pub const TRAINING_STACK_BYTES: usize = 256 << 20;
+
+/// Runs `work` on a thread named `name` with a [`TRAINING_STACK_BYTES`] stack and returns its
+/// result (a panic in `work` is passed on).
+pub fn on_training_stack<T: Send>(name: &str, work: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new().name(name.into()).stack_size(TRAINING_STACK_BYTES);
+        let handle = thread.spawn_scoped(scope, work)?;
+        Ok(handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    })
+}
+
 /// The frozen networks a learning step runs through, and the training noise schedule.
 pub struct FrozenModels<'a> {
     pub text_encoder: &'a ClipTextModel,
