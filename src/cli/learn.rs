@@ -12,12 +12,10 @@ use stableid::identity::loss::LossKind;
 use stableid::pipelines::StableDiffusion;
 use stableid::priors::celeb_basis::{CelebBasis, CelebNames};
 use stableid::priors::face_feature::{load_face_encoder, DEFAULT_FACE_ENCODER};
-use stableid::priors::masks::FaceParser;
 use stableid::priors::photo::load_photo;
 use stableid::weights::ModelDir;
 
-use super::masks::FaceParserArgs;
-use super::{check_writable, progress_bar, ModelArgs};
+use super::{check_writable, progress_bar, FaceParserArgs, ModelArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -110,7 +108,7 @@ pub fn run(args: LearnArgs) -> Result<()> {
     let model = ModelDir::resolve(&args.model.model)?;
     let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
     let encoder = load_face_encoder(&args.face_encoder, &device)?;
-    let parser = FaceParser::load(args.parser.kind(), args.parser.weights(), &device)?;
+    let parser = args.parser.load(&device)?;
     let prepared =
         PreparedPhoto::new(&photo, &encoder, &parser, &device).with_context(|| format!("{}", args.photo.display()))?;
     let names = CelebNames::load(args.celeb_names.as_deref())?;

@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use stableid::io::{write_atomically, write_png, RgbImage};
-use stableid::priors::masks::{FaceParser, FaceParserKind, DEFAULT_SEGFORMER, SIZE};
+use stableid::priors::masks::SIZE;
 use stableid::priors::photo::load_photo;
 
-use super::DeviceArg;
+use super::{DeviceArg, FaceParserArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -32,47 +32,6 @@ pub struct MasksArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-// Choice of the face parser, shared by every command that needs the masks. (A plain comment: clap
-// would take a doc comment here for the `about` of every command that flattens these flags.)
-#[derive(clap::Args, Clone)]
-pub struct FaceParserArgs {
-    /// Face parser: segformer (jonathandinu/face-parsing from the hub cache) or bisenet (the paper's
-    /// face-parsing.PyTorch model, 79999_iter.pth).
-    #[arg(long, value_enum, default_value_t = FaceParserArg::Segformer)]
-    pub face_parser: FaceParserArg,
-    /// The parser's weights: for segformer a transformers folder or hub id [default: jonathandinu/face-parsing];
-    /// for bisenet the checkpoint file (zip-format .pth or .safetensors).
-    #[arg(long)]
-    pub face_parser_weights: Option<String>,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
-pub enum FaceParserArg {
-    Segformer,
-    Bisenet,
-}
-
-impl FaceParserArgs {
-    pub fn kind(&self) -> FaceParserKind {
-        match self.face_parser {
-            FaceParserArg::Segformer => FaceParserKind::Segformer,
-            FaceParserArg::Bisenet => FaceParserKind::Bisenet,
-        }
-    }
-
-    /// The weights location as given, or the default one.
-    pub fn weights(&self) -> Option<&str> {
-        match (self.kind(), self.face_parser_weights.as_deref()) {
-            (FaceParserKind::Segformer, None) => Some(DEFAULT_SEGFORMER),
-            (_, given) => given,
-        }
-    }
-
-    pub fn load(&self, device: &Device) -> Result<FaceParser> {
-        Ok(FaceParser::load(self.kind(), self.weights(), device)?)
-    }
 }
 
 pub fn run(args: MasksArgs) -> Result<()> {
