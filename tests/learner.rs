@@ -208,16 +208,15 @@ fn training_stops_on_nan_and_keeps_the_last_checkpoint() {
         sd: &'a StableDiffusion,
         tensors: &'a HashMap<String, Tensor>,
         case: &'a Case,
-        calls: std::cell::Cell<usize>,
+        calls: std::sync::atomic::AtomicUsize,
         poison_at: usize,
     }
     impl StepSource for PoisonAt<'_> {
         fn draw(&self, _rng: &mut rand::rngs::StdRng) -> stableid::Result<StepInputs> {
             let (mut inputs, _, _) = case_inputs(self.sd, self.tensors, self.case, DType::F32);
-            if self.calls.get() == self.poison_at {
+            if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == self.poison_at {
                 inputs.noise = (inputs.noise * f64::NAN).unwrap();
             }
-            self.calls.set(self.calls.get() + 1);
             Ok(inputs)
         }
     }
