@@ -1,16 +1,14 @@
 //! Where a step's time goes, op by op: `stableid bench --profile`.
 //!
-//! While [`record`] runs, every op of [`super::ops`] (forward and backward) waits for its device
-//! before and after it runs, so that each op's time is its own even on a GPU, where kernels are
-//! otherwise queued and run later. The waits cost time themselves, so a profiled run is slower
+//! While [`record`] runs, every op of [`super::ops`] (forward and backward) that its thread runs
+//! waits for its device before and after it runs, so that each op's time is its own even on a GPU,
+//! where kernels are otherwise queued and run later. The waits cost time themselves, so a profiled run is slower
 //! than a timed one: the shares are what matter. The time a profiled run spends outside these
 //! ops (candle's own ops: reshapes, copies, residual additions, the loss, the optimizer, the
 //! backward of plain candle ops) is reported as the rest. Phases ([`phase`]: the text encoder,
 //! the UNet, the backward...) are timed the same way, around the ops they contain.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 use candle_core::{Device, Result};
@@ -39,40 +37,44 @@ impl Profile {
     }
 }
 
-static RECORDING: AtomicBool = AtomicBool::new(false);
-static TABLE: Mutex<Vec<OpTime>> = Mutex::new(Vec::new());
-static PHASES: Mutex<Vec<OpTime>> = Mutex::new(Vec::new());
-/// Serialises recordings: the table is global.
-static RECORDER: Mutex<()> = Mutex::new(());
-
 thread_local! {
+    /// The recording of this thread: only ops run by the thread that calls [`record`] are timed, so
+    /// work on other threads (tests running side by side, a prefetching thread) never mixes in.
+    static RECORDING: RefCell<Option<Recording>> = const { RefCell::new(None) };
     /// Whether this thread is inside a timed op (an op built from other timed ops counts once).
     static INSIDE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `work` (which must return once its work is done on `device`) with op timing on.
+#[derive(Default)]
+struct Recording {
+    ops: Vec<OpTime>,
+    phases: Vec<OpTime>,
+}
+
+/// Runs `work` (which must return once its work is done on `device`) with op timing on for the
+/// ops this thread runs.
 pub fn record<T>(device: &Device, work: impl FnOnce() -> crate::Result<T>) -> crate::Result<(T, Profile)> {
-    let _one_at_a_time = RECORDER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    lock(&TABLE).clear();
-    lock(&PHASES).clear();
     device.synchronize()?;
-    RECORDING.store(true, Ordering::SeqCst);
+    let outer = RECORDING.replace(Some(Recording::default()));
     let start = Instant::now();
     let result = work();
     let synced = device.synchronize();
     let total_seconds = start.elapsed().as_secs_f64();
-    RECORDING.store(false, Ordering::SeqCst);
+    let recording = RECORDING.replace(outer).unwrap_or_default();
     let value = result?;
     synced?;
-    let mut ops = std::mem::take(&mut *lock(&TABLE));
+    let mut ops = recording.ops;
     ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-    let phases = std::mem::take(&mut *lock(&PHASES));
-    Ok((value, Profile { ops, phases, total_seconds }))
+    Ok((value, Profile { ops, phases: recording.phases, total_seconds }))
 }
 
-/// Runs one op, timing it under `name` while a recording is on.
+fn recording() -> bool {
+    RECORDING.with_borrow(Option::is_some)
+}
+
+/// Runs one op, timing it under `name` while this thread records.
 pub(crate) fn timed<T>(name: &'static str, device: &Device, op: impl FnOnce() -> Result<T>) -> Result<T> {
-    if !RECORDING.load(Ordering::Relaxed) || INSIDE.get() {
+    if !recording() || INSIDE.get() {
         return op();
     }
     device.synchronize()?;
@@ -84,40 +86,39 @@ pub(crate) fn timed<T>(name: &'static str, device: &Device, op: impl FnOnce() ->
     INSIDE.set(false);
     let value = result?;
     synced?;
-    add(&TABLE, name, seconds);
+    add(name, seconds, |recording| &mut recording.ops);
     Ok(value)
 }
 
-/// Runs a phase of a step (made of ops), timing it under `name` while a recording is on.
+/// Runs a phase of a step (made of ops), timing it under `name` while this thread records.
 pub fn phase<T, E: From<candle_core::Error>>(
     name: &'static str,
     device: &Device,
     work: impl FnOnce() -> std::result::Result<T, E>,
 ) -> std::result::Result<T, E> {
-    if !RECORDING.load(Ordering::Relaxed) || INSIDE.get() {
+    if !recording() || INSIDE.get() {
         return work();
     }
     device.synchronize()?;
     let start = Instant::now();
     let value = work()?;
     device.synchronize()?;
-    add(&PHASES, name, start.elapsed().as_secs_f64());
+    add(name, start.elapsed().as_secs_f64(), |recording| &mut recording.phases);
     Ok(value)
 }
 
-fn add(table: &Mutex<Vec<OpTime>>, name: &'static str, seconds: f64) {
-    let mut table = lock(table);
-    match table.iter_mut().find(|entry| entry.name == name) {
-        Some(entry) => {
-            entry.calls += 1;
-            entry.seconds += seconds;
+fn add(name: &'static str, seconds: f64, table: impl FnOnce(&mut Recording) -> &mut Vec<OpTime>) {
+    RECORDING.with_borrow_mut(|recording| {
+        let Some(recording) = recording else { return };
+        let table = table(recording);
+        match table.iter_mut().find(|entry| entry.name == name) {
+            Some(entry) => {
+                entry.calls += 1;
+                entry.seconds += seconds;
+            }
+            None => table.push(OpTime { name, calls: 1, seconds }),
         }
-        None => table.push(OpTime { name, calls: 1, seconds }),
-    }
-}
-
-fn lock(table: &Mutex<Vec<OpTime>>) -> std::sync::MutexGuard<'_, Vec<OpTime>> {
-    table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    });
 }
 
 #[cfg(test)]
