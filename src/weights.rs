@@ -13,6 +13,10 @@ use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
 
+mod pytorch;
+
+pub use pytorch::open_checkpoint;
+
 /// The base model StableIdentity is defined on.
 pub const DEFAULT_MODEL: &str = "stabilityai/stable-diffusion-2-1-base";
 
@@ -59,33 +63,32 @@ impl ModelDir {
         read_json(&self.component(component)?.join(file))
     }
 
-    /// Memory-maps the weights of `component` (`stem.safetensors`, else `stem.fp16.safetensors`),
-    /// converting tensors to `dtype` as they are read.
+    /// The weights of `component`: `stem.safetensors`, else `stem.fp16.safetensors` (memory-mapped),
+    /// else a PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for the stem `model`);
+    /// tensors are converted to `dtype` as they are read.
     pub fn weights(&self, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<Weights> {
         let dir = self.component(component)?;
-        let candidates = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")];
-        let Some(path) = candidates.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
-            let bin = dir.join(format!("{stem}.bin"));
-            let hint = if bin.is_file() {
-                "only a PyTorch .bin was found: convert it to safetensors (safetensors.torch.save_file) or use a model folder with safetensors weights".to_string()
-            } else {
-                format!("expected {} or {}", candidates[0], candidates[1])
-            };
-            return Err(Error::MissingFile {
-                what: format!("{component} weights"),
-                path: dir.join(&candidates[0]),
-                hint,
-            });
-        };
-        // Safety: the file is memory-mapped read-only; it must not be modified while in use,
-        // which holds for model files that the user keeps.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
-            .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
-        Ok(Weights { path, vb })
+        let safetensors = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")];
+        if let Some(path) = safetensors.iter().map(|f| dir.join(f)).find(|p| p.is_file()) {
+            // Safety: the file is memory-mapped read-only; it must not be modified while in use,
+            // which holds for model files that the user keeps.
+            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
+                .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
+            return Ok(Weights { path, vb });
+        }
+        let pytorch = if stem == "model" { "pytorch_model.bin".to_string() } else { format!("{stem}.bin") };
+        if dir.join(&pytorch).is_file() {
+            return Ok(open_checkpoint(&dir.join(&pytorch), dtype, device)?.0);
+        }
+        Err(Error::MissingFile {
+            what: format!("{component} weights"),
+            path: dir.join(&safetensors[0]),
+            hint: format!("expected {}, {} or {pytorch}", safetensors[0], safetensors[1]),
+        })
     }
 }
 
-/// A memory-mapped weights file and a builder over it.
+/// A weights file and a builder over it.
 pub struct Weights {
     pub path: PathBuf,
     pub vb: VarBuilder<'static>,

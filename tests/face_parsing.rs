@@ -10,6 +10,7 @@ use common::{assert_close, fixture, load_tensors};
 use stableid::models::face_parsing::bisenet::{self, BiSeNet};
 use stableid::models::face_parsing::segformer::{SegformerConfig, SegformerForSemanticSegmentation};
 use stableid::priors::masks::{FaceClasses, FaceParser, FaceParserKind, SIZE};
+use stableid::weights::open_checkpoint;
 use stableid::Error;
 
 const PARITY: &str = "parity/face_parsing.safetensors";
@@ -93,23 +94,32 @@ fn segformer_parser_matches_image_processor_and_post_processing() {
 #[test]
 fn bisenet_logits_match_pytorch_module() {
     let t = load_tensors(PARITY);
-    let vb = VarBuilder::from_pth(fixture("tiny-bisenet/model.pth"), DType::F32, &Device::Cpu).unwrap();
-    let model = BiSeNet::new(vb).unwrap();
-    assert_eq!(model.num_classes(), 19);
-    let logits = model.forward(&t["bisenet.pixel_values"]).unwrap();
-    assert_close(&logits, &t["bisenet.logits"], 1e-4, "bisenet logits (32x40 input)");
+    // The same weights saved in both formats; the real 79999_iter.pth is a legacy one.
+    for file in ["tiny-bisenet/model.pth", "tiny-bisenet/legacy/79999_iter.pth"] {
+        let (weights, _) = open_checkpoint(&fixture(file), DType::F32, &Device::Cpu).unwrap();
+        let model = weights.build(BiSeNet::new).unwrap();
+        assert_eq!(model.num_classes(), 19);
+        let logits = model.forward(&t["bisenet.pixel_values"]).unwrap();
+        assert_close(&logits, &t["bisenet.logits"], 1e-4, &format!("bisenet logits (32x40 input), {file}"));
+    }
 }
 
 #[test]
 fn bisenet_parser_matches_reference_class_map() {
     let t = load_tensors(PARITY);
-    let parser =
-        FaceParser::load(FaceParserKind::Bisenet, Some(fixture("tiny-bisenet").to_str().unwrap()), &Device::Cpu)
-            .unwrap();
-    assert_eq!(parser.kind(), FaceParserKind::Bisenet);
-    assert_eq!(parser.classes().names(), bisenet::CLASSES);
-    let logits = parser.logits(&photo(&t)).unwrap();
-    assert_same_classes(&subsample(&logits, 4), &t["bisenet.class_map_sub4"], "bisenet class map");
+    // Folders holding model.pth, and 79999_iter.pth (legacy format) as the original repository has it.
+    for folder in ["tiny-bisenet", "tiny-bisenet/legacy"] {
+        let parser =
+            FaceParser::load(FaceParserKind::Bisenet, Some(fixture(folder).to_str().unwrap()), &Device::Cpu).unwrap();
+        assert_eq!(parser.kind(), FaceParserKind::Bisenet);
+        assert_eq!(parser.classes().names(), bisenet::CLASSES);
+        let logits = parser.logits(&photo(&t)).unwrap();
+        assert_same_classes(
+            &subsample(&logits, 4),
+            &t["bisenet.class_map_sub4"],
+            &format!("bisenet class map, {folder}"),
+        );
+    }
 }
 
 #[test]
@@ -191,14 +201,6 @@ fn a_photo_without_face_is_an_error() {
     assert!((masks.face_fraction().unwrap() - 0.012).abs() < 1e-9);
     assert!((masks.hair_fraction().unwrap() - 0.988).abs() < 1e-9);
     assert_eq!(masks.face.i((0, 29)).unwrap().to_scalar::<f32>().unwrap(), 1.0);
-}
-
-#[test]
-fn legacy_checkpoint_says_how_to_resave_it() {
-    let err = FaceParser::bisenet(&fixture("tiny-bisenet/legacy.pth"), &Device::Cpu).unwrap_err();
-    let msg = err.to_string();
-    assert!(matches!(err, Error::Weights { .. }), "{err:?}");
-    assert!(msg.contains("legacy") && msg.contains("torch.save(torch.load("), "{msg}");
 }
 
 #[test]

@@ -126,7 +126,7 @@ pub struct FaceParserArgs {
     #[arg(long, value_enum, default_value_t = FaceParserArg::Segformer)]
     pub face_parser: FaceParserArg,
     /// The parser's weights: for segformer a transformers folder or hub id [default: jonathandinu/face-parsing];
-    /// for bisenet the checkpoint file (zip-format .pth or .safetensors).
+    /// for bisenet the checkpoint file (face-parsing.PyTorch's 79999_iter.pth, or .safetensors).
     #[arg(long)]
     pub face_parser_weights: Option<String>,
 }

@@ -20,7 +20,7 @@ use image::RgbImage;
 
 use crate::models::vit::{ViTConfig, ViTModel};
 use crate::priors::photo::{resize, rgb_to_tensor, Filter, Photo, Weights};
-use crate::weights::read_json;
+use crate::weights::{open_checkpoint, read_json};
 use crate::{Error, Result};
 
 /// The face region StableIdentity crops from the 512 photo: left, top, right, bottom.
@@ -86,7 +86,7 @@ impl FaceEncoder {
 pub const DEFAULT_FACE_ENCODER: &str = "jayanta/vit-base-patch16-224-in21k-face-recognition";
 
 /// Loads the face-recognition ViT from a transformers folder (config.json and model.safetensors
-/// or a zip-format pytorch_model.bin, names with or without the `vit.` prefix of
+/// or pytorch_model.bin, names with or without the `vit.` prefix of
 /// `ViTForImageClassification`) given as a local path or a hub id in the hub cache.
 pub fn load_face_encoder(dir_or_hub_id: &str, device: &Device) -> Result<FaceEncoder> {
     let dir =
@@ -125,25 +125,16 @@ pub fn load_face_encoder(dir_or_hub_id: &str, device: &Device) -> Result<FaceEnc
 fn open_weights(dir: &Path, device: &Device) -> Result<(PathBuf, VarBuilder<'static>, Vec<String>)> {
     let safetensors = dir.join("model.safetensors");
     let pickle = dir.join("pytorch_model.bin");
-    let unreadable = |file: &Path, e: candle_core::Error, hint: &str| Error::Weights {
-        file: file.to_path_buf(),
-        msg: format!("cannot read it: {e}{hint}"),
-    };
     if safetensors.is_file() {
         // Safety: memory-mapped read-only; model files are not modified while in use.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&safetensors) }
-            .map_err(|e| unreadable(&safetensors, e, ""))?;
+            .map_err(|e| Error::Weights { file: safetensors.clone(), msg: format!("cannot read it: {e}") })?;
         let names = st.tensors().into_iter().map(|(name, _)| name).collect();
         let vb = VarBuilder::from_backend(Box::new(st), DType::F32, device.clone());
         Ok((safetensors, vb, names))
     } else if pickle.is_file() {
-        let pth = candle_core::pickle::PthTensors::new(&pickle, None).map_err(|e| {
-            let hint = " (only the zip format of PyTorch >= 1.6 is read; convert older checkpoints to safetensors)";
-            unreadable(&pickle, e, hint)
-        })?;
-        let names = pth.tensor_infos().keys().cloned().collect();
-        let vb = VarBuilder::from_backend(Box::new(pth), DType::F32, device.clone());
-        Ok((pickle, vb, names))
+        let (weights, names) = open_checkpoint(&pickle, DType::F32, device)?;
+        Ok((weights.path, weights.vb, names))
     } else {
         Err(Error::MissingFile {
             what: "ViT weights".into(),

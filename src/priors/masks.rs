@@ -8,7 +8,6 @@
 //!   hair and hat (so skin, brows, eyes, eyeglasses, ears, nose, mouth, lips);
 //! - hair = hair.
 
-use std::io::Read;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -18,7 +17,7 @@ use crate::models::face_parsing::bisenet::{self, BiSeNet};
 use crate::models::face_parsing::segformer::{
     SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor,
 };
-use crate::weights::{read_json, resolve_folder, Weights};
+use crate::weights::{open_checkpoint, read_json, resolve_folder, Weights};
 use crate::{Error, Result};
 
 /// Side of the (square) photo the parsers see and the masks cover.
@@ -319,9 +318,8 @@ impl FaceParser {
     }
 }
 
-/// Opens a BiSeNet checkpoint: safetensors, or a zip-format PyTorch file. PyTorch's legacy
-/// (pre-1.6) pickle format, which the original `79999_iter.pth` may use, cannot be read and gets an
-/// error saying how to re-save it.
+/// Opens a BiSeNet checkpoint: safetensors, or a PyTorch file in either format (the original
+/// `79999_iter.pth` is in the legacy one).
 fn open_bisenet_checkpoint(spec: &Path, device: &Device) -> Result<Weights> {
     let path = if spec.is_dir() {
         ["model.safetensors", "model.pth", "79999_iter.pth"]
@@ -339,31 +337,14 @@ fn open_bisenet_checkpoint(spec: &Path, device: &Device) -> Result<Weights> {
         return Err(Error::MissingFile {
             what: "BiSeNet checkpoint".into(),
             path: spec.to_path_buf(),
-            hint: "pass face-parsing.PyTorch's 79999_iter.pth (zip-format .pth or .safetensors)".into(),
+            hint: "pass face-parsing.PyTorch's 79999_iter.pth (or the same weights as .safetensors)".into(),
         });
     };
-    let weights_error = |msg: String| Error::Weights { file: path.clone(), msg };
     if path.extension().is_some_and(|e| e == "safetensors") {
         // Safety: the file is memory-mapped read-only and not modified while in use.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
-            .map_err(|e| weights_error(e.to_string()))?;
+            .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
         return Ok(Weights { path, vb });
     }
-    let mut magic = [0u8; 4];
-    std::fs::File::open(&path)?.read_exact(&mut magic).map_err(|e| weights_error(e.to_string()))?;
-    match magic {
-        [b'P', b'K', 3, 4] => {
-            let vb = VarBuilder::from_pth(&path, DType::F32, device).map_err(|e| weights_error(e.to_string()))?;
-            Ok(Weights { path, vb })
-        }
-        // A pickle stream (protocol 2+) at the start of the file: torch.save's legacy format.
-        [0x80, ..] => Err(weights_error(format!(
-            "PyTorch legacy (pre-1.6) checkpoint format, which cannot be read here; re-save it once in the zip \
-             format: python -c \"import torch; torch.save(torch.load('{0}', map_location='cpu'), '{1}')\" \
-             and pass {1}",
-            path.display(),
-            path.with_extension("zip.pth").display()
-        ))),
-        _ => Err(weights_error("neither a zip-format PyTorch checkpoint nor a safetensors file".into())),
-    }
+    Ok(open_checkpoint(&path, DType::F32, device)?.0)
 }

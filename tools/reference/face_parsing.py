@@ -6,7 +6,7 @@
   here from the published architecture (BiSeNet, arXiv 1808.00897, with that repository's choices:
   ResNet-18 features at 1/8 in place of the spatial path, heads at 1/8 and 1/16) and keeping its
   state-dict names, so the real checkpoint loads into `BiSeNet(base=64)`. A tiny-width variant is
-  saved with torch.save (zip format), plus a one-tensor legacy-format file for the error test.
+  saved with torch.save in both formats (zip, and legacy as the real 79999_iter.pth is).
 - Masks: face = every class except background, earring, neck, necklace, cloth, hair, hat;
   hair = hair; computed by class name on a fixed class map, for both class orders.
 
@@ -274,9 +274,13 @@ def bisenet(tensors: dict, big: np.ndarray) -> None:
     TINY_BISENET.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), TINY_BISENET / "model.pth")
     print(f"wrote {(TINY_BISENET / 'model.pth').relative_to(REPO)}")
-    # A file in PyTorch's pre-1.6 (legacy pickle) format, for the clear-error test. It holds no
-    # tensor: the legacy format names storages by memory address, so the file would change per run.
-    torch.save({"format": "legacy"}, TINY_BISENET / "legacy.pth", _use_new_zipfile_serialization=False)
+    # The same weights in PyTorch's pre-1.6 (legacy) format, under the name of the real checkpoint,
+    # which is such a file. The legacy format names storages by memory address: the file's bytes
+    # differ from run to run, its tensors do not.
+    legacy = TINY_BISENET / "legacy" / "79999_iter.pth"
+    legacy.parent.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    print(f"wrote {legacy.relative_to(REPO)}")
 
     with torch.no_grad():
         x = torch.randn(1, 3, 32, 40)

@@ -11,7 +11,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 cd "$here"
 # The tiny model folder first: the component and pipeline fixtures are computed on its weights.
-for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline celeb_basis face_feature face_parsing augment learner_step; do
+for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline celeb_basis face_feature face_parsing checkpoints augment learner_step; do
   echo "== $script"
   "$venv/bin/python" "$script.py"
 done
