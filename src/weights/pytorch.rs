@@ -39,7 +39,9 @@ pub fn open_checkpoint(path: &Path, dtype: DType, device: &Device) -> Result<(We
     let checkpoint = if head.starts_with(&ZIP_MAGIC) {
         Checkpoint::zip(path).map_err(|msg| unreadable(format!("cannot read this PyTorch zip file: {msg}")))?
     } else if head.len() == LEGACY_MAGIC.len() && head[0] == LEGACY_MAGIC[0] && head[2..] == LEGACY_MAGIC[2..] {
-        Checkpoint::legacy(std::fs::read(path)?)
+        // Safety: memory-mapped read-only; model files are not modified while in use.
+        let bytes = unsafe { memmap2::Mmap::map(&std::fs::File::open(path)?)? };
+        Checkpoint::legacy(bytes)
             .map_err(|msg| unreadable(format!("cannot read this legacy-format (PyTorch < 1.6) checkpoint: {msg}")))?
     } else {
         return Err(unreadable("not a PyTorch checkpoint (neither the zip format nor the legacy format)".into()));
@@ -56,8 +58,8 @@ struct Checkpoint {
 }
 
 enum Storages {
-    /// The whole legacy file and each storage's byte range in it.
-    Legacy { bytes: Vec<u8>, ranges: HashMap<String, Range<usize>> },
+    /// The whole legacy file (memory-mapped) and each storage's byte range in it.
+    Legacy { bytes: memmap2::Mmap, ranges: HashMap<String, Range<usize>> },
     /// A zip file, whose storages are its entries (`archive/data/0`...), read when used.
     Zip(PathBuf),
 }
@@ -94,7 +96,7 @@ impl Checkpoint {
     }
 
     /// Parses a legacy file, `bytes` being all of it.
-    fn legacy(bytes: Vec<u8>) -> std::result::Result<Self, String> {
+    fn legacy(bytes: memmap2::Mmap) -> std::result::Result<Self, String> {
         let mut reader = Cursor::new(&bytes[LEGACY_MAGIC.len()..]);
         let version = next_pickle(&mut reader, "format version")?;
         if version != Object::Int(LEGACY_FORMAT_VERSION) {
