@@ -1041,7 +1041,8 @@ fn attention_grad_typed<T: Element>(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor, Var, D};
+    use crate::nn::test_values::spread_tensor;
+    use candle_core::{DType, Tensor, Var, D};
 
     use super::{
         activation, activation_grad, erf_fast, exp_fast, linear, linear_input_grad, norm, norm_input_grad, Activation,
@@ -1054,10 +1055,7 @@ mod tests {
         let mut swapped = dims.to_vec();
         let rank = dims.len();
         swapped.swap(rank - 1, rank - 2);
-        let n: usize = dims.iter().product();
-        let v: Vec<f64> = (0..n as u64).map(|i| ((i * 7919 + seed * 104_729) % 1201) as f64 / 200.0 - 3.0).collect();
-        let t = Tensor::from_vec(v, swapped, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        t.transpose(rank - 1, rank - 2).unwrap()
+        spread_tensor(swapped, seed, -3.0, 6.0, dtype).transpose(rank - 1, rank - 2).unwrap()
     }
 
     /// `max |a - b| / max(1, max |b|)`.

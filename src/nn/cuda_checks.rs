@@ -4,12 +4,10 @@
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::ops;
+use super::test_values::spread_tensor;
 
-fn values(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> =
-        (0..n).map(|i| (((i as u64 * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0) * scale).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+fn values(shape: &[usize], seed: u64, scale: f64) -> Tensor {
+    spread_tensor(shape, seed, -scale, 2.0 * scale, DType::F32)
 }
 
 fn relative_error(got: &Tensor, expected: &Tensor) -> f32 {

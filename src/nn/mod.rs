@@ -14,6 +14,8 @@ mod cuda_checks;
 mod norm_cuda;
 pub mod ops;
 pub mod profile;
+#[cfg(test)]
+mod test_values;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

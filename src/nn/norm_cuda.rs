@@ -187,19 +187,14 @@ fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction> {
 
 #[cfg(test)]
 mod tests {
+    use crate::nn::test_values::{max_diff, spread_tensor};
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::{forward, input_grad};
     use crate::nn::ops::{self, NormSpec};
 
     fn values(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i as u64 * 7919 + seed * 104_729) % 1000) as f32 / 250.0 - 1.5).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        spread_tensor(shape, seed, -1.5, 4.0, DType::F32)
     }
 
     /// With a CUDA build on a machine with a GPU: the fused kernels against the CPU's composite
@@ -241,7 +236,8 @@ mod tests {
                 let dx_gpu =
                     back(input_grad(&on_gpu(&x), &on_gpu(&dy), &w_gpu, spec).unwrap().expect("the kernels apply"));
                 let (ey, edx) = (max_diff(&y_gpu, &y), max_diff(&dx_gpu, &dx));
-                let scale = |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                let scale =
+                    |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0) as f64;
                 assert!(ey <= tolerance * scale(&y), "case {i} {dtype:?}: forward off by {ey}");
                 assert!(edx <= tolerance * scale(&dx), "case {i} {dtype:?}: input gradient off by {edx}");
             }

@@ -783,6 +783,7 @@ impl CustomOp3 for AttentionNode {
 
 #[cfg(test)]
 mod tests {
+    use crate::nn::test_values::{max_diff, spread_tensor};
     use candle_core::{DType, Device, Tensor};
 
     use candle_core::Var;
@@ -793,13 +794,7 @@ mod tests {
     };
 
     fn values(shape: (usize, usize), seed: u64) -> Tensor {
-        let n = shape.0 * shape.1;
-        let v: Vec<f64> = (0..n).map(|i| ((i as u64 * 7919 + seed * 104_729) % 1000) as f64 / 250.0 - 2.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+        spread_tensor(shape, seed, -2.0, 4.0, DType::F64)
     }
 
     /// The composite backwards (other devices and dtypes) against the one-pass CPU kernels.

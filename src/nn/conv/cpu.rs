@@ -369,6 +369,7 @@ fn matmul<T: Element>(
 mod tests {
     use super::super::ConvShape;
     use super::{forward, forward_tiled, input_grad, input_grad_tiled};
+    use crate::nn::test_values::spread;
 
     fn shape(
         (batch, c_in, h, w): (usize, usize, usize, usize),
@@ -380,7 +381,7 @@ mod tests {
     }
 
     fn values(n: usize, seed: u64) -> Vec<f64> {
-        (0..n as u64).map(|i| ((i * 7919 + seed * 104_729) % 1000) as f64 / 250.0 - 2.0).collect()
+        spread(n, seed, -2.0, 4.0)
     }
 
     /// The convolution by its definition, one output at a time.

@@ -245,18 +245,13 @@ fn dilate(x: &Tensor, s: usize) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor};
+    use crate::nn::test_values::{max_diff, spread_tensor};
+    use candle_core::{DType, Tensor};
 
     use super::{flipped_kernel_input_grad, forward, input_grad, ConvShape};
 
     fn values(dims: (usize, usize, usize, usize), seed: u64) -> Tensor {
-        let n = dims.0 * dims.1 * dims.2 * dims.3;
-        let v: Vec<f64> = (0..n).map(|i| ((i as u64 * 7919 + seed * 104_729) % 1000) as f64 / 250.0 - 2.0).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+        spread_tensor(dims, seed, -2.0, 4.0, DType::F64)
     }
 
     /// The fast CPU path against candle's convolution (forward) and against the flipped-kernel
@@ -310,6 +305,7 @@ mod tests {
     #[cfg(feature = "cudnn")]
     #[test]
     fn cudnn_path_matches_the_cpu() {
+        use candle_core::Device;
         let Ok(gpu) = Device::new_cuda(0) else {
             eprintln!("no CUDA device: cudnn_path_matches_the_cpu skipped");
             return;
@@ -335,7 +331,7 @@ mod tests {
                 let dx_gpu = back(input_grad(&on_gpu(&dy), &on_gpu(&kernel), (h, w), padding, stride).unwrap());
                 for (name, got, expected) in [("forward", &y_gpu, &y), ("input gradient", &dx_gpu, &dx)] {
                     let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-                    let diff = max_diff(&got.to_dtype(DType::F64).unwrap(), &expected.to_dtype(DType::F64).unwrap());
+                    let diff = max_diff(got, expected);
                     assert!(diff <= relative * scale, "case {i} {dtype:?} {name}: {diff} vs scale {scale}");
                 }
             }
