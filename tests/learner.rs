@@ -111,15 +111,11 @@ fn mlp_gradients_match_finite_differences() {
     let tensors = load_tensors("parity/learner_step.safetensors");
     for case in cases() {
         let (inputs, basis, mlp) = case_inputs(&sd, &tensors, &case, DType::F64);
-        let learner = Learner::new(
-            sd.frozen_models().unwrap(),
-            basis.clone(),
-            mlp,
-            AdamWConfig::default(),
-            LossConfig::default(),
-            1.0,
-        )
-        .unwrap();
+        let learner_with = |mlp: IdentityMlp| {
+            let (adamw, loss) = (AdamWConfig::default(), LossConfig::default());
+            Learner::new(sd.frozen_models().unwrap(), basis.clone(), mlp, adamw, loss, 1.0).unwrap()
+        };
+        let learner = learner_with(mlp);
         let (_, grads) = learner.gradients(&inputs).unwrap();
         let params: Vec<Tensor> = learner.mlp.params().iter().map(|(_, v)| v.as_tensor().clone()).collect();
         let shape = learner.mlp.shape();
@@ -128,16 +124,7 @@ fn mlp_gradients_match_finite_differences() {
             let mut values = tensors[index].flatten_all().unwrap().to_vec1::<f64>().unwrap();
             values[flat] += delta;
             tensors[index] = Tensor::from_vec(values, params[index].dims(), &Device::Cpu).unwrap();
-            let mlp = IdentityMlp::from_tensors(shape, tensors).unwrap();
-            let probe = Learner::new(
-                sd.frozen_models().unwrap(),
-                basis.clone(),
-                mlp,
-                AdamWConfig::default(),
-                LossConfig::default(),
-                1.0,
-            )
-            .unwrap();
+            let probe = learner_with(IdentityMlp::from_tensors(shape, tensors).unwrap());
             probe.loss(&inputs).unwrap().to_scalar::<f64>().unwrap()
         };
         // The largest-gradient entry of every parameter, plus a fixed one of each weight matrix.
