@@ -4,6 +4,8 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::{copy_dir, fixture, load_tensors, max_abs_diff};
+use stableid::pipelines::StableDiffusion;
+use stableid::priors::celeb_basis::text_encoder_fingerprint;
 use stableid::weights::{open_checkpoint, ModelDir};
 use stableid::Error;
 
@@ -76,4 +78,15 @@ fn model_folders_without_safetensors_read_the_pytorch_file() {
         let got = weights.vb.get(want.dims(), name).unwrap();
         assert_eq!(max_abs_diff(&got, want), 0.0, "{name}");
     }
+
+    // The whole pipeline loads from it, and the fingerprint that keys the celebrity-basis cache
+    // and goes into identity files covers the file.
+    let pipeline = StableDiffusion::load(&model, &Device::Cpu, DType::F32).unwrap();
+    let fingerprint = text_encoder_fingerprint(pipeline.text_encoder_file()).unwrap();
+    assert_eq!(fingerprint.len(), 64);
+    let mut bytes = std::fs::read(&weights.path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights.path, bytes).unwrap();
+    assert_ne!(text_encoder_fingerprint(&weights.path).unwrap(), fingerprint);
 }

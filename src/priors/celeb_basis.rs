@@ -216,19 +216,25 @@ fn cache_key(weights_file: &Path, names: &CelebNames, ids: &[[u32; 2]], dtype: D
 }
 
 /// A fingerprint of a text encoder's weights (hex SHA-256 of the file size, the safetensors
-/// header and the token-embedding table): identifies the model an identity was learned for
-/// without reading the whole file.
+/// header and the token-embedding table; of the whole file for a PyTorch checkpoint): identifies
+/// the model an identity was learned for without reading a whole safetensors file.
 pub fn text_encoder_fingerprint(weights_file: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     hash_token_embedding(weights_file, &mut hasher)?;
     Ok(hex(&hasher.finalize()))
 }
 
-/// Feeds the file size, the safetensors header and the token-embedding table's bytes to `hasher`.
+/// Feeds the file size, the safetensors header and the token-embedding table's bytes to `hasher`;
+/// a PyTorch checkpoint (`.bin`), whose tensors have no index to seek by, is hashed whole.
 fn hash_token_embedding(weights_file: &Path, hasher: &mut Sha256) -> Result<()> {
     let bad = |msg: String| Error::Weights { file: weights_file.to_path_buf(), msg };
     let mut file = File::open(weights_file).map_err(|e| bad(e.to_string()))?;
     let size = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    if weights_file.extension().is_some_and(|e| e == "bin") {
+        hasher.update(size.to_le_bytes());
+        std::io::copy(&mut file, hasher).map_err(|e| bad(e.to_string()))?;
+        return Ok(());
+    }
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
     let header_len = u64::from_le_bytes(len_bytes);
