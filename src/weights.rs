@@ -88,6 +88,29 @@ impl ModelDir {
     }
 }
 
+/// The weights of a transformers model folder: `model.safetensors` (memory-mapped), else
+/// `pytorch_model.bin`, read as `dtype`, with their tensor names; `what` names the model in errors.
+pub fn transformers_weights(dir: &Path, dtype: DType, device: &Device, what: &str) -> Result<(Weights, Vec<String>)> {
+    let safetensors = dir.join("model.safetensors");
+    let pytorch = dir.join("pytorch_model.bin");
+    if safetensors.is_file() {
+        // Safety: memory-mapped read-only; model files are not modified while in use.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&safetensors) }
+            .map_err(|e| Error::Weights { file: safetensors.clone(), msg: format!("cannot read it: {e}") })?;
+        let names = st.tensors().into_iter().map(|(name, _)| name).collect();
+        let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+        Ok((Weights { path: safetensors, vb }, names))
+    } else if pytorch.is_file() {
+        open_checkpoint(&pytorch, dtype, device)
+    } else {
+        Err(Error::MissingFile {
+            what: format!("{what} weights"),
+            path: safetensors,
+            hint: "expected model.safetensors or pytorch_model.bin next to config.json".into(),
+        })
+    }
+}
+
 /// A weights file and a builder over it.
 pub struct Weights {
     pub path: PathBuf,

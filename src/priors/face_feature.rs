@@ -11,16 +11,13 @@
 //! ran transformers 4, whose processor resized with PIL: [`Weights::Pil`] reproduces that.
 //! The learner flips the ViT input with the image, hence the `flipped` variants.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_nn::VarBuilder;
 use image::imageops;
 use image::RgbImage;
 
 use crate::models::vit::{ViTConfig, ViTModel};
 use crate::priors::photo::{resize, rgb_to_tensor, Filter, Photo, Weights};
-use crate::weights::{open_checkpoint, read_json};
+use crate::weights::{read_json, transformers_weights};
 use crate::{Error, Result};
 
 /// The face region StableIdentity crops from the 512 photo: left, top, right, bottom.
@@ -101,7 +98,8 @@ pub fn load_face_encoder(dir_or_hub_id: &str, device: &Device) -> Result<FaceEnc
             config.image_size
         )));
     }
-    let (file, vb, names) = open_weights(&dir, device)?;
+    let (weights, names) = transformers_weights(&dir, DType::F32, device, "ViT")?;
+    let (file, vb) = (weights.path, weights.vb);
     let vb = if names.iter().any(|n| n == "embeddings.cls_token") {
         vb
     } else if names.iter().any(|n| n == "vit.embeddings.cls_token") {
@@ -119,27 +117,4 @@ pub fn load_face_encoder(dir_or_hub_id: &str, device: &Device) -> Result<FaceEnc
         msg: format!("{e} (do the weights match {}?)", config_path.display()),
     })?;
     Ok(FaceEncoder::new(model, device))
-}
-
-/// The weights file of a transformers folder, a builder over it (f32) and its tensor names.
-fn open_weights(dir: &Path, device: &Device) -> Result<(PathBuf, VarBuilder<'static>, Vec<String>)> {
-    let safetensors = dir.join("model.safetensors");
-    let pickle = dir.join("pytorch_model.bin");
-    if safetensors.is_file() {
-        // Safety: memory-mapped read-only; model files are not modified while in use.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&safetensors) }
-            .map_err(|e| Error::Weights { file: safetensors.clone(), msg: format!("cannot read it: {e}") })?;
-        let names = st.tensors().into_iter().map(|(name, _)| name).collect();
-        let vb = VarBuilder::from_backend(Box::new(st), DType::F32, device.clone());
-        Ok((safetensors, vb, names))
-    } else if pickle.is_file() {
-        let (weights, names) = open_checkpoint(&pickle, DType::F32, device)?;
-        Ok((weights.path, weights.vb, names))
-    } else {
-        Err(Error::MissingFile {
-            what: "ViT weights".into(),
-            path: safetensors,
-            hint: "expected model.safetensors or pytorch_model.bin next to config.json".into(),
-        })
-    }
 }

@@ -17,7 +17,7 @@ use crate::models::face_parsing::bisenet::{self, BiSeNet};
 use crate::models::face_parsing::segformer::{
     SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor,
 };
-use crate::weights::{open_checkpoint, read_json, resolve_folder, Weights};
+use crate::weights::{open_checkpoint, read_json, resolve_folder, transformers_weights, Weights};
 use crate::{Error, Result};
 
 /// Side of the (square) photo the parsers see and the masks cover.
@@ -223,19 +223,8 @@ impl FaceParser {
         let (scale, mean, std) = SegformerImageProcessor::from_dir(dir)?
             .normalization(SIZE, SIZE)
             .map_err(|e| Error::Config { file: dir.join("preprocessor_config.json"), msg: e.to_string() })?;
-        let path = dir.join("model.safetensors");
-        if !path.is_file() {
-            let hint = if dir.join("pytorch_model.bin").is_file() {
-                "only pytorch_model.bin was found: convert it to safetensors (safetensors.torch.save_file)"
-            } else {
-                "a transformers SegformerForSemanticSegmentation folder needs config.json and model.safetensors"
-            };
-            return Err(Error::MissingFile { what: "SegFormer weights".into(), path, hint: hint.into() });
-        }
-        // Safety: the file is memory-mapped read-only and not modified while in use.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
-            .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
-        let model = Weights { path, vb }.build(|vb| SegformerForSemanticSegmentation::new(&config, vb))?;
+        let (weights, _) = transformers_weights(dir, DType::F32, device, "SegFormer")?;
+        let model = weights.build(|vb| SegformerForSemanticSegmentation::new(&config, vb))?;
         Ok(Self {
             network: Network::Segformer(Box::new(model)),
             normalization: Normalization { scale, mean, std },
