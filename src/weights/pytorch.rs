@@ -1,6 +1,6 @@
 //! PyTorch checkpoints (`torch.save` of a state dict: `.pth`, `pytorch_model.bin`) in both of
-//! PyTorch's on-disk formats: the zip archive of PyTorch >= 1.6, read through candle's reader, and
-//! the legacy format before it, read here. face-parsing.PyTorch's `79999_iter.pth`, the paper's
+//! PyTorch's on-disk formats: the zip archive of PyTorch >= 1.6 (its tensor table parsed by
+//! candle) and the legacy format before it. face-parsing.PyTorch's `79999_iter.pth`, the paper's
 //! face parser, is a legacy file, as are older `.bin` files on the hub.
 //!
 //! The legacy format (`torch/serialization.py`, `_legacy_save`) is five pickles back to back, then
@@ -12,7 +12,8 @@
 use std::collections::HashMap;
 use std::io::{Cursor, Read};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Mutex;
 
 use candle_core::pickle::{read_pth_tensor_info, Object, Stack};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -60,13 +61,14 @@ struct Checkpoint {
 enum Storages {
     /// The whole legacy file (memory-mapped) and each storage's byte range in it.
     Legacy { bytes: memmap2::Mmap, ranges: HashMap<String, Range<usize>> },
-    /// A zip file, whose storages are its entries (`archive/data/0`...), read when used.
-    Zip(PathBuf),
+    /// A zip file, opened once, whose storages are its entries (`archive/data/0`...), read when used.
+    Zip(Mutex<ZipArchive>),
 }
+
+type ZipArchive = zip::ZipArchive<std::io::BufReader<std::fs::File>>;
 
 /// Where one tensor lies in its storage (in elements).
 struct TensorSpec {
-    name: String,
     storage: String,
     dtype: DType,
     offset: usize,
@@ -87,12 +89,13 @@ impl Checkpoint {
                     strides: info.layout.stride().to_vec(),
                     storage: info.path,
                     dtype: info.dtype,
-                    name: info.name.clone(),
                 };
                 (info.name, spec)
             })
             .collect();
-        Ok(Self { tensors, storages: Storages::Zip(path.to_path_buf()) })
+        let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        let archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+        Ok(Self { tensors, storages: Storages::Zip(Mutex::new(archive)) })
     }
 
     /// Parses a legacy file, `bytes` being all of it.
@@ -113,7 +116,6 @@ impl Checkpoint {
             Object::Dict(entries) => entries
                 .into_iter()
                 .filter_map(|(name, value)| tensor_spec(name, value).transpose())
-                .map(|spec| spec.map(|spec| (spec.name.clone(), spec)))
                 .collect::<std::result::Result<_, _>>()?,
             other => {
                 return Err(format!("the saved object is not a state dict (a dict of tensors) but {}", kind(&other)))
@@ -137,9 +139,12 @@ impl Checkpoint {
         let tensor = match &self.storages {
             Storages::Legacy { bytes, ranges } => {
                 let range = ranges.get(&spec.storage).cloned().unwrap_or_default();
-                gather(spec, &bytes[range])
+                gather(name, spec, &bytes[range])
             }
-            Storages::Zip(path) => read_zip_entry(path, &spec.storage).and_then(|storage| gather(spec, &storage)),
+            Storages::Zip(archive) => {
+                let mut archive = archive.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                read_zip_entry(&mut archive, &spec.storage).and_then(|storage| gather(name, spec, &storage))
+            }
         };
         tensor.map_err(candle_core::Error::msg)
     }
@@ -168,9 +173,7 @@ impl SimpleBackend for Checkpoint {
     }
 }
 
-fn read_zip_entry(path: &Path, entry: &str) -> std::result::Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| e.to_string())?;
+fn read_zip_entry(archive: &mut ZipArchive, entry: &str) -> std::result::Result<Vec<u8>, String> {
     let mut entry = archive.by_name(entry).map_err(|e| format!("{entry}: {e}"))?;
     let mut bytes = Vec::with_capacity(entry.size() as usize);
     entry.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
@@ -189,8 +192,8 @@ fn dict_entries(object: Object) -> std::result::Result<Vec<(Object, Object)>, St
     object.dict().map_err(|other| format!("expected a dict, found {}", kind(&other)))
 }
 
-/// A tensor's description, or `None` for an entry that is no tensor (e.g. `_metadata`).
-fn tensor_spec(name: Object, value: Object) -> std::result::Result<Option<TensorSpec>, String> {
+/// A tensor's name and description, or `None` for an entry that is no tensor (e.g. `_metadata`).
+fn tensor_spec(name: Object, value: Object) -> std::result::Result<Option<(String, TensorSpec)>, String> {
     let Object::Unicode(name) = name else { return Ok(None) };
     let Ok((mut callable, mut args)) = value.reduce() else { return Ok(None) };
     // An nn.Parameter (a whole saved module): `_rebuild_parameter(tensor, requires_grad, hooks)`.
@@ -225,14 +228,14 @@ fn tensor_spec(name: Object, value: Object) -> std::result::Result<Option<Tensor
         "ByteStorage" => DType::U8,
         other => return Err(format!("tensor {name}: storage type {other} is not supported")),
     };
-    Ok(Some(TensorSpec {
+    let spec = TensorSpec {
         storage: key.clone(),
         dtype,
         offset: index(offset).ok_or_else(|| bad("storage offset"))?,
         shape: indices(shape).ok_or_else(|| bad("size"))?,
         strides: indices(strides).ok_or_else(|| bad("stride"))?,
-        name,
-    }))
+    };
+    Ok(Some((name, spec)))
 }
 
 fn is_class(object: &Object, module: &str, class: &str) -> bool {
@@ -289,24 +292,24 @@ fn storage_ranges(
 }
 
 /// Copies one tensor out of its storage, following its strides (views saved as such).
-fn gather(spec: &TensorSpec, storage: &[u8]) -> std::result::Result<Tensor, String> {
+fn gather(name: &str, spec: &TensorSpec, storage: &[u8]) -> std::result::Result<Tensor, String> {
     let size = spec.dtype.size_in_bytes();
     let elements = storage.len() / size;
     if spec.shape.len() != spec.strides.len() {
-        return Err(format!("tensor {}: {} sizes but {} strides", spec.name, spec.shape.len(), spec.strides.len()));
+        return Err(format!("tensor {name}: {} sizes but {} strides", spec.shape.len(), spec.strides.len()));
     }
     let count: usize = spec.shape.iter().product();
     let last =
         spec.shape.iter().zip(&spec.strides).map(|(&dim, &stride)| dim.saturating_sub(1) * stride).sum::<usize>();
     if count > 0 && spec.offset + last >= elements {
-        return Err(format!("tensor {} lies outside its storage of {elements} elements", spec.name));
+        return Err(format!("tensor {name} lies outside its storage of {elements} elements"));
     }
     let contiguous = candle_core::Layout::new(spec.shape.as_slice().into(), spec.strides.clone(), 0).is_contiguous();
     if contiguous {
         // In range (checked above) unless empty.
         let bytes = storage.get(spec.offset * size..(spec.offset + count) * size).unwrap_or_default();
         return Tensor::from_raw_buffer(bytes, spec.dtype, &spec.shape, &Device::Cpu)
-            .map_err(|e| format!("tensor {}: {e}", spec.name));
+            .map_err(|e| format!("tensor {name}: {e}"));
     }
     let mut data = Vec::with_capacity(count * size);
     let mut position = vec![0usize; spec.shape.len()];
@@ -322,6 +325,5 @@ fn gather(spec: &TensorSpec, storage: &[u8]) -> std::result::Result<Tensor, Stri
             *i = 0;
         }
     }
-    Tensor::from_raw_buffer(&data, spec.dtype, &spec.shape, &Device::Cpu)
-        .map_err(|e| format!("tensor {}: {e}", spec.name))
+    Tensor::from_raw_buffer(&data, spec.dtype, &spec.shape, &Device::Cpu).map_err(|e| format!("tensor {name}: {e}"))
 }
