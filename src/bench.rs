@@ -28,89 +28,18 @@ use rand::rngs::{SmallRng, StdRng};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::identity::learner::{on_training_stack, Basis, FrozenModels, Learner, StepInputs};
 use crate::identity::loss::LossConfig;
 use crate::identity::mlp::{IdentityMlp, MlpShape};
 use crate::identity::optim::AdamWConfig;
-use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::identity::step::{on_training_stack, Basis, FrozenModels, Learner, StepInputs};
+use crate::models::clip_text::ClipTextModel;
+use crate::models::stable_diffusion::SdConfigs;
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::AutoencoderKL;
 use crate::nn::profile::{self, Profile};
 use crate::random::standard_normal;
-use crate::schedulers::{Ddpm, SchedulerConfig};
+use crate::schedulers::Ddpm;
 use crate::{Error, Result};
-
-/// `unet/config.json` of stabilityai/stable-diffusion-2-1-base.
-pub const SD21_BASE_UNET: &str = r#"{
-  "_class_name": "UNet2DConditionModel",
-  "act_fn": "silu",
-  "attention_head_dim": [5, 10, 20, 20],
-  "block_out_channels": [320, 640, 1280, 1280],
-  "center_input_sample": false,
-  "cross_attention_dim": 1024,
-  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-  "downsample_padding": 1,
-  "dual_cross_attention": false,
-  "flip_sin_to_cos": true,
-  "freq_shift": 0,
-  "in_channels": 4,
-  "layers_per_block": 2,
-  "mid_block_scale_factor": 1,
-  "norm_eps": 1e-05,
-  "norm_num_groups": 32,
-  "num_class_embeds": null,
-  "only_cross_attention": false,
-  "out_channels": 4,
-  "sample_size": 64,
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-  "use_linear_projection": true
-}"#;
-
-/// `text_encoder/config.json` of stabilityai/stable-diffusion-2-1-base (OpenCLIP ViT-H text tower).
-pub const SD21_BASE_TEXT_ENCODER: &str = r#"{
-  "architectures": ["CLIPTextModel"],
-  "hidden_act": "gelu",
-  "hidden_size": 1024,
-  "intermediate_size": 4096,
-  "layer_norm_eps": 1e-05,
-  "max_position_embeddings": 77,
-  "model_type": "clip_text_model",
-  "num_attention_heads": 16,
-  "num_hidden_layers": 23,
-  "projection_dim": 512,
-  "vocab_size": 49408
-}"#;
-
-/// `vae/config.json` of stabilityai/stable-diffusion-2-1-base.
-pub const SD21_BASE_VAE: &str = r#"{
-  "_class_name": "AutoencoderKL",
-  "act_fn": "silu",
-  "block_out_channels": [128, 256, 512, 512],
-  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-  "in_channels": 3,
-  "latent_channels": 4,
-  "layers_per_block": 2,
-  "norm_num_groups": 32,
-  "out_channels": 3,
-  "sample_size": 512,
-  "scaling_factor": 0.18215,
-  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
-}"#;
-
-/// `scheduler/scheduler_config.json` of stabilityai/stable-diffusion-2-1-base.
-pub const SD21_BASE_SCHEDULER: &str = r#"{
-  "_class_name": "PNDMScheduler",
-  "beta_end": 0.012,
-  "beta_schedule": "scaled_linear",
-  "beta_start": 0.00085,
-  "clip_sample": false,
-  "num_train_timesteps": 1000,
-  "prediction_type": "epsilon",
-  "set_alpha_to_one": false,
-  "skip_prk_steps": true,
-  "steps_offset": 1,
-  "trained_betas": null
-}"#;
 
 /// Width of the face-recognition feature the identity MLP reads (ViT-B/16 CLS token).
 const FEATURE_DIM: usize = 768;
@@ -122,30 +51,6 @@ pub const GUIDANCE_SCALE: f64 = 8.5;
 const DENOISE_TIMESTEP: f32 = 981.0;
 /// The token length of every prompt.
 const PROMPT_TOKENS: usize = 77;
-
-/// The configs of the frozen models and the noise schedule.
-#[derive(Debug, Clone)]
-pub struct SdConfigs {
-    pub text_encoder: ClipTextConfig,
-    pub unet: UNet2DConditionConfig,
-    pub vae: AutoencoderKLConfig,
-    pub scheduler: SchedulerConfig,
-}
-
-impl SdConfigs {
-    /// Stable Diffusion 2.1-base, from its published config files.
-    pub fn sd21_base() -> Self {
-        fn parse<T: serde::de::DeserializeOwned>(text: &str) -> T {
-            serde_json::from_str(text).expect("the built-in SD 2.1-base configs are valid")
-        }
-        Self {
-            text_encoder: parse(SD21_BASE_TEXT_ENCODER),
-            unet: parse(SD21_BASE_UNET),
-            vae: parse(SD21_BASE_VAE),
-            scheduler: parse(SD21_BASE_SCHEDULER),
-        }
-    }
-}
 
 /// A [`SimpleBackend`] that makes up every tensor a model asks for, of the requested shape, from
 /// a seed and the tensor's name (so the same model gets the same weights in any build order):
@@ -345,23 +250,26 @@ pub fn run(configs: &SdConfigs, options: &BenchOptions) -> Result<BenchReport> {
 }
 
 fn check_options(configs: &SdConfigs, options: &BenchOptions) -> Result<()> {
-    // The VAE halves the image once per block after the first; the UNet halves the latents once
-    // per block after the first, and its up blocks must meet the skip connections' sizes.
-    let vae_factor = 1 << (configs.vae.block_out_channels.len() - 1);
-    let unet_factor = 1 << (configs.unet.block_out_channels.len() - 1);
-    let multiple = vae_factor * unet_factor;
+    // The UNet's up blocks must meet the skip connections' sizes exactly.
+    let multiple = configs.exact_size_multiple();
     if options.resolution == 0 || !options.resolution.is_multiple_of(multiple) {
-        return Err(Error::Input(format!(
-            "--res {} must be a positive multiple of {multiple} (the VAE's factor {vae_factor} times the UNet's {unet_factor})",
-            options.resolution
-        )));
+        return Err(Error::setting(
+            "resolution",
+            options.resolution,
+            format!("must be a positive multiple of {multiple} (the VAE's and the UNet's downsampling together)"),
+        ));
     }
     if options.repeats == 0 {
-        return Err(Error::Input("--repeats must be at least 1".into()));
+        return Err(Error::setting("repeats", 0, "must be at least 1"));
     }
     if options.measures.is_empty() {
-        return Err(Error::Input("nothing to measure: --only needs at least one of learn, denoise, vae, text".into()));
+        return Err(Error::setting(
+            "measures",
+            "none",
+            "nothing to measure: give at least one of learn, denoise, vae, text",
+        ));
     }
+    crate::nn::check_dtype(options.dtype, &options.device)?;
     Ok(())
 }
 

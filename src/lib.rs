@@ -4,17 +4,19 @@
 //! word embeddings `v1*` `v2*` of Stable Diffusion 2.1's text encoder, then generate that person
 //! anywhere with the frozen diffusion models.
 //!
-//! The folders follow the data flow:
+//! The folders follow the data flow; each module uses only those listed before it, which
+//! `tests/layers.rs` checks:
+//! - [`io`], [`random`]: atomic outputs with PNG metadata; seeded noise.
 //! - [`weights`]: find a diffusers model folder (local or Hugging Face cache), read configs and tensors.
 //! - [`tokenizer`]: CLIP BPE with placeholder tokens for identities.
 //! - [`nn`]: differentiable building blocks shared by every model.
-//! - [`models`]: the frozen networks (CLIP text encoder, UNet, VAE, face ViT, face parsers).
 //! - [`schedulers`]: DDPM, DDIM, Euler and DPM-Solver++ behind one trait.
+//! - [`models`]: the frozen networks (CLIP text encoder, UNet, VAE, face ViT, face parsers), the
+//!   blocks they share, and the Stable Diffusion components every pipeline and the learner use.
 //! - [`priors`]: photo loading, face-recognition feature, face/hair masks, celebrity basis.
 //! - [`identity`]: the learner (MLP, AdaIN, augmentation, masked two-phase loss, AdamW, loop,
 //!   checkpoints) and the identity file (`v1*`, `v2*`).
-//! - [`pipelines`]: text-to-image generation.
-//! - [`io`], [`random`]: atomic outputs with PNG metadata; seeded noise.
+//! - [`pipelines`]: text-to-image generation, identities in the prompt.
 //! - [`bench`]: timings of the real SD 2.1-base architecture against the PyTorch reference.
 
 pub mod bench;

@@ -28,6 +28,12 @@ use unicode_normalization_alignments::UnicodeNormalization;
 
 use crate::{Error, Result};
 
+/// The placeholder token of learned word `index` (0-based): `v1*`, `v2*`, ... An identity takes
+/// two words, so identity `i` is `v{2i+1}* v{2i+2}*`.
+pub fn placeholder_token(index: usize) -> String {
+    format!("v{}*", index + 1)
+}
+
 /// CLIP's pre-split: transformers' `Split` pattern, matched on lower-cased text.
 const PRE_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+";
 /// Marks the last symbol of a word in the vocabulary.

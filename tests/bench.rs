@@ -12,8 +12,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use common::fixture;
-use stableid::bench::{self, BenchOptions, Measure, RandomWeights, SdConfigs};
+use stableid::bench::{self, BenchOptions, Measure, RandomWeights};
 use stableid::models::clip_text::ClipTextModel;
+use stableid::models::stable_diffusion::SdConfigs;
 use stableid::models::unet::UNet2DConditionModel;
 use stableid::models::vae::AutoencoderKL;
 
@@ -117,14 +118,14 @@ fn only_the_requested_measurements_run() {
 }
 
 #[test]
-fn bad_options_are_refused_with_the_flag_named() {
+fn bad_options_are_refused_with_the_setting_named() {
     let mut options = BenchOptions::new(60);
     let err = bench::run(&tiny_configs(), &options).unwrap_err().to_string();
-    assert!(err.contains("--res 60"), "{err}");
+    assert!(err.contains("resolution = 60"), "{err}");
     options.resolution = 64;
     options.repeats = 0;
     let err = bench::run(&tiny_configs(), &options).unwrap_err().to_string();
-    assert!(err.contains("--repeats"), "{err}");
+    assert!(err.contains("repeats = 0"), "{err}");
 }
 
 #[test]

@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::{copy_dir, fixture, load_tensors, max_abs_diff};
-use stableid::pipelines::StableDiffusion;
+use stableid::models::stable_diffusion::StableDiffusion;
 use stableid::priors::celeb_basis::text_encoder_fingerprint;
 use stableid::weights::{open_checkpoint, ModelDir};
 use stableid::Error;

@@ -8,11 +8,11 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixture, load_tensors};
-use stableid::identity::learner::{Basis, Learner, StepInputs};
 use stableid::identity::loss::{LossConfig, LossKind};
 use stableid::identity::mlp::{IdentityMlp, MlpShape, PARAM_NAMES};
 use stableid::identity::optim::AdamWConfig;
-use stableid::pipelines::StableDiffusion;
+use stableid::identity::step::{Basis, FrozenModels, Learner, StepInputs};
+use stableid::models::stable_diffusion::StableDiffusion;
 use stableid::weights::ModelDir;
 
 #[derive(serde::Deserialize)]
@@ -65,7 +65,7 @@ fn one_step_equals_the_pytorch_reference() {
     for case in cases() {
         let (inputs, basis, mlp) = case_inputs(&sd, &tensors, &case, DType::F32);
         let mut learner = Learner::new(
-            sd.frozen_models().unwrap(),
+            FrozenModels::of(&sd).unwrap(),
             basis,
             mlp,
             AdamWConfig::default(),
@@ -113,7 +113,7 @@ fn mlp_gradients_match_finite_differences() {
         let (inputs, basis, mlp) = case_inputs(&sd, &tensors, &case, DType::F64);
         let learner_with = |mlp: IdentityMlp| {
             let (adamw, loss) = (AdamWConfig::default(), LossConfig::default());
-            Learner::new(sd.frozen_models().unwrap(), basis.clone(), mlp, adamw, loss, 1.0).unwrap()
+            Learner::new(FrozenModels::of(&sd).unwrap(), basis.clone(), mlp, adamw, loss, 1.0).unwrap()
         };
         let learner = learner_with(mlp);
         let (_, grads) = learner.gradients(&inputs).unwrap();
@@ -165,7 +165,7 @@ fn it_learns_and_identities_depend_on_the_photo() {
         inputs.feature = (inputs.feature + feature_shift).unwrap();
         let adamw = AdamWConfig { lr: 1e-2, ..AdamWConfig::default() };
         let loss = LossConfig { kind: LossKind::TwoPhase, ..LossConfig::default() };
-        let mut learner = Learner::new(sd.frozen_models().unwrap(), basis, mlp, adamw, loss, 1.0).unwrap();
+        let mut learner = Learner::new(FrozenModels::of(&sd).unwrap(), basis, mlp, adamw, loss, 1.0).unwrap();
         let first = learner.loss(&inputs).unwrap().to_scalar::<f32>().unwrap() as f64;
         for _ in 0..60 {
             learner.step(&inputs).unwrap();
@@ -188,7 +188,7 @@ fn it_learns_and_identities_depend_on_the_photo() {
 #[test]
 fn training_stops_on_nan_and_keeps_the_last_checkpoint() {
     use stableid::identity::checkpoint::Checkpoint;
-    use stableid::identity::train::{train, Outcome, StepSource, TrainOptions};
+    use stableid::identity::train_loop::{train, Outcome, StepSource, TrainOptions};
     use std::sync::atomic::AtomicBool;
 
     struct PoisonAt<'a> {
@@ -222,7 +222,7 @@ fn training_stops_on_nan_and_keeps_the_last_checkpoint() {
     };
     let (_, basis, mlp) = case_inputs(&sd, &tensors, &case, DType::F32);
     let mut learner =
-        Learner::new(sd.frozen_models().unwrap(), basis, mlp, AdamWConfig::default(), LossConfig::default(), 1.0)
+        Learner::new(FrozenModels::of(&sd).unwrap(), basis, mlp, AdamWConfig::default(), LossConfig::default(), 1.0)
             .unwrap();
     let source = PoisonAt { sd: &sd, tensors: &tensors, case: &case, calls: 0.into(), poison_at: 2 };
     let err = train(&mut learner, &source, &options, 0, &AtomicBool::new(false), &mut |_, _| {}).unwrap_err();

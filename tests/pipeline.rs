@@ -6,8 +6,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, copy_dir, fixture, load_tensors};
+use stableid::error::ErrorKind;
 use stableid::identity::Identity;
-use stableid::pipelines::{GenerateRequest, StableDiffusion};
+use stableid::models::stable_diffusion::StableDiffusion;
+use stableid::pipelines::{encode_prompt, generate, GenerateRequest};
 use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
 
@@ -44,7 +46,7 @@ fn pipeline_matches_diffusers_from_the_same_latents() {
         request.initial_latents = Some(tensors["latents"].clone());
         let identities = if case.identity { vec![identity.clone()] } else { vec![] };
         let mut steps_seen = 0;
-        let image = pipeline.generate(&request, &identities, &mut |done, _| steps_seen = done).unwrap();
+        let image = generate(&pipeline, &request, &identities, &mut |done, _| steps_seen = done).unwrap().image;
         assert_eq!(steps_seen, case.steps, "{}: progress callback", case.name);
         assert_close(&image, &tensors[&case.name], 1e-4, &case.name);
     }
@@ -62,9 +64,9 @@ fn identity_changes_the_image_and_seed_reproduces_it() {
         metadata: Default::default(),
     };
     let second = Identity { embeddings: Tensor::randn(0f32, 1.0, (2, 32), &Device::Cpu).unwrap(), ..first.clone() };
-    let a = pipeline.generate(&request, std::slice::from_ref(&first), &mut |_, _| {}).unwrap();
-    let a_again = pipeline.generate(&request, &[first], &mut |_, _| {}).unwrap();
-    let b = pipeline.generate(&request, &[second], &mut |_, _| {}).unwrap();
+    let a = generate(&pipeline, &request, std::slice::from_ref(&first), &mut |_, _| {}).unwrap().image;
+    let a_again = generate(&pipeline, &request, &[first], &mut |_, _| {}).unwrap().image;
+    let b = generate(&pipeline, &request, &[second], &mut |_, _| {}).unwrap().image;
     assert_eq!(common::max_abs_diff(&a, &a_again), 0.0, "same seed, same identity: same image");
     let gap = common::max_abs_diff(&a, &b);
     assert!(gap > 1e-2, "another identity must change the image (max diff {gap:e})");
@@ -73,24 +75,26 @@ fn identity_changes_the_image_and_seed_reproduces_it() {
 #[test]
 fn prompt_placeholders_need_identities() {
     let pipeline = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
-    let err = pipeline.encode_prompt("a photo of v1* v2*", &[]).unwrap_err().to_string();
-    assert!(err.contains("--identity"), "{err}");
+    let err = encode_prompt(&pipeline, "a photo of v1* v2*", &[]).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Input, "{err}");
+    let err = err.to_string();
+    assert!(err.contains("identities = 0") && err.contains("no identity was given"), "{err}");
     let one = Identity {
         embeddings: Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap(),
         source: "a".into(),
         metadata: Default::default(),
     };
-    let err = pipeline.encode_prompt("v1* v2* and v3* v4*", std::slice::from_ref(&one)).unwrap_err().to_string();
+    let err = encode_prompt(&pipeline, "v1* v2* and v3* v4*", std::slice::from_ref(&one)).unwrap_err().to_string();
     assert!(err.contains("needs 2 identities"), "{err}");
     let wide = Identity {
         embeddings: Tensor::zeros((2, 1024), DType::F32, &Device::Cpu).unwrap(),
         source: "wide".into(),
         metadata: Default::default(),
     };
-    let err = pipeline.encode_prompt("v1* v2*", &[wide]).unwrap_err().to_string();
+    let err = encode_prompt(&pipeline, "v1* v2*", &[wide]).unwrap_err().to_string();
     assert!(err.contains("1024-wide") && err.contains("32 wide"), "{err}");
     // Two identities fill two pairs.
-    let two = pipeline.encode_prompt("v1* v2* and v3* v4*", &[one.clone(), one]).unwrap();
+    let two = encode_prompt(&pipeline, "v1* v2* and v3* v4*", &[one.clone(), one]).unwrap();
     assert_eq!(two.dims(), &[1, 77, 32]);
 }
 
@@ -187,7 +191,7 @@ fn exported_identity_matches_diffusers_textual_inversion_loading() {
     let mut request = GenerateRequest::new("a photo of v1* v2* smiling", 64, 64);
     request.steps = 10;
     request.initial_latents = Some(tensors["latents"].clone());
-    let image = pipeline.generate(&request, &[exported], &mut |_, _| {}).unwrap();
+    let image = generate(&pipeline, &request, &[exported], &mut |_, _| {}).unwrap().image;
     assert_close(&image, &load_tensors("parity/identity_export.safetensors")["image"], 1e-4, "diffusers-loaded export");
 }
 
@@ -215,8 +219,8 @@ fn fp16_variant_weights_load_and_upcast() {
     let full = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
     let mut request = GenerateRequest::new("a lighthouse", 64, 64);
     request.steps = 3;
-    let a = half.generate(&request, &[], &mut |_, _| {}).unwrap();
-    let b = full.generate(&request, &[], &mut |_, _| {}).unwrap();
+    let a = generate(&half, &request, &[], &mut |_, _| {}).unwrap().image;
+    let b = generate(&full, &request, &[], &mut |_, _| {}).unwrap().image;
     let diff = common::max_abs_diff(&a, &b);
     assert!(diff < 2e-2, "fp16 weights upcast to f32 should give nearly the same image (max diff {diff})");
 }

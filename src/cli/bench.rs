@@ -2,9 +2,9 @@
 //! encoder on the real SD 2.1-base architecture with random weights (nothing to download).
 
 use anyhow::Result;
-use candle_core::DType;
 use clap::ValueEnum;
-use stableid::bench::{BenchOptions, Measure, SdConfigs};
+use stableid::bench::{BenchOptions, Measure};
+use stableid::models::stable_diffusion::SdConfigs;
 
 use super::{DeviceArg, DtypeArg};
 
@@ -75,11 +75,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             })
             .collect(),
         device: args.device.open()?,
-        dtype: match args.dtype {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::F16 => DType::F16,
-            DtypeArg::Bf16 => DType::BF16,
-        },
+        dtype: args.dtype.dtype(),
         seed: args.seed,
         profile: args.profile,
     };

@@ -6,8 +6,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use stableid::identity::Identity;
 use stableid::io::write_png;
+use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use stableid::pipelines::text_to_image::to_rgb_images;
-use stableid::pipelines::{GenerateRequest, StableDiffusion};
+use stableid::pipelines::{generate, GenerateRequest};
 use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
 
@@ -70,55 +71,47 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images must be at least 1");
     }
-    for (name, value) in [("--width", args.width), ("--height", args.height)] {
-        if let Some(v) = value {
-            if v == 0 || v % 8 != 0 {
-                bail!("{name} {v} is not a positive multiple of 8");
-            }
-        }
-    }
-    // Cheap checks first: bad identities and an unwritable folder fail before any model loads.
+    // Cheap checks first: bad identities, settings the model cannot take and an unwritable
+    // folder fail before any weights load.
     let identities = args.identity.iter().map(|p| Identity::load(p)).collect::<Result<Vec<_>, _>>()?;
+    let device = args.model.device()?;
+    let model = ModelDir::resolve(&args.model.model)?;
+    let configs = SdConfigs::read(&model)?;
+    let (default_width, default_height) = configs.default_size();
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let mut request = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance: args.guidance,
+        seed,
+        width: args.width.unwrap_or(default_width),
+        height: args.height.unwrap_or(default_height),
+        sampler: args.sampler,
+        initial_latents: args.initial_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?,
+    };
+    request.validate(&configs)?;
+    if request.initial_latents.is_some() && args.num_images > 1 {
+        bail!("--initial-latents gives the noise of one image: use --num-images 1");
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
     check_writable(&args.out)?;
-    let device = args.model.device()?;
-    let initial_latents = args.initial_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?;
-    if initial_latents.is_some() && args.num_images > 1 {
-        bail!("--initial-latents gives the noise of one image: use --num-images 1");
-    }
 
-    let model = ModelDir::resolve(&args.model.model)?;
-    let pipeline = StableDiffusion::load(&model, &device, args.model.dtype())?;
-    let prompt_ids = pipeline.prompt_ids(&args.prompt)?;
-    if prompt_ids.truncated {
-        eprintln!(
-            "warning: the prompt is longer than {} tokens; the rest is ignored",
-            pipeline.tokenizer().max_length()
-        );
+    let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
+    if sd.prompt_ids(&args.prompt)?.truncated {
+        eprintln!("warning: the prompt is longer than {} tokens; the rest is ignored", sd.tokenizer().max_length());
     }
-    let (default_width, default_height) = pipeline.default_size();
-    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
 
     let mut written = Vec::new();
     for i in 0..args.num_images {
-        let request = GenerateRequest {
-            prompt: args.prompt.clone(),
-            negative_prompt: args.negative_prompt.clone(),
-            steps: args.steps,
-            guidance: args.guidance,
-            seed: seed + i as u64,
-            width: args.width.unwrap_or(default_width),
-            height: args.height.unwrap_or(default_height),
-            sampler: args.sampler,
-            initial_latents: initial_latents.clone(),
-        };
+        request.seed = seed + i as u64;
         let bar = progress_bar(args.steps as u64, &format!("image {}/{}", i + 1, args.num_images));
-        let image = pipeline.generate(&request, &identities, &mut |done, _| bar.set_position(done as u64))?;
+        let generated = generate(&sd, &request, &identities, &mut |done, _| bar.set_position(done as u64))?;
         bar.finish_and_clear();
-        let rgb = to_rgb_images(&image)?.remove(0);
+        let rgb = to_rgb_images(&generated.image)?.remove(0);
         let path = next_free_path(&args.out, request.seed)?;
-        write_png(&path, &rgb, &png_text(&request, pipeline.model_name(), &args.identity))?;
+        write_png(&path, &rgb, &generated.settings)?;
         if !args.json {
             println!("{}", path.display());
         }
@@ -127,38 +120,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.json {
         let summary = serde_json::json!({
             "images": written,
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt,
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "sampler": args.sampler.to_string(),
-            "width": args.width.unwrap_or(default_width),
-            "height": args.height.unwrap_or(default_height),
-            "model": pipeline.model_name(),
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "steps": request.steps,
+            "guidance": request.guidance,
+            "sampler": request.sampler.to_string(),
+            "width": request.width,
+            "height": request.height,
+            "model": sd.model_name(),
             "identities": args.identity,
         });
         println!("{summary}");
     }
     Ok(())
-}
-
-/// The generation settings, as PNG text chunks: enough to make the image again.
-fn png_text(request: &GenerateRequest, model: &str, identities: &[PathBuf]) -> Vec<(&'static str, String)> {
-    let mut text = vec![
-        ("prompt", request.prompt.clone()),
-        ("negative_prompt", request.negative_prompt.clone()),
-        ("seed", request.seed.to_string()),
-        ("steps", request.steps.to_string()),
-        ("guidance", request.guidance.to_string()),
-        ("sampler", request.sampler.to_string()),
-        ("size", format!("{}x{}", request.width, request.height)),
-        ("model", model.to_string()),
-        ("Software", format!("stableid {}", env!("CARGO_PKG_VERSION"))),
-    ];
-    for path in identities {
-        text.push(("identity", path.display().to_string()));
-    }
-    text
 }
 
 /// `DIR/NNNNN-SEED.png` with the next number not yet used in DIR: never overwrites.

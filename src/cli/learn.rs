@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use stableid::identity::learn::{LearnOutcome, LearnRun, LearnSettings, PreparedPhoto};
-use stableid::identity::learner::Basis;
 use stableid::identity::loss::LossKind;
-use stableid::pipelines::StableDiffusion;
+use stableid::identity::run::{LearnOutcome, LearnRun, LearnSettings, PreparedPhoto};
+use stableid::identity::step::Basis;
+use stableid::models::stable_diffusion::StableDiffusion;
 use stableid::priors::celeb_basis::{CelebBasis, CelebNames};
 use stableid::priors::face_feature::{load_face_encoder, DEFAULT_FACE_ENCODER};
 use stableid::priors::photo::load_photo;

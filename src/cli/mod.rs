@@ -79,15 +79,21 @@ pub enum DtypeArg {
 }
 
 impl ModelArgs {
+    /// The device, checked to run the models in `--dtype`.
     pub fn device(&self) -> Result<Device> {
-        if self.device == DeviceArg::Cpu && self.dtype == DtypeArg::Bf16 {
-            bail!("--dtype bf16 needs --device cuda (candle has no bf16 matrix multiply on the CPU): use f32 or f16");
-        }
-        self.device.open()
+        let device = self.device.open()?;
+        stableid::nn::check_dtype(self.dtype.dtype(), &device)?;
+        Ok(device)
     }
 
     pub fn dtype(&self) -> DType {
-        match self.dtype {
+        self.dtype.dtype()
+    }
+}
+
+impl DtypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
             DtypeArg::F32 => DType::F32,
             DtypeArg::F16 => DType::F16,
             DtypeArg::Bf16 => DType::BF16,
@@ -155,6 +161,31 @@ impl FaceParserArgs {
 
     pub fn load(&self, device: &Device) -> Result<FaceParser> {
         Ok(FaceParser::load(self.kind(), self.weights(), device)?)
+    }
+}
+
+/// The error as one line, the chain of causes joined by ": ", a bad setting of the library
+/// worded with the flag that sets it.
+pub fn error_line(error: &anyhow::Error) -> String {
+    let causes: Vec<String> = error
+        .chain()
+        .map(|cause| match cause.downcast_ref::<stableid::Error>() {
+            Some(stableid::Error::Setting { name, value, problem }) => match *name {
+                "identities" => format!("{problem}: pass one --identity FILE per v1* v2* pair ({value} given)"),
+                _ => format!("{} {value}: {problem}", flag(name)),
+            },
+            _ => cause.to_string(),
+        })
+        .collect();
+    causes.join(": ")
+}
+
+/// The flag that sets a library request's field.
+fn flag(field: &str) -> String {
+    match field {
+        "resolution" => "--res".into(),
+        "measures" => "--only".into(),
+        _ => format!("--{}", field.replace('_', "-")),
     }
 }
 

@@ -8,8 +8,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::identity::learner::Learner;
 use crate::identity::mlp::{IdentityMlp, PARAM_NAMES};
+use crate::identity::step::Learner;
 use crate::io::write_atomically;
 use crate::{Error, Result};
 
@@ -88,7 +88,7 @@ impl Checkpoint {
             let (a, b) = (saved.get(key), current.get(key));
             if a != b {
                 return Err(Error::Input(format!(
-                    "checkpoint {} was made with {key} = {}, this run has {key} = {}: resume with the same settings, or start anew with --force",
+                    "checkpoint {} was made with {key} = {}, this run has {key} = {}: resume it with the same settings, or start a new run",
                     path.display(),
                     a.map_or("(none)".into(), Value::to_string),
                     b.map_or("(none)".into(), Value::to_string),

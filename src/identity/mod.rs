@@ -5,19 +5,19 @@
 //! - [`templates`]: the captions.
 //! - [`loss`]: the masked two-phase diffusion loss.
 //! - [`optim`]: AdamW and gradient clipping.
-//! - [`learner`]: one learning step through the frozen models.
-//! - [`train`], [`checkpoint`]: the loop, checkpoints and resuming.
-//! - [`learn`]: a whole run, from a prepared photo to the identity.
+//! - [`step`]: one learning step through the frozen models.
+//! - [`train_loop`], [`checkpoint`]: the loop, checkpoints and resuming.
+//! - [`run`]: a whole run, from a prepared photo to the identity.
 
 pub mod augment;
 pub mod checkpoint;
 mod file;
-pub mod learn;
-pub mod learner;
 pub mod loss;
 pub mod mlp;
 pub mod optim;
+pub mod run;
+pub mod step;
 pub mod templates;
-pub mod train;
+pub mod train_loop;
 
 pub use file::{ExportFormat, Identity, FORMAT, FORMAT_VERSION, IDENTITY_TENSOR};

@@ -1,8 +1,10 @@
-//! The frozen networks, each loaded from its diffusers / transformers / PyTorch layout.
+//! The frozen networks, each loaded from its diffusers / transformers / PyTorch layout, and the
+//! Stable Diffusion components they make together ([`stable_diffusion`]).
 
+pub mod blocks;
 pub mod clip_text;
 pub mod face_parsing;
-mod resnet;
+pub mod stable_diffusion;
 pub mod unet;
 pub mod vae;
 pub mod vit;

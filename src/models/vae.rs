@@ -10,7 +10,7 @@ use candle_core::{bail, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::models::resnet::{ResnetBlock2D, Upsample2D};
+use crate::models::blocks::resnet::{ResnetBlock2D, Upsample2D};
 use crate::nn::{attention, Conv2d, GroupNorm, Linear};
 
 /// The resnets and attention of the VAE use this epsilon in every group norm.

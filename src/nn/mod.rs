@@ -19,7 +19,7 @@ mod test_values;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use ops::compute_dtype;
@@ -35,6 +35,19 @@ pub fn set_tf32(allowed: bool) {
     TF32.store(allowed, Ordering::Relaxed);
     #[cfg(feature = "cuda")]
     candle_core::cuda::set_gemm_reduced_precision_f32(allowed);
+}
+
+/// Checks that models can run in `dtype` on `device`: candle has no bf16 matrix product on the
+/// CPU.
+pub fn check_dtype(dtype: DType, device: &Device) -> crate::Result<()> {
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(crate::Error::setting(
+            "dtype",
+            "bf16",
+            "candle has no bf16 matrix product on the CPU: use f32 or f16 there, or a CUDA device",
+        ));
+    }
+    Ok(())
 }
 
 /// See [`set_tf32`].

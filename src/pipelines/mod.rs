@@ -1,5 +1,53 @@
-//! Pipelines: what the frozen models produce for a user (text-to-image; later ControlNet, video, 3D).
+//! Pipelines: what the frozen models produce for a user, with identities in the prompt
+//! (text-to-image; later ControlNet, video, 3D). Each composes the shared
+//! [`StableDiffusion`](crate::models::stable_diffusion::StableDiffusion) components with a
+//! scheduler; none loads a model itself.
 
 pub mod text_to_image;
 
-pub use text_to_image::{placeholder_token, GenerateRequest, StableDiffusion, MAX_IDENTITIES};
+use candle_core::Tensor;
+
+use crate::identity::Identity;
+use crate::models::stable_diffusion::StableDiffusion;
+use crate::tokenizer::placeholder_token;
+use crate::{Error, Result};
+
+pub use text_to_image::{generate, GenerateRequest, Generated};
+
+/// Text-encoder features (1, 77, hidden) of `prompt`: in it, `v1* v2*` stand for the first
+/// identity, `v3* v4*` for the second, and so on.
+pub fn encode_prompt(sd: &StableDiffusion, prompt: &str, identities: &[Identity]) -> Result<Tensor> {
+    let ids = sd.prompt_ids(prompt)?;
+    if ids.identities_used > identities.len() {
+        let needed = placeholder_token(2 * ids.identities_used - 1);
+        let problem = if identities.is_empty() {
+            format!("the prompt uses identity placeholders (up to {needed}) but no identity was given")
+        } else {
+            format!(
+                "the prompt uses {needed}, which needs {} identities: give one per v1* v2* pair",
+                ids.identities_used
+            )
+        };
+        return Err(Error::setting("identities", identities.len(), problem));
+    }
+    sd.encode_ids(&ids, identity_rows(sd, identities)?.as_ref())
+}
+
+/// The identities' vectors stacked (2 x n, hidden), each checked against the text encoder's width.
+fn identity_rows(sd: &StableDiffusion, identities: &[Identity]) -> Result<Option<Tensor>> {
+    if identities.is_empty() {
+        return Ok(None);
+    }
+    for identity in identities {
+        if identity.width() != sd.text_width() {
+            return Err(Error::Input(format!(
+                "identity {} has {}-wide vectors but this model's text encoder is {} wide: it was learned for another model",
+                identity.source.display(),
+                identity.width(),
+                sd.text_width()
+            )));
+        }
+    }
+    let rows: Vec<&Tensor> = identities.iter().map(|i| &i.embeddings).collect();
+    Ok(Some(Tensor::cat(&rows, 0)?))
+}

@@ -1,31 +1,17 @@
 //! Text-to-image with Stable Diffusion, as diffusers' `StableDiffusionPipeline` does it, with
 //! identity placeholders: in a prompt, `v1* v2*` stand for the first identity, `v3* v4*` for the
-//! second, and so on.
-
-use std::path::{Path, PathBuf};
+//! second, and so on ([`encode_prompt`]).
 
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 
-use crate::identity::learner::FrozenModels;
 use crate::identity::Identity;
 use crate::io::RgbImage;
-use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::models::unet::{PerBlock, UNet2DConditionConfig, UNet2DConditionModel};
-use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::stable_diffusion::{SdConfigs, StableDiffusion};
+use crate::pipelines::encode_prompt;
 use crate::random::standard_normal;
-use crate::schedulers::{Ddpm, PredictionType, Sampler, SchedulerConfig};
-use crate::tokenizer::ClipTokenizer;
-use crate::weights::ModelDir;
+use crate::schedulers::Sampler;
 use crate::{Error, Result};
-
-/// Identities one prompt can hold; each takes two placeholder tokens.
-pub const MAX_IDENTITIES: usize = 4;
-
-/// The placeholder token for word `index` (0-based): `v1*`, `v2*`, ...
-pub fn placeholder_token(index: usize) -> String {
-    format!("v{}*", index + 1)
-}
 
 /// What to generate. Defaults are the paper's sampling settings.
 #[derive(Debug, Clone)]
@@ -58,293 +44,121 @@ impl GenerateRequest {
             initial_latents: None,
         }
     }
-}
 
-/// The frozen Stable Diffusion models, loaded once and used for any number of images.
-pub struct StableDiffusion {
-    model_name: String,
-    tokenizer: ClipTokenizer,
-    /// Token ids of `v1*`, `v2*`, ... in the tokenizer.
-    placeholder_ids: Vec<u32>,
-    text_encoder: ClipTextModel,
-    /// The text encoder's weights file, which identities are tied to.
-    text_encoder_file: PathBuf,
-    unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
-    scheduler_config: SchedulerConfig,
-    device: Device,
-    dtype: DType,
-}
-
-impl StableDiffusion {
-    /// Loads tokenizer, text encoder, UNet, VAE and scheduler config from a diffusers folder, the
-    /// frozen weights in `dtype` on `device`.
-    pub fn load(model: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        let scheduler_file = model.component("scheduler")?.join("scheduler_config.json");
-        let scheduler_config = SchedulerConfig::from_file(&scheduler_file)?;
-        let prediction = match scheduler_config.prediction_type {
-            PredictionType::Epsilon => None,
-            PredictionType::VPrediction => Some("v_prediction"),
-            PredictionType::Sample => Some("sample"),
-        };
-        if let Some(prediction) = prediction {
-            return Err(Error::UnsupportedModel(format!(
-                "{} predicts `{}` ({}); StableIdentity needs an epsilon-prediction model such as {} \
-                 (SD 2.1-768 is a v-prediction model)",
-                model.name(),
-                prediction,
-                scheduler_file.display(),
-                crate::weights::DEFAULT_MODEL,
-            )));
+    /// Checks every setting against the model's configs, before anything is loaded or run.
+    pub fn validate(&self, configs: &SdConfigs) -> Result<()> {
+        let factor = configs.latent_factor();
+        for (name, value) in [("width", self.width), ("height", self.height)] {
+            if value == 0 || !value.is_multiple_of(factor) {
+                return Err(Error::setting(name, value, format!("must be a positive multiple of {factor}")));
+            }
         }
-
-        let mut tokenizer = ClipTokenizer::from_dir(&model.component("tokenizer")?)?;
-        let placeholders: Vec<String> = (0..2 * MAX_IDENTITIES).map(placeholder_token).collect();
-        let placeholder_refs: Vec<&str> = placeholders.iter().map(String::as_str).collect();
-        let placeholder_ids = tokenizer.add_placeholder_tokens(&placeholder_refs)?;
-
-        let text_config: ClipTextConfig = model.config("text_encoder", "config.json")?;
-        let text_encoder_weights = model.weights("text_encoder", "model", dtype, device)?;
-        let text_encoder_file = text_encoder_weights.path.clone();
-        let text_encoder = text_encoder_weights.build(|vb| ClipTextModel::new(vb, &text_config))?;
-        let unet_config: UNet2DConditionConfig = model.config("unet", "config.json")?;
-        let unet = model
-            .weights("unet", "diffusion_pytorch_model", dtype, device)?
-            .build(|vb| UNet2DConditionModel::new(vb, &unet_config))?;
-        let vae_config: AutoencoderKLConfig = model.config("vae", "config.json")?;
-        let vae = model
-            .weights("vae", "diffusion_pytorch_model", dtype, device)?
-            .build(|vb| AutoencoderKL::new(vb, &vae_config))?;
-
-        let blocks = unet_config.block_out_channels.len();
-        let cross_dims = unet_config.cross_attention_dim.expand("cross_attention_dim", blocks)?;
-        if let Some(&dim) = cross_dims.iter().find(|&&d| d != text_config.hidden_size) {
-            return Err(Error::UnsupportedModel(format!(
-                "{}: the UNet attends to {dim}-wide text features but the text encoder is {} wide",
-                model.name(),
-                text_config.hidden_size
-            )));
+        if self.steps == 0 {
+            return Err(Error::setting("steps", 0, "must be at least 1"));
         }
-        Ok(Self {
-            model_name: model.name().to_string(),
-            tokenizer,
-            placeholder_ids,
-            text_encoder,
-            text_encoder_file,
-            unet,
-            vae,
-            scheduler_config,
-            device: device.clone(),
-            dtype,
-        })
-    }
-
-    pub fn model_name(&self) -> &str {
-        &self.model_name
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Precision of the frozen models.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    pub fn scheduler_config(&self) -> &SchedulerConfig {
-        &self.scheduler_config
-    }
-
-    /// The frozen networks and the training noise schedule, for the identity learner.
-    pub fn frozen_models(&self) -> Result<FrozenModels<'_>> {
-        Ok(FrozenModels {
-            text_encoder: &self.text_encoder,
-            unet: &self.unet,
-            vae: &self.vae,
-            schedule: Ddpm::new(&self.scheduler_config)?,
-        })
-    }
-
-    /// The image size (width, height) the model was trained at (512 x 512 for SD 2.1-base).
-    pub fn default_size(&self) -> (usize, usize) {
-        let factor = self.vae.downscale_factor();
-        match &self.unet.config().sample_size {
-            Some(PerBlock::One(side)) => (side * factor, side * factor),
-            Some(PerBlock::Each(sides)) if sides.len() == 2 => (sides[1] * factor, sides[0] * factor),
-            // diffusers' UNet default sample size is 64 latents.
-            _ => (64 * factor, 64 * factor),
+        if !self.guidance.is_finite() {
+            return Err(Error::setting("guidance", self.guidance, "must be a finite number"));
         }
-    }
-
-    /// Width of the text encoder's embeddings: the width an identity must have.
-    pub fn text_width(&self) -> usize {
-        self.text_encoder.config().hidden_size
-    }
-
-    pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
-    }
-
-    pub fn text_encoder(&self) -> &ClipTextModel {
-        &self.text_encoder
-    }
-
-    pub fn text_encoder_file(&self) -> &Path {
-        &self.text_encoder_file
-    }
-
-    pub fn unet(&self) -> &UNet2DConditionModel {
-        &self.unet
-    }
-
-    pub fn vae(&self) -> &AutoencoderKL {
-        &self.vae
-    }
-
-    /// Token ids of `prompt` for the text encoder: placeholder tokens are mapped to the rows
-    /// after the vocabulary, where the text encoder reads identity vectors. Also returns how many
-    /// identities the prompt uses and whether it was truncated.
-    pub fn prompt_ids(&self, prompt: &str) -> Result<PromptIds> {
-        let encoding = self.tokenizer.encode(prompt);
-        let vocab = self.text_encoder.config().vocab_size as u32;
-        let mut words_used = 0;
-        let ids = encoding
-            .ids
-            .iter()
-            .map(|&id| match self.placeholder_ids.iter().position(|&p| p == id) {
-                Some(word) => {
-                    words_used = words_used.max(word + 1);
-                    vocab + word as u32
-                }
-                None => id,
-            })
-            .collect::<Vec<_>>();
-        let len = ids.len();
-        Ok(PromptIds {
-            ids: Tensor::from_vec(ids, (1, len), &self.device)?,
-            identities_used: words_used.div_ceil(2),
-            truncated: encoding.truncated,
-        })
-    }
-
-    /// Text-encoder features (1, 77, hidden) of `prompt`, placeholders filled from `identities`.
-    pub fn encode_prompt(&self, prompt: &str, identities: &[Identity]) -> Result<Tensor> {
-        let prompt_ids = self.prompt_ids(prompt)?;
-        if prompt_ids.identities_used > identities.len() {
-            let needed = placeholder_token(2 * prompt_ids.identities_used - 1);
-            return Err(Error::Input(if identities.is_empty() {
-                format!("the prompt uses identity placeholders (up to {needed}) but no identity was given: pass --identity FILE")
-            } else {
-                format!(
-                    "the prompt uses {needed}, which needs {} identities, but {} given: pass one --identity per v1* v2* pair",
-                    prompt_ids.identities_used,
-                    identities.len()
-                )
-            }));
+        if let Some(latents) = &self.initial_latents {
+            let (b, c, h, w) = configs.latent_shape(self.width, self.height);
+            if latents.dims() != [b, c, h, w] {
+                return Err(Error::setting(
+                    "initial_latents",
+                    format!("{:?}", latents.dims()),
+                    format!("{}x{} needs latents of shape {:?}", self.width, self.height, (b, c, h, w)),
+                ));
+            }
         }
-        let extra = self.identity_rows(identities)?;
-        Ok(self.text_encoder.forward(&prompt_ids.ids, extra.as_ref())?)
+        Ok(())
     }
 
-    /// The identities' vectors stacked (2 x n, hidden) in the model's dtype and device.
-    fn identity_rows(&self, identities: &[Identity]) -> Result<Option<Tensor>> {
-        if identities.is_empty() {
-            return Ok(None);
-        }
+    /// The settings, as (key, value) text: enough to make the image again with `identities`.
+    pub fn settings(&self, model: &str, identities: &[Identity]) -> Vec<(&'static str, String)> {
+        let mut settings = vec![
+            ("prompt", self.prompt.clone()),
+            ("negative_prompt", self.negative_prompt.clone()),
+            ("seed", self.seed.to_string()),
+            ("steps", self.steps.to_string()),
+            ("guidance", self.guidance.to_string()),
+            ("sampler", self.sampler.to_string()),
+            ("size", format!("{}x{}", self.width, self.height)),
+            ("model", model.to_string()),
+            ("Software", format!("stableid {}", env!("CARGO_PKG_VERSION"))),
+        ];
         for identity in identities {
-            if identity.width() != self.text_width() {
-                return Err(Error::Input(format!(
-                    "identity {} has {}-wide vectors but this model's text encoder is {} wide: it was learned for another model",
-                    identity.source.display(),
-                    identity.width(),
-                    self.text_width()
-                )));
-            }
+            settings.push(("identity", identity.source.display().to_string()));
         }
-        let rows: Vec<&Tensor> = identities.iter().map(|i| &i.embeddings).collect();
-        Ok(Some(Tensor::cat(&rows, 0)?.to_device(&self.device)?.to_dtype(self.dtype)?))
-    }
-
-    /// Runs the denoising loop and decodes: returns the image (1, 3, H, W) in [0, 1] as f32.
-    /// `on_step(done, total)` is called after every denoising step.
-    pub fn generate(
-        &self,
-        request: &GenerateRequest,
-        identities: &[Identity],
-        on_step: &mut dyn FnMut(usize, usize),
-    ) -> Result<Tensor> {
-        let factor = self.vae.downscale_factor();
-        for (name, value) in [("width", request.width), ("height", request.height)] {
-            if value == 0 || value % factor != 0 {
-                return Err(Error::Input(format!("{name} {value} is not a positive multiple of {factor}")));
-            }
-        }
-        if request.steps == 0 {
-            return Err(Error::Input("--steps must be at least 1".into()));
-        }
-        let guided = request.guidance > 1.0;
-        let cond = self.encode_prompt(&request.prompt, identities)?;
-        let context = if guided {
-            let uncond = self.encode_prompt(&request.negative_prompt, identities)?;
-            Tensor::cat(&[uncond, cond], 0)?
-        } else {
-            cond
-        };
-
-        let latent_shape = (1, self.unet.config().in_channels, request.height / factor, request.width / factor);
-        let noise = match &request.initial_latents {
-            Some(latents) => {
-                if latents.dims() != [latent_shape.0, latent_shape.1, latent_shape.2, latent_shape.3] {
-                    return Err(Error::Input(format!(
-                        "initial latents have shape {:?}; {}x{} needs {:?}",
-                        latents.dims(),
-                        request.width,
-                        request.height,
-                        latent_shape
-                    )));
-                }
-                latents.to_device(&self.device)?.to_dtype(DType::F32)?
-            }
-            None => gaussian_noise(latent_shape, request.seed, &self.device)?,
-        };
-
-        let mut scheduler = request.sampler.build(&self.scheduler_config, request.steps)?;
-        // Latents stay f32 through the scheduler; only the UNet runs in the model dtype.
-        let mut latents = (noise * scheduler.init_noise_sigma())?;
-        let timesteps = scheduler.timesteps().to_vec();
-        // What the UNet sees: Euler's timesteps are fractional in diffusers.
-        let unet_timesteps = scheduler.unet_timesteps();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let model_input = scheduler.scale_model_input(&model_input, t)?.to_dtype(self.dtype)?;
-            let batch = model_input.dim(0)?;
-            let t_batch = Tensor::full(unet_timesteps[i] as f32, batch, &self.device)?;
-            let noise_pred = self.unet.forward(&model_input, &t_batch, &context)?.to_dtype(DType::F32)?;
-            let noise_pred = if guided {
-                let uncond = noise_pred.narrow(0, 0, 1)?;
-                let text = noise_pred.narrow(0, 1, 1)?;
-                (&uncond + ((text - &uncond)? * request.guidance)?)?
-            } else {
-                noise_pred
-            };
-            latents = scheduler.step(&noise_pred, t, &latents)?;
-            on_step(i + 1, timesteps.len());
-        }
-
-        let scaled = (latents / self.vae.config().scaling_factor)?.to_dtype(self.dtype)?;
-        let image = self.vae.decode(&scaled)?.to_dtype(DType::F32)?;
-        Ok(((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        settings
     }
 }
 
-/// Token ids of one prompt, ready for the text encoder.
-pub struct PromptIds {
-    /// (1, 77) u32.
-    pub ids: Tensor,
-    /// How many identities (placeholder pairs) the prompt refers to.
-    pub identities_used: usize,
-    pub truncated: bool,
+/// An image and the settings that made it (prompt, seed, sampler, size, model, identities):
+/// enough to make it again; written into the PNG's text chunks.
+pub struct Generated {
+    /// (1, 3, H, W) in [0, 1], f32.
+    pub image: Tensor,
+    pub settings: Vec<(&'static str, String)>,
+}
+
+/// Text-to-image: encodes the prompts (identities filled in), runs the denoising loop with
+/// classifier-free guidance and decodes. `on_step(done, total)` is called after every
+/// denoising step.
+pub fn generate(
+    sd: &StableDiffusion,
+    request: &GenerateRequest,
+    identities: &[Identity],
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Generated> {
+    // 1. Check the request against the model.
+    request.validate(sd.configs())?;
+    let device = sd.device();
+
+    // 2. Encode the prompts; the negative prompt is the unconditional branch of guidance.
+    let guided = request.guidance > 1.0;
+    let cond = encode_prompt(sd, &request.prompt, identities)?;
+    let context = if guided {
+        let uncond = encode_prompt(sd, &request.negative_prompt, identities)?;
+        Tensor::cat(&[uncond, cond], 0)?
+    } else {
+        cond
+    };
+
+    // 3. The starting noise.
+    let latent_shape = sd.configs().latent_shape(request.width, request.height);
+    let noise = match &request.initial_latents {
+        Some(latents) => latents.to_device(device)?.to_dtype(DType::F32)?,
+        None => gaussian_noise(latent_shape, request.seed, device)?,
+    };
+
+    // 4. Denoise.
+    let mut scheduler = request.sampler.build(sd.scheduler_config(), request.steps)?;
+    // Latents stay f32 through the scheduler; only the UNet runs in the model dtype.
+    let mut latents = (noise * scheduler.init_noise_sigma())?;
+    let timesteps = scheduler.timesteps().to_vec();
+    // What the UNet sees: Euler's timesteps are fractional in diffusers.
+    let unet_timesteps = scheduler.unet_timesteps();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        let model_input = scheduler.scale_model_input(&model_input, t)?.to_dtype(sd.dtype())?;
+        let batch = model_input.dim(0)?;
+        let t_batch = Tensor::full(unet_timesteps[i] as f32, batch, device)?;
+        let noise_pred = sd.unet().forward(&model_input, &t_batch, &context)?.to_dtype(DType::F32)?;
+        let noise_pred = if guided {
+            let uncond = noise_pred.narrow(0, 0, 1)?;
+            let text = noise_pred.narrow(0, 1, 1)?;
+            (&uncond + ((text - &uncond)? * request.guidance)?)?
+        } else {
+            noise_pred
+        };
+        latents = scheduler.step(&noise_pred, t, &latents)?;
+        on_step(i + 1, timesteps.len());
+    }
+
+    // 5. Decode.
+    let scaled = (latents / sd.vae().config().scaling_factor)?.to_dtype(sd.dtype())?;
+    let image = sd.vae().decode(&scaled)?.to_dtype(DType::F32)?;
+    let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    Ok(Generated { image, settings: request.settings(sd.model_name(), identities) })
 }
 
 /// Standard normal noise of `shape` from `seed`: the same seed gives the same image on any machine.

@@ -6,8 +6,8 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{Transformer2DModel, TransformerSpec};
-use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::models::blocks::attention::{Transformer2DModel, TransformerSpec};
+use crate::models::blocks::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 
 /// What every stage of one UNet shares.
 #[derive(Debug, Clone, Copy)]

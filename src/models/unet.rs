@@ -8,20 +8,16 @@
 //! hidden states. Config features Stable Diffusion does not use are rejected by
 //! [`UNet2DConditionConfig::validate`].
 
-mod attention;
-mod blocks;
-mod embeddings;
-
 use std::fmt::Debug;
 
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::models::blocks::attention::TransformerSpec;
+use crate::models::blocks::embeddings::{timestep_embedding, TimestepEmbedding};
+use crate::models::blocks::unet_2d::{DownBlock, MidBlock, StageSpec, UpBlock};
 use crate::nn::{ops, Conv2d, GroupNorm};
-use attention::TransformerSpec;
-use blocks::{DownBlock, MidBlock, StageSpec, UpBlock};
-use embeddings::{timestep_embedding, TimestepEmbedding};
 
 /// A config value given once for all blocks or as a list with one entry per down block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -255,6 +251,17 @@ impl UNet2DConditionConfig {
     }
 }
 
+/// What a ControlNet adds to the UNet ([`UNet2DConditionModel::forward_with_additional_residuals`]).
+#[derive(Debug, Clone)]
+pub struct AdditionalResiduals {
+    /// One per skip connection, in the order the down path makes them: `conv_in`'s output, then
+    /// each down block's resnet (or transformer) outputs and its downsampler's output (12 for
+    /// Stable Diffusion), each shaped like its skip connection.
+    pub down: Vec<Tensor>,
+    /// Added to the mid block's output.
+    pub mid: Tensor,
+}
+
 /// Noise-prediction UNet conditioned on a timestep and encoder hidden states.
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
@@ -343,6 +350,19 @@ impl UNet2DConditionModel {
     /// sample, any dtype; a (1,) tensor broadcasts) with `encoder_hidden_states`
     /// (batch, seq, cross_attention_dim).
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        self.forward_with_additional_residuals(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// [`forward`](Self::forward) with a ControlNet's residuals added to the skip connections
+    /// and to the mid block's output (diffusers' `down_block_additional_residuals` and
+    /// `mid_block_additional_residual`).
+    pub fn forward_with_additional_residuals(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        residuals: Option<&AdditionalResiduals>,
+    ) -> Result<Tensor> {
         let (batch, _, height, width) = sample.dims4()?;
         let timesteps = match timesteps.dims() {
             [] => timesteps.reshape(1)?,
@@ -371,6 +391,15 @@ impl UNet2DConditionModel {
             skips.extend(states);
         }
         x = self.mid_block.forward(&x, &temb_act, encoder_hidden_states)?;
+        if let Some(residuals) = residuals {
+            if residuals.down.len() != skips.len() {
+                bail!("unet: {} down-block residuals for {} skip connections", residuals.down.len(), skips.len())
+            }
+            for (skip, residual) in skips.iter_mut().zip(&residuals.down) {
+                *skip = (&*skip + residual)?;
+            }
+            x = (x + &residuals.mid)?;
+        }
         let last = self.up_blocks.len() - 1;
         for (i, block) in self.up_blocks.iter().enumerate() {
             let block_skips = skips.split_off(skips.len() - block.num_skips());

@@ -13,18 +13,19 @@ use serde_json::{json, Value};
 
 use crate::identity::augment::{augment, AugmentConfig, TrainingPhoto};
 use crate::identity::checkpoint::Checkpoint;
-use crate::identity::learner::{on_training_stack, Basis, Learner, StepInputs, StepReport};
 use crate::identity::loss::LossConfig;
 use crate::identity::mlp::{IdentityMlp, MlpShape};
 use crate::identity::optim::AdamWConfig;
+use crate::identity::step::{on_training_stack, Basis, FrozenModels, Learner, StepInputs, StepReport};
 use crate::identity::templates::{caption, TEMPLATES};
-use crate::identity::train::{train, Outcome, StepSource, TrainOptions};
+use crate::identity::train_loop::{train, Outcome, StepSource, TrainOptions};
 use crate::identity::Identity;
-use crate::pipelines::{placeholder_token, StableDiffusion};
+use crate::models::stable_diffusion::StableDiffusion;
 use crate::priors::face_feature::FaceEncoder;
 use crate::priors::masks::FaceParser;
 use crate::priors::photo::Photo;
 use crate::random::standard_normal;
+use crate::tokenizer::placeholder_token;
 use crate::{Error, Result};
 
 /// Everything that shapes a learning run; defaults are the paper's.
@@ -165,6 +166,24 @@ impl LearnRun<'_> {
         }))
     }
 
+    /// The checkpoint this run continues from: none unless `resume` is set and the file exists;
+    /// an error when it was made with other settings or is past `steps`.
+    pub fn resumable_checkpoint(&self, fingerprint: &Value) -> Result<Option<Checkpoint>> {
+        if !(self.resume && self.checkpoint.exists()) {
+            return Ok(None);
+        }
+        let checkpoint = Checkpoint::load(&self.checkpoint)?;
+        checkpoint.check_compatible(fingerprint, &self.checkpoint)?;
+        if checkpoint.step > self.settings.steps {
+            return Err(Error::setting(
+                "steps",
+                self.settings.steps,
+                format!("checkpoint {} is already at step {}", self.checkpoint.display(), checkpoint.step),
+            ));
+        }
+        Ok(Some(checkpoint))
+    }
+
     /// Learns the identity; `on_step(done, total, report)` after every step; `stop` ends the run
     /// early with a checkpoint. Runs on a thread of its own with a big enough stack
     /// ([`on_training_stack`]).
@@ -186,21 +205,11 @@ impl LearnRun<'_> {
         let shape = MlpShape { feature_dim: self.photo.feature.dim(1)?, token_dim: self.sd.text_width() };
         let mut init_rng = StdRng::seed_from_u64(s.seed);
         let mlp = IdentityMlp::new(shape, &mut init_rng, self.sd.device())?;
-        let models = self.sd.frozen_models()?;
+        let models = FrozenModels::of(self.sd)?;
         let mut learner = Learner::new(models, self.basis.clone(), mlp, s.adamw, s.loss, s.max_grad_norm)?;
 
         let mut start = 0;
-        if self.resume && self.checkpoint.exists() {
-            let checkpoint = Checkpoint::load(&self.checkpoint)?;
-            checkpoint.check_compatible(&fingerprint, &self.checkpoint)?;
-            if checkpoint.step > s.steps {
-                return Err(Error::Input(format!(
-                    "checkpoint {} is at step {}, past --steps {}",
-                    self.checkpoint.display(),
-                    checkpoint.step,
-                    s.steps
-                )));
-            }
+        if let Some(checkpoint) = self.resumable_checkpoint(&fingerprint)? {
             checkpoint.restore(&mut learner)?;
             start = checkpoint.step;
         }

@@ -8,8 +8,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::Value;
 
+use crate::error::ErrorKind;
 use crate::identity::checkpoint::Checkpoint;
-use crate::identity::learner::{Learner, StepInputs, StepReport};
+use crate::identity::step::{Learner, StepInputs, StepReport};
 use crate::{Error, Result};
 
 /// Supplies the inputs of step `step` from a random generator seeded for that step alone.
@@ -81,7 +82,7 @@ pub fn train(
                 save(learner, step, options)?;
                 return Ok(Outcome::Interrupted { step });
             }
-            let inputs = drawn.recv().map_err(|_| Error::Input("the step-drawing thread stopped".into()))??;
+            let inputs = drawn.recv().map_err(|_| Error::Internal("the step-drawing thread stopped".into()))??;
             let report =
                 learner.step(&inputs).map_err(|e| non_finite_error(e, step, last_saved, &options.checkpoint))?;
             on_step(step + 1, &report);
@@ -102,7 +103,12 @@ fn save(learner: &Learner, step: usize, options: &TrainOptions) -> Result<()> {
 fn non_finite_error(error: Error, step: usize, last_saved: Option<usize>, checkpoint: &Path) -> Error {
     let kept = match last_saved {
         Some(saved) => format!("the last good checkpoint ({} after step {saved}) is kept", checkpoint.display()),
-        None => "no checkpoint had been saved yet (use --save-every)".to_string(),
+        None => "no checkpoint had been saved yet (save_every is not set or not reached)".to_string(),
     };
-    Error::Input(format!("learning stopped at step {}: {error}; {kept}", step + 1))
+    let message = format!("learning stopped at step {}: {error}; {kept}", step + 1);
+    // A step fails on numbers (a diverged run) or on a bug; the kind is kept for the caller.
+    match error.kind() {
+        ErrorKind::Numeric => Error::Numeric(message),
+        _ => Error::Internal(message),
+    }
 }

@@ -9,6 +9,7 @@ use crate::identity::loss::{masked_two_phase_loss, LossConfig, LossInputs};
 use crate::identity::mlp::{adain_landing, IdentityMlp};
 use crate::identity::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::models::clip_text::ClipTextModel;
+use crate::models::stable_diffusion::StableDiffusion;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::nn::profile;
@@ -38,6 +39,18 @@ pub struct FrozenModels<'a> {
     pub schedule: Ddpm,
 }
 
+impl<'a> FrozenModels<'a> {
+    /// The networks of loaded Stable Diffusion components, with their training schedule.
+    pub fn of(sd: &'a StableDiffusion) -> Result<Self> {
+        Ok(Self {
+            text_encoder: sd.text_encoder(),
+            unet: sd.unet(),
+            vae: sd.vae(),
+            schedule: Ddpm::new(sd.scheduler_config())?,
+        })
+    }
+}
+
 /// The celebrity-name statistics the MLP output lands on: (2, width) each.
 #[derive(Debug, Clone)]
 pub struct Basis {
@@ -55,7 +68,7 @@ pub struct StepInputs {
     pub face_mask: Tensor,
     pub hair_mask: Tensor,
     /// Token ids (1, 77) of a caption containing `v1* v2*`, the placeholders already mapped to
-    /// the rows after the vocabulary (`StableDiffusion::prompt_ids` does this).
+    /// the rows after the vocabulary ([`StableDiffusion::prompt_ids`] does this).
     pub caption_ids: Tensor,
     pub timestep: usize,
     /// Diffusion noise eps (1, 4, H/8, W/8).
@@ -142,7 +155,7 @@ impl<'a> Learner<'a> {
         let grads = profile::phase("backward", loss.device(), || loss.backward())?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
-            return Err(Error::Input(format!("the loss is {value} at timestep {}", inputs.timestep)));
+            return Err(Error::Numeric(format!("the loss is {value} at timestep {}", inputs.timestep)));
         }
         drop(loss);
         let grads = self
@@ -151,7 +164,7 @@ impl<'a> Learner<'a> {
             .iter()
             .map(|(name, var)| {
                 grads.get(var.as_tensor()).cloned().ok_or_else(|| {
-                    Error::Input(format!("no gradient reached the MLP parameter {name}: the graph is cut"))
+                    Error::Internal(format!("no gradient reached the MLP parameter {name}: the graph is cut"))
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -163,7 +176,7 @@ impl<'a> Learner<'a> {
         let (loss, mut grads) = self.gradients(inputs)?;
         let grad_norm = clip_grad_norm(&mut grads, self.max_grad_norm)?;
         if !grad_norm.is_finite() {
-            return Err(Error::Input(format!("the gradient norm is {grad_norm} at timestep {}", inputs.timestep)));
+            return Err(Error::Numeric(format!("the gradient norm is {grad_norm} at timestep {}", inputs.timestep)));
         }
         let params: Vec<_> = self.mlp.params().iter().map(|(_, v)| v).collect();
         self.optimizer.step(&params, &grads)?;
