@@ -16,6 +16,10 @@
 //! - [`pipelines`]: text-to-image generation.
 //! - [`io`], [`random`]: atomic outputs with PNG metadata; seeded noise.
 //! - [`bench`]: timings of the real SD 2.1-base architecture against the PyTorch reference.
+//!
+//! The method as implemented, with the paper's and the published code's settings, is described in
+//! `docs/method.md`; what training through frozen models takes on candle, and so why [`nn`] exists,
+//! in `docs/candle.md`.
 
 pub mod bench;
 pub mod error;
