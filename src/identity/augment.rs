@@ -1,5 +1,5 @@
-//! The per-step augmentation of the single training photo and its masks (REFERENCE.md,
-//! "Training data"), following the published implementation (`datasets_face/face_id.py` of
+//! The per-step augmentation of the single training photo and its masks (docs/method.md,
+//! "Augmentation"), following the published implementation (`datasets_face/face_id.py` of
 //! StableIdentity, <https://github.com/qinghew/StableIdentity>):
 //!
 //! 1. colour jitter of the 8-bit photo with torchvision's `ColorJitter` on a PIL image: the four

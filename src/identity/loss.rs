@@ -1,4 +1,4 @@
-//! The masked two-phase diffusion loss (REFERENCE.md, "Loss").
+//! The masked two-phase diffusion loss (docs/method.md, "Loss").
 //!
 //! For t above the phase threshold (layout forming), the UNet's noise prediction is compared with
 //! the noise; at or below it (details), the predicted clean latent

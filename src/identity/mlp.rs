@@ -1,6 +1,6 @@
 //! The trainable part of StableIdentity: an MLP from the face-recognition feature to two word
-//! embeddings, landed in the celebrity-name embedding space by AdaIN (REFERENCE.md, "The
-//! trainable part").
+//! embeddings, landed in the celebrity-name embedding space by AdaIN (docs/method.md, "MLP
+//! and AdaIN landing").
 //!
 //! f (768) -> EqualLinear -> LeakyReLU(0.2) -> LayerNorm -> EqualLinear -> LayerNorm -> 2 x width,
 //! then v* = mean_C + out * std_C.

@@ -1,4 +1,4 @@
-//! One StableIdentity learning step, as REFERENCE.md describes it:
+//! One StableIdentity learning step, as docs/method.md describes it ("Overview", "Loss", "Optimizer"):
 //! MLP(f) -> AdaIN into the celebrity basis -> `v1*`, `v2*` rows of the caption's token
 //! embeddings -> frozen text encoder -> frozen UNet on the noised latent of the photo -> masked
 //! two-phase loss -> backward into the MLP only -> global-norm clipping -> AdamW.
@@ -17,7 +17,7 @@ use crate::schedulers::Ddpm;
 use crate::{Error, Result};
 
 /// The stack a learning step needs: candle's backward walks the graph recursively
-/// (CANDLE_NOTES item 6), and through the 23-layer text encoder and the UNet that is far deeper
+/// (docs/candle.md, "Deep graphs"), and through the 23-layer text encoder and the UNet that is far deeper
 /// than a main thread's 8 MB allow.
 pub const TRAINING_STACK_BYTES: usize = 256 << 20;
 

@@ -1,5 +1,5 @@
 //! Caption templates for the learner: each step captions the photo with one of these, `{}`
-//! replaced by the placeholders `v1* v2*` (REFERENCE.md, "Training data").
+//! replaced by the placeholders `v1* v2*` (docs/method.md, "Captions").
 
 /// Short ImageNet-style captions of a single subject.
 pub const TEMPLATES: [&str; 80] = [

@@ -1,7 +1,7 @@
 //! Differentiable building blocks shared by every model.
 //!
 //! candle's fused `softmax_last_dim` / `layer_norm` carry no backward op and silently cut the
-//! graph (see CANDLE_NOTES.md), and the identity learner back-propagates through the frozen text
+//! graph (docs/candle.md, "Silent graph cuts"), and the identity learner back-propagates through the frozen text
 //! encoder and UNet. So every model uses these blocks: one place to make training correct and
 //! fast. They run on the ops of [`ops`], whose backward computes input gradients only (never
 //! the gradients of frozen weights) and keeps few tensors in the graph.

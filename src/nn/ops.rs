@@ -3,7 +3,7 @@
 //! candle's autograd computes, for every `matmul`, `conv2d` and binary op, the gradient of both
 //! operands, even when one is a frozen constant: for a frozen UNet that is about a third more
 //! backward work, and every such gradient is kept in the `GradStore` until it is dropped
-//! (CANDLE_NOTES.md, 3 and 5). The ops here are candle custom ops whose backward returns the
+//! (docs/candle.md, sections 3 and 5). The ops here are candle custom ops whose backward returns the
 //! input gradient only, and whose graph node keeps only what that gradient needs:
 //!
 //! - [`linear`]: `dx = dy W`, no `dW`, no `db` (on the CPU, one `gemm` call for `x W^T + b`,

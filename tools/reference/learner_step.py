@@ -1,5 +1,5 @@
 """One StableIdentity learning step in PyTorch on tests/fixtures/tiny-sd, written from
-REFERENCE.md: equalized-linear MLP -> AdaIN landing -> v1*/v2* token rows -> CLIPTextModel ->
+docs/method.md: equalized-linear MLP -> AdaIN landing -> v1*/v2* token rows -> CLIPTextModel ->
 UNet -> masked two-phase loss -> backward -> clip_grad_norm_(1.0) -> AdamW.
 Fixed inputs (no augmentation); one case above and one below the phase threshold.
 Writes tests/fixtures/parity/learner_step.safetensors (+ .json)."""
