@@ -7,14 +7,15 @@ use std::path::{Path, PathBuf};
 /// Top-level modules of `src/`, lowest layer first. A module may use the modules of the layers
 /// below its own, never those beside or above it.
 ///
-/// - the error type, seeded noise and atomic file writes serve everything;
+/// - the error type, then seeded noise and atomic file writes, serve everything;
 /// - reading weights, the tokenizer, the differentiable blocks and the noise schedules know no
 ///   model;
 /// - `models` holds the networks and the Stable Diffusion components that bundle them;
 /// - `priors` prepares a photo, `identity` learns from it, `pipelines` use identities, and the
 ///   benchmark measures the learner and the models. The command line sits in the binary, above all.
 const LAYERS: &[&[&str]] = &[
-    &["error", "random", "io"],
+    &["error"],
+    &["random", "io"],
     &["weights", "tokenizer", "nn", "schedulers"],
     &["models"],
     &["priors"],

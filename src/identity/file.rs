@@ -33,7 +33,7 @@ impl Identity {
             std::io::ErrorKind::NotFound => Error::MissingFile {
                 what: "identity file".into(),
                 path: path.to_path_buf(),
-                hint: "learn one with `stableid learn PHOTO --out ID.safetensors`".into(),
+                hint: "identity files are written by learning from a photo of the person".into(),
             },
             _ => bad(e.to_string()),
         })?;

@@ -55,22 +55,20 @@ impl CelebNames {
         Self { names, origin: origin.to_string() }
     }
 
-    /// Reads a names file (`--celeb-names FILE`).
+    /// Reads a names file: one two-word name per line.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::MissingFile {
                 what: "celebrity names file".into(),
                 path: path.to_path_buf(),
-                hint: "give a text file with one two-word name per line, or leave --celeb-names out to use the \
-                       shipped list"
-                    .into(),
+                hint: "give a text file with one two-word name per line, or none to use the shipped list".into(),
             },
             _ => Error::Input(format!("celebrity names file {}: {e}", path.display())),
         })?;
         Ok(Self::parse(&text, &path.display().to_string()))
     }
 
-    /// The file given on the command line, else the shipped list.
+    /// The names of `path`, else the shipped list.
     pub fn load(path: Option<&Path>) -> Result<Self> {
         path.map_or_else(|| Ok(Self::shipped()), Self::from_file)
     }
