@@ -17,7 +17,7 @@
 //! - [`identity`]: the learner (MLP, AdaIN, augmentation, masked two-phase loss, AdamW, loop,
 //!   checkpoints) and the identity file (`v1*`, `v2*`).
 //! - [`pipelines`]: text-to-image generation, identities in the prompt.
-//! - [`bench`]: timings of the real SD 2.1-base architecture against the PyTorch reference.
+//! - [`bench`](mod@bench): timings of the real SD 2.1-base architecture against the PyTorch reference.
 //!
 //! The method as implemented, with the paper's and the published code's settings, is described in
 //! `docs/method.md`; what training through frozen models takes on candle, and so why [`nn`] exists,
