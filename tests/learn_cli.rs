@@ -152,3 +152,20 @@ fn existing_outputs_and_checkpoints_are_never_clobbered() {
     let small = stableid(&args);
     assert!(!small.status.success() && stderr(&small).contains("256"), "{}", stderr(&small));
 }
+
+#[test]
+fn bad_settings_are_refused_before_anything_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flags, needle) in [
+        (&["--steps", "0"][..], "--steps 0: must be at least 1"),
+        (&["--lr", "-1"][..], "--lr -1: must be a positive number"),
+        (&["--hair-weight", "NaN"][..], "--hair-weight NaN"),
+    ] {
+        let refused = learn(dir.path(), "me.safetensors", flags);
+        assert!(!refused.status.success(), "{flags:?}");
+        let message = stderr(&refused);
+        assert_eq!(message.trim().lines().count(), 1, "one line: {message}");
+        assert!(message.contains(needle), "{flags:?}: {message}");
+    }
+    assert!(!dir.path().join("me.safetensors").exists());
+}

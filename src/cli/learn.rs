@@ -103,6 +103,19 @@ pub fn run(args: LearnArgs) -> Result<()> {
     }
     check_writable(out_dir)?;
 
+    let mut settings = LearnSettings {
+        steps: args.steps,
+        seed: args.seed,
+        max_grad_norm: args.max_grad_norm,
+        save_every: (args.save_every > 0).then_some(args.save_every),
+        ..LearnSettings::default()
+    };
+    settings.adamw.lr = args.lr;
+    settings.loss.kind = args.loss;
+    settings.loss.phase_threshold = args.phase_threshold;
+    settings.loss.hair_weight = args.hair_weight;
+    settings.validate()?;
+
     let photo = load_photo(&args.photo)?;
     let device = args.model.device()?;
     let model = ModelDir::resolve(&args.model.model)?;
@@ -129,17 +142,6 @@ pub fn run(args: LearnArgs) -> Result<()> {
         );
     }
 
-    let mut settings = LearnSettings {
-        steps: args.steps,
-        seed: args.seed,
-        max_grad_norm: args.max_grad_norm,
-        save_every: (args.save_every > 0).then_some(args.save_every),
-        ..LearnSettings::default()
-    };
-    settings.adamw.lr = args.lr;
-    settings.loss.kind = args.loss;
-    settings.loss.phase_threshold = args.phase_threshold;
-    settings.loss.hair_weight = args.hair_weight;
     let provenance: HashMap<String, String> = [
         ("face_encoder".to_string(), args.face_encoder.clone()),
         ("face_parser".to_string(), parser.kind().name().to_string()),

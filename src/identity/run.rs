@@ -55,6 +55,28 @@ impl Default for LearnSettings {
     }
 }
 
+impl LearnSettings {
+    /// Checks every setting before anything is loaded or run; names the field and its value.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::setting("steps", 0, "must be at least 1"));
+        }
+        let positive = |name: &'static str, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::setting(name, value, "must be a positive number"))
+            }
+        };
+        positive("lr", self.adamw.lr)?;
+        positive("max_grad_norm", self.max_grad_norm)?;
+        if !(self.loss.hair_weight.is_finite() && self.loss.hair_weight >= 0.0) {
+            return Err(Error::setting("hair_weight", self.loss.hair_weight, "must be a number of at least 0"));
+        }
+        Ok(())
+    }
+}
+
 /// The photo with its frozen priors: the training image and masks, and the face feature of the
 /// photo and of its mirror image (the learner flips the ViT input with the image).
 pub struct PreparedPhoto {
@@ -201,6 +223,7 @@ impl LearnRun<'_> {
         on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
     ) -> Result<LearnOutcome> {
         let s = &self.settings;
+        s.validate()?;
         let fingerprint = self.fingerprint()?;
         let shape = MlpShape { feature_dim: self.photo.feature.dim(1)?, token_dim: self.sd.text_width() };
         let mut init_rng = StdRng::seed_from_u64(s.seed);
