@@ -158,7 +158,7 @@ fn bad_settings_are_refused_before_anything_loads() {
     let dir = tempfile::tempdir().unwrap();
     for (flags, needle) in [
         (&["--steps", "0"][..], "--steps 0: must be at least 1"),
-        (&["--lr", "-1"][..], "--lr -1: must be a positive number"),
+        (&["--lr=-1"][..], "--lr -1: must be a positive number"),
         (&["--hair-weight", "NaN"][..], "--hair-weight NaN"),
     ] {
         let refused = learn(dir.path(), "me.safetensors", flags);
