@@ -7,8 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use common::{assert_close, fixture, load_tensors};
+use common::{assert_close, fixture, load_config, load_tensors, var_builder};
 use stableid::models::clip_text::{ClipTextConfig, ClipTextModel};
 use stableid::priors::celeb_basis::{validate, CelebBasis, CelebNames};
 use stableid::tokenizer::ClipTokenizer;
@@ -27,10 +26,8 @@ fn tiny_tokenizer() -> ClipTokenizer {
 
 /// The tiny text encoder's token-embedding table, loaded as the pipeline loads it, from `weights`.
 fn token_embedding(weights: &Path, dtype: DType) -> Tensor {
-    let text = std::fs::read_to_string(fixture("tiny-sd/text_encoder/config.json")).unwrap();
-    let cfg: ClipTextConfig = serde_json::from_str(&text).unwrap();
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }.unwrap();
-    ClipTextModel::new(vb, &cfg).unwrap().token_embedding().clone()
+    let cfg: ClipTextConfig = load_config("tiny-sd/text_encoder/config.json");
+    ClipTextModel::new(var_builder(weights, dtype), &cfg).unwrap().token_embedding().clone()
 }
 
 /// The stand-in names the reference script used with the tiny tokenizer (fixture metadata).

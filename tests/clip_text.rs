@@ -7,19 +7,17 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::VarBuilder;
-use common::{assert_close, fixture, load_tensors, max_abs_diff};
+use common::{assert_close, fixture, load_config, load_tensors, max_abs_diff, var_builder};
 use stableid::models::clip_text::{ClipTextConfig, ClipTextModel};
 
 const WEIGHTS: &str = "tiny-sd/text_encoder/model.safetensors";
 
 fn config() -> ClipTextConfig {
-    let text = std::fs::read_to_string(fixture("tiny-sd/text_encoder/config.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    load_config("tiny-sd/text_encoder/config.json")
 }
 
 fn load(dtype: DType) -> ClipTextModel {
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], dtype, &Device::Cpu) }.unwrap();
-    ClipTextModel::new(vb, &config()).unwrap()
+    ClipTextModel::new(var_builder(&fixture(WEIGHTS), dtype), &config()).unwrap()
 }
 
 /// The fixture's ids (u32) and placeholder rows.
@@ -80,9 +78,8 @@ fn ids_beyond_the_vocabulary_and_extra_rows_are_errors() {
 #[test]
 fn unsupported_activation_is_rejected_by_name() {
     let cfg = ClipTextConfig { hidden_act: "relu".into(), ..config() };
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], DType::F32, &Device::Cpu) }.unwrap();
-    let err = ClipTextModel::new(vb, &cfg).unwrap_err().to_string();
-    assert!(err.contains("hidden_act"), "{err}");
+    let err = ClipTextModel::new(var_builder(&fixture(WEIGHTS), DType::F32), &cfg).unwrap_err().to_string();
+    assert!(err.contains("clip text config: `hidden_act` = \"relu\""), "{err}");
 }
 
 /// d/d extra of sum(out * w), by autograd and by central differences, in f64. A cut anywhere in

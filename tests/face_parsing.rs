@@ -5,8 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use candle_nn::VarBuilder;
-use common::{assert_close, fixture, load_tensors};
+use common::{assert_close, fixture, load_config, load_tensors, var_builder};
 use stableid::models::face_parsing::bisenet::{self, BiSeNet};
 use stableid::models::face_parsing::segformer::{SegformerConfig, SegformerForSemanticSegmentation};
 use stableid::priors::masks::{FaceClasses, FaceParser, FaceParserKind, SIZE};
@@ -16,8 +15,7 @@ use stableid::Error;
 const PARITY: &str = "parity/face_parsing.safetensors";
 
 fn segformer_config() -> SegformerConfig {
-    let text = std::fs::read_to_string(fixture("tiny-segformer/config.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    load_config("tiny-segformer/config.json")
 }
 
 /// The 512x512 test photo: the stored 64x64 image with each pixel repeated over an 8x8 block.
@@ -65,12 +63,29 @@ fn assert_same_classes(logits: &Tensor, expected: &Tensor, what: &str) {
 #[test]
 fn segformer_logits_match_transformers() {
     let t = load_tensors(PARITY);
-    let path = fixture("tiny-segformer/model.safetensors");
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }.unwrap();
-    let model = SegformerForSemanticSegmentation::new(&segformer_config(), vb).unwrap();
+    let vb = var_builder(&fixture("tiny-segformer/model.safetensors"), DType::F32);
+    let model = SegformerForSemanticSegmentation::new(vb, &segformer_config()).unwrap();
     assert_eq!(model.num_labels(), 19);
     let logits = model.forward(&t["segformer.pixel_values"]).unwrap();
     assert_close(&logits, &t["segformer.logits"], 1e-4, "segformer logits (48x64 input)");
+}
+
+#[test]
+fn segformer_config_defaults_and_rejections() {
+    let cfg: SegformerConfig = serde_json::from_str(r#"{"unknown_key": 1}"#).unwrap();
+    assert_eq!((cfg.hidden_sizes, cfg.decoder_hidden_size), (vec![32, 64, 160, 256], 256));
+    for (json, expected) in [
+        (r#"{"depths": [2, 2]}"#, "segformer config: `depths` = [2, 2] has 2 entries for `num_encoder_blocks` = 4"),
+        (r#"{"hidden_act": "relu"}"#, "segformer config: `hidden_act` = \"relu\" is not supported"),
+        (
+            r#"{"num_attention_heads": [1, 3, 5, 8]}"#,
+            "`num_attention_heads[1]` = 3 does not divide `hidden_sizes[1]` = 64",
+        ),
+    ] {
+        let cfg: SegformerConfig = serde_json::from_str(json).unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains(expected), "{json}: {err}");
+    }
 }
 
 #[test]

@@ -6,20 +6,15 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use stableid::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
-use common::{assert_close, fixture, load_tensors, max_abs, max_abs_diff};
+use common::{assert_close, fixture, load_config, load_tensors, max_abs, max_abs_diff, var_builder};
 
 /// Loads a diffusers UNet folder under `tests/fixtures/`.
 fn load_unet(folder: &str, dtype: DType) -> UNet2DConditionModel {
-    let dir = fixture(folder);
-    let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let config: UNet2DConditionConfig = serde_json::from_str(&config).unwrap();
-    let weights = dir.join("diffusion_pytorch_model.safetensors");
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu).unwrap() };
-    UNet2DConditionModel::new(vb, &config).unwrap()
+    let vb = var_builder(&fixture(folder).join("diffusion_pytorch_model.safetensors"), dtype);
+    UNet2DConditionModel::new(vb, &load_config(&format!("{folder}/config.json"))).unwrap()
 }
 
 /// `assert_close` at 1e-4, and also within 1e-4 of the largest expected value: the tiny SD
@@ -94,6 +89,10 @@ fn config_defaults_and_rejections() {
         (r#"{"mid_block_type": null}"#, "`mid_block_type` = None"),
         (r#"{"only_cross_attention": true}"#, "`only_cross_attention` = One(true)"),
         (r#"{"attention_head_dim": [5, 10]}"#, "`attention_head_dim` = [5, 10] has 2 entries for 4 blocks"),
+        (
+            r#"{"down_block_types": ["DownBlock2D"]}"#,
+            "`block_out_channels` (4 entries), `down_block_types` (1) and `up_block_types` (4) must have the same",
+        ),
         (
             r#"{"down_block_types": ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#,
             "`down_block_types` = \"AttnDownBlock2D\"",

@@ -6,14 +6,13 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::{assert_close, fixture, load_tensors};
+use common::{assert_close, fixture, load_config, load_tensors, var_builder};
 use stableid::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 
 const WEIGHTS: &str = "tiny-sd/vae/diffusion_pytorch_model.safetensors";
 
 fn config() -> AutoencoderKLConfig {
-    let text = std::fs::read_to_string(fixture("tiny-sd/vae/config.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    load_config("tiny-sd/vae/config.json")
 }
 
 fn from_weights(weights: HashMap<String, Tensor>) -> AutoencoderKL {
@@ -21,8 +20,7 @@ fn from_weights(weights: HashMap<String, Tensor>) -> AutoencoderKL {
 }
 
 fn load() -> AutoencoderKL {
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], DType::F32, &Device::Cpu) }.unwrap();
-    AutoencoderKL::new(vb, &config()).unwrap()
+    AutoencoderKL::new(var_builder(&fixture(WEIGHTS), DType::F32), &config()).unwrap()
 }
 
 #[test]
@@ -92,12 +90,12 @@ fn config_defaults_and_rejections() {
     assert_eq!((cfg.latent_channels, cfg.norm_num_groups, cfg.scaling_factor), (4, 32, 0.18215));
     assert_eq!(load().downscale_factor(), 8);
 
-    let vb = || unsafe { VarBuilder::from_mmaped_safetensors(&[fixture(WEIGHTS)], DType::F32, &Device::Cpu) }.unwrap();
+    let vb = || var_builder(&fixture(WEIGHTS), DType::F32);
     let mut attn_blocks = config();
     attn_blocks.down_block_types[1] = "AttnDownEncoderBlock2D".into();
     let err = AutoencoderKL::new(vb(), &attn_blocks).unwrap_err().to_string();
-    assert!(err.contains("down_block_types"), "{err}");
+    assert!(err.contains("vae config: `down_block_types` = \"AttnDownEncoderBlock2D\""), "{err}");
     let gelu = AutoencoderKLConfig { act_fn: "gelu".into(), ..config() };
     let err = AutoencoderKL::new(vb(), &gelu).unwrap_err().to_string();
-    assert!(err.contains("act_fn"), "{err}");
+    assert!(err.contains("vae config: `act_fn` = \"gelu\""), "{err}");
 }

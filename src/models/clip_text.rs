@@ -11,54 +11,60 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::models::config::ConfigChecks;
 use crate::nn::{attention, ops, LayerNorm, Linear};
 
 /// The fields of a transformers `CLIPTextConfig` (text_encoder/config.json) that the model uses;
-/// missing keys take transformers' defaults.
+/// missing keys take transformers' defaults, unknown keys are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct ClipTextConfig {
-    #[serde(default = "default_vocab_size")]
     pub vocab_size: usize,
-    #[serde(default = "default_hidden_size")]
     pub hidden_size: usize,
-    #[serde(default = "default_intermediate_size")]
     pub intermediate_size: usize,
-    #[serde(default = "default_num_hidden_layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "default_num_attention_heads")]
     pub num_attention_heads: usize,
-    #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
     /// `"gelu"` (exact erf form, SD 2.x) or `"quick_gelu"` (OpenAI CLIP, SD 1.x).
-    #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
-    #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_eps: f64,
 }
 
-fn default_vocab_size() -> usize {
-    49408
+impl Default for ClipTextConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".to_string(),
+            layer_norm_eps: 1e-5,
+        }
+    }
 }
-fn default_hidden_size() -> usize {
-    512
-}
-fn default_intermediate_size() -> usize {
-    2048
-}
-fn default_num_hidden_layers() -> usize {
-    12
-}
-fn default_num_attention_heads() -> usize {
-    8
-}
-fn default_max_position_embeddings() -> usize {
-    77
-}
-fn default_hidden_act() -> String {
-    "quick_gelu".to_string()
-}
-fn default_layer_norm_eps() -> f64 {
-    1e-5
+
+const CLIP_TEXT: ConfigChecks =
+    ConfigChecks { name: "clip text config", supported: "only the \"gelu\" and \"quick_gelu\" activations are" };
+
+impl ClipTextConfig {
+    /// Checks that the config describes a text encoder this module implements; the error names
+    /// the offending field and its value.
+    pub fn validate(&self) -> Result<()> {
+        self.activation().map(|_| ())
+    }
+
+    /// The activation of the MLPs, once the whole config is checked.
+    fn activation(&self) -> Result<Activation> {
+        let act = match self.hidden_act.as_str() {
+            "gelu" => Activation::Gelu,
+            "quick_gelu" => Activation::QuickGelu,
+            _ => return Err(CLIP_TEXT.unsupported("hidden_act", &self.hidden_act)),
+        };
+        CLIP_TEXT.expect_divides("num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)?;
+        Ok(act)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -70,14 +76,6 @@ enum Activation {
 }
 
 impl Activation {
-    fn from_config(name: &str) -> Result<Self> {
-        match name {
-            "gelu" => Ok(Self::Gelu),
-            "quick_gelu" => Ok(Self::QuickGelu),
-            other => bail!("hidden_act: unsupported activation {other:?} (expected \"gelu\" or \"quick_gelu\")"),
-        }
-    }
-
     fn forward(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Gelu => ops::gelu_erf(x),
@@ -184,10 +182,7 @@ impl ClipTextModel {
     /// accepted: `text_model.embeddings...` (transformers 4 and the published SD checkpoints) and
     /// `embeddings...` (transformers 5 saves `CLIPTextModel` without the `text_model` level).
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let act = Activation::from_config(&cfg.hidden_act)?;
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
-            bail!("num_attention_heads: {} does not divide hidden_size {}", cfg.num_attention_heads, cfg.hidden_size)
-        }
+        let act = cfg.activation()?;
         let vb =
             if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let h = cfg.hidden_size;

@@ -3,6 +3,7 @@
 
 pub mod blocks;
 pub mod clip_text;
+mod config;
 pub mod face_parsing;
 pub mod stable_diffusion;
 pub mod unet;

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::models::blocks::attention::TransformerSpec;
 use crate::models::blocks::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::models::blocks::unet_2d::{DownBlock, MidBlock, StageSpec, UpBlock};
+use crate::models::config::ConfigChecks;
 use crate::nn::{ops, Conv2d, GroupNorm};
 
 /// A config value given once for all blocks or as a list with one entry per down block.
@@ -33,7 +34,7 @@ impl<T: Clone + Debug> PerBlock<T> {
         match self {
             Self::One(v) => Ok(vec![v.clone(); n]),
             Self::Each(vs) if vs.len() == n => Ok(vs.clone()),
-            Self::Each(vs) => bail!("unet config: `{field}` = {vs:?} has {} entries for {n} blocks", vs.len()),
+            Self::Each(vs) => Err(UNET.invalid(field, vs, format_args!("has {} entries for {n} blocks", vs.len()))),
         }
     }
 }
@@ -138,26 +139,7 @@ impl Default for UNet2DConditionConfig {
 
 const MID_BLOCK: &str = "UNetMidBlock2DCrossAttn";
 
-fn unsupported(field: &str, value: &dyn Debug) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "unet config: `{field}` = {value:?} is not supported (only Stable Diffusion 1.x/2.x UNets are)"
-    ))
-}
-
-fn expect_eq<T: PartialEq + Debug>(field: &str, value: &T, supported: &T) -> Result<()> {
-    if value == supported {
-        Ok(())
-    } else {
-        Err(unsupported(field, value))
-    }
-}
-
-fn expect_unset<T: Debug>(field: &str, value: &Option<T>) -> Result<()> {
-    match value {
-        Some(v) => Err(unsupported(field, v)),
-        None => Ok(()),
-    }
-}
+const UNET: ConfigChecks = ConfigChecks { name: "unet config", supported: "only Stable Diffusion 1.x/2.x UNets are" };
 
 /// The per-block values of a validated config, down blocks in order.
 struct Plan {
@@ -179,46 +161,42 @@ impl UNet2DConditionConfig {
     }
 
     fn plan(&self) -> Result<Plan> {
-        expect_eq("center_input_sample", &self.center_input_sample, &false)?;
-        expect_eq("mid_block_type", &self.mid_block_type.as_deref(), &Some(MID_BLOCK))?;
-        expect_eq("downsample_padding", &self.downsample_padding, &1)?;
-        expect_eq("mid_block_scale_factor", &self.mid_block_scale_factor, &1.0)?;
+        UNET.expect_eq("center_input_sample", &self.center_input_sample, &false)?;
+        UNET.expect_eq("mid_block_type", &self.mid_block_type.as_deref(), &Some(MID_BLOCK))?;
+        UNET.expect_eq("downsample_padding", &self.downsample_padding, &1)?;
+        UNET.expect_eq("mid_block_scale_factor", &self.mid_block_scale_factor, &1.0)?;
         if !matches!(self.act_fn.as_str(), "silu" | "swish") {
-            return Err(unsupported("act_fn", &self.act_fn));
+            return Err(UNET.unsupported("act_fn", &self.act_fn));
         }
         let Some(norm_groups) = self.norm_num_groups else {
-            return Err(unsupported("norm_num_groups", &self.norm_num_groups));
+            return Err(UNET.unsupported("norm_num_groups", &self.norm_num_groups));
         };
-        expect_unset("encoder_hid_dim", &self.encoder_hid_dim)?;
-        expect_unset("encoder_hid_dim_type", &self.encoder_hid_dim_type)?;
+        UNET.expect_unset("encoder_hid_dim", &self.encoder_hid_dim)?;
+        UNET.expect_unset("encoder_hid_dim_type", &self.encoder_hid_dim_type)?;
         // diffusers itself refuses this key for `UNet2DConditionModel`.
-        expect_unset("num_attention_heads", &self.num_attention_heads)?;
-        expect_eq("dual_cross_attention", &self.dual_cross_attention, &false)?;
-        expect_unset("class_embed_type", &self.class_embed_type)?;
-        expect_unset("addition_embed_type", &self.addition_embed_type)?;
-        expect_unset("num_class_embeds", &self.num_class_embeds)?;
-        expect_eq("resnet_time_scale_shift", &self.resnet_time_scale_shift.as_str(), &"default")?;
-        expect_eq("time_embedding_type", &self.time_embedding_type.as_str(), &"positional")?;
-        expect_unset("time_embedding_dim", &self.time_embedding_dim)?;
-        expect_unset("time_embedding_act_fn", &self.time_embedding_act_fn)?;
-        expect_unset("timestep_post_act", &self.timestep_post_act)?;
-        expect_unset("time_cond_proj_dim", &self.time_cond_proj_dim)?;
-        expect_eq("conv_in_kernel", &self.conv_in_kernel, &3)?;
-        expect_eq("conv_out_kernel", &self.conv_out_kernel, &3)?;
-        expect_eq("attention_type", &self.attention_type.as_str(), &"default")?;
+        UNET.expect_unset("num_attention_heads", &self.num_attention_heads)?;
+        UNET.expect_eq("dual_cross_attention", &self.dual_cross_attention, &false)?;
+        UNET.expect_unset("class_embed_type", &self.class_embed_type)?;
+        UNET.expect_unset("addition_embed_type", &self.addition_embed_type)?;
+        UNET.expect_unset("num_class_embeds", &self.num_class_embeds)?;
+        UNET.expect_eq("resnet_time_scale_shift", &self.resnet_time_scale_shift.as_str(), &"default")?;
+        UNET.expect_eq("time_embedding_type", &self.time_embedding_type.as_str(), &"positional")?;
+        UNET.expect_unset("time_embedding_dim", &self.time_embedding_dim)?;
+        UNET.expect_unset("time_embedding_act_fn", &self.time_embedding_act_fn)?;
+        UNET.expect_unset("timestep_post_act", &self.timestep_post_act)?;
+        UNET.expect_unset("time_cond_proj_dim", &self.time_cond_proj_dim)?;
+        UNET.expect_eq("conv_in_kernel", &self.conv_in_kernel, &3)?;
+        UNET.expect_eq("conv_out_kernel", &self.conv_out_kernel, &3)?;
+        UNET.expect_eq("attention_type", &self.attention_type.as_str(), &"default")?;
 
-        let n = self.block_out_channels.len();
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
-            bail!(
-                "unet config: `block_out_channels` ({n} entries), `down_block_types` ({}) and \
-                 `up_block_types` ({}) must have the same non-zero length",
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            )
-        }
+        let n = UNET.expect_same_lengths(&[
+            ("block_out_channels", self.block_out_channels.len()),
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ])?;
         let only_cross = self.only_cross_attention.expand("only_cross_attention", n)?;
         if only_cross.iter().any(|&b| b) {
-            return Err(unsupported("only_cross_attention", &self.only_cross_attention));
+            return Err(UNET.unsupported("only_cross_attention", &self.only_cross_attention));
         }
         let block_kinds = |field: &str, types: &[String], cross: &str, plain: &str| {
             types
@@ -226,7 +204,7 @@ impl UNet2DConditionConfig {
                 .map(|t| match t.as_str() {
                     t if t == cross => Ok(true),
                     t if t == plain => Ok(false),
-                    _ => Err(unsupported(field, t)),
+                    _ => Err(UNET.unsupported(field, t)),
                 })
                 .collect::<Result<Vec<_>>>()
         };

@@ -6,11 +6,12 @@
 //! samples it every step); the decoder maps latents back to an image. Module names follow
 //! diffusers' weight names. Built from [`crate::nn`] blocks, so both directions back-propagate.
 
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::models::blocks::resnet::{ResnetBlock2D, Upsample2D};
+use crate::models::config::ConfigChecks;
 use crate::nn::{attention, Conv2d, GroupNorm, Linear};
 
 /// The resnets and attention of the VAE use this epsilon in every group norm.
@@ -25,97 +26,74 @@ pub enum SampleSize {
 }
 
 /// The fields of a diffusers `AutoencoderKL` config (vae/config.json); missing keys take
-/// diffusers' defaults.
+/// diffusers' defaults, unknown keys are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct AutoencoderKLConfig {
-    #[serde(default = "default_rgb")]
     pub in_channels: usize,
-    #[serde(default = "default_rgb")]
     pub out_channels: usize,
-    #[serde(default = "default_down_block_types")]
     pub down_block_types: Vec<String>,
-    #[serde(default = "default_up_block_types")]
     pub up_block_types: Vec<String>,
-    #[serde(default = "default_block_out_channels")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "default_layers_per_block")]
     pub layers_per_block: usize,
-    #[serde(default = "default_act_fn")]
     pub act_fn: String,
-    #[serde(default = "default_latent_channels")]
     pub latent_channels: usize,
-    #[serde(default = "default_norm_num_groups")]
     pub norm_num_groups: usize,
     /// Training image size; informative only.
-    #[serde(default = "default_sample_size")]
     pub sample_size: SampleSize,
     /// Latents fed to the UNet are `scaling_factor` times the VAE's; callers apply it.
-    #[serde(default = "default_scaling_factor")]
     pub scaling_factor: f64,
-    #[serde(default = "default_true")]
     pub mid_block_add_attention: bool,
-    #[serde(default = "default_true")]
     pub use_quant_conv: bool,
-    #[serde(default = "default_true")]
     pub use_post_quant_conv: bool,
 }
 
-fn default_rgb() -> usize {
-    3
-}
-fn default_down_block_types() -> Vec<String> {
-    vec!["DownEncoderBlock2D".to_string()]
-}
-fn default_up_block_types() -> Vec<String> {
-    vec!["UpDecoderBlock2D".to_string()]
-}
-fn default_block_out_channels() -> Vec<usize> {
-    vec![64]
-}
-fn default_layers_per_block() -> usize {
-    1
-}
-fn default_act_fn() -> String {
-    "silu".to_string()
-}
-fn default_latent_channels() -> usize {
-    4
-}
-fn default_norm_num_groups() -> usize {
-    32
-}
-fn default_sample_size() -> SampleSize {
-    SampleSize::Square(32)
-}
-fn default_scaling_factor() -> f64 {
-    0.18215
-}
-fn default_true() -> bool {
-    true
+impl Default for AutoencoderKLConfig {
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec![DOWN_BLOCK.to_string()],
+            up_block_types: vec![UP_BLOCK.to_string()],
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            act_fn: "silu".to_string(),
+            latent_channels: 4,
+            norm_num_groups: 32,
+            sample_size: SampleSize::Square(32),
+            scaling_factor: 0.18215,
+            mid_block_add_attention: true,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+        }
+    }
 }
 
+const DOWN_BLOCK: &str = "DownEncoderBlock2D";
+const UP_BLOCK: &str = "UpDecoderBlock2D";
+
+const VAE: ConfigChecks = ConfigChecks {
+    name: "vae config",
+    supported: "only SiLU VAEs of DownEncoderBlock2D / UpDecoderBlock2D blocks are",
+};
+
 impl AutoencoderKLConfig {
-    /// Rejects what this implementation does not build, naming the config field.
-    fn validate(&self) -> Result<()> {
-        if self.act_fn != "silu" && self.act_fn != "swish" {
-            bail!("act_fn: unsupported activation {:?} (only \"silu\")", self.act_fn)
+    /// Checks that the config describes a VAE this module implements; the error names the
+    /// offending field and its value.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.act_fn.as_str(), "silu" | "swish") {
+            return Err(VAE.unsupported("act_fn", &self.act_fn));
         }
-        if self.block_out_channels.is_empty() {
-            bail!("block_out_channels: empty")
+        VAE.expect_same_lengths(&[
+            ("block_out_channels", self.block_out_channels.len()),
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ])?;
+        for t in &self.down_block_types {
+            VAE.expect_eq("down_block_types", &t.as_str(), &DOWN_BLOCK)?;
         }
-        let n = self.block_out_channels.len();
-        if self.down_block_types.len() != n || self.up_block_types.len() != n {
-            bail!(
-                "down_block_types / up_block_types: {} and {} blocks for {n} block_out_channels",
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            )
-        }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
-            bail!("down_block_types: unsupported block {t:?} (only DownEncoderBlock2D)")
-        }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            bail!("up_block_types: unsupported block {t:?} (only UpDecoderBlock2D)")
+        for t in &self.up_block_types {
+            VAE.expect_eq("up_block_types", &t.as_str(), &UP_BLOCK)?;
         }
         Ok(())
     }

@@ -12,88 +12,61 @@ use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::models::config::ConfigChecks;
 use crate::nn::{attention, Conv2d, LayerNorm, Linear};
 
 /// The fields of a transformers `ViTConfig` (config.json) that the encoder uses; missing keys
-/// take transformers' defaults (ViT-B/16 at 224 px).
+/// take transformers' defaults (ViT-B/16 at 224 px), unknown keys are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct ViTConfig {
     /// `"vit"` in transformers configs; absent in hand-written ones.
-    #[serde(default)]
     pub model_type: Option<String>,
-    #[serde(default = "default_hidden_size")]
     pub hidden_size: usize,
-    #[serde(default = "default_num_hidden_layers")]
     pub num_hidden_layers: usize,
-    #[serde(default = "default_num_attention_heads")]
     pub num_attention_heads: usize,
-    #[serde(default = "default_intermediate_size")]
     pub intermediate_size: usize,
     /// Only `"gelu"` (exact erf form) is supported.
-    #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
-    #[serde(default = "default_layer_norm_eps")]
     pub layer_norm_eps: f64,
-    #[serde(default = "default_image_size")]
     pub image_size: usize,
-    #[serde(default = "default_patch_size")]
     pub patch_size: usize,
-    #[serde(default = "default_num_channels")]
     pub num_channels: usize,
-    #[serde(default = "default_qkv_bias")]
     pub qkv_bias: bool,
 }
 
-fn default_hidden_size() -> usize {
-    768
-}
-fn default_num_hidden_layers() -> usize {
-    12
-}
-fn default_num_attention_heads() -> usize {
-    12
-}
-fn default_intermediate_size() -> usize {
-    3072
-}
-fn default_hidden_act() -> String {
-    "gelu".to_string()
-}
-fn default_layer_norm_eps() -> f64 {
-    1e-12
-}
-fn default_image_size() -> usize {
-    224
-}
-fn default_patch_size() -> usize {
-    16
-}
-fn default_num_channels() -> usize {
-    3
-}
-fn default_qkv_bias() -> bool {
-    true
+impl Default for ViTConfig {
+    fn default() -> Self {
+        Self {
+            model_type: None,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: "gelu".to_string(),
+            layer_norm_eps: 1e-12,
+            image_size: 224,
+            patch_size: 16,
+            num_channels: 3,
+            qkv_bias: true,
+        }
+    }
 }
 
+const VIT: ConfigChecks =
+    ConfigChecks { name: "vit config", supported: "only ViTs with exact GELU and RGB input (3 channels) are" };
+
 impl ViTConfig {
-    /// Rejects configs this encoder cannot run, naming the field.
+    /// Checks that the config describes an encoder this module implements; the error names the
+    /// offending field and its value.
     pub fn validate(&self) -> Result<()> {
         if let Some(kind) = self.model_type.as_deref().filter(|k| *k != "vit") {
-            bail!("model_type: {kind:?} is not a ViT (expected \"vit\")")
+            return Err(VIT.invalid("model_type", &kind, "is not a ViT (expected \"vit\")"));
         }
-        if self.hidden_act != "gelu" {
-            bail!("hidden_act: unsupported activation {:?} (expected \"gelu\")", self.hidden_act)
-        }
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            bail!("num_attention_heads: {} does not divide hidden_size {}", self.num_attention_heads, self.hidden_size)
-        }
-        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
-            bail!("patch_size: {} does not divide image_size {}", self.patch_size, self.image_size)
-        }
-        if self.num_channels != 3 {
-            bail!("num_channels: {} (only RGB input, 3, is supported)", self.num_channels)
-        }
-        Ok(())
+        VIT.expect_eq("hidden_act", &self.hidden_act.as_str(), &"gelu")?;
+        VIT.expect_divides("num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)?;
+        VIT.expect_divides("patch_size", self.patch_size, "image_size", self.image_size)?;
+        VIT.expect_eq("num_channels", &self.num_channels, &3)
     }
 
     /// Patches per image plus the CLS token.

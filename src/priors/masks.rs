@@ -224,7 +224,7 @@ impl FaceParser {
             .normalization(SIZE, SIZE)
             .map_err(|e| Error::Config { file: dir.join("preprocessor_config.json"), msg: e.to_string() })?;
         let (weights, _) = transformers_weights(dir, DType::F32, device, "SegFormer")?;
-        let model = weights.build(|vb| SegformerForSemanticSegmentation::new(&config, vb))?;
+        let model = weights.build(|vb| SegformerForSemanticSegmentation::new(vb, &config))?;
         Ok(Self {
             network: Network::Segformer(Box::new(model)),
             normalization: Normalization { scale, mean, std },

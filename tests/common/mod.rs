@@ -2,9 +2,11 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
 
 /// Path of a file or folder under `tests/fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
@@ -16,6 +18,23 @@ pub fn load_tensors(rel: &str) -> HashMap<String, Tensor> {
     let path = fixture(rel);
     candle_core::safetensors::load(&path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("cannot load fixture {}: {e}", path.display()))
+}
+
+/// A fixture JSON file (a model's `config.json`), parsed.
+pub fn load_config<C: DeserializeOwned>(rel: &str) -> C {
+    let path = fixture(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()))
+}
+
+/// A CPU `VarBuilder` over a safetensors file, memory-mapped, in `dtype`: pass it with a config
+/// to a model's `new(vb, &config)`.
+pub fn var_builder(weights: &Path, dtype: DType) -> VarBuilder<'static> {
+    // SAFETY: the mapping is sound while the file stays unchanged. It lives as long as the
+    // returned VarBuilder (tensors are copied out of it when a model loads them), and no test
+    // changes a weights file while a VarBuilder over it is alive.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu) }
+        .unwrap_or_else(|e| panic!("cannot map {}: {e}", weights.display()))
 }
 
 /// Maximum absolute difference between two tensors of the same shape (compared in f32).

@@ -16,6 +16,7 @@ use candle_core::{bail, Result, Tensor};
 use candle_nn::{BatchNorm, ModuleT, VarBuilder};
 use serde::Deserialize;
 
+use crate::models::config::ConfigChecks;
 use crate::nn::{attention, Conv2d, LayerNorm, Linear};
 
 /// transformers builds every SegFormer layer norm with `nn.LayerNorm`'s default eps
@@ -24,73 +25,50 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 const BATCH_NORM_EPS: f64 = 1e-5;
 
 /// The fields of a transformers `SegformerConfig` (config.json) that the model uses; missing keys
-/// take transformers' defaults (those of nvidia/mit-b0).
+/// take transformers' defaults (those of nvidia/mit-b0), unknown keys are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct SegformerConfig {
-    #[serde(default = "default_num_channels")]
     pub num_channels: usize,
-    #[serde(default = "default_num_encoder_blocks")]
     pub num_encoder_blocks: usize,
-    #[serde(default = "default_depths")]
     pub depths: Vec<usize>,
-    #[serde(default = "default_sr_ratios")]
     pub sr_ratios: Vec<usize>,
-    #[serde(default = "default_hidden_sizes")]
     pub hidden_sizes: Vec<usize>,
-    #[serde(default = "default_patch_sizes")]
     pub patch_sizes: Vec<usize>,
-    #[serde(default = "default_strides")]
     pub strides: Vec<usize>,
-    #[serde(default = "default_num_attention_heads")]
     pub num_attention_heads: Vec<usize>,
-    #[serde(default = "default_mlp_ratios")]
     pub mlp_ratios: Vec<usize>,
     /// Only `"gelu"` (exact erf form) is supported.
-    #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
-    #[serde(default = "default_decoder_hidden_size")]
     pub decoder_hidden_size: usize,
     /// Class names by id (`{"0": "background", ...}`).
-    #[serde(default)]
     pub id2label: Option<BTreeMap<String, String>>,
     /// Used only when `id2label` is absent (transformers then names the classes `LABEL_i`).
-    #[serde(default)]
     pub num_labels: Option<usize>,
 }
 
-fn default_num_channels() -> usize {
-    3
+impl Default for SegformerConfig {
+    fn default() -> Self {
+        Self {
+            num_channels: 3,
+            num_encoder_blocks: 4,
+            depths: vec![2, 2, 2, 2],
+            sr_ratios: vec![8, 4, 2, 1],
+            hidden_sizes: vec![32, 64, 160, 256],
+            patch_sizes: vec![7, 3, 3, 3],
+            strides: vec![4, 2, 2, 2],
+            num_attention_heads: vec![1, 2, 5, 8],
+            mlp_ratios: vec![4, 4, 4, 4],
+            hidden_act: "gelu".to_string(),
+            decoder_hidden_size: 256,
+            id2label: None,
+            num_labels: None,
+        }
+    }
 }
-fn default_num_encoder_blocks() -> usize {
-    4
-}
-fn default_depths() -> Vec<usize> {
-    vec![2, 2, 2, 2]
-}
-fn default_sr_ratios() -> Vec<usize> {
-    vec![8, 4, 2, 1]
-}
-fn default_hidden_sizes() -> Vec<usize> {
-    vec![32, 64, 160, 256]
-}
-fn default_patch_sizes() -> Vec<usize> {
-    vec![7, 3, 3, 3]
-}
-fn default_strides() -> Vec<usize> {
-    vec![4, 2, 2, 2]
-}
-fn default_num_attention_heads() -> Vec<usize> {
-    vec![1, 2, 5, 8]
-}
-fn default_mlp_ratios() -> Vec<usize> {
-    vec![4, 4, 4, 4]
-}
-fn default_hidden_act() -> String {
-    "gelu".to_string()
-}
-fn default_decoder_hidden_size() -> usize {
-    256
-}
+
+const SEGFORMER: ConfigChecks =
+    ConfigChecks { name: "segformer config", supported: "only the exact (erf) \"gelu\" activation is" };
 
 impl SegformerConfig {
     /// The class names in id order: from `id2label`, else `LABEL_0`, `LABEL_1`, ... as transformers
@@ -103,60 +81,61 @@ impl SegformerConfig {
         for (id, name) in id2label {
             match id.parse::<usize>() {
                 Ok(i) => by_id.insert(i, name.clone()),
-                Err(_) => bail!("id2label: key {id:?} is not a class id"),
+                Err(_) => bail!("segformer config: `id2label` key {id:?} is not a class id"),
             };
         }
         if by_id.keys().copied().ne(0..by_id.len()) {
-            bail!("id2label: class ids must be 0..{} without gaps, found {:?}", by_id.len(), by_id.keys())
+            bail!("segformer config: `id2label` ids must be 0..{} without gaps, found {:?}", by_id.len(), by_id.keys())
         }
         Ok(by_id.into_values().collect())
     }
 
-    /// Rejects what the model does not implement, naming the config field.
+    /// Checks that the config describes a model this module implements; the error names the
+    /// offending field and its value.
     pub fn validate(&self) -> Result<()> {
         let n = self.num_encoder_blocks;
-        for (field, len) in [
-            ("depths", self.depths.len()),
-            ("sr_ratios", self.sr_ratios.len()),
-            ("hidden_sizes", self.hidden_sizes.len()),
-            ("patch_sizes", self.patch_sizes.len()),
-            ("strides", self.strides.len()),
-            ("num_attention_heads", self.num_attention_heads.len()),
-            ("mlp_ratios", self.mlp_ratios.len()),
+        for (field, list) in [
+            ("depths", &self.depths),
+            ("sr_ratios", &self.sr_ratios),
+            ("hidden_sizes", &self.hidden_sizes),
+            ("patch_sizes", &self.patch_sizes),
+            ("strides", &self.strides),
+            ("num_attention_heads", &self.num_attention_heads),
+            ("mlp_ratios", &self.mlp_ratios),
         ] {
-            if len != n {
-                bail!("{field}: {len} entries for num_encoder_blocks = {n}")
+            if list.len() != n {
+                return Err(SEGFORMER.invalid(
+                    field,
+                    list,
+                    format_args!("has {} entries for `num_encoder_blocks` = {n}", list.len()),
+                ));
             }
         }
-        if self.hidden_act != "gelu" {
-            bail!("hidden_act: unsupported activation {:?} (expected \"gelu\")", self.hidden_act)
-        }
-        for (hidden, heads) in self.hidden_sizes.iter().zip(&self.num_attention_heads) {
-            if *heads == 0 || hidden % heads != 0 {
-                bail!("num_attention_heads: {heads} heads do not split hidden size {hidden}")
-            }
+        SEGFORMER.expect_eq("hidden_act", &self.hidden_act.as_str(), &"gelu")?;
+        for (i, (&hidden, &heads)) in self.hidden_sizes.iter().zip(&self.num_attention_heads).enumerate() {
+            SEGFORMER.expect_divides(
+                &format!("num_attention_heads[{i}]"),
+                heads,
+                &format!("hidden_sizes[{i}]"),
+                hidden,
+            )?;
         }
         Ok(())
     }
 }
 
 /// The fields of a `SegformerImageProcessor` config (preprocessor_config.json) that matter for a
-/// 512x512 photo; missing keys (or a missing file) take the processor's defaults.
+/// 512x512 photo; missing keys (or a missing file) take the processor's defaults, unknown keys
+/// are ignored.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct SegformerImageProcessor {
-    #[serde(default = "default_true")]
     pub do_resize: bool,
-    #[serde(default)]
     pub size: ProcessorSize,
-    #[serde(default = "default_true")]
     pub do_rescale: bool,
-    #[serde(default = "default_rescale_factor")]
     pub rescale_factor: f64,
-    #[serde(default = "default_true")]
     pub do_normalize: bool,
-    #[serde(default = "default_image_mean")]
     pub image_mean: [f64; 3],
-    #[serde(default = "default_image_std")]
     pub image_std: [f64; 3],
 }
 
@@ -173,29 +152,16 @@ impl Default for ProcessorSize {
     }
 }
 
-fn default_true() -> bool {
-    true
-}
-fn default_rescale_factor() -> f64 {
-    1.0 / 255.0
-}
-fn default_image_mean() -> [f64; 3] {
-    [0.485, 0.456, 0.406]
-}
-fn default_image_std() -> [f64; 3] {
-    [0.229, 0.224, 0.225]
-}
-
 impl Default for SegformerImageProcessor {
     fn default() -> Self {
         Self {
             do_resize: true,
             size: ProcessorSize::default(),
             do_rescale: true,
-            rescale_factor: default_rescale_factor(),
+            rescale_factor: 1.0 / 255.0,
             do_normalize: true,
-            image_mean: default_image_mean(),
-            image_std: default_image_std(),
+            image_mean: [0.485, 0.456, 0.406],
+            image_std: [0.229, 0.224, 0.225],
         }
     }
 }
@@ -217,7 +183,8 @@ impl SegformerImageProcessor {
     pub fn normalization(&self, height: usize, width: usize) -> Result<(f64, [f64; 3], [f64; 3])> {
         if self.do_resize && (self.size.height, self.size.width) != (height, width) {
             bail!(
-                "size: the image processor resizes to {}x{}, only {height}x{width} (the photo size) is supported",
+                "segformer image processor config: `size` = {}x{} is not supported (only {height}x{width}, the photo \
+                 size: the photo is not resized)",
                 self.size.height,
                 self.size.width
             )
@@ -466,7 +433,7 @@ pub struct SegformerForSemanticSegmentation {
 
 impl SegformerForSemanticSegmentation {
     /// Builds the model from a checkpoint with the hub layout (`segformer.*`, `decode_head.*`).
-    pub fn new(cfg: &SegformerConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(vb: VarBuilder, cfg: &SegformerConfig) -> Result<Self> {
         cfg.validate()?;
         let num_labels = cfg.class_names()?.len();
         let encoder = vb.pp("segformer").pp("encoder");
