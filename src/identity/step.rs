@@ -1,7 +1,7 @@
-//! One StableIdentity learning step, as docs/method.md describes it ("Overview", "Loss", "Optimizer"):
-//! MLP(f) -> AdaIN into the celebrity basis -> `v1*`, `v2*` rows of the caption's token
-//! embeddings -> frozen text encoder -> frozen UNet on the noised latent of the photo -> masked
-//! two-phase loss -> backward into the MLP only -> global-norm clipping -> AdamW.
+//! One StableIdentity learning step, as docs/method.md describes it ("Overview", "Loss",
+//! "Optimizer"): MLP(f) -> AdaIN into the celebrity basis -> `v1*`, `v2*` rows of the caption's
+//! token embeddings -> frozen text encoder -> frozen UNet on the noised latent of the photo ->
+//! masked two-phase loss -> backward into the MLP only -> global-norm clipping -> AdamW.
 
 use candle_core::{DType, Tensor};
 
@@ -17,8 +17,8 @@ use crate::schedulers::Ddpm;
 use crate::{Error, Result};
 
 /// The stack a learning step needs: candle's backward walks the graph recursively
-/// (docs/candle.md, "Deep graphs"), and through the 23-layer text encoder and the UNet that is far deeper
-/// than a main thread's 8 MB allow.
+/// (docs/candle.md, "Deep graphs"), and through the 23-layer text encoder and the UNet that is
+/// far deeper than a main thread's 8 MB allow.
 pub const TRAINING_STACK_BYTES: usize = 256 << 20;
 
 /// Runs `work` on a thread named `name` with a [`TRAINING_STACK_BYTES`] stack and returns its
