@@ -1,4 +1,4 @@
-//! Finding and reading model weights.
+//! Finding and reading model weights, or making them up ([`RandomWeights`]).
 //!
 //! A model is a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`,
 //! each with its config) given as a local path, or a Hugging Face hub id resolved through the
@@ -14,8 +14,10 @@ use serde::de::DeserializeOwned;
 use crate::{Error, Result};
 
 mod pytorch;
+mod random;
 
 pub use pytorch::open_checkpoint;
+pub use random::RandomWeights;
 
 /// The base model StableIdentity is defined on.
 pub const DEFAULT_MODEL: &str = "stabilityai/stable-diffusion-2-1-base";

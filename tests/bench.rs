@@ -12,11 +12,12 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use common::fixture;
-use stableid::bench::{self, BenchOptions, Measure, RandomWeights};
+use stableid::bench::{self, BenchOptions, Measure};
 use stableid::models::clip_text::ClipTextModel;
 use stableid::models::stable_diffusion::SdConfigs;
 use stableid::models::unet::UNet2DConditionModel;
 use stableid::models::vae::AutoencoderKL;
+use stableid::weights::RandomWeights;
 
 /// Benchmarks in this process run one at a time: the peak memory of the process is reset before
 /// each measurement.

@@ -1,6 +1,6 @@
 """The PyTorch side of `stableid bench`: the same measurements with diffusers' UNet2DConditionModel and
 AutoencoderKL and transformers' CLIPTextModel, built at the same SD 2.1-base configs (read from the
-constants of src/bench.rs, so both sides build the same models) with random weights:
+constants of src/models/stable_diffusion.rs, so both sides build the same models) with random weights:
 
 - learn: one StableIdentity learning step: equalized-linear MLP -> AdaIN landing -> v1*/v2* token
   rows -> CLIPTextModel -> VAE encode of the photo (no grad) -> noising at t = LEARN_TIMESTEP (500,
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[2]
-BENCH_RS = REPO / "src" / "bench.rs"
+SD_CONFIGS_RS = REPO / "src" / "models" / "stable_diffusion.rs"
+BENCH_RS = REPO / "src" / "bench" / "mod.rs"
 FEATURE_DIM = 768  # ViT-B/16 CLS feature
 PROMPT_TOKENS = 77
 DENOISE_TIMESTEP = 981.0
@@ -45,15 +46,16 @@ DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 def rust_constants():
-    """The configs and constants of src/bench.rs."""
-    source = BENCH_RS.read_text()
+    """The configs of src/models/stable_diffusion.rs and the constants of src/bench/mod.rs."""
+    configs = SD_CONFIGS_RS.read_text()
+    bench = BENCH_RS.read_text()
 
     def config(name):
-        body = re.search(rf'pub const {name}: &str = r#"(.*?)"#;', source, re.S).group(1)
+        body = re.search(rf'pub const {name}: &str = r#"(.*?)"#;', configs, re.S).group(1)
         return {k: v for k, v in json.loads(body).items() if not k.startswith("_")}
 
     def number(name):
-        return float(re.search(rf"pub const {name}: \w+ = ([0-9.]+);", source).group(1))
+        return float(re.search(rf"pub const {name}: \w+ = ([0-9.]+);", bench).group(1))
 
     return {
         "unet": config("SD21_BASE_UNET"),
@@ -202,7 +204,7 @@ def profile(op, device, top=25):
 
 
 def caption_ids(vocab, device):
-    """"a photo of v1* v2*" as src/bench.rs writes it: BOS, 3 words, 2 placeholder rows, EOS, padding 0."""
+    """"a photo of v1* v2*" as src/bench/measure.rs writes it: BOS, 3 words, 2 placeholder rows, EOS, pad 0."""
     bos, eos = vocab - 2, vocab - 1
     ids = [bos] + [w % bos for w in (320, 1125, 539)] + [vocab, vocab + 1, eos]
     ids += [0] * (PROMPT_TOKENS - len(ids))

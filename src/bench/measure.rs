@@ -1,0 +1,288 @@
+//! The workloads: the frozen models built with random weights, the inputs they share, and each
+//! measurement timed with its memory.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::memory::MemoryProbe;
+use super::report::{device_name, BenchReport, ParameterCounts, Timing};
+use super::{BenchOptions, Measure, GUIDANCE_SCALE, LEARN_TIMESTEP};
+use crate::identity::loss::LossConfig;
+use crate::identity::mlp::{IdentityMlp, MlpShape};
+use crate::identity::optim::AdamWConfig;
+use crate::identity::step::{Basis, FrozenModels, Learner, StepInputs};
+use crate::models::clip_text::ClipTextModel;
+use crate::models::stable_diffusion::SdConfigs;
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::AutoencoderKL;
+use crate::nn::profile;
+use crate::random::standard_normal;
+use crate::schedulers::Ddpm;
+use crate::weights::RandomWeights;
+use crate::Result;
+
+/// Width of the face-recognition feature the identity MLP reads (ViT-B/16 CLS token).
+const FEATURE_DIM: usize = 768;
+/// The timestep of the denoising step (any; the cost does not depend on it).
+const DENOISE_TIMESTEP: f32 = 981.0;
+/// The token length of every prompt.
+const PROMPT_TOKENS: usize = 77;
+
+/// The frozen models with random weights.
+struct Models {
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    parameters: ModelParameters,
+}
+
+/// Parameter counts of the frozen models.
+struct ModelParameters {
+    unet: u64,
+    text_encoder: u64,
+    vae: u64,
+}
+
+impl Models {
+    fn build(configs: &SdConfigs, options: &BenchOptions) -> Result<Self> {
+        let weights = RandomWeights::new(options.seed);
+        let counter = weights.counter();
+        let vb = weights.into_var_builder(options.dtype, &options.device);
+        let mut count_since = {
+            let mut last = 0;
+            move || {
+                let now = counter.load(Ordering::Relaxed);
+                let added = now - last;
+                last = now;
+                added
+            }
+        };
+        let text_encoder = ClipTextModel::new(vb.clone(), &configs.text_encoder)?;
+        let text_encoder_count = count_since();
+        let unet = UNet2DConditionModel::new(vb.clone(), &configs.unet)?;
+        let unet_count = count_since();
+        let vae = AutoencoderKL::new(vb, &configs.vae)?;
+        let vae_count = count_since();
+        Ok(Self {
+            text_encoder,
+            unet,
+            vae,
+            parameters: ModelParameters { unet: unet_count, text_encoder: text_encoder_count, vae: vae_count },
+        })
+    }
+}
+
+/// Builds the models, then runs the measurements `options.measures` names.
+pub(super) fn build_and_measure(configs: &SdConfigs, options: &BenchOptions) -> Result<BenchReport> {
+    let device = &options.device;
+    let mut memory = MemoryProbe::new(device)?;
+    let start = Instant::now();
+    let models = Models::build(configs, options)?;
+    device.synchronize()?;
+    let build_s = start.elapsed().as_secs_f64();
+    let memory_after_build = memory.current()?;
+
+    let mut rng = StdRng::seed_from_u64(options.seed);
+    let latent_side = options.resolution / (1 << (configs.vae.block_out_channels.len() - 1));
+    let width = configs.text_encoder.hidden_size;
+    let inputs = Inputs {
+        image: uniform((1, 3, options.resolution, options.resolution), -1.0, 1.0, &mut rng, device)?,
+        latent_shape: (1, configs.unet.in_channels, latent_side, latent_side),
+        caption_ids: caption_ids(configs.text_encoder.vocab_size, device)?,
+        // Stand-ins for the celebrity basis (2, width): the identity lands near the mean.
+        basis: Basis {
+            mean: (standard_normal((2, width), &mut rng, device)? * 0.01)?,
+            std: ((standard_normal((2, width), &mut rng, device)?.abs()? * 0.01)? + 0.005)?,
+        },
+    };
+    let mlp = IdentityMlp::new(MlpShape { feature_dim: FEATURE_DIM, token_dim: width }, &mut rng, device)?;
+    let mlp_parameters = mlp.params().iter().map(|(_, v)| v.elem_count() as u64).sum();
+
+    let wanted = |m: Measure| options.measures.contains(&m);
+    let mut timings = Vec::new();
+    if wanted(Measure::Learn) {
+        timings.push(measure_learn(&models, configs, options, &inputs, mlp, &mut rng, &mut memory)?);
+    }
+    if wanted(Measure::Denoise) {
+        timings.push(measure_denoise(&models, options, &inputs, &mut rng, &mut memory)?);
+    }
+    if wanted(Measure::Vae) {
+        timings.extend(measure_vae(&models, options, &inputs, &mut rng, &mut memory)?);
+    }
+    if wanted(Measure::Text) {
+        timings.push(measure_text(&models, options, &inputs, &mut memory)?);
+    }
+
+    Ok(BenchReport {
+        device: device_name(device),
+        dtype: options.dtype,
+        tf32: device.is_cuda() && crate::nn::tf32(),
+        threads: candle_core::utils::get_num_threads(),
+        resolution: options.resolution,
+        latent_side,
+        warmup: options.warmup,
+        repeats: options.repeats,
+        parameters: ParameterCounts {
+            unet: models.parameters.unet,
+            text_encoder: models.parameters.text_encoder,
+            vae: models.parameters.vae,
+            mlp: mlp_parameters,
+        },
+        build_s,
+        memory: memory.description(),
+        memory_after_build,
+        timings,
+    })
+}
+
+/// The inputs the measurements share.
+struct Inputs {
+    /// The photo (1, 3, res, res) in [-1, 1], f32.
+    image: Tensor,
+    latent_shape: (usize, usize, usize, usize),
+    caption_ids: Tensor,
+    basis: Basis,
+}
+
+/// One learning step through the library's [`Learner`], with fixed inputs.
+fn measure_learn(
+    models: &Models,
+    configs: &SdConfigs,
+    options: &BenchOptions,
+    inputs: &Inputs,
+    mlp: IdentityMlp,
+    rng: &mut StdRng,
+    memory: &mut MemoryProbe,
+) -> Result<Timing> {
+    let device = &options.device;
+    let frozen = FrozenModels {
+        text_encoder: &models.text_encoder,
+        unet: &models.unet,
+        vae: &models.vae,
+        schedule: Ddpm::new(&configs.scheduler)?,
+    };
+    let mut learner =
+        Learner::new(frozen, inputs.basis.clone(), mlp, AdamWConfig::default(), LossConfig::default(), 1.0)?;
+    let (_, _, h, w) = inputs.latent_shape;
+    // Face and hair masks covering about 60% and 20% of the latent pixels.
+    let mut mask = |threshold: f64| -> Result<Tensor> {
+        Ok(uniform((1, 1, h, w), 0.0, 1.0, rng, device)?.ge(threshold)?.to_dtype(DType::F32)?)
+    };
+    let (face_mask, hair_mask) = (mask(0.4)?, mask(0.8)?);
+    let step = StepInputs {
+        feature: standard_normal((1, FEATURE_DIM), rng, device)?,
+        image: inputs.image.clone(),
+        face_mask,
+        hair_mask,
+        caption_ids: inputs.caption_ids.clone(),
+        timestep: LEARN_TIMESTEP,
+        noise: standard_normal(inputs.latent_shape, rng, device)?,
+        posterior_noise: standard_normal(inputs.latent_shape, rng, device)?,
+    };
+    // `step` reads the loss and the gradient norm back, so the device has finished.
+    measure_op("learn", options, memory, || learner.step(&step).map(drop))
+}
+
+/// One classifier-free-guidance step: the UNet on the latents twice (unconditional and
+/// conditional text features), then the guided noise prediction.
+fn measure_denoise(
+    models: &Models,
+    options: &BenchOptions,
+    inputs: &Inputs,
+    rng: &mut StdRng,
+    memory: &mut MemoryProbe,
+) -> Result<Timing> {
+    let device = &options.device;
+    let width = models.text_encoder.config().hidden_size;
+    let latents = standard_normal(inputs.latent_shape, rng, device)?;
+    let context = standard_normal((2, PROMPT_TOKENS, width), rng, device)?.to_dtype(options.dtype)?;
+    let t = Tensor::full(DENOISE_TIMESTEP, 2, device)?;
+    measure_op("denoise", options, memory, || {
+        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
+        let pred = models.unet.forward(&input, &t, &context)?.to_dtype(DType::F32)?;
+        let uncond = pred.narrow(0, 0, 1)?;
+        let text = pred.narrow(0, 1, 1)?;
+        let _guided = (&uncond + ((text - &uncond)? * GUIDANCE_SCALE)?)?;
+        Ok(device.synchronize()?)
+    })
+}
+
+/// The VAE's encoder on the photo and its decoder on latents.
+fn measure_vae(
+    models: &Models,
+    options: &BenchOptions,
+    inputs: &Inputs,
+    rng: &mut StdRng,
+    memory: &mut MemoryProbe,
+) -> Result<[Timing; 2]> {
+    let device = &options.device;
+    let image = inputs.image.to_dtype(options.dtype)?;
+    let encode = measure_op("vae_encode", options, memory, || {
+        let _posterior = models.vae.encode(&image)?;
+        Ok(device.synchronize()?)
+    })?;
+    let latents = standard_normal(inputs.latent_shape, rng, device)?.to_dtype(options.dtype)?;
+    let decode = measure_op("vae_decode", options, memory, || {
+        let _image = models.vae.decode(&latents)?;
+        Ok(device.synchronize()?)
+    })?;
+    Ok([encode, decode])
+}
+
+/// One prompt with an identity through the text encoder.
+fn measure_text(models: &Models, options: &BenchOptions, inputs: &Inputs, memory: &mut MemoryProbe) -> Result<Timing> {
+    let identity = inputs.basis.mean.to_dtype(options.dtype)?;
+    measure_op("text", options, memory, || {
+        let _features = models.text_encoder.forward(&inputs.caption_ids, Some(&identity))?;
+        Ok(options.device.synchronize()?)
+    })
+}
+
+/// Values uniform on [lo, hi) of `shape`, f32 on `device`.
+fn uniform(shape: impl Into<Shape>, lo: f32, hi: f32, rng: &mut impl Rng, device: &Device) -> Result<Tensor> {
+    let shape = shape.into();
+    let values: Vec<f32> = (0..shape.elem_count()).map(|_| rng.random_range(lo..hi)).collect();
+    Ok(Tensor::from_vec(values, shape, device)?)
+}
+
+/// Token ids (1, 77) of "a photo of v1* v2*": BOS, three words, the two placeholder rows after
+/// the vocabulary, EOS, then padding with id 0 as SD 2 pads. BOS and EOS are the last two ids of
+/// CLIP's vocabulary; the word ids are CLIP's, reduced into smaller vocabularies.
+fn caption_ids(vocab: usize, device: &Device) -> Result<Tensor> {
+    let vocab = vocab as u32;
+    let (bos, eos) = (vocab - 2, vocab - 1);
+    let words = [320u32, 1125, 539].map(|id| id % bos);
+    let mut ids = vec![bos];
+    ids.extend(words);
+    ids.extend([vocab, vocab + 1, eos]);
+    ids.resize(PROMPT_TOKENS, 0);
+    Ok(Tensor::from_vec(ids, (1, PROMPT_TOKENS), device)?)
+}
+
+/// Runs `op` `warmup` times, then `repeats` timed times; `op` returns once its work is done on
+/// the device.
+fn measure_op(
+    name: &'static str,
+    options: &BenchOptions,
+    memory: &mut MemoryProbe,
+    mut op: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
+    let memory_before = memory.current()?;
+    memory.reset_peak()?;
+    for _ in 0..options.warmup {
+        op()?;
+    }
+    let mut times_s = Vec::with_capacity(options.repeats);
+    for _ in 0..options.repeats {
+        let start = Instant::now();
+        op()?;
+        times_s.push(start.elapsed().as_secs_f64());
+    }
+    let memory_peak = memory.peak()?;
+    let profile = if options.profile { Some(profile::record(&options.device, &mut op)?.1) } else { None };
+    Ok(Timing { name, times_s, memory_before, memory_peak, profile })
+}

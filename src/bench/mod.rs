@@ -1,0 +1,115 @@
+//! `stableid bench`: the speed and memory of the real Stable Diffusion 2.1-base architecture
+//! (UNet 865M parameters, 23-layer OpenCLIP-H text encoder, VAE), built with random weights so
+//! that nothing has to be downloaded.
+//!
+//! What is timed (median of `repeats` runs after `warmup` runs), each with its peak memory:
+//! - `learn`: one StableIdentity learning step ([`Learner::step`]: MLP -> AdaIN -> text encoder ->
+//!   UNet -> masked two-phase loss -> backward -> clipping -> AdamW), VAE encoding of the photo
+//!   included, at a timestep of the reconstruction phase (t <= 600) so that both the UNet and the
+//!   `z0` reconstruction run;
+//! - `denoise`: one classifier-free-guidance denoising step: the UNet on a batch of 2, guidance;
+//! - `vae_encode`, `vae_decode`: the VAE at the benchmark resolution;
+//! - `text`: one prompt through the text encoder, identity rows included.
+//!
+//! `tools/bench/pytorch_bench.py` does the same work with diffusers and transformers at the same
+//! configs; `tools/bench/compare.sh` runs both (docs/benchmarks.md).
+//!
+//! [`Learner::step`]: crate::identity::step::Learner::step
+
+use candle_core::{DType, Device};
+
+use crate::identity::step::on_training_stack;
+use crate::models::stable_diffusion::SdConfigs;
+use crate::{Error, Result};
+
+mod measure;
+mod memory;
+mod report;
+
+pub use report::{dtype_name, BenchReport, ParameterCounts, Timing};
+
+/// The learning step's timestep: in the reconstruction phase (t <= 600), the costlier branch.
+pub const LEARN_TIMESTEP: usize = 500;
+/// The paper's guidance scale.
+pub const GUIDANCE_SCALE: f64 = 8.5;
+
+/// A group of measurements, as `--only` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// One learning step.
+    Learn,
+    /// One guided denoising step.
+    Denoise,
+    /// VAE encode and decode.
+    Vae,
+    /// Text encoding.
+    Text,
+}
+
+impl Measure {
+    pub const ALL: [Measure; 4] = [Measure::Learn, Measure::Denoise, Measure::Vae, Measure::Text];
+}
+
+/// What to run, where, and how often.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Image side in pixels; latents are `resolution / 8`.
+    pub resolution: usize,
+    pub warmup: usize,
+    pub repeats: usize,
+    pub measures: Vec<Measure>,
+    pub device: Device,
+    /// The frozen models' dtype (the MLP and the loss stay f32).
+    pub dtype: DType,
+    pub seed: u64,
+    /// After the timed runs, one more run of each measurement with op timing on
+    /// ([`crate::nn::profile`]).
+    pub profile: bool,
+}
+
+impl BenchOptions {
+    /// Everything, once warmed up, 3 repeats, on the CPU in f32.
+    pub fn new(resolution: usize) -> Self {
+        Self {
+            resolution,
+            warmup: 1,
+            repeats: 3,
+            measures: Measure::ALL.to_vec(),
+            device: Device::Cpu,
+            dtype: DType::F32,
+            seed: 0,
+            profile: false,
+        }
+    }
+}
+
+/// Builds the models with random weights and measures `options.measures`, on a thread with a
+/// stack deep enough for the learning step's backward ([`on_training_stack`]).
+pub fn run(configs: &SdConfigs, options: &BenchOptions) -> Result<BenchReport> {
+    check_options(configs, options)?;
+    on_training_stack("bench", || measure::build_and_measure(configs, options))?
+}
+
+fn check_options(configs: &SdConfigs, options: &BenchOptions) -> Result<()> {
+    // The UNet's up blocks must meet the skip connections' sizes exactly.
+    let multiple = configs.exact_size_multiple();
+    if options.resolution == 0 || !options.resolution.is_multiple_of(multiple) {
+        return Err(Error::setting(
+            "resolution",
+            options.resolution,
+            format!("must be a positive multiple of {multiple} (the VAE's and the UNet's downsampling together)"),
+        ));
+    }
+    if options.repeats == 0 {
+        return Err(Error::setting("repeats", 0, "must be at least 1"));
+    }
+    if options.measures.is_empty() {
+        return Err(Error::setting(
+            "measures",
+            "none",
+            "nothing to measure: give at least one of learn, denoise, vae, text",
+        ));
+    }
+    crate::nn::check_dtype(options.dtype, &options.device)?;
+    Ok(())
+}
