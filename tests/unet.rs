@@ -170,65 +170,27 @@ fn sd15_style_gradients_match_finite_differences() {
     check_gradients("unet-sd15", &[1, 4, 10, 6], &[1, 8, 48], 300.0);
 }
 
-/// Shapes of the skip connections for latents (batch, C, h, w) with h, w divisible by the
-/// downsampling: conv_in's output, then per down block one per resnet and one for the
-/// downsampler (all but the last block).
-fn skip_shapes(config: &UNet2DConditionConfig, batch: usize, h: usize, w: usize) -> Vec<(usize, usize, usize, usize)> {
-    let channels = &config.block_out_channels;
-    let layers = config.layers_per_block.expand("layers_per_block", channels.len()).unwrap();
-    let mut shapes = vec![(batch, channels[0], h, w)];
-    let (mut h, mut w) = (h, w);
-    for (i, &c) in channels.iter().enumerate() {
-        shapes.extend(std::iter::repeat_n((batch, c, h, w), layers[i]));
-        if i + 1 < channels.len() {
-            (h, w) = (h / 2, w / 2);
-            shapes.push((batch, c, h, w));
-        }
-    }
-    shapes
-}
-
 #[test]
-fn additional_residuals_enter_the_skip_connections_and_the_mid_block() {
+fn additional_residuals_match_diffusers() {
     use stableid::models::unet::AdditionalResiduals;
     let unet = load_unet("tiny-sd/unet", DType::F32);
-    let fx = load_tensors("parity/unet.safetensors");
-    let (sample, timesteps, context) = (&fx["batch.sample"], &fx["batch.timesteps"], &fx["batch.context"]);
-    let (batch, _, h, w) = sample.dims4().unwrap();
-    let shapes = skip_shapes(unet.config(), batch, h, w);
-    let zeros: Vec<Tensor> = shapes.iter().map(|&s| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap()).collect();
-    let (last_c, last_h, last_w) = (shapes.last().unwrap().1, shapes.last().unwrap().2, shapes.last().unwrap().3);
-    let mid_zero = Tensor::zeros((batch, last_c, last_h, last_w), DType::F32, &Device::Cpu).unwrap();
+    let fx = load_tensors("parity/unet_residuals.safetensors");
+    let (sample, timesteps, context) = (&fx["residuals.sample"], &fx["residuals.timesteps"], &fx["residuals.context"]);
+    let down: Vec<Tensor> = (0..).map_while(|i| fx.get(&format!("residuals.down.{i}")).cloned()).collect();
+    let residuals = AdditionalResiduals { down: down.clone(), mid: fx["residuals.mid"].clone() };
+    let out = unet.forward_with_additional_residuals(sample, timesteps, context, Some(&residuals)).unwrap();
+    assert_parity(&out, &fx["residuals.out"], "with residuals");
 
     // Zero residuals: exactly the plain forward.
-    let plain = unet.forward(sample, timesteps, context).unwrap();
-    let none = AdditionalResiduals { down: zeros.clone(), mid: mid_zero.clone() };
-    let with_zeros = unet.forward_with_additional_residuals(sample, timesteps, context, Some(&none)).unwrap();
-    assert_eq!(max_abs_diff(&plain, &with_zeros), 0.0);
-
-    // Each residual reaches the output: the first skip (conv_in's, consumed by the last up
-    // block), the last one and the mid block's.
-    let bump = |shape: (usize, usize, usize, usize)| Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap();
-    for (what, residuals) in [
-        (
-            "first skip",
-            AdditionalResiduals { down: [vec![bump(shapes[0])], zeros[1..].to_vec()].concat(), mid: mid_zero.clone() },
-        ),
-        (
-            "last skip",
-            AdditionalResiduals {
-                down: [zeros[..zeros.len() - 1].to_vec(), vec![bump(*shapes.last().unwrap())]].concat(),
-                mid: mid_zero.clone(),
-            },
-        ),
-        ("mid block", AdditionalResiduals { down: zeros.clone(), mid: bump(mid_zero.dims4().unwrap()) }),
-    ] {
-        let out = unet.forward_with_additional_residuals(sample, timesteps, context, Some(&residuals)).unwrap();
-        assert!(max_abs_diff(&out, &plain) > 1e-3, "{what}: a residual of ones must change the output");
-    }
+    let zeros = AdditionalResiduals {
+        down: down.iter().map(|r| r.zeros_like().unwrap()).collect(),
+        mid: residuals.mid.zeros_like().unwrap(),
+    };
+    let with_zeros = unet.forward_with_additional_residuals(sample, timesteps, context, Some(&zeros)).unwrap();
+    assert_eq!(max_abs_diff(&unet.forward(sample, timesteps, context).unwrap(), &with_zeros), 0.0);
 
     // A residual list that does not match the skip connections is refused.
-    let short = AdditionalResiduals { down: zeros[1..].to_vec(), mid: mid_zero };
+    let short = AdditionalResiduals { down: down[1..].to_vec(), mid: residuals.mid.clone() };
     let err = unet.forward_with_additional_residuals(sample, timesteps, context, Some(&short)).unwrap_err();
     assert!(err.to_string().contains("residuals"), "{err}");
 }

@@ -4,6 +4,8 @@ Writes
 - tests/fixtures/parity/unet.safetensors: outputs of tests/fixtures/tiny-sd/unet (SD 2.x style:
   linear projections, per-block head counts) for a batch with two timesteps, single timesteps
   broadcast over a batch, and a latent size not divisible by the downsampling factor;
+- tests/fixtures/parity/unet_residuals.safetensors: the same UNet with additional residuals (a
+  ControlNet's) added to its skip connections and mid block;
 - tests/fixtures/unet-sd15/: a tiny SD 1.5-style UNet (1x1 convolution projections, one head
   count for all blocks, 3 blocks), plus tests/fixtures/parity/unet_sd15.safetensors. It also
   exercises config options the tiny SD 2.x UNet leaves at their defaults: `upcast_attention`,
@@ -73,6 +75,33 @@ def tiny_sd_cases() -> dict:
     return out
 
 
+def residual_case() -> dict:
+    """ControlNet's entry point on the tiny SD UNet: a random residual for every skip connection
+    (conv_in's output, then each down block's states) and for the mid block's output."""
+    unet = UNet2DConditionModel.from_pretrained(str(TINY_SD / "unet")).eval()
+    cross = unet.config.cross_attention_dim
+    seed(13)
+    s, c = torch.randn(2, 4, 8, 8), torch.randn(2, 77, cross)
+    t = torch.tensor([700.0, 40.0])
+    shapes = []
+    hooks = [unet.conv_in.register_forward_hook(lambda m, i, o: shapes.append(o.shape))]
+    for block in unet.down_blocks:
+        hooks.append(block.register_forward_hook(lambda m, i, o: shapes.extend(r.shape for r in o[1])))
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, i, o: shapes.append(o.shape)))
+    run(unet, s, t, c)
+    for hook in hooks:
+        hook.remove()
+    down = [0.5 * torch.randn(shape) for shape in shapes[:-1]]
+    mid = 0.5 * torch.randn(shapes[-1])
+    with torch.no_grad():
+        result = unet(s, t, encoder_hidden_states=c, down_block_additional_residuals=tuple(down),
+                      mid_block_additional_residual=mid).sample
+    out = {"residuals.sample": s, "residuals.timesteps": t, "residuals.context": c,
+           "residuals.mid": mid, "residuals.out": result}
+    out.update({f"residuals.down.{i}": r for i, r in enumerate(down)})
+    return out
+
+
 def sd15_cases(unet) -> dict:
     seed(12)
     out = {}
@@ -89,6 +118,7 @@ def sd15_cases(unet) -> dict:
 
 def main():
     save_tensors(PARITY / "unet.safetensors", tiny_sd_cases())
+    save_tensors(PARITY / "unet_residuals.safetensors", residual_case())
     sd15 = make_sd15_unet().eval()
     save_tensors(PARITY / "unet_sd15.safetensors", sd15_cases(sd15))
 
