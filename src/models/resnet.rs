@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{ops, Conv2d, GroupNorm, Linear};
+use crate::nn::{add, silu, Conv2d, GroupNorm, Linear};
 
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
@@ -49,13 +49,13 @@ impl ResnetBlock2D {
     /// `temb_act` is the time embedding after the SiLU that every block applies to it first
     /// (computed once per forward by the UNet); `None` in the VAE.
     pub fn forward(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(temb_act)) = (&self.time_emb_proj, temb_act) {
             let t = proj.forward(temb_act)?.unsqueeze(2)?.unsqueeze(3)?;
             // The time embedding does not depend on what is learned: no gradient is kept for it.
-            h = ops::add(&h, &t)?;
+            h = add(&h, &t)?;
         }
-        let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         match &self.conv_shortcut {
             Some(conv) => conv.forward(x)? + h,
             None => x + h,

@@ -18,7 +18,7 @@ use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{ops, Conv2d, GroupNorm};
+use crate::nn::{silu, Conv2d, GroupNorm};
 use attention::TransformerSpec;
 use blocks::{DownBlock, MidBlock, StageSpec, UpBlock};
 use embeddings::{timestep_embedding, TimestepEmbedding};
@@ -383,6 +383,6 @@ impl UNet2DConditionModel {
             };
             x = block.forward(&x, &block_skips, &temb_act, encoder_hidden_states, upsample_size)?;
         }
-        self.conv_out.forward(&ops::silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&silu(&self.conv_norm_out.forward(&x)?)?)
     }
 }

@@ -1,4 +1,6 @@
-//! 2-D convolution, the value and the input gradient, each on the fastest path its device has:
+//! 2-D convolution: the layer [`Conv2d`] and its op [`conv2d`], one graph node whose backward
+//! computes the input gradient only, no kernel gradient. The value and the input gradient run on
+//! the fastest path their device has:
 //!
 //! - CPU, f32 and f64: [`cpu`], im2col over NCHW and one matrix product per image with the `gemm`
 //!   crate (candle's CPU convolution transposes to NHWC and multiplies in small tiles, about three
@@ -11,15 +13,88 @@
 //! - anything else: candle's `conv2d`, and the input gradient as a stride-1 `conv2d` of the
 //!   dilated output gradient with the flipped kernel.
 //!
-//! Neither builds a graph: [`super::ops::conv2d`] makes them one differentiable node.
+//! Neither builds a graph: [`conv2d`] makes them one differentiable node.
 
 mod cpu;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
 
-use super::ops::compute_dtype;
+use super::compute_dtype;
+use super::node::{frozen, InputGrad, Node};
+use super::profile;
+
+/// 2-D convolution with square kernels, as `torch.nn.Conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = Some(vb.get(out_channels, "bias")?);
+        Ok(Self { weight, bias, stride, padding })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
+    }
+}
+
+/// `torch.nn.functional.conv2d` with square padding and stride, no dilation, one group;
+/// `x` (batch, in, h, w), `weight` (out, in, kh, kw), `bias` (out).
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    profile::timed("conv2d", x.device(), || {
+        let channel_bias = |b: &Tensor| b.reshape((b.dim(0)?, 1, 1));
+        if !frozen([Some(weight), bias]) {
+            let y = x.conv2d(weight, padding, stride, 1, 1)?;
+            return match bias {
+                Some(b) => y.broadcast_add(&channel_bias(b)?),
+                None => Ok(y),
+            };
+        }
+        let y = forward(x, weight, padding, stride)?;
+        let bias = bias.map(channel_bias).transpose()?;
+        if !x.track_op() {
+            return match bias {
+                Some(b) => y.broadcast_add(&b),
+                None => Ok(y),
+            };
+        }
+        let (_, _, h, w) = x.dims4()?;
+        let grad = Conv2dGrad { weight: weight.clone(), padding, stride, input_size: (h, w) };
+        x.apply_op1(Node::new(y, bias, grad))
+    })
+}
+
+struct Conv2dGrad {
+    weight: Tensor,
+    padding: usize,
+    stride: usize,
+    input_size: (usize, usize),
+}
+
+impl InputGrad for Conv2dGrad {
+    const NAME: &'static str = "frozen-conv2d";
+    const BACKWARD: &'static str = "conv2d backward";
+
+    fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        input_grad(grad, &self.weight, self.input_size, self.padding, self.stride)
+    }
+}
 
 /// The sizes of one convolution: `x` (batch, c_in, h, w), kernel (c_out, c_in, kh, kw), the same
 /// padding and stride on both axes, no dilation, one group.
@@ -76,7 +151,7 @@ enum Direction {
 }
 
 /// `conv2d(x, kernel)` without bias; no graph.
-pub(crate) fn forward(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+fn forward(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let shape = ConvShape::new(x.dims4()?, kernel, padding, stride)?;
     if has_fast_path(x) {
         let op = ConvOp { shape, direction: Direction::Forward };
@@ -87,7 +162,7 @@ pub(crate) fn forward(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize
 
 /// The gradient with respect to `x` of `conv2d(x, kernel)`, `x` being `input_size` high and wide,
 /// from the gradient `dy` of its output; no graph.
-pub(crate) fn input_grad(
+fn input_grad(
     dy: &Tensor,
     kernel: &Tensor,
     input_size: (usize, usize),
