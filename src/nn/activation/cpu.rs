@@ -37,12 +37,12 @@ fn forward_typed<T: Element>(x: &Tensor, activation: Activation, width: usize) -
         let x = v[0];
         if activation == Activation::Geglu {
             let half = width / 2;
-            let mut out = vec![T::narrow(0.0); x.len() / 2];
+            let mut out = vec![T::ZERO; x.len() / 2];
             let rows = MIN_TASK.div_ceil(width.max(1)).max(1);
             for_each_chunk(&mut out, rows * half, |i, out| geglu_rows(&x[i * rows * width..], half, out));
             return T::storage(out);
         }
-        let mut out = vec![T::narrow(0.0); x.len()];
+        let mut out = vec![T::ZERO; x.len()];
         for_each_chunk(&mut out, MIN_TASK, |i, out| {
             let x = &x[i * MIN_TASK..][..out.len()];
             match activation {
@@ -102,7 +102,7 @@ fn input_grad_typed<T: Element>(x: &Tensor, grad: &Tensor, activation: Activatio
     let width = x.dims().last().copied().unwrap_or(1).max(1);
     with_values::<T, _>(&[x, grad], |v| {
         let (x, grad) = (v[0], v[1]);
-        let mut out = vec![T::narrow(0.0); x.len()];
+        let mut out = vec![T::ZERO; x.len()];
         if activation == Activation::Geglu {
             let rows = MIN_TASK.div_ceil(width).max(1);
             for_each_chunk(&mut out, rows * width, |i, out| {

@@ -114,8 +114,8 @@ fn forward_typed<T: Element>(
     }
     let [(qv, qh), (kv, kh), (vv, vh)] = [views[0], views[1], views[2]];
     let mask = views.get(3).copied();
-    let mut probs = if keep_probs { vec![T::narrow(0.0); b * h * n * m] } else { Vec::new() };
-    let mut out = vec![T::narrow(0.0); b * n * h * dv];
+    let mut probs = if keep_probs { vec![T::ZERO; b * h * n * m] } else { Vec::new() };
+    let mut out = vec![T::ZERO; b * n * h * dv];
     let (probs_ptr, out_ptr) = (Disjoint(probs.as_mut_ptr()), Disjoint(out.as_mut_ptr()));
     for_each_block(b * h, n, |bh, i0, rows| {
         let mut scratch = Vec::new();
@@ -124,7 +124,7 @@ fn forward_typed<T: Element>(
             // SAFETY: rows `i0..i0 + rows` of matrix `bh`, which no other task writes.
             unsafe { probs_ptr.at((bh * n + i0) * m) }
         } else {
-            scratch.resize(rows * m, T::narrow(0.0));
+            scratch.resize(rows * m, T::ZERO);
             scratch.as_mut_ptr()
         };
         let (q0, k0, v0) = (qh.at(bh, h, i0), kh.at(bh, h, 0), vh.at(bh, h, 0));
@@ -151,7 +151,7 @@ simd_fn! {
     fn softmax_row<T>(row: &mut [T], mask: &[T]) {
         if !mask.is_empty() {
             for (s, &a) in row.iter_mut().zip(mask) {
-                *s = *s + a;
+                *s += a;
             }
         }
         let max = row.iter().fold(f64::NEG_INFINITY, |max, s| max.max(s.wide()));
@@ -243,7 +243,7 @@ fn input_grad_typed<T: Element>(
     // each task writes only its own block of rows of its own (batch, head) matrix of a fresh
     // buffer.
     let dv_out = need_v.then(|| {
-        let mut dv_out = vec![T::narrow(0.0); b * h * m * dv];
+        let mut dv_out = vec![T::ZERO; b * h * m * dv];
         let ptr = Disjoint(dv_out.as_mut_ptr());
         for_each_block(b * h, m, |bh, j0, rows| unsafe {
             let (p, g) = (pv.as_ptr().add(ph.at(bh, h, 0) + j0 * ph.col), gv.as_ptr().add(gh.at(bh, h, 0)));
@@ -256,8 +256,8 @@ fn input_grad_typed<T: Element>(
         return Ok([None, None, dv_out]);
     }
     // `dS / s`, then `dq` from its rows.
-    let mut ds = vec![T::narrow(0.0); b * h * n * m];
-    let mut dq = vec![T::narrow(0.0); if need_q { b * h * n * d } else { 0 }];
+    let mut ds = vec![T::ZERO; b * h * n * m];
+    let mut dq = vec![T::ZERO; if need_q { b * h * n * d } else { 0 }];
     let (ds_ptr, dq_ptr) = (Disjoint(ds.as_mut_ptr()), Disjoint(dq.as_mut_ptr()));
     for_each_block(b * h, n, |bh, i0, rows| unsafe {
         let dst = ds_ptr.at((bh * n + i0) * m);
@@ -274,7 +274,7 @@ fn input_grad_typed<T: Element>(
         }
     });
     let dk = need_k.then(|| {
-        let mut dk = vec![T::narrow(0.0); b * h * m * d];
+        let mut dk = vec![T::ZERO; b * h * m * d];
         let ptr = Disjoint(dk.as_mut_ptr());
         let ds = &ds;
         for_each_block(b * h, m, |bh, j0, rows| unsafe {

@@ -25,6 +25,7 @@ use candle_nn::VarBuilder;
 use super::compute_dtype;
 use super::node::{frozen, InputGrad, Node};
 use super::profile;
+use crate::nn::cpu::Element;
 
 /// 2-D convolution with square kernels, as `torch.nn.Conv2d`.
 #[derive(Debug, Clone)]
@@ -242,7 +243,7 @@ impl CustomOp2 for ConvOp {
 }
 
 impl ConvOp {
-    fn cpu<T: cpu::Element>(&self, data: &[T], d: &Layout, kernel: &[T], k: &Layout) -> Vec<T> {
+    fn cpu<T: Element>(&self, data: &[T], d: &Layout, kernel: &[T], k: &Layout) -> Vec<T> {
         let data = &data[d.start_offset()..d.start_offset() + d.shape().elem_count()];
         let kernel = &kernel[k.start_offset()..k.start_offset() + k.shape().elem_count()];
         match self.direction {

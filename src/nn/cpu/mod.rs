@@ -14,7 +14,7 @@
 mod fast_math;
 pub(super) mod gemm;
 
-use std::ops::{Add, Mul, Sub};
+use std::ops::{Add, AddAssign, Mul, Sub};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
@@ -25,11 +25,13 @@ use fast_math::{erf_fast, exp_fast};
 /// Elements each rayon task handles at least: smaller tasks cost more to hand out than to run.
 pub(super) const MIN_TASK: usize = 1 << 14;
 
-/// The element types of the kernels.
+/// The element types of the kernels: `f32` and `f64`, the types `gemm` multiplies.
 pub(super) trait Element:
-    Copy + Send + Sync + 'static + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self>
+    Copy + Send + Sync + 'static + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + AddAssign
 {
     const DTYPE: DType;
+    const ZERO: Self;
+    const ONE: Self;
     fn wide(self) -> f64;
     fn narrow(v: f64) -> Self;
     /// `e^v`, as precise as this type needs.
@@ -40,69 +42,48 @@ pub(super) trait Element:
     fn storage(values: Vec<Self>) -> CpuStorage;
 }
 
-impl Element for f32 {
-    const DTYPE: DType = DType::F32;
+/// Implements [`Element`] for `$t`, stored as the `$dtype` variant of `DType` and `CpuStorage`,
+/// with its `exp` and `erf`.
+macro_rules! element {
+    ($t:ty, $dtype:ident, exp: $exp:path, erf: $erf:path) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$dtype;
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
 
-    #[inline(always)]
-    fn wide(self) -> f64 {
-        self as f64
-    }
+            #[inline(always)]
+            fn wide(self) -> f64 {
+                self as f64
+            }
 
-    #[inline(always)]
-    fn narrow(v: f64) -> Self {
-        v as f32
-    }
+            #[inline(always)]
+            fn narrow(v: f64) -> Self {
+                v as $t
+            }
 
-    #[inline(always)]
-    fn exp(v: f64) -> f64 {
-        exp_fast(v)
-    }
+            #[inline(always)]
+            fn exp(v: f64) -> f64 {
+                $exp(v)
+            }
 
-    #[inline(always)]
-    fn erf(v: f64) -> f64 {
-        erf_fast(v)
-    }
+            #[inline(always)]
+            fn erf(v: f64) -> f64 {
+                $erf(v)
+            }
 
-    fn values(storage: &CpuStorage) -> Result<&[Self]> {
-        storage.as_slice()
-    }
+            fn values(storage: &CpuStorage) -> Result<&[Self]> {
+                storage.as_slice()
+            }
 
-    fn storage(values: Vec<Self>) -> CpuStorage {
-        CpuStorage::F32(values)
-    }
+            fn storage(values: Vec<Self>) -> CpuStorage {
+                CpuStorage::$dtype(values)
+            }
+        }
+    };
 }
 
-impl Element for f64 {
-    const DTYPE: DType = DType::F64;
-
-    #[inline(always)]
-    fn wide(self) -> f64 {
-        self
-    }
-
-    #[inline(always)]
-    fn narrow(v: f64) -> Self {
-        v
-    }
-
-    #[inline(always)]
-    fn exp(v: f64) -> f64 {
-        v.exp()
-    }
-
-    #[inline(always)]
-    fn erf(v: f64) -> f64 {
-        candle_core::cpu::erf::erf_f64(v)
-    }
-
-    fn values(storage: &CpuStorage) -> Result<&[Self]> {
-        storage.as_slice()
-    }
-
-    fn storage(values: Vec<Self>) -> CpuStorage {
-        CpuStorage::F64(values)
-    }
-}
+element!(f32, F32, exp: exp_fast, erf: erf_fast);
+element!(f64, F64, exp: f64::exp, erf: candle_core::cpu::erf::erf_f64);
 
 /// Defines `fn $name<T: Element>(...)` from one body compiled twice: for AVX2 + FMA, run where
 /// the CPU has them, and for the build's baseline target. Everything the body calls must be

@@ -1,10 +1,11 @@
 //! The f32 and f64 CPU kernels of the linear layer: the value and the input gradient are `gemm`
-//! products (candle's own matrix product) split by output columns over the threads ([`matmul`]),
-//! with the bias written into the output first rather than added in a second pass over it.
+//! products (candle's own matrix product) split by output columns over the threads
+//! ([`Threads::ColumnBlocks`]), with the bias written into the output first rather than added in
+//! a second pass over it.
 
 use candle_core::{CpuStorage, DType, Result, Tensor};
 
-use crate::nn::cpu::gemm::{matmul, Strided};
+use crate::nn::cpu::gemm::{matmul, Strided, Threads};
 use crate::nn::cpu::{cpu_dtype, with_values, Element};
 
 /// `x W^T + b` for `x` (rows, in), `weight` (out, in), `bias` (out) by [`matmul`]: `W^T` is
@@ -30,11 +31,11 @@ fn forward_typed<T: Element>(values: &[&[T]], rows: usize, in_dim: usize, out_di
     let (x, weight) = (values[0], values[1]);
     let (mut out, add) = match values.get(2) {
         Some(bias) => (bias.repeat(rows), true),
-        None => (vec![T::narrow(0.0); rows * out_dim], false),
+        None => (vec![T::ZERO; rows * out_dim], false),
     };
     // `W^T` (in_dim, out_dim): row stride 1, column stride in_dim.
-    let rhs = Strided { values: weight, row_stride: 1, col_stride: in_dim };
-    matmul(&mut out, add, x, rows, in_dim, rhs, out_dim);
+    let rhs = Strided { values: weight, rows: in_dim, cols: out_dim, row_stride: 1, col_stride: in_dim };
+    matmul(&mut out, out_dim, add, Strided::row_major(x, rows, in_dim), rhs, Threads::ColumnBlocks);
     T::storage(out)
 }
 
@@ -57,10 +58,9 @@ pub(super) fn input_grad(dy: &Tensor, weight: &Tensor) -> Result<Option<CpuStora
 }
 
 fn input_grad_typed<T: Element>(values: &[&[T]], rows: usize, out_dim: usize, in_dim: usize) -> CpuStorage {
-    let mut dx = vec![T::narrow(0.0); rows * in_dim];
-    // `W` (out_dim, in_dim) row-major.
-    let rhs = Strided { values: values[1], row_stride: in_dim, col_stride: 1 };
-    matmul(&mut dx, false, values[0], rows, out_dim, rhs, in_dim);
+    let mut dx = vec![T::ZERO; rows * in_dim];
+    let (dy, weight) = (Strided::row_major(values[0], rows, out_dim), Strided::row_major(values[1], out_dim, in_dim));
+    matmul(&mut dx, in_dim, false, dy, weight, Threads::ColumnBlocks);
     T::storage(dx)
 }
 

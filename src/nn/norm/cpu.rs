@@ -28,7 +28,7 @@ fn forward_typed<T: Element>(
 ) -> Result<CpuStorage> {
     with_values::<T, _>(&[x, weight, bias], |v| {
         let (x, weight, bias) = (v[0], v[1], v[2]);
-        let mut out = vec![T::narrow(0.0); x.len()];
+        let mut out = vec![T::ZERO; x.len()];
         for_each_chunk(&mut out, spec.n, |row, out| {
             let first = (row % spec.groups) * per_row;
             let (w, b) = (&weight[first..first + per_row], &bias[first..first + per_row]);
@@ -115,7 +115,7 @@ fn input_grad_typed<T: Element>(
 ) -> Result<CpuStorage> {
     with_values::<T, _>(&[x, dy, weight], |v| {
         let (x, dy, weight) = (v[0], v[1], v[2]);
-        let mut out = vec![T::narrow(0.0); x.len()];
+        let mut out = vec![T::ZERO; x.len()];
         for_each_chunk(&mut out, spec.n, |row, out| {
             let first = (row % spec.groups) * per_row;
             let (x, dy) = (&x[row * spec.n..][..spec.n], &dy[row * spec.n..][..spec.n]);
