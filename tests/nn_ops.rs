@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use stableid::nn;
+use stableid::nn::{self, Conv2dConfig};
 
 /// `|actual - expected| <= tol * max(1, max|expected|)`, in f64 (`common::assert_close`
 /// compares in f32).
@@ -148,7 +148,7 @@ fn conv2d_matches_candle_conv2d() {
         let x = randn(&[2, 3, h, w], 30 + i as u64);
         check(
             &format!("conv2d {h}x{w} kernel {k} padding {padding} stride {stride}"),
-            &|a| nn::conv2d(&a[0], &weight, Some(&bias), padding, stride).unwrap(),
+            &|a| nn::conv2d(&a[0], &weight, Some(&bias), Conv2dConfig { padding, stride }).unwrap(),
             &|a| conv_reference(&a[0], &weight, &bias, padding, stride),
             &[x],
             &[true],
@@ -163,7 +163,7 @@ fn conv2d_gradient_where_candle_conv2d_backward_fails() {
     // padding for both axes and fails; the finite differences still hold.
     let (weight, bias) = (randn(&[4, 3, 3, 3], 45), randn(&[4], 46));
     let x = Var::from_tensor(&randn(&[1, 3, 5, 6], 47)).unwrap();
-    let f = |x: &Tensor| nn::conv2d(x, &weight, Some(&bias), 1, 2).unwrap();
+    let f = |x: &Tensor| nn::conv2d(x, &weight, Some(&bias), Conv2dConfig { padding: 1, stride: 2 }).unwrap();
     let reference = |x: &Tensor| conv_reference(x, &weight, &bias, 1, 2);
     assert!(objective(&|a| reference(&a[0]), &[x.as_tensor().clone()]).backward().is_err());
     let grads = objective(&|a| f(&a[0]), &[x.as_tensor().clone()]).backward().unwrap();
@@ -181,7 +181,7 @@ fn conv2d_gradient_where_candle_conv2d_backward_fails() {
 
 #[test]
 fn conv2d_with_trainable_kernel_falls_back_to_autograd() {
-    let f = |a: &[Tensor]| nn::conv2d(&a[0], &a[1], Some(&a[2]), 1, 2).unwrap();
+    let f = |a: &[Tensor]| nn::conv2d(&a[0], &a[1], Some(&a[2]), Conv2dConfig { padding: 1, stride: 2 }).unwrap();
     let g = |a: &[Tensor]| conv_reference(&a[0], &a[1], &a[2], 1, 2);
     // Sizes where candle's own conv2d backward works: it takes one output padding for both axes,
     // so stride 2 on an odd height and an even width fails there (not with `nn::conv2d`).
@@ -343,7 +343,7 @@ fn conv2d_input_gradient_of_a_half_precision_input() {
     let gradient = |dtype: DType| {
         let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
         let (w, b) = (weight.to_dtype(dtype).unwrap(), bias.to_dtype(dtype).unwrap());
-        let y = nn::conv2d(xv.as_tensor(), &w, Some(&b), 1, 2).unwrap();
+        let y = nn::conv2d(xv.as_tensor(), &w, Some(&b), Conv2dConfig { padding: 1, stride: 2 }).unwrap();
         let grads = y.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
         grads.get(xv.as_tensor()).unwrap().clone()
     };

@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{add, silu, Conv2d, GroupNorm, Linear};
+use crate::nn::{add, silu, Conv2d, Conv2dConfig, GroupNorm, Linear};
 
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
@@ -30,18 +30,18 @@ impl ResnetBlock2D {
         eps: f64,
     ) -> Result<Self> {
         let conv_shortcut = if in_channels != out_channels {
-            Some(Conv2d::new(vb.pp("conv_shortcut"), in_channels, out_channels, 1, 1, 0)?)
+            Some(Conv2d::new(vb.pp("conv_shortcut"), in_channels, out_channels, 1, Conv2dConfig::default())?)
         } else {
             None
         };
         Ok(Self {
             norm1: GroupNorm::new(vb.pp("norm1"), groups, in_channels, eps)?,
-            conv1: Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
+            conv1: Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, Conv2dConfig { padding: 1, stride: 1 })?,
             time_emb_proj: temb_channels
                 .map(|temb| Linear::new(vb.pp("time_emb_proj"), temb, out_channels, true))
                 .transpose()?,
             norm2: GroupNorm::new(vb.pp("norm2"), groups, out_channels, eps)?,
-            conv2: Conv2d::new(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
+            conv2: Conv2d::new(vb.pp("conv2"), out_channels, out_channels, 3, Conv2dConfig { padding: 1, stride: 1 })?,
             conv_shortcut,
         })
     }
@@ -71,7 +71,7 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 2, 1)? })
+        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, Conv2dConfig { padding: 1, stride: 2 })? })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -87,7 +87,7 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1)? })
+        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, Conv2dConfig { padding: 1, stride: 1 })? })
     }
 
     /// Doubles the resolution, or resizes to `size` (height, width) when given: the UNet passes

@@ -51,7 +51,7 @@ use candle_core::DType;
 pub use activation::{geglu, gelu_erf, silu};
 pub use add::add;
 pub use attention::{attention, softmax_last_dim};
-pub use conv::{conv2d, Conv2d};
+pub use conv::{conv2d, Conv2d, Conv2dConfig};
 pub use linear::{linear, Linear};
 pub use norm::{group_norm, layer_norm, normalize_last_dim, GroupNorm, LayerNorm};
 

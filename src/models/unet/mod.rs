@@ -18,7 +18,7 @@ use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{silu, Conv2d, GroupNorm};
+use crate::nn::{silu, Conv2d, Conv2dConfig, GroupNorm};
 use attention::TransformerSpec;
 use blocks::{DownBlock, MidBlock, StageSpec, UpBlock};
 use embeddings::{timestep_embedding, TimestepEmbedding};
@@ -325,13 +325,25 @@ impl UNet2DConditionModel {
 
         Ok(Self {
             config: cfg.clone(),
-            conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, channels[0], 3, 1, 1)?,
+            conv_in: Conv2d::new(
+                vb.pp("conv_in"),
+                cfg.in_channels,
+                channels[0],
+                3,
+                Conv2dConfig { padding: 1, stride: 1 },
+            )?,
             time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?,
             down_blocks,
             mid_block,
             up_blocks,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), plan.norm_groups, channels[0], cfg.norm_eps)?,
-            conv_out: Conv2d::new(vb.pp("conv_out"), channels[0], cfg.out_channels, 3, 1, 1)?,
+            conv_out: Conv2d::new(
+                vb.pp("conv_out"),
+                channels[0],
+                cfg.out_channels,
+                3,
+                Conv2dConfig { padding: 1, stride: 1 },
+            )?,
         })
     }
 
