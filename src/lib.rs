@@ -15,7 +15,7 @@
 //!   checkpoints) and the identity file (`v1*`, `v2*`).
 //! - [`pipelines`]: text-to-image generation.
 //! - [`io`], [`random`]: atomic outputs with PNG metadata; seeded noise.
-//! - [`bench`]: timings of the real SD 2.1-base architecture against the PyTorch reference.
+//! - [`bench`](mod@bench): timings of the real SD 2.1-base architecture against the PyTorch reference.
 
 pub mod bench;
 pub mod error;
