@@ -1,10 +1,10 @@
-//! The ops of `stableid::nn::ops` against candle's reference ops: forward values, input
+//! The ops of `stableid::nn` against candle's reference ops: forward values, input
 //! gradients (against candle's autograd of the plain ops and against central finite
 //! differences), no gradient for frozen weights, and candle's autograd when a weight is trainable.
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use stableid::nn::ops;
+use stableid::nn::{self, Conv2dConfig};
 
 /// `|actual - expected| <= tol * max(1, max|expected|)`, in f64 (`common::assert_close`
 /// compares in f32).
@@ -98,7 +98,7 @@ fn linear_matches_matmul() {
     let x = randn(&[6, 7], 3);
     check(
         "linear",
-        &|a| ops::linear(&a[0], &w, Some(&b)).unwrap(),
+        &|a| nn::linear(&a[0], &w, Some(&b)).unwrap(),
         &|a| linear_reference(&a[0], &w, Some(&b)),
         std::slice::from_ref(&x),
         &[true],
@@ -106,7 +106,7 @@ fn linear_matches_matmul() {
     );
     check(
         "linear without bias",
-        &|a| ops::linear(&a[0], &w, None).unwrap(),
+        &|a| nn::linear(&a[0], &w, None).unwrap(),
         &|a| linear_reference(&a[0], &w, None),
         &[x],
         &[true],
@@ -117,7 +117,7 @@ fn linear_matches_matmul() {
 #[test]
 fn linear_with_trainable_weights_falls_back_to_autograd() {
     let x = randn(&[4, 3], 4);
-    let f = |a: &[Tensor]| ops::linear(&a[0], &a[1], Some(&a[2])).unwrap();
+    let f = |a: &[Tensor]| nn::linear(&a[0], &a[1], Some(&a[2])).unwrap();
     let g = |a: &[Tensor]| linear_reference(&a[0], &a[1], Some(&a[2]));
     check("linear, trainable weight", &f, &g, &[x, randn(&[2, 3], 5), randn(&[2], 6)], &[true, true, true], &[]);
 }
@@ -148,7 +148,7 @@ fn conv2d_matches_candle_conv2d() {
         let x = randn(&[2, 3, h, w], 30 + i as u64);
         check(
             &format!("conv2d {h}x{w} kernel {k} padding {padding} stride {stride}"),
-            &|a| ops::conv2d(&a[0], &weight, Some(&bias), padding, stride).unwrap(),
+            &|a| nn::conv2d(&a[0], &weight, Some(&bias), Conv2dConfig { padding, stride }).unwrap(),
             &|a| conv_reference(&a[0], &weight, &bias, padding, stride),
             &[x],
             &[true],
@@ -163,7 +163,7 @@ fn conv2d_gradient_where_candle_conv2d_backward_fails() {
     // padding for both axes and fails; the finite differences still hold.
     let (weight, bias) = (randn(&[4, 3, 3, 3], 45), randn(&[4], 46));
     let x = Var::from_tensor(&randn(&[1, 3, 5, 6], 47)).unwrap();
-    let f = |x: &Tensor| ops::conv2d(x, &weight, Some(&bias), 1, 2).unwrap();
+    let f = |x: &Tensor| nn::conv2d(x, &weight, Some(&bias), Conv2dConfig { padding: 1, stride: 2 }).unwrap();
     let reference = |x: &Tensor| conv_reference(x, &weight, &bias, 1, 2);
     assert!(objective(&|a| reference(&a[0]), &[x.as_tensor().clone()]).backward().is_err());
     let grads = objective(&|a| f(&a[0]), &[x.as_tensor().clone()]).backward().unwrap();
@@ -181,10 +181,10 @@ fn conv2d_gradient_where_candle_conv2d_backward_fails() {
 
 #[test]
 fn conv2d_with_trainable_kernel_falls_back_to_autograd() {
-    let f = |a: &[Tensor]| ops::conv2d(&a[0], &a[1], Some(&a[2]), 1, 2).unwrap();
+    let f = |a: &[Tensor]| nn::conv2d(&a[0], &a[1], Some(&a[2]), Conv2dConfig { padding: 1, stride: 2 }).unwrap();
     let g = |a: &[Tensor]| conv_reference(&a[0], &a[1], &a[2], 1, 2);
     // Sizes where candle's own conv2d backward works: it takes one output padding for both axes,
-    // so stride 2 on an odd height and an even width fails there (not with `ops::conv2d`).
+    // so stride 2 on an odd height and an even width fails there (not with `nn::conv2d`).
     let inputs = [randn(&[1, 2, 5, 7], 40), randn(&[3, 2, 3, 3], 41), randn(&[3], 42)];
     check("conv2d, trainable kernel", &f, &g, &inputs, &[true, true, true], &[]);
 }
@@ -205,7 +205,7 @@ fn group_and_layer_norm_match_their_definitions() {
     let (gw4, gb4) = (gw.reshape((1, 6, 1, 1)).unwrap(), gb.reshape((1, 6, 1, 1)).unwrap());
     check(
         "group norm",
-        &|a| ops::group_norm(&a[0], 3, &gw, &gb, 1e-5).unwrap(),
+        &|a| nn::group_norm(&a[0], 3, &gw, &gb, 1e-5).unwrap(),
         &|a| norm_reference(&a[0], &[2, 3, 2 * 4 * 5], &gw4, &gb4, 1e-5),
         &[randn(&[2, 6, 4, 5], 62)],
         &[true],
@@ -214,7 +214,7 @@ fn group_and_layer_norm_match_their_definitions() {
     let (lw, lb) = (randn(&[8], 63), randn(&[8], 64));
     check(
         "layer norm",
-        &|a| ops::layer_norm(&a[0], &lw, &lb, 1e-5).unwrap(),
+        &|a| nn::layer_norm(&a[0], &lw, &lb, 1e-5).unwrap(),
         &|a| norm_reference(&a[0], &[2, 3, 8], &lw, &lb, 1e-5),
         &[randn(&[2, 3, 8], 65)],
         &[true],
@@ -226,9 +226,9 @@ fn group_and_layer_norm_match_their_definitions() {
 fn norms_compute_half_precision_inputs_in_f32() {
     let (w, b) = (randn(&[4], 66).to_dtype(DType::F32).unwrap(), randn(&[4], 67).to_dtype(DType::F32).unwrap());
     let x = randn(&[1, 4, 3, 3], 68).to_dtype(DType::F32).unwrap();
-    let expected = ops::group_norm(&x, 2, &w, &b, 1e-6).unwrap();
+    let expected = nn::group_norm(&x, 2, &w, &b, 1e-6).unwrap();
     let x16 = Var::from_tensor(&x.to_dtype(DType::F16).unwrap()).unwrap();
-    let y = ops::group_norm(x16.as_tensor(), 2, &w, &b, 1e-6).unwrap();
+    let y = nn::group_norm(x16.as_tensor(), 2, &w, &b, 1e-6).unwrap();
     assert_eq!(y.dtype(), DType::F16);
     assert_close(&y, &expected, 1e-2, "group norm, f16 input");
     let grad = y.to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
@@ -255,7 +255,7 @@ fn heads(x: &Tensor, heads: usize) -> Tensor {
 #[test]
 fn attention_matches_softmax_attention() {
     let (q, k, v) = (randn(&[2, 5, 12], 70), randn(&[2, 4, 12], 71), randn(&[2, 4, 12], 72));
-    let f = |a: &[Tensor]| ops::attention(&heads(&a[0], 3), &heads(&a[1], 3), &heads(&a[2], 3), None).unwrap();
+    let f = |a: &[Tensor]| nn::attention(&heads(&a[0], 3), &heads(&a[1], 3), &heads(&a[2], 3), None).unwrap();
     let g = |a: &[Tensor]| attention_reference(&heads(&a[0], 3), &heads(&a[1], 3), &heads(&a[2], 3), None);
     let inputs = [q, k, v];
     check("cross-attention", &f, &g, &inputs, &[true, true, true], &[]);
@@ -270,7 +270,7 @@ fn attention_matches_softmax_attention() {
     let x = randn(&[1, 6, 8], 73);
     let f = |a: &[Tensor]| {
         let h = heads(&a[0], 2);
-        ops::attention(&h, &h, &h, Some(&mask)).unwrap()
+        nn::attention(&h, &h, &h, Some(&mask)).unwrap()
     };
     let g = |a: &[Tensor]| {
         let h = heads(&a[0], 2);
@@ -284,7 +284,7 @@ fn add_passes_the_gradient_to_the_tracked_side_only() {
     let b = randn(&[1, 3, 1, 1], 80);
     check(
         "add",
-        &|a| ops::add(&a[0], &b).unwrap(),
+        &|a| nn::add(&a[0], &b).unwrap(),
         &|a| a[0].broadcast_add(&b).unwrap(),
         &[randn(&[2, 3, 2, 2], 81)],
         &[true],
@@ -303,14 +303,14 @@ fn gelu_reference(x: &Tensor) -> Tensor {
 fn activations_match_their_definitions() {
     // Wide enough for the CPU kernels to split their rows over threads.
     let x = randn(&[2, 3, 150, 160], 90);
-    check("silu", &|a| ops::silu(&a[0]).unwrap(), &|a| a[0].silu().unwrap(), std::slice::from_ref(&x), &[true], &[]);
-    check("gelu (erf)", &|a| ops::gelu_erf(&a[0]).unwrap(), &|a| gelu_reference(&a[0]), &[x], &[true], &[]);
+    check("silu", &|a| nn::silu(&a[0]).unwrap(), &|a| a[0].silu().unwrap(), std::slice::from_ref(&x), &[true], &[]);
+    check("gelu (erf)", &|a| nn::gelu_erf(&a[0]).unwrap(), &|a| gelu_reference(&a[0]), &[x], &[true], &[]);
     let geglu_reference = |h: &Tensor| {
         let half = h.dim(D::Minus1).unwrap() / 2;
         (h.narrow(D::Minus1, 0, half).unwrap() * gelu_reference(&h.narrow(D::Minus1, half, half).unwrap())).unwrap()
     };
     let h = randn(&[2, 300, 64], 91);
-    check("geglu", &|a| ops::geglu(&a[0]).unwrap(), &|a| geglu_reference(&a[0]), &[h], &[true], &[]);
+    check("geglu", &|a| nn::geglu(&a[0]).unwrap(), &|a| geglu_reference(&a[0]), &[h], &[true], &[]);
 }
 
 #[test]
@@ -319,10 +319,10 @@ fn activations_in_f32_and_f16() {
     for dtype in [DType::F32, DType::F16] {
         let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
         let grads =
-            ops::geglu(xv.as_tensor()).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+            nn::geglu(xv.as_tensor()).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
         let expected = {
             let xv = Var::from_tensor(&x).unwrap();
-            let g = ops::geglu(xv.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = nn::geglu(xv.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
             g.get(xv.as_tensor()).unwrap().clone()
         };
         let grad = grads.get(xv.as_tensor()).unwrap();
@@ -343,7 +343,7 @@ fn conv2d_input_gradient_of_a_half_precision_input() {
     let gradient = |dtype: DType| {
         let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
         let (w, b) = (weight.to_dtype(dtype).unwrap(), bias.to_dtype(dtype).unwrap());
-        let y = ops::conv2d(xv.as_tensor(), &w, Some(&b), 1, 2).unwrap();
+        let y = nn::conv2d(xv.as_tensor(), &w, Some(&b), Conv2dConfig { padding: 1, stride: 2 }).unwrap();
         let grads = y.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
         grads.get(xv.as_tensor()).unwrap().clone()
     };

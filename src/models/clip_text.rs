@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::models::config::ConfigChecks;
-use crate::nn::{attention, ops, LayerNorm, Linear};
+use crate::nn::{attention, gelu_erf, LayerNorm, Linear};
 
 /// The fields of a transformers `CLIPTextConfig` (text_encoder/config.json) that the model uses;
 /// missing keys take transformers' defaults, unknown keys are ignored.
@@ -78,7 +78,7 @@ enum Activation {
 impl Activation {
     fn forward(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Gelu => ops::gelu_erf(x),
+            Self::Gelu => gelu_erf(x),
             // sigmoid from plain ops, so the backward pass is candle's own.
             Self::QuickGelu => {
                 let sigmoid = ((x * -1.702)?.exp()? + 1.0)?.recip()?;

@@ -18,7 +18,7 @@ use crate::models::blocks::attention::TransformerSpec;
 use crate::models::blocks::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::models::blocks::unet_2d::{DownBlock, MidBlock, StageSpec, UpBlock};
 use crate::models::config::ConfigChecks;
-use crate::nn::{ops, Conv2d, GroupNorm};
+use crate::nn::{silu, Conv2d, Conv2dConfig, GroupNorm};
 
 /// A config value given once for all blocks or as a list with one entry per down block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -310,13 +310,25 @@ impl UNet2DConditionModel {
 
         Ok(Self {
             config: cfg.clone(),
-            conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, channels[0], 3, 1, 1)?,
+            conv_in: Conv2d::new(
+                vb.pp("conv_in"),
+                cfg.in_channels,
+                channels[0],
+                3,
+                Conv2dConfig { padding: 1, stride: 1 },
+            )?,
             time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?,
             down_blocks,
             mid_block,
             up_blocks,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), plan.norm_groups, channels[0], cfg.norm_eps)?,
-            conv_out: Conv2d::new(vb.pp("conv_out"), channels[0], cfg.out_channels, 3, 1, 1)?,
+            conv_out: Conv2d::new(
+                vb.pp("conv_out"),
+                channels[0],
+                cfg.out_channels,
+                3,
+                Conv2dConfig { padding: 1, stride: 1 },
+            )?,
         })
     }
 
@@ -390,6 +402,6 @@ impl UNet2DConditionModel {
             };
             x = block.forward(&x, &block_skips, &temb_act, encoder_hidden_states, upsample_size)?;
         }
-        self.conv_out.forward(&ops::silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&silu(&self.conv_norm_out.forward(&x)?)?)
     }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::models::blocks::resnet::{ResnetBlock2D, Upsample2D};
 use crate::models::config::ConfigChecks;
-use crate::nn::{attention, Conv2d, GroupNorm, Linear};
+use crate::nn::{attention, Conv2d, Conv2dConfig, GroupNorm, Linear};
 
 /// The resnets and attention of the VAE use this epsilon in every group norm.
 const NORM_EPS: f64 = 1e-6;
@@ -230,19 +230,31 @@ impl Encoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let downsampler = if i + 1 < ch.len() {
-                Some(Conv2d::new(vb.pp("downsamplers.0.conv"), out_ch, out_ch, 3, 2, 0)?)
+                Some(Conv2d::new(
+                    vb.pp("downsamplers.0.conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    Conv2dConfig { padding: 0, stride: 2 },
+                )?)
             } else {
                 None
             };
             down_blocks.push(DownEncoderBlock2D { resnets, downsampler });
         }
         Ok(Self {
-            conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
+            conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, Conv2dConfig { padding: 1, stride: 1 })?,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), last, groups, cfg.mid_block_add_attention)?,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), groups, last, NORM_EPS)?,
             // Mean and log-variance, stacked on the channel axis.
-            conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
+            conv_out: Conv2d::new(
+                vb.pp("conv_out"),
+                last,
+                2 * cfg.latent_channels,
+                3,
+                Conv2dConfig { padding: 1, stride: 1 },
+            )?,
         })
     }
 
@@ -286,11 +298,23 @@ impl Decoder {
         }
         let (first, last) = (reversed[reversed.len() - 1], reversed[0]);
         Ok(Self {
-            conv_in: Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, last, 3, 1, 1)?,
+            conv_in: Conv2d::new(
+                vb.pp("conv_in"),
+                cfg.latent_channels,
+                last,
+                3,
+                Conv2dConfig { padding: 1, stride: 1 },
+            )?,
             mid_block: MidBlock::new(vb.pp("mid_block"), last, groups, cfg.mid_block_add_attention)?,
             up_blocks,
             conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), groups, first, NORM_EPS)?,
-            conv_out: Conv2d::new(vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
+            conv_out: Conv2d::new(
+                vb.pp("conv_out"),
+                first,
+                cfg.out_channels,
+                3,
+                Conv2dConfig { padding: 1, stride: 1 },
+            )?,
         })
     }
 
@@ -333,12 +357,12 @@ impl AutoencoderKL {
         cfg.validate()?;
         let latent = cfg.latent_channels;
         let quant_conv = if cfg.use_quant_conv {
-            Some(Conv2d::new(vb.pp("quant_conv"), 2 * latent, 2 * latent, 1, 1, 0)?)
+            Some(Conv2d::new(vb.pp("quant_conv"), 2 * latent, 2 * latent, 1, Conv2dConfig::default())?)
         } else {
             None
         };
         let post_quant_conv = if cfg.use_post_quant_conv {
-            Some(Conv2d::new(vb.pp("post_quant_conv"), latent, latent, 1, 1, 0)?)
+            Some(Conv2d::new(vb.pp("post_quant_conv"), latent, latent, 1, Conv2dConfig::default())?)
         } else {
             None
         };

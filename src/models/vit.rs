@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::models::config::ConfigChecks;
-use crate::nn::{attention, Conv2d, LayerNorm, Linear};
+use crate::nn::{attention, Conv2d, Conv2dConfig, LayerNorm, Linear};
 
 /// The fields of a transformers `ViTConfig` (config.json) that the encoder uses; missing keys
 /// take transformers' defaults (ViT-B/16 at 224 px), unknown keys are ignored.
@@ -163,8 +163,7 @@ impl ViTModel {
             cfg.num_channels,
             h,
             cfg.patch_size,
-            cfg.patch_size,
-            0,
+            Conv2dConfig { padding: 0, stride: cfg.patch_size },
         )?;
         let encoder = vb.pp("encoder").pp("layer");
         let layers = (0..cfg.num_hidden_layers).map(|i| ViTLayer::new(encoder.pp(i), cfg)).collect::<Result<_>>()?;

@@ -1,30 +1,61 @@
 //! Differentiable building blocks shared by every model.
 //!
 //! candle's fused `softmax_last_dim` / `layer_norm` carry no backward op and silently cut the
-//! graph (docs/candle.md, "Silent graph cuts"), and the identity learner back-propagates through the frozen text
-//! encoder and UNet. So every model uses these blocks: one place to make training correct and
-//! fast. They run on the ops of [`ops`], whose backward computes input gradients only (never
-//! the gradients of frozen weights) and keeps few tensors in the graph.
+//! graph (docs/candle.md, "Silent graph cuts"), and the identity learner back-propagates through
+//! the frozen text encoder and UNet. So every model uses these blocks: one place to make training
+//! correct and fast. They run on the ops below, whose backward computes input gradients only (never the
+//! gradients of frozen weights) and keeps few tensors in the graph.
+//!
+//! candle's autograd computes, for every `matmul`, `conv2d` and binary op, the gradient of both
+//! operands, even when one is a frozen constant: for a frozen UNet that is about a third more
+//! backward work, and every such gradient is kept in the `GradStore` until it is dropped
+//! (docs/candle.md, sections 3 and 5). The ops here are candle custom ops whose backward returns the
+//! input gradient only, and whose graph node keeps only what that gradient needs:
+//!
+//! - [`linear`]: `dx = dy W`, no `dW`, no `db` (on the CPU, one `gemm` call for `x W^T + b`);
+//! - [`conv2d`]: value and input gradient by im2col + gemm on the CPU, cuDNN with the fastest
+//!   algorithm per shape on CUDA, no kernel gradient;
+//! - [`group_norm`], [`layer_norm`]: one node per norm; the backward recomputes the statistics
+//!   from the input instead of keeping five intermediate tensors (fused kernels for f32 / f64 on
+//!   the CPU, and on CUDA);
+//! - [`attention`]: one node keeping the probabilities; `q` is scaled rather than the
+//!   (seq x seq) scores, the softmax backward runs in place, and only the gradients of the
+//!   inputs that need one are computed;
+//! - [`add`]: `a + b` with a frozen `b` (e.g. the time embedding), without a gradient for `b`;
+//! - [`silu`], [`gelu_erf`], [`geglu`]: one node each, value and derivative computed in one pass
+//!   over the input on the CPU (candle's own backward of these takes about ten passes and, for
+//!   GEGLU, pads both halves back to full size).
+//!
+//! Each op has a folder (`conv/`, `norm/`, `activation/`, `linear/`, `attention/`): its layer,
+//! entry points, graph node and gradients in `mod.rs`, its f32 / f64 CPU kernels in `cpu.rs`, its
+//! CUDA kernels beside them. What they share: `node.rs`, the graph node that hands a value
+//! computed outside the graph to candle; `cpu/`, the CPU kernels' element type, threads and
+//! `gemm` products; [`profile`], the op timings.
 
+mod activation;
+mod add;
+mod attention;
 mod conv;
-mod cpu_kernels;
-#[cfg(all(test, feature = "cuda"))]
-mod cuda_checks;
-#[cfg(feature = "cuda")]
-mod norm_cuda;
-pub mod ops;
+mod cpu;
+mod linear;
+mod node;
+mod norm;
 pub mod profile;
+mod resize;
 #[cfg(test)]
 mod test_values;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device};
 
-use ops::compute_dtype;
-
-pub use ops::{attention, normalize_last_dim, softmax_last_dim};
+pub use activation::{geglu, gelu_erf, silu};
+pub use add::add;
+pub use attention::{attention, softmax_last_dim};
+pub use conv::{conv2d, Conv2d, Conv2dConfig};
+pub use linear::{linear, Linear};
+pub use norm::{group_norm, layer_norm, normalize_last_dim, GroupNorm, LayerNorm};
+pub(crate) use resize::resize_nearest;
 
 static TF32: AtomicBool = AtomicBool::new(false);
 
@@ -55,103 +86,11 @@ pub fn tf32() -> bool {
     TF32.load(Ordering::Relaxed)
 }
 
-/// `y = x W^T + b` over the last dimension of an input of any rank.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim;
-        let y = ops::linear(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref())?;
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
-        y.reshape(out_dims)
-    }
-}
-
-/// 2-D convolution with square kernels, as `torch.nn.Conv2d`.
-#[derive(Debug, Clone)]
-pub struct Conv2d {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    stride: usize,
-    padding: usize,
-}
-
-impl Conv2d {
-    pub fn new(
-        vb: VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Self> {
-        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
-        let bias = Some(vb.get(out_channels, "bias")?);
-        Ok(Self { weight, bias, stride, padding })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
-    }
-}
-
-/// Group normalisation over `(batch, channels, ...)`, statistics in at least f32 (the weight and
-/// bias are kept in that precision from loading on).
-#[derive(Debug, Clone)]
-pub struct GroupNorm {
-    weight: Tensor,
-    bias: Tensor,
-    groups: usize,
-    eps: f64,
-}
-
-impl GroupNorm {
-    pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if !channels.is_multiple_of(groups) {
-            candle_core::bail!("group norm: {channels} channels do not split into {groups} groups")
-        }
-        let compute = compute_dtype(vb.dtype());
-        let weight = vb.get(channels, "weight")?.to_dtype(compute)?;
-        let bias = vb.get(channels, "bias")?.to_dtype(compute)?;
-        Ok(Self { weight, bias, groups, eps })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps)
-    }
-}
-
-/// Layer normalisation over the last dimension, statistics in at least f32 (the weight and bias
-/// are kept in that precision from loading on).
-#[derive(Debug, Clone)]
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        let compute = compute_dtype(vb.dtype());
-        let weight = vb.get(dim, "weight")?.to_dtype(compute)?;
-        let bias = vb.get(dim, "bias")?.to_dtype(compute)?;
-        Ok(Self { weight, bias, eps })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+/// The precision norms and softmax compute in: half precisions are upcast to f32 (their range
+/// is too small for variances and exponentials); f32 and f64 are kept.
+fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
     }
 }

@@ -1,6 +1,6 @@
 //! Where a step's time goes, op by op: `stableid bench --profile`.
 //!
-//! While [`record`] runs, every op of [`super::ops`] (forward and backward) that its thread runs
+//! While [`record`] runs, every op of [`super`] (forward and backward) that its thread runs
 //! waits for its device before and after it runs, so that each op's time is its own even on a GPU,
 //! where kernels are otherwise queued and run later. The waits cost time themselves, so a profiled run is slower
 //! than a timed one: the shares are what matter. The time a profiled run spends outside these
@@ -126,7 +126,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::{phase, record};
-    use crate::nn::ops;
+    use crate::nn::{linear, silu};
 
     #[test]
     fn a_recording_counts_forward_and_backward_ops() {
@@ -134,7 +134,7 @@ mod tests {
         let x = candle_core::Var::new(&[[1.0f32, -2.0, 3.0], [0.5, 0.0, -1.0]], &device).unwrap();
         let w = Tensor::new(&[[1.0f32, 0.0, 2.0], [0.0, 1.0, 0.0]], &device).unwrap();
         let (_, profile) = record(&device, || {
-            let y = phase("forward", &device, || ops::silu(&ops::linear(x.as_tensor(), &w, None)?))?;
+            let y = phase("forward", &device, || silu(&linear(x.as_tensor(), &w, None)?))?;
             Ok(phase("backward", &device, || y.sum_all()?.backward())?)
         })
         .unwrap();
@@ -148,7 +148,7 @@ mod tests {
         let timed: f64 = profile.ops.iter().map(|op| op.seconds).sum();
         assert!(timed <= profile.total_seconds && profile.rest_seconds() >= 0.0);
         // Outside a recording nothing is counted.
-        ops::linear(x.as_tensor(), &w, None).unwrap();
+        linear(x.as_tensor(), &w, None).unwrap();
         let (_, empty) = record(&device, || Ok(())).unwrap();
         assert!(empty.ops.is_empty());
     }

@@ -5,7 +5,7 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::nn::{self, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
 
 /// Multi-head attention without biases on q/k/v (diffusers' `attention_bias: false`) and with
 /// a biased output projection `to_out.0`.
@@ -81,7 +81,7 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&nn::ops::geglu(&self.proj.forward(x)?)?)
+        self.out.forward(&nn::geglu(&self.proj.forward(x)?)?)
     }
 }
 
@@ -136,7 +136,7 @@ impl Projection {
         Ok(if linear {
             Self::Linear(Linear::new(vb, in_dim, out_dim, true)?)
         } else {
-            Self::Conv(Conv2d::new(vb, in_dim, out_dim, 1, 1, 0)?)
+            Self::Conv(Conv2d::new(vb, in_dim, out_dim, 1, Conv2dConfig::default())?)
         })
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{ops, Conv2d, GroupNorm, Linear};
+use crate::nn::{add, resize_nearest, silu, Conv2d, Conv2dConfig, GroupNorm, Linear};
 
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
@@ -30,18 +30,18 @@ impl ResnetBlock2D {
         eps: f64,
     ) -> Result<Self> {
         let conv_shortcut = if in_channels != out_channels {
-            Some(Conv2d::new(vb.pp("conv_shortcut"), in_channels, out_channels, 1, 1, 0)?)
+            Some(Conv2d::new(vb.pp("conv_shortcut"), in_channels, out_channels, 1, Conv2dConfig::default())?)
         } else {
             None
         };
         Ok(Self {
             norm1: GroupNorm::new(vb.pp("norm1"), groups, in_channels, eps)?,
-            conv1: Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
+            conv1: Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, Conv2dConfig { padding: 1, stride: 1 })?,
             time_emb_proj: temb_channels
                 .map(|temb| Linear::new(vb.pp("time_emb_proj"), temb, out_channels, true))
                 .transpose()?,
             norm2: GroupNorm::new(vb.pp("norm2"), groups, out_channels, eps)?,
-            conv2: Conv2d::new(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
+            conv2: Conv2d::new(vb.pp("conv2"), out_channels, out_channels, 3, Conv2dConfig { padding: 1, stride: 1 })?,
             conv_shortcut,
         })
     }
@@ -49,13 +49,13 @@ impl ResnetBlock2D {
     /// `temb_act` is the time embedding after the SiLU that every block applies to it first
     /// (computed once per forward by the UNet); `None` in the VAE.
     pub fn forward(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(temb_act)) = (&self.time_emb_proj, temb_act) {
             let t = proj.forward(temb_act)?.unsqueeze(2)?.unsqueeze(3)?;
             // The time embedding does not depend on what is learned: no gradient is kept for it.
-            h = ops::add(&h, &t)?;
+            h = add(&h, &t)?;
         }
-        let h = self.conv2.forward(&ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
         match &self.conv_shortcut {
             Some(conv) => conv.forward(x)? + h,
             None => x + h,
@@ -71,7 +71,7 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 2, 1)? })
+        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, Conv2dConfig { padding: 1, stride: 2 })? })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -87,7 +87,7 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1)? })
+        Ok(Self { conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, Conv2dConfig { padding: 1, stride: 1 })? })
     }
 
     /// Doubles the resolution, or resizes to `size` (height, width) when given: the UNet passes
@@ -107,20 +107,4 @@ impl Upsample2D {
 fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, 2, w, 2))?.reshape((b, c, 2 * h, 2 * w))
-}
-
-/// PyTorch's `interpolate(mode="nearest", size=...)`: output pixel `i` reads input pixel
-/// `floor(i * in / out)` (scale in f32). Written as index selects, which back-propagate for any
-/// ratio (candle's `upsample_nearest2d` has no backward for non-integer factors).
-pub(crate) fn resize_nearest(x: &Tensor, (out_h, out_w): (usize, usize)) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let rows = nearest_indices(h, out_h, x)?;
-    let cols = nearest_indices(w, out_w, x)?;
-    x.index_select(&rows, 2)?.index_select(&cols, 3)
-}
-
-fn nearest_indices(in_size: usize, out_size: usize, like: &Tensor) -> Result<Tensor> {
-    let scale = in_size as f32 / out_size as f32;
-    let idx: Vec<u32> = (0..out_size).map(|i| ((i as f32 * scale).floor() as usize).min(in_size - 1) as u32).collect();
-    Tensor::from_vec(idx, out_size, like.device())
 }

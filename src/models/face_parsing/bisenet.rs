@@ -16,7 +16,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{BatchNorm, Conv2dConfig, ModuleT, VarBuilder};
 
-use crate::models::blocks::resnet::resize_nearest;
+use crate::nn::resize_nearest;
 
 /// The classes of face-parsing.PyTorch, in output order (CelebAMask-HQ).
 pub const CLASSES: [&str; 19] = [

@@ -17,7 +17,7 @@ use candle_nn::{BatchNorm, ModuleT, VarBuilder};
 use serde::Deserialize;
 
 use crate::models::config::ConfigChecks;
-use crate::nn::{attention, Conv2d, LayerNorm, Linear};
+use crate::nn::{attention, Conv2d, Conv2dConfig, LayerNorm, Linear};
 
 /// transformers builds every SegFormer layer norm with `nn.LayerNorm`'s default eps
 /// (the config's `layer_norm_eps` is not used by the model).
@@ -205,7 +205,7 @@ struct OverlapPatchEmbeddings {
 impl OverlapPatchEmbeddings {
     fn new(vb: VarBuilder, patch: usize, stride: usize, in_channels: usize, hidden: usize) -> Result<Self> {
         Ok(Self {
-            proj: Conv2d::new(vb.pp("proj"), in_channels, hidden, patch, stride, patch / 2)?,
+            proj: Conv2d::new(vb.pp("proj"), in_channels, hidden, patch, Conv2dConfig { padding: patch / 2, stride })?,
             layer_norm: LayerNorm::new(vb.pp("layer_norm"), hidden, LAYER_NORM_EPS)?,
         })
     }
@@ -248,7 +248,7 @@ impl EfficientSelfAttention {
         let vs = vb.pp("self");
         let sr = if sr_ratio > 1 {
             Some((
-                Conv2d::new(vs.pp("sr"), hidden, hidden, sr_ratio, sr_ratio, 0)?,
+                Conv2d::new(vs.pp("sr"), hidden, hidden, sr_ratio, Conv2dConfig { padding: 0, stride: sr_ratio })?,
                 LayerNorm::new(vs.pp("layer_norm"), hidden, LAYER_NORM_EPS)?,
             ))
         } else {
@@ -404,7 +404,7 @@ impl DecodeHead {
             linear_c,
             linear_fuse: candle_nn::conv2d_no_bias(fuse_in, d, 1, Default::default(), vb.pp("linear_fuse"))?,
             batch_norm: candle_nn::batch_norm(d, BATCH_NORM_EPS, vb.pp("batch_norm"))?,
-            classifier: Conv2d::new(vb.pp("classifier"), d, num_labels, 1, 1, 0)?,
+            classifier: Conv2d::new(vb.pp("classifier"), d, num_labels, 1, Conv2dConfig::default())?,
         })
     }
 

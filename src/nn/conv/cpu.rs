@@ -1,5 +1,5 @@
 //! The CPU convolution in f32 and f64: im2col over NCHW and matrix products with the `gemm`
-//! crate (Caffe's `im2col` + GEMM formulation).
+//! crate ([`crate::nn::cpu::gemm`]; Caffe's `im2col` + GEMM formulation).
 //!
 //! The column matrix of one image has one row per `(ci, ky, kx)`, which is the kernel's own
 //! contiguous `(c_out, c_in * kh * kw)` flattening, and one column per output pixel: row
@@ -18,12 +18,13 @@
 //! input channels, each multiplying its own rows of `dcol` single-threaded and adding them into
 //! its own planes (see [`gradient_block_channels`]).
 
-use std::ops::{AddAssign, Range};
+use std::ops::Range;
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::ConvShape;
+use crate::nn::cpu::gemm::{matmul, Strided, Threads};
+use crate::nn::cpu::Element;
 
 /// The largest column matrix (one tile of output rows) built at once: the UNet's are whole at
 /// 256x256 images (the largest, 320 channels at 32x32, is 11.25 MiB); smaller tiles measured no
@@ -35,22 +36,6 @@ const COLUMN_BUDGET_BYTES: usize = 16 << 20;
 /// read what its own product just wrote; this size measured fastest at Stable Diffusion's shapes
 /// (deep 8x8 layers gain a fifth over one product on all threads; smaller blocks are slower).
 const GRADIENT_BLOCK_ROWS: usize = 720;
-
-/// The element types of the CPU convolution: `f32` and `f64`, the types `gemm` multiplies.
-pub(super) trait Element: Copy + Send + Sync + AddAssign + 'static {
-    const ZERO: Self;
-    const ONE: Self;
-}
-
-impl Element for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
-
-impl Element for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
 
 /// `y = conv(x, kernel)`: `x` contiguous (batch, c_in, h, w), `kernel` contiguous
 /// (c_out, c_in, kh, kw); returns contiguous (batch, c_out, out_h, out_w).
@@ -75,11 +60,11 @@ fn forward_tiled<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape, budget: u
     if y.is_empty() || depth == 0 {
         return y;
     }
-    let kernel_matrix = Strided::row_major(c_out, depth);
+    let kernel_matrix = Strided::row_major(kernel, c_out, depth);
     let images = y.chunks_exact_mut(c_out * plane_out).zip(x.chunks_exact(c_in * plane_in));
     if geometry.is_pointwise() {
         for (y, x) in images {
-            matmul(y, plane_out, kernel, kernel_matrix, x, Strided::row_major(c_in, plane_in), all_threads());
+            matmul(y, plane_out, false, kernel_matrix, Strided::row_major(x, c_in, plane_in), Threads::All);
         }
         return y;
     }
@@ -93,7 +78,7 @@ fn forward_tiled<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape, budget: u
                 .zip(x.par_chunks(plane_in))
                 .for_each(|(col, plane)| geometry.im2col(plane, rows.clone(), col));
             let y = &mut y[rows.start * out_w..];
-            matmul(y, plane_out, kernel, kernel_matrix, col, Strided::row_major(depth, pixels), all_threads());
+            matmul(y, plane_out, false, kernel_matrix, Strided::row_major(col, depth, pixels), Threads::All);
         }
     }
     y
@@ -113,9 +98,9 @@ fn input_grad_tiled<T: Element>(dy: &[T], kernel: &[T], shape: &ConvShape, budge
     let images = dx.chunks_exact_mut(c_in * plane_in).zip(dy.chunks_exact(c_out * plane_out));
     if geometry.is_pointwise() {
         // kernel^T (c_in x c_out), read in place.
-        let kernel_t = Strided { rows: c_in, cols: c_out, row_stride: 1, col_stride: c_in };
+        let kernel_t = Strided { values: kernel, rows: c_in, cols: c_out, row_stride: 1, col_stride: c_in };
         for (dx, dy) in images {
-            matmul(dx, plane_in, kernel, kernel_t, dy, Strided::row_major(c_out, plane_out), all_threads());
+            matmul(dx, plane_in, false, kernel_t, Strided::row_major(dy, c_out, plane_out), Threads::All);
         }
         return dx;
     }
@@ -126,7 +111,7 @@ fn input_grad_tiled<T: Element>(dy: &[T], kernel: &[T], shape: &ConvShape, budge
         for rows in geometry.tiles(tile_rows) {
             let pixels = rows.len() * out_w;
             let dy = &dy[rows.start * out_w..];
-            let dy_tile = Strided { rows: c_out, cols: pixels, row_stride: plane_out, col_stride: 1 };
+            let dy_tile = Strided { values: dy, rows: c_out, cols: pixels, row_stride: plane_out, col_stride: 1 };
             // A block's rows of dcol are contiguous, and so are its planes of dx: tiles overlap
             // in dx, blocks never do.
             col[..depth * pixels]
@@ -136,8 +121,14 @@ fn input_grad_tiled<T: Element>(dy: &[T], kernel: &[T], shape: &ConvShape, budge
                 .for_each(|(block, (col, dx))| {
                     let first_row = block * block_channels * taps;
                     // The block's rows of kernel^T ((c_in * kh * kw) x c_out), read in place.
-                    let kernel_t = Strided { rows: col.len() / pixels, cols: c_out, row_stride: 1, col_stride: depth };
-                    matmul(col, pixels, &kernel[first_row..], kernel_t, dy, dy_tile, Parallelism::None);
+                    let kernel_t = Strided {
+                        values: &kernel[first_row..],
+                        rows: col.len() / pixels,
+                        cols: c_out,
+                        row_stride: 1,
+                        col_stride: depth,
+                    };
+                    matmul(col, pixels, false, kernel_t, dy_tile, Threads::One);
                     for (plane, col) in dx.chunks_exact_mut(plane_in).zip(col.chunks_exact(taps * pixels)) {
                         geometry.col2im(col, rows.clone(), plane);
                     }
@@ -285,83 +276,6 @@ impl Geometry {
                 }
             }
         }
-    }
-}
-
-/// A matrix inside a slice: entry `(i, j)` at `i * row_stride + j * col_stride`.
-#[derive(Debug, Clone, Copy)]
-struct Strided {
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl Strided {
-    fn row_major(rows: usize, cols: usize) -> Self {
-        Self { rows, cols, row_stride: cols, col_stride: 1 }
-    }
-
-    /// One past the last offset of an entry: the slice must be at least this long.
-    fn extent(&self) -> usize {
-        if self.rows == 0 || self.cols == 0 {
-            0
-        } else {
-            (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride + 1
-        }
-    }
-}
-
-/// gemm's parallelism over candle's thread count.
-fn all_threads() -> Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => Parallelism::None,
-        threads => Parallelism::Rayon(threads),
-    }
-}
-
-/// `dst = lhs * rhs`, `dst` row-major with rows `dst_row_stride` apart (a block of a wider
-/// matrix), overwritten.
-fn matmul<T: Element>(
-    dst: &mut [T],
-    dst_row_stride: usize,
-    lhs: &[T],
-    lhs_l: Strided,
-    rhs: &[T],
-    rhs_l: Strided,
-    parallelism: Parallelism,
-) {
-    let (m, n, k) = (lhs_l.rows, rhs_l.cols, lhs_l.cols);
-    let dst_l = Strided { rows: m, cols: n, row_stride: dst_row_stride, col_stride: 1 };
-    assert_eq!(rhs_l.rows, k, "matmul: inner dimensions");
-    assert!(dst_row_stride >= n, "matmul: destination rows overlap");
-    assert!(dst.len() >= dst_l.extent() && lhs.len() >= lhs_l.extent() && rhs.len() >= rhs_l.extent());
-    // SAFETY: the asserts above keep every offset gemm reads (lhs, rhs) or writes (dst) inside
-    // its slice; dst's entries are distinct (rows at least n apart, unit column stride) and dst,
-    // a `&mut`, aliases neither operand. T is f32 or f64 (`Element`), both of which gemm supports.
-    // With `read_dst` false, alpha is unused and dst = 1 * lhs * rhs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_row_stride as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_l.col_stride as isize,
-            lhs_l.row_stride as isize,
-            rhs.as_ptr(),
-            rhs_l.col_stride as isize,
-            rhs_l.row_stride as isize,
-            T::ZERO,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism,
-        )
     }
 }
 

@@ -1,4 +1,6 @@
-//! 2-D convolution, the value and the input gradient, each on the fastest path its device has:
+//! 2-D convolution: the layer [`Conv2d`] and its op [`conv2d`], one graph node whose backward
+//! computes the input gradient only, no kernel gradient. The value and the input gradient run on
+//! the fastest path their device has:
 //!
 //! - CPU, f32 and f64: [`cpu`], im2col over NCHW and one matrix product per image with the `gemm`
 //!   crate (candle's CPU convolution transposes to NHWC and multiplies in small tiles, about three
@@ -11,15 +13,101 @@
 //! - anything else: candle's `conv2d`, and the input gradient as a stride-1 `conv2d` of the
 //!   dilated output gradient with the flipped kernel.
 //!
-//! Neither builds a graph: [`super::ops::conv2d`] makes them one differentiable node.
+//! Neither builds a graph: [`conv2d`] makes them one differentiable node.
 
 mod cpu;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
 
-use super::ops::compute_dtype;
+use super::compute_dtype;
+use super::node::{frozen, InputGrad, Node};
+use super::profile;
+use crate::nn::cpu::Element;
+
+/// The settings of a convolution, as candle-nn's `Conv2dConfig` without what these convolutions
+/// do not have (dilation, groups): the same `padding` and `stride` on both axes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Conv2dConfig {
+    pub padding: usize,
+    pub stride: usize,
+}
+
+impl Default for Conv2dConfig {
+    /// Stride 1, no padding.
+    fn default() -> Self {
+        Self { padding: 0, stride: 1 }
+    }
+}
+
+/// 2-D convolution with square kernels, as `torch.nn.Conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: Conv2dConfig,
+}
+
+impl Conv2d {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        config: Conv2dConfig,
+    ) -> Result<Self> {
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = Some(vb.get(out_channels, "bias")?);
+        Ok(Self { weight, bias, config })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.bias.as_ref(), self.config)
+    }
+}
+
+/// `torch.nn.functional.conv2d` with square padding and stride, no dilation, one group;
+/// `x` (batch, in, h, w), `weight` (out, in, kh, kw), `bias` (out).
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, config: Conv2dConfig) -> Result<Tensor> {
+    profile::timed("conv2d", x.device(), || {
+        let channel_bias = |b: &Tensor| b.reshape((b.dim(0)?, 1, 1));
+        if !frozen([Some(weight), bias]) {
+            let y = x.conv2d(weight, config.padding, config.stride, 1, 1)?;
+            return match bias {
+                Some(b) => y.broadcast_add(&channel_bias(b)?),
+                None => Ok(y),
+            };
+        }
+        let y = forward(x, weight, config)?;
+        let bias = bias.map(channel_bias).transpose()?;
+        if !x.track_op() {
+            return match bias {
+                Some(b) => y.broadcast_add(&b),
+                None => Ok(y),
+            };
+        }
+        let (_, _, h, w) = x.dims4()?;
+        let grad = Conv2dGrad { weight: weight.clone(), config, input_size: (h, w) };
+        x.apply_op1(Node::new(y, bias, grad))
+    })
+}
+
+struct Conv2dGrad {
+    weight: Tensor,
+    config: Conv2dConfig,
+    input_size: (usize, usize),
+}
+
+impl InputGrad for Conv2dGrad {
+    const NAME: &'static str = "frozen-conv2d";
+    const BACKWARD: &'static str = "conv2d backward";
+
+    fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        input_grad(grad, &self.weight, self.input_size, self.config)
+    }
+}
 
 /// The sizes of one convolution: `x` (batch, c_in, h, w), kernel (c_out, c_in, kh, kw), the same
 /// padding and stride on both axes, no dilation, one group.
@@ -37,8 +125,9 @@ pub(crate) struct ConvShape {
 }
 
 impl ConvShape {
-    fn new(input: (usize, usize, usize, usize), kernel: &Tensor, padding: usize, stride: usize) -> Result<Self> {
+    fn new(input: (usize, usize, usize, usize), kernel: &Tensor, config: Conv2dConfig) -> Result<Self> {
         let (batch, c_in, h, w) = input;
+        let Conv2dConfig { padding, stride } = config;
         let (c_out, kernel_c_in, kh, kw) = kernel.dims4()?;
         if kernel_c_in != c_in {
             candle_core::bail!("conv2d: input has {c_in} channels, the kernel {kernel_c_in}")
@@ -76,27 +165,21 @@ enum Direction {
 }
 
 /// `conv2d(x, kernel)` without bias; no graph.
-pub(crate) fn forward(x: &Tensor, kernel: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let shape = ConvShape::new(x.dims4()?, kernel, padding, stride)?;
+fn forward(x: &Tensor, kernel: &Tensor, config: Conv2dConfig) -> Result<Tensor> {
+    let shape = ConvShape::new(x.dims4()?, kernel, config)?;
     if has_fast_path(x) {
         let op = ConvOp { shape, direction: Direction::Forward };
         return x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op);
     }
-    x.detach().conv2d(&kernel.detach(), padding, stride, 1, 1)
+    x.detach().conv2d(&kernel.detach(), config.padding, config.stride, 1, 1)
 }
 
 /// The gradient with respect to `x` of `conv2d(x, kernel)`, `x` being `input_size` high and wide,
 /// from the gradient `dy` of its output; no graph.
-pub(crate) fn input_grad(
-    dy: &Tensor,
-    kernel: &Tensor,
-    input_size: (usize, usize),
-    padding: usize,
-    stride: usize,
-) -> Result<Tensor> {
+fn input_grad(dy: &Tensor, kernel: &Tensor, input_size: (usize, usize), config: Conv2dConfig) -> Result<Tensor> {
     let (batch, _, _, _) = dy.dims4()?;
     let c_in = kernel.dim(1)?;
-    let shape = ConvShape::new((batch, c_in, input_size.0, input_size.1), kernel, padding, stride)?;
+    let shape = ConvShape::new((batch, c_in, input_size.0, input_size.1), kernel, config)?;
     if dy.dims4()? != shape.output_dims() {
         candle_core::bail!("conv2d backward: output gradient {:?}, expected {:?}", dy.shape(), shape.output_dims())
     }
@@ -167,7 +250,7 @@ impl CustomOp2 for ConvOp {
 }
 
 impl ConvOp {
-    fn cpu<T: cpu::Element>(&self, data: &[T], d: &Layout, kernel: &[T], k: &Layout) -> Vec<T> {
+    fn cpu<T: Element>(&self, data: &[T], d: &Layout, kernel: &[T], k: &Layout) -> Vec<T> {
         let data = &data[d.start_offset()..d.start_offset() + d.shape().elem_count()];
         let kernel = &kernel[k.start_offset()..k.start_offset() + k.shape().elem_count()];
         match self.direction {
@@ -248,7 +331,7 @@ mod tests {
     use crate::nn::test_values::{max_diff, spread_tensor};
     use candle_core::{DType, Tensor};
 
-    use super::{flipped_kernel_input_grad, forward, input_grad, ConvShape};
+    use super::{flipped_kernel_input_grad, forward, input_grad, Conv2dConfig, ConvShape};
 
     fn values(dims: (usize, usize, usize, usize), seed: u64) -> Tensor {
         spread_tensor(dims, seed, -2.0, 4.0, DType::F64)
@@ -269,16 +352,17 @@ mod tests {
         for (i, &(b, c_in, c_out, h, w, k, padding, stride)) in cases.iter().enumerate() {
             let x = values((b, c_in, h, w), i as u64);
             let kernel = values((c_out, c_in, k, k), 100 + i as u64);
-            let shape = ConvShape::new((b, c_in, h, w), &kernel, padding, stride).unwrap();
+            let config = Conv2dConfig { padding, stride };
+            let shape = ConvShape::new((b, c_in, h, w), &kernel, config).unwrap();
             let expected = x.conv2d(&kernel, padding, stride, 1, 1).unwrap();
             for dtype in [DType::F64, DType::F32] {
                 let (x, kernel) = (x.to_dtype(dtype).unwrap(), kernel.to_dtype(dtype).unwrap());
-                let y = forward(&x, &kernel, padding, stride).unwrap().to_dtype(DType::F64).unwrap();
+                let y = forward(&x, &kernel, config).unwrap().to_dtype(DType::F64).unwrap();
                 let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
                 assert!(max_diff(&y, &expected) < tolerance, "case {i} {dtype:?}: forward");
 
                 let dy = values(shape.output_dims(), 200 + i as u64).to_dtype(dtype).unwrap();
-                let dx = input_grad(&dy, &kernel, (h, w), padding, stride).unwrap().to_dtype(DType::F64).unwrap();
+                let dx = input_grad(&dy, &kernel, (h, w), config).unwrap().to_dtype(DType::F64).unwrap();
                 let reference = flipped_kernel_input_grad(
                     &dy.to_dtype(DType::F64).unwrap(),
                     &kernel.to_dtype(DType::F64).unwrap(),
@@ -295,7 +379,7 @@ mod tests {
     fn strided_inputs_are_read_correctly() {
         let x = values((1, 3, 6, 5), 7).transpose(2, 3).unwrap();
         let kernel = values((4, 3, 3, 3), 8);
-        let y = forward(&x, &kernel, 1, 1).unwrap();
+        let y = forward(&x, &kernel, Conv2dConfig { padding: 1, stride: 1 }).unwrap();
         let expected = x.contiguous().unwrap().conv2d(&kernel, 1, 1, 1, 1).unwrap();
         assert!(max_diff(&y, &expected) < 1e-12);
     }
@@ -320,15 +404,16 @@ mod tests {
             let x = values((b, c_in, h, w), i as u64).to_dtype(DType::F32).unwrap();
             let kernel = (values((c_out, c_in, k, k), 100 + i as u64) / (c_in * k * k) as f64).unwrap();
             let kernel = kernel.to_dtype(DType::F32).unwrap();
-            let shape = ConvShape::new((b, c_in, h, w), &kernel, padding, stride).unwrap();
+            let config = Conv2dConfig { padding, stride };
+            let shape = ConvShape::new((b, c_in, h, w), &kernel, config).unwrap();
             let dy = values(shape.output_dims(), 200 + i as u64).to_dtype(DType::F32).unwrap();
-            let y = forward(&x, &kernel, padding, stride).unwrap();
-            let dx = input_grad(&dy, &kernel, (h, w), padding, stride).unwrap();
+            let y = forward(&x, &kernel, config).unwrap();
+            let dx = input_grad(&dy, &kernel, (h, w), config).unwrap();
             for (dtype, relative) in [(DType::F32, 5e-3), (DType::BF16, 3e-2)] {
                 let on_gpu = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
                 let back = |t: Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-                let y_gpu = back(forward(&on_gpu(&x), &on_gpu(&kernel), padding, stride).unwrap());
-                let dx_gpu = back(input_grad(&on_gpu(&dy), &on_gpu(&kernel), (h, w), padding, stride).unwrap());
+                let y_gpu = back(forward(&on_gpu(&x), &on_gpu(&kernel), config).unwrap());
+                let dx_gpu = back(input_grad(&on_gpu(&dy), &on_gpu(&kernel), (h, w), config).unwrap());
                 for (name, got, expected) in [("forward", &y_gpu, &y), ("input gradient", &dx_gpu, &dx)] {
                     let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
                     let diff = max_diff(got, expected);

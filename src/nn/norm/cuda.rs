@@ -1,5 +1,5 @@
 //! Fused group and layer normalisation for CUDA: the kernels of `norm.cu`, compiled with NVRTC on
-//! first use. candle has no group norm kernel, and [`super::ops`]' composition of its ops reads
+//! first use. candle has no group norm kernel, and [`super`]'s composition of its ops reads
 //! and writes the activations about ten times per norm (fifteen for the backward), with row
 //! reductions that run one block per row: 32 blocks for a group norm, on a GPU with 132
 //! multiprocessors. These kernels read `x` twice (sums, then the result) and sum each row with
@@ -13,7 +13,7 @@ use candle_core::cuda::{CudaDType, CudaDevice};
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
-use super::ops::NormSpec;
+use super::NormSpec;
 
 /// What the kernels need of a [`NormSpec`] for `x` and `weight`: the rows and the affine
 /// layout, if these kernels handle them (CUDA, f32/f16/bf16, f32 affine, within the grid).
@@ -179,7 +179,7 @@ fn function(device: &CudaDevice, name: &str) -> Result<CudaFunction> {
     let ptx = PTX.get_or_init(|| {
         candle_core::cuda::cudarc::nvrtc::compile_ptx(include_str!("norm.cu"))
             .map(|ptx| ptx.to_src())
-            .map_err(|e| format!("compiling src/nn/norm.cu with NVRTC: {e:?}"))
+            .map_err(|e| format!("compiling src/nn/norm/norm.cu with NVRTC: {e:?}"))
     });
     let ptx = ptx.as_ref().map_err(|e| candle_core::Error::Msg(e.clone()))?;
     Ok(device.get_or_load_custom_func(name, "stableid_norm", ptx)?.into_cuda_function())
@@ -191,7 +191,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::{forward, input_grad};
-    use crate::nn::ops::{self, NormSpec};
+    use crate::nn::norm::{group_norm, layer_norm, NormSpec};
 
     fn values(shape: &[usize], seed: u64) -> Tensor {
         spread_tensor(shape, seed, -1.5, 4.0, DType::F32)
@@ -217,9 +217,9 @@ mod tests {
             let dy = values(dims, 30 + i as u64);
             let cpu_norm = |x: &Tensor| {
                 if groups == 0 {
-                    ops::layer_norm(x, &weight, &bias, 1e-5)
+                    layer_norm(x, &weight, &bias, 1e-5)
                 } else {
-                    ops::group_norm(x, groups, &weight, &bias, 1e-5)
+                    group_norm(x, groups, &weight, &bias, 1e-5)
                 }
             };
             let var = Var::from_tensor(&x).unwrap();

@@ -1,4 +1,4 @@
-// Group and layer normalisation on CUDA, compiled at run time with NVRTC by src/nn/norm_cuda.rs.
+// Group and layer normalisation on CUDA, compiled at run time with NVRTC by src/nn/norm/cuda.rs.
 //
 // x is viewed as (rows, n): each row is normalised over its n values, then scaled and shifted
 // per channel, channel(row, col) = (row % groups) * (channels / groups) + col / inner

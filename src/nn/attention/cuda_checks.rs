@@ -1,10 +1,10 @@
-//! Checks of the CUDA paths of [`super::ops`] against the CPU, run by the tests of a CUDA build
-//! on a machine with a GPU (the convolution and norm kernels have theirs beside them).
+//! Checks of the CUDA path of [`super::attention`] against the CPU, run by the tests of a CUDA
+//! build on a machine with a GPU.
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::ops;
-use super::test_values::spread_tensor;
+use super::attention;
+use crate::nn::test_values::spread_tensor;
 
 fn values(shape: &[usize], seed: u64, scale: f64) -> Tensor {
     spread_tensor(shape, seed, -scale, 2.0 * scale, DType::F32)
@@ -33,7 +33,7 @@ fn attention_matches_the_cpu() {
             .iter()
             .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(device).unwrap()).unwrap())
             .collect();
-        let out = ops::attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), None).unwrap();
+        let out = attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), None).unwrap();
         let loss = (out.to_dtype(DType::F32).unwrap() * dy.to_device(device).unwrap()).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         let back = |t: &Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
@@ -42,7 +42,7 @@ fn attention_matches_the_cpu() {
         results
     };
     let expected = run(&Device::Cpu, DType::F32);
-    super::set_tf32(false);
+    crate::nn::set_tf32(false);
     for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 6e-2)] {
         let got = run(&gpu, dtype);
         for (name, (g, e)) in ["output", "dq", "dk", "dv"].iter().zip(got.iter().zip(&expected)) {

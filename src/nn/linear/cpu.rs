@@ -1,0 +1,100 @@
+//! The f32 and f64 CPU kernels of the linear layer: the value and the input gradient are `gemm`
+//! products (candle's own matrix product) split by output columns over the threads
+//! ([`Threads::ColumnBlocks`]), with the bias written into the output first rather than added in
+//! a second pass over it.
+
+use candle_core::{CpuStorage, DType, Result, Tensor};
+
+use crate::nn::cpu::gemm::{matmul, Strided, Threads};
+use crate::nn::cpu::{cpu_dtype, with_values, Element};
+
+/// `x W^T + b` for `x` (rows, in), `weight` (out, in), `bias` (out) by [`matmul`]: `W^T` is
+/// read through its strides, and the bias rows are written into the output first, for the
+/// product to add onto (no separate pass over the output). `None` unless all are non-empty
+/// CPU tensors of one dtype, f32 or f64.
+pub(super) fn forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<CpuStorage>> {
+    let ((rows, x_in), (out_dim, in_dim)) = (x.dims2()?, weight.dims2()?);
+    // Mismatched sizes are left to candle's matmul to report.
+    if x_in != in_dim || bias.is_some_and(|b| b.dims() != [out_dim]) || rows * out_dim * in_dim == 0 {
+        return Ok(None);
+    }
+    let mut tensors = vec![x, weight];
+    tensors.extend(bias);
+    match cpu_dtype(&tensors) {
+        Some(DType::F32) => with_values::<f32, _>(&tensors, |v| forward_typed(v, rows, in_dim, out_dim)).map(Some),
+        Some(DType::F64) => with_values::<f64, _>(&tensors, |v| forward_typed(v, rows, in_dim, out_dim)).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn forward_typed<T: Element>(values: &[&[T]], rows: usize, in_dim: usize, out_dim: usize) -> CpuStorage {
+    let (x, weight) = (values[0], values[1]);
+    let (mut out, add) = match values.get(2) {
+        Some(bias) => (bias.repeat(rows), true),
+        None => (vec![T::ZERO; rows * out_dim], false),
+    };
+    // `W^T` (in_dim, out_dim): row stride 1, column stride in_dim.
+    let rhs = Strided { values: weight, rows: in_dim, cols: out_dim, row_stride: 1, col_stride: in_dim };
+    matmul(&mut out, out_dim, add, Strided::row_major(x, rows, in_dim), rhs, Threads::ColumnBlocks);
+    T::storage(out)
+}
+
+/// The input gradient of [`forward`], `dy W` for `dy` (rows, out) and `weight` (out, in); `None`
+/// where [`forward`] is.
+pub(super) fn input_grad(dy: &Tensor, weight: &Tensor) -> Result<Option<CpuStorage>> {
+    let ((rows, dy_out), (out_dim, in_dim)) = (dy.dims2()?, weight.dims2()?);
+    if dy_out != out_dim || rows * out_dim * in_dim == 0 {
+        return Ok(None);
+    }
+    match cpu_dtype(&[dy, weight]) {
+        Some(DType::F32) => {
+            with_values::<f32, _>(&[dy, weight], |v| input_grad_typed(v, rows, out_dim, in_dim)).map(Some)
+        }
+        Some(DType::F64) => {
+            with_values::<f64, _>(&[dy, weight], |v| input_grad_typed(v, rows, out_dim, in_dim)).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+fn input_grad_typed<T: Element>(values: &[&[T]], rows: usize, out_dim: usize, in_dim: usize) -> CpuStorage {
+    let mut dx = vec![T::ZERO; rows * in_dim];
+    let (dy, weight) = (Strided::row_major(values[0], rows, out_dim), Strided::row_major(values[1], out_dim, in_dim));
+    matmul(&mut dx, in_dim, false, dy, weight, Threads::ColumnBlocks);
+    T::storage(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::{forward, input_grad};
+    use crate::nn::cpu::cpu_tensor;
+    use crate::nn::test_values::{rel_diff, tolerance, transposed_values};
+
+    #[test]
+    fn linear_matches_matmul() {
+        for dtype in [DType::F32, DType::F64] {
+            // Non-contiguous `x` and `dy`; a narrow product (on gemm's threads) and a wide one
+            // (split by columns), sizes that are not multiples of gemm's blocks.
+            for (rows, in_dim, out_dim) in [(37, 19, 23), (37, 301, 259)] {
+                let x = transposed_values(&[rows, in_dim], 7, dtype);
+                let weight = transposed_values(&[in_dim, out_dim], 8, dtype).t().unwrap().contiguous().unwrap();
+                let bias = transposed_values(&[out_dim, 1], 9, dtype).reshape(out_dim).unwrap();
+                let product = x.matmul(&weight.t().unwrap()).unwrap();
+                let tol = tolerance(dtype) / 10.0;
+                let y = cpu_tensor(forward(&x, &weight, Some(&bias)).unwrap().unwrap(), (rows, out_dim)).unwrap();
+                assert!(rel_diff(&y, &product.broadcast_add(&bias).unwrap()) < tol);
+                let y = cpu_tensor(forward(&x, &weight, None).unwrap().unwrap(), (rows, out_dim)).unwrap();
+                assert!(rel_diff(&y, &product) < tol);
+                let dy = transposed_values(&[rows, out_dim], 10, dtype);
+                let dx = cpu_tensor(input_grad(&dy, &weight).unwrap().unwrap(), (rows, in_dim)).unwrap();
+                assert!(rel_diff(&dx, &dy.matmul(&weight).unwrap()) < tol);
+            }
+        }
+        // Mismatched sizes are left to candle.
+        let (x, w) = (transposed_values(&[3, 4], 1, DType::F32), transposed_values(&[5, 3], 2, DType::F32));
+        assert!(forward(&x, &w, None).unwrap().is_none());
+        assert!(input_grad(&x, &w).unwrap().is_none());
+    }
+}
