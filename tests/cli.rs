@@ -6,6 +6,10 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::bad_inputs::{
+    jpeg_claiming, legacy_checkpoint, png_claiming, state_dict_pickle, write_flat_png, zip_checkpoint, PidField,
+    TensorSpec, LEGACY_PID,
+};
 use common::{copy_dir, fixture};
 
 fn stableid(args: &[&str], envs: &[(&str, &Path)]) -> Output {
@@ -211,4 +215,71 @@ fn masks_writes_overlay_and_mask_pngs() {
     }
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert!(summary.to_string().contains("face"), "{summary}");
+}
+
+/// The bad files of issue 18 (written by the test): photos whose headers claim huge images and
+/// damaged face-parser checkpoints each give a one-line error and exit code 1, at once, from
+/// `masks` and `learn`.
+#[test]
+fn huge_photos_and_damaged_checkpoints_get_one_line_errors_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: Vec<u8>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let png = std::fs::read(fixture("photos/chelsea_300x256.png")).unwrap();
+    let jpeg = std::fs::read(fixture("photos/astronaut_300x400.jpg")).unwrap();
+    let flat = dir.path().join("flat_40000x40000.png");
+    write_flat_png(&flat, 40_000, 40_000);
+    let photos = [
+        write("ihdr_100000x100000.png", png_claiming(&png, 100_000, 100_000)),
+        write("ihdr_1x4294967295.png", png_claiming(&png, 1, u32::MAX)),
+        write("sof_65535x65535.jpg", jpeg_claiming(&jpeg, 65_535, 65_535, false)),
+        write("sofprog_65535.jpg", jpeg_claiming(&jpeg, 65_535, 65_535, true)),
+        flat,
+    ];
+    let out = dir.path().join("out");
+    let identity = dir.path().join("id.safetensors");
+    let tiny = tiny();
+    let exits_at_once = |args: &[&str], needles: &[&str]| {
+        let start = std::time::Instant::now();
+        let output = stableid(args, &[]);
+        let elapsed = start.elapsed();
+        assert_fails_with(&output, needles);
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        // The work takes milliseconds; the bound leaves room for a busy machine.
+        assert!(elapsed < std::time::Duration::from_secs(5), "{args:?} took {elapsed:?}");
+    };
+    for photo in &photos {
+        let (path, name) = (photo.to_str().unwrap(), photo.file_name().unwrap().to_str().unwrap());
+        exits_at_once(&["masks", path, "--out", out.to_str().unwrap()], &[name, "limit of 100 megapixels"]);
+        exits_at_once(
+            &["learn", path, "--out", identity.to_str().unwrap(), "--model", &tiny],
+            &[name, "limit of 100 megapixels"],
+        );
+    }
+
+    let tensor =
+        |strides| TensorSpec { name: "cp.resnet.conv1.weight", key: "0", offset: 0, shape: vec![2, 3], strides };
+    let storages: [(&str, &[f32]); 1] = [("0", &[0.0; 6])];
+    let pid_of_4 = [PidField::Key, PidField::Location];
+    let checkpoints = [
+        write(
+            "min_pickle_4tuple_persid.pth",
+            zip_checkpoint(&state_dict_pickle(&[tensor(vec![3, 1])], &pid_of_4, false), &storages),
+        ),
+        write(
+            "r559_half_leg_leg3int.pth",
+            legacy_checkpoint(&state_dict_pickle(&[tensor(vec![i64::MAX, 1])], &LEGACY_PID, false), &storages),
+        ),
+    ];
+    let photo = fixture("photos/astronaut_512.jpg");
+    for checkpoint in &checkpoints {
+        let name = checkpoint.file_name().unwrap().to_str().unwrap();
+        let (photo, weights, out) = (photo.to_str().unwrap(), checkpoint.to_str().unwrap(), out.to_str().unwrap());
+        let args = ["masks", photo, "--face-parser", "bisenet", "--face-parser-weights", weights, "--out", out];
+        exits_at_once(&args, &[name, "cp.resnet.conv1.weight"]);
+    }
+    assert!(!identity.exists());
 }

@@ -1,13 +1,15 @@
 //! Photo loading against PIL (fixture from tools/reference/face_feature.py): real photos in several
 //! formats and sizes resized to 512x512 byte for byte as `Image.open(p).convert("RGB").resize((512, 512))`,
-//! and the errors for photos that cannot be used.
+//! and the errors for photos that cannot be used, huge ones (issue 18) refused before decoding.
 
 mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, IndexOp};
+use common::bad_inputs::{jpeg_claiming, png_claiming, write_flat_png};
 use common::{fixture, load_tensors};
 use image::{ImageBuffer, Luma, RgbImage};
 use sha2::{Digest, Sha256};
@@ -185,4 +187,98 @@ fn unusable_photos_are_refused_with_a_reason() {
 
     let msg = input_error(&dir.path().join("missing.jpg"));
     assert!(msg.contains("cannot read"), "{msg}");
+}
+
+/// The files of issue 18 whose headers claim huge images (a decompression bomb, a damaged
+/// header): each is refused from its header, at once, before anything is decoded.
+#[test]
+fn huge_images_are_refused_from_their_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = std::fs::read(fixture("photos/chelsea_300x256.png")).unwrap();
+    let jpeg = std::fs::read(fixture("photos/astronaut_300x400.jpg")).unwrap();
+    let mut cases = vec![
+        ("ihdr_100000x100000.png", png_claiming(&png, 100_000, 100_000), "10000 megapixels"),
+        ("ihdr_65536x65536.png", png_claiming(&png, 65_536, 65_536), "4295 megapixels"),
+        ("ihdr_1x4294967295.png", png_claiming(&png, 1, u32::MAX), "1x4294967295"),
+        ("rand1_crcfix.png", png_claiming(&png, 600, 1_073_742_424), "600x1073742424"),
+        ("sof_65535x65535.jpg", jpeg_claiming(&jpeg, 65_535, 65_535, false), "4295 megapixels"),
+        ("sofprog_65535.jpg", jpeg_claiming(&jpeg, 65_535, 65_535, true), "4295 megapixels"),
+        ("just_over.png", png_claiming(&png, 10_001, 10_000), "101 megapixels"),
+    ]
+    .into_iter()
+    .map(|(name, bytes, says)| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        (path, says)
+    })
+    .collect::<Vec<_>>();
+    // A valid PNG of one colour, 40000 x 40000 (a few MB).
+    let flat = dir.path().join("flat_40000x40000.png");
+    write_flat_png(&flat, 40_000, 40_000);
+    cases.push((flat, "40000x40000 pixels (1600 megapixels)"));
+    for (path, says) in cases {
+        let start = Instant::now();
+        let msg = input_error(&path);
+        let elapsed = start.elapsed();
+        assert!(msg.contains(says) && msg.contains("limit of 100 megapixels"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(elapsed < Duration::from_secs(1), "{}: refused after {elapsed:?}", path.display());
+    }
+}
+
+/// A file that does not start like an image is refused after its first bytes (`/dev/zero` never
+/// ends), one too large for a photo from its length.
+#[test]
+fn endless_and_oversized_files_are_not_read() {
+    let start = Instant::now();
+    let msg = input_error(Path::new("/dev/zero"));
+    assert!(msg.contains("not an image"), "{msg}");
+    assert!(start.elapsed() < Duration::from_secs(1));
+
+    // A sparse file: a PNG signature, then 600 MiB of nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.png");
+    let file = std::fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut &file, &std::fs::read(fixture("photos/chelsea_300x256.png")).unwrap()[..64])
+        .unwrap();
+    file.set_len(600 << 20).unwrap();
+    let start = Instant::now();
+    let msg = input_error(&path);
+    assert!(msg.contains("larger than 512 MiB"), "{msg}");
+    assert!(start.elapsed() < Duration::from_secs(1));
+}
+
+/// Photos are reduced row by row from the decoded image, converted to 8-bit RGB one row at a
+/// time: the result is that of converting the whole image, then resizing it.
+#[test]
+fn photos_are_reduced_row_by_row_as_whole_images_would_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let level = |x: u32, y: u32, c: u32| ((x * (7 + c) + y * (3 + 2 * c) + (x * y) % 13) % 256) as u8;
+    // Smaller and larger than 512 on either side.
+    for (w, h) in [(1500, 1100), (300, 700)] {
+        let images = [
+            image::DynamicImage::ImageRgba8(image::RgbaImage::from_fn(w, h, |x, y| {
+                image::Rgba([level(x, y, 0), level(x, y, 1), level(x, y, 2), level(x, y, 3)])
+            })),
+            image::DynamicImage::ImageLumaA8(ImageBuffer::from_fn(w, h, |x, y| {
+                image::LumaA([level(x, y, 0), level(x, y, 1)])
+            })),
+            image::DynamicImage::ImageRgb16(ImageBuffer::from_fn(w, h, |x, y| {
+                image::Rgb([0, 1, 2].map(|c| u16::from(level(x, y, c)) * 257 + c as u16))
+            })),
+        ];
+        for image in images {
+            let path = dir.path().join("photo.png");
+            image.save(&path).unwrap();
+            let whole = match &image {
+                image::DynamicImage::ImageRgb16(wide) => {
+                    RgbImage::from_raw(w, h, wide.as_raw().iter().map(|v| (v >> 8) as u8).collect()).unwrap()
+                }
+                other => other.to_rgb8(),
+            };
+            let expected = resize(&whole, PHOTO_SIZE, PHOTO_SIZE, Filter::Bicubic, Weights::Pil);
+            let photo = load_photo(&path).unwrap();
+            assert!(photo.rgb() == &expected, "{w}x{h} {:?}", image.color());
+        }
+    }
 }

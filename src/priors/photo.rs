@@ -13,12 +13,19 @@
 //! 16-bit samples keep their high byte (PIL does so for 16-bit RGB; for 16-bit grey PIL clips at
 //! 255, which whitens the photo, so there the high byte is taken as well). Unlike the reference,
 //! the EXIF orientation is applied, so a phone portrait is upright.
+//!
+//! A photo is bounded before it is decoded: the file's size, then the pixel count its header
+//! claims ([`MAX_PHOTO_PIXELS`]) and the memory decoding it takes, so a decompression bomb or a
+//! damaged header is an error at once. A large photo is reduced row by row from the decoded image,
+//! never converted or copied whole.
 
-use std::io::Cursor;
+use std::collections::VecDeque;
+use std::io::{Cursor, Read};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
@@ -28,6 +35,17 @@ pub const PHOTO_SIZE: u32 = 512;
 
 /// Smallest accepted side: below it the face would have to be upscaled more than 2x.
 pub const MIN_PHOTO_SIDE: u32 = 256;
+
+/// Most pixels a photo may have (100 megapixels: 300 MB as 8-bit RGB).
+pub const MAX_PHOTO_PIXELS: u64 = 100_000_000;
+
+/// Largest photo file read, far above what a photo of [`MAX_PHOTO_PIXELS`] takes in any usual
+/// format (a PNG of 100 megapixels is rarely 300 MB).
+const MAX_PHOTO_FILE_BYTES: u64 = 512 << 20;
+
+/// Most memory decoding may take: the decoded image (100 megapixels of 16-bit RGBA take 800 MB;
+/// twice that while a rotation from the EXIF orientation is applied) and the decoder's buffers.
+const MAX_DECODE_BYTES: u64 = 1 << 30;
 
 /// An identity photo, 512x512 8-bit RGB, with the digest of the file it came from.
 #[derive(Debug, Clone)]
@@ -70,20 +88,15 @@ pub(crate) fn rgb_to_tensor(image: &RgbImage, f: impl Fn(u8) -> f32) -> candle_c
 /// converts it to 8-bit RGB and resizes it to 512x512 as PIL does.
 pub fn load_photo(path: &Path) -> Result<Photo> {
     let bad = |what: String| Error::Input(format!("photo {}: {what}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
-    if bytes.is_empty() {
-        return Err(bad("the file is empty".into()));
-    }
+    let bytes = read_photo_file(path).map_err(bad)?;
     let image = decode(&bytes).map_err(bad)?;
-    let (w, h) = (image.width(), image.height());
-    if w < MIN_PHOTO_SIDE || h < MIN_PHOTO_SIDE {
-        return Err(bad(format!(
-            "the image is {w}x{h} pixels, smaller than {MIN_PHOTO_SIDE} on a side; give a photo of at \
-             least {MIN_PHOTO_SIDE}x{MIN_PHOTO_SIDE} (ideally {PHOTO_SIZE}x{PHOTO_SIZE}): an upscaled small \
-             photo only teaches the model blur"
-        )));
-    }
-    let rgb = resize(&to_rgb8(image), PHOTO_SIZE, PHOTO_SIZE, Filter::Bicubic, Weights::Pil);
+    let rgb = resize_rows(
+        (image.width(), image.height()),
+        |y, row| row.copy_from_slice(rgb8_row(&image, y).as_raw()),
+        (PHOTO_SIZE, PHOTO_SIZE),
+        Filter::Bicubic,
+        Weights::Pil,
+    );
     Ok(Photo { rgb, sha256: hex_sha256(&bytes) })
 }
 
@@ -91,12 +104,50 @@ fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Decodes an image file held in memory, upright (EXIF orientation applied).
+/// The bytes of a photo file, refused at once if it is longer than [`MAX_PHOTO_FILE_BYTES`] or
+/// does not start like an image (`/dev/zero`); a device or pipe, which has no length to check, is
+/// read to one byte over the limit at most.
+fn read_photo_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
+    let cannot_read = |e: std::io::Error| format!("cannot read it ({e})");
+    let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+    let too_large = || {
+        format!(
+            "the file is larger than {} MiB, more than a photo of the largest accepted size ({} megapixels) \
+             takes; reduce it first",
+            MAX_PHOTO_FILE_BYTES >> 20,
+            MAX_PHOTO_PIXELS / 1_000_000
+        )
+    };
+    let len = file.metadata().map_err(cannot_read)?.len();
+    if len > MAX_PHOTO_FILE_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    (&mut file).take(16).read_to_end(&mut bytes).map_err(cannot_read)?;
+    if bytes.is_empty() {
+        return Err("the file is empty".into());
+    }
+    if image::guess_format(&bytes).is_err() {
+        return Err(not_an_image());
+    }
+    file.take(MAX_PHOTO_FILE_BYTES + 1 - bytes.len() as u64).read_to_end(&mut bytes).map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_PHOTO_FILE_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
+
+fn not_an_image() -> String {
+    "not an image file (no known image format recognised in its content)".into()
+}
+
+/// Decodes an image file held in memory, upright (EXIF orientation applied), after checking its
+/// size from the header: at most [`MAX_PHOTO_PIXELS`], at least [`MIN_PHOTO_SIDE`] on a side.
 fn decode(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
-    let reader =
+    let mut reader =
         ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("cannot read it ({e})"))?;
     let Some(format) = reader.format() else {
-        return Err("not an image file (no known image format recognised in its content)".into());
+        return Err(not_an_image());
     };
     let broken = |e: image::ImageError| format!("cannot decode it as {format:?}: {e} (is the file damaged?)");
     // The JPEG decoder fills a truncated scan with grey instead of failing (PIL refuses such a
@@ -106,8 +157,50 @@ fn decode(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
             "the JPEG data is truncated (it stops before its end-of-image marker); the file is incomplete".into()
         );
     }
+    // The header is read under the memory limit (PNG's metadata chunks); the image's size is
+    // checked here before the decoder is given the limits on it.
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits.clone());
     let mut decoder = reader.into_decoder().map_err(broken)?;
     let orientation = decoder.orientation().map_err(broken)?;
+    let (w, h) = decoder.dimensions();
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > MAX_PHOTO_PIXELS {
+        return Err(format!(
+            "the image is {w}x{h} pixels ({} megapixels), more than the limit of {} megapixels; reduce it \
+             first (the identity is learned from {PHOTO_SIZE}x{PHOTO_SIZE})",
+            pixels.div_ceil(1_000_000),
+            MAX_PHOTO_PIXELS / 1_000_000
+        ));
+    }
+    if w < MIN_PHOTO_SIDE || h < MIN_PHOTO_SIDE {
+        let rotated = matches!(
+            orientation,
+            Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
+        );
+        let (w, h) = if rotated { (h, w) } else { (w, h) };
+        return Err(format!(
+            "the image is {w}x{h} pixels, smaller than {MIN_PHOTO_SIDE} on a side; give a photo of at \
+             least {MIN_PHOTO_SIDE}x{MIN_PHOTO_SIDE} (ideally {PHOTO_SIZE}x{PHOTO_SIZE}): an upscaled small \
+             photo only teaches the model blur"
+        ));
+    }
+    let copies = if matches!(orientation, Orientation::NoTransforms) { 1 } else { 2 };
+    let decoded = decoder.total_bytes().saturating_mul(copies);
+    limits.reserve(decoded).map_err(|_| {
+        format!(
+            "decoding the {w}x{h} image ({:?}) would take {} MiB, more than the limit of {} MiB; convert it \
+             to 8-bit RGB or reduce it first",
+            decoder.color_type(),
+            decoded >> 20,
+            MAX_DECODE_BYTES >> 20
+        )
+    })?;
+    let max_side = u32::try_from(MAX_PHOTO_PIXELS / u64::from(MIN_PHOTO_SIDE)).expect("fits");
+    limits.max_image_width = Some(max_side);
+    limits.max_image_height = Some(max_side);
+    decoder.set_limits(limits).map_err(broken)?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(broken)?;
     image.apply_orientation(orientation);
     Ok(image)
@@ -139,15 +232,17 @@ fn jpeg_is_truncated(bytes: &[u8]) -> bool {
     }
 }
 
-/// 8-bit RGB as PIL's `convert("RGB")` gives it (see the module doc for 16-bit samples).
-fn to_rgb8(image: DynamicImage) -> RgbImage {
-    match image {
+/// Row `y` of `image` in 8-bit RGB as PIL's `convert("RGB")` gives it (see the module doc for
+/// 16-bit samples).
+fn rgb8_row(image: &DynamicImage, y: u32) -> RgbImage {
+    let row = image.crop_imm(0, y, image.width(), 1);
+    match row {
         DynamicImage::ImageRgb8(rgb) => rgb,
         DynamicImage::ImageLuma16(_)
         | DynamicImage::ImageLumaA16(_)
         | DynamicImage::ImageRgb16(_)
         | DynamicImage::ImageRgba16(_) => {
-            let wide = image.to_rgb16();
+            let wide = row.to_rgb16();
             let (w, h) = wide.dimensions();
             let high: Vec<u8> = wide.into_raw().into_iter().map(|v| (v >> 8) as u8).collect();
             RgbImage::from_raw(w, h, high).expect("same dimensions")
@@ -241,51 +336,91 @@ fn taps(in_size: usize, out_size: usize, filter: Filter, rounding: Weights) -> (
     (taps, bits)
 }
 
-/// One resampling pass over an interleaved RGB image of `dims` (width, height), along the rows
-/// (`horizontal`) or the columns, to `out_len` samples; rounds to 8 bits like both references.
-fn convolve(src: &[u8], dims: (usize, usize), out_len: usize, horizontal: bool, taps: &[Taps], bits: u32) -> Vec<u8> {
-    let (w, h) = dims;
-    let (out_w, out_h) = if horizontal { (out_len, h) } else { (w, out_len) };
-    let mut out = vec![0u8; out_w * out_h * 3];
+/// One output pixel: the taps' weighted sum of the RGB pixels `at(k)` (k-th tap), rounded to
+/// 8 bits like both references.
+fn convolve_pixel(tap: &Taps, bits: u32, out: &mut [u8], at: impl Fn(usize) -> [u8; 3]) {
     let half = 1i64 << (bits - 1);
-    for y in 0..out_h {
-        for x in 0..out_w {
-            // Pixel index of the first tap, and the step between taps.
-            let (tap, first, step) = if horizontal {
-                let t = &taps[x];
-                (t, y * w + t.first, 1)
-            } else {
-                let t = &taps[y];
-                (t, t.first * w + x, w)
-            };
-            for c in 0..3 {
-                let acc = tap
-                    .weights
-                    .iter()
-                    .enumerate()
-                    .fold(half, |acc, (k, &wt)| acc + i64::from(src[(first + k * step) * 3 + c]) * wt);
-                out[(y * out_w + x) * 3 + c] = (acc >> bits).clamp(0, 255) as u8;
-            }
+    let mut acc = [half; 3];
+    for (k, &wt) in tap.weights.iter().enumerate() {
+        let px = at(k);
+        for c in 0..3 {
+            acc[c] += i64::from(px[c]) * wt;
         }
     }
-    out
+    for c in 0..3 {
+        out[c] = (acc[c] >> bits).clamp(0, 255) as u8;
+    }
 }
 
 /// Resizes an RGB image to `width` x `height` with PIL's antialiased separable resampling
 /// (`Image.resize`), or with PyTorch's uint8 variant of it; the result is bit-exact to either.
 pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter, rounding: Weights) -> RgbImage {
-    let (in_w, in_h) = (image.width() as usize, image.height() as usize);
-    let (out_w, out_h) = (width as usize, height as usize);
-    let mut data = image.as_raw().clone();
-    let mut w = in_w;
-    if out_w != in_w {
-        let (t, bits) = taps(in_w, out_w, filter, rounding);
-        data = convolve(&data, (in_w, in_h), out_w, true, &t, bits);
-        w = out_w;
+    let row_len = image.width() as usize * 3;
+    resize_rows(
+        image.dimensions(),
+        |y, row| row.copy_from_slice(&image.as_raw()[y as usize * row_len..][..row_len]),
+        (width, height),
+        filter,
+        rounding,
+    )
+}
+
+/// [`resize`] of an image of `(width, height)` whose RGB rows `read_row(y, row)` gives, each asked
+/// for once, in order: the horizontal pass runs on each row as it comes and the vertical pass
+/// keeps only the rows its current output row needs, so memory stays a few rows of the output
+/// whatever the input's size.
+fn resize_rows(
+    (in_w, in_h): (u32, u32),
+    mut read_row: impl FnMut(u32, &mut [u8]),
+    (width, height): (u32, u32),
+    filter: Filter,
+    rounding: Weights,
+) -> RgbImage {
+    let (in_w, out_w, out_h) = (in_w as usize, width as usize, height as usize);
+    let horizontal = (out_w != in_w).then(|| taps(in_w, out_w, filter, rounding));
+    let mut source = vec![0u8; in_w * 3];
+    let mut next_row = 0u32;
+    // The next input row, resampled horizontally to `out_w`.
+    let mut narrowed_row = || {
+        read_row(next_row, &mut source);
+        next_row += 1;
+        match &horizontal {
+            None => source.clone(),
+            Some((taps, bits)) => {
+                let mut row = vec![0u8; out_w * 3];
+                for (x, tap) in taps.iter().enumerate() {
+                    let px = |k: usize| source[(tap.first + k) * 3..][..3].try_into().expect("3 bytes");
+                    convolve_pixel(tap, *bits, &mut row[x * 3..][..3], px);
+                }
+                row
+            }
+        }
+    };
+    let mut out = Vec::with_capacity(out_w * out_h * 3);
+    if out_h == in_h as usize {
+        for _ in 0..in_h {
+            out.extend(narrowed_row());
+        }
+    } else {
+        let (taps, bits) = taps(in_h as usize, out_h, filter, rounding);
+        // Input rows `window_start..` as narrowed, from the first the current output row needs.
+        let mut window: VecDeque<Vec<u8>> = VecDeque::new();
+        let mut window_start = 0;
+        let mut row = vec![0u8; out_w * 3];
+        for tap in &taps {
+            while window_start + window.len() < tap.first + tap.weights.len() {
+                window.push_back(narrowed_row());
+            }
+            while window_start < tap.first {
+                window.pop_front();
+                window_start += 1;
+            }
+            for x in 0..out_w {
+                let px = |k: usize| window[k][x * 3..][..3].try_into().expect("3 bytes");
+                convolve_pixel(tap, bits, &mut row[x * 3..][..3], px);
+            }
+            out.extend_from_slice(&row);
+        }
     }
-    if out_h != in_h {
-        let (t, bits) = taps(in_h, out_h, filter, rounding);
-        data = convolve(&data, (w, in_h), out_h, false, &t, bits);
-    }
-    RgbImage::from_raw(width, height, data).expect("resampled buffer has the output size")
+    RgbImage::from_raw(width, height, out).expect("resampled buffer has the output size")
 }
