@@ -26,6 +26,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 use unicode_normalization_alignments::UnicodeNormalization;
 
+use crate::io::{read_text_bounded, SMALL_FILE_LIMIT};
 use crate::{Error, Result};
 
 /// The placeholder token of learned word `index` (0-based): `v1*`, `v2*`, ... An identity takes
@@ -556,7 +557,7 @@ fn token_spec(value: Option<&Value>, special: bool, file: &Path, key: &str) -> R
 
 /// A required file of the tokenizer folder.
 fn read_required(path: &Path) -> Result<String> {
-    match std::fs::read_to_string(path) {
+    match read_text_bounded(path, SMALL_FILE_LIMIT) {
         Ok(text) => Ok(text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::MissingFile {
             what: format!(
@@ -572,7 +573,7 @@ fn read_required(path: &Path) -> Result<String> {
 
 /// An optional JSON object file (empty when absent).
 fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
-    match std::fs::read_to_string(path) {
+    match read_text_bounded(path, SMALL_FILE_LIMIT) {
         Ok(text) => match serde_json::from_str(&text) {
             Ok(Value::Object(map)) => Ok(map),
             Ok(_) => Err(config_error(path, "not a JSON object".into())),

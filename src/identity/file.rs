@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::io::write_atomically;
+use crate::io::{read_safetensors, write_atomically, TensorFile, SMALL_FILE_LIMIT};
 use crate::{Error, Result};
 
 /// Name of the tensor in the tool's own identity files.
@@ -26,22 +26,19 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Reads an identity file (own, A1111/ComfyUI or diffusers textual-inversion format).
+    /// Reads an identity file (own, A1111/ComfyUI or diffusers textual-inversion format) of at
+    /// most [`SMALL_FILE_LIMIT`] bytes.
     pub fn load(path: &Path) -> Result<Self> {
         let bad = |msg: String| Error::Input(format!("identity file {}: {msg}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                what: "identity file".into(),
-                path: path.to_path_buf(),
-                hint: "identity files are written by learning from a photo of the person".into(),
-            },
-            _ => bad(e.to_string()),
-        })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| bad(format!("unreadable tensors ({e})")))?;
+        let TensorFile { tensors, metadata } =
+            read_safetensors(path, SMALL_FILE_LIMIT).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::MissingFile {
+                    what: "identity file".into(),
+                    path: path.to_path_buf(),
+                    hint: "identity files are written by learning from a photo of the person".into(),
+                },
+                _ => bad(e.to_string()),
+            })?;
         let embeddings = match tensors.get(IDENTITY_TENSOR).or_else(|| tensors.get("emb_params")) {
             Some(t) => t.clone(),
             None if tensors.len() == 1 => tensors.into_values().next().expect("one tensor"),

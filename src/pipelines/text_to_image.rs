@@ -2,11 +2,13 @@
 //! identity placeholders: in a prompt, `v1* v2*` stand for the first identity, `v3* v4*` for the
 //! second, and so on ([`encode_prompt`]).
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 
 use crate::identity::Identity;
-use crate::io::RgbImage;
+use crate::io::{read_safetensors, RgbImage, TensorFile, SMALL_FILE_LIMIT};
 use crate::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use crate::pipelines::encode_prompt;
 use crate::random::standard_normal;
@@ -159,6 +161,16 @@ pub fn generate(
     let image = sd.vae().decode(&scaled)?.to_dtype(DType::F32)?;
     let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     Ok(Generated { image, settings: request.settings(sd.model_name(), identities) })
+}
+
+/// Reads starting latents for [`GenerateRequest::initial_latents`] from a safetensors file of at
+/// most 16 MiB: its tensor `latents`, or its only tensor, as f32 on the CPU.
+pub fn read_latents(path: &Path) -> Result<Tensor> {
+    let bad = |msg: String| Error::Input(format!("initial latents {}: {msg}", path.display()));
+    let TensorFile { tensors, .. } = read_safetensors(path, SMALL_FILE_LIMIT).map_err(|e| bad(e.to_string()))?;
+    let latents = tensors.get("latents").or_else(|| tensors.values().next().filter(|_| tensors.len() == 1));
+    let latents = latents.ok_or_else(|| bad("expected one tensor named `latents`".into()))?;
+    Ok(latents.to_dtype(DType::F32)?)
 }
 
 /// Standard normal noise of `shape` from `seed`: the same seed gives the same image on any machine.

@@ -156,10 +156,8 @@ impl SchedulerConfig {
     /// Reads and checks a `scheduler_config.json`; errors name the file and the offending field.
     pub fn from_file(path: impl AsRef<Path>) -> crate::Result<Self> {
         let path = path.as_ref();
-        let config_error = |msg: String| crate::Error::Config { file: path.to_path_buf(), msg };
-        let text = std::fs::read_to_string(path).map_err(|e| config_error(e.to_string()))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
-        config.check().map_err(config_error)?;
+        let config: Self = crate::io::read_json(path)?;
+        config.check().map_err(|msg| crate::Error::Config { file: path.to_path_buf(), msg })?;
         Ok(config)
     }
 

@@ -205,7 +205,7 @@ impl SegformerImageProcessor {
     pub fn from_dir(dir: &Path) -> crate::Result<Self> {
         let path = dir.join("preprocessor_config.json");
         if path.is_file() {
-            crate::weights::read_json(&path)
+            crate::io::read_json(&path)
         } else {
             Ok(Self::default())
         }
