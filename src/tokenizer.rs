@@ -43,6 +43,9 @@ const END_OF_WORD: &str = "</w>";
 const CACHE_CAPACITY: usize = 10_000;
 /// Token length used when tokenizer_config.json has no `model_max_length` (CLIP's context).
 const DEFAULT_MAX_LENGTH: usize = 77;
+/// The largest `model_max_length` taken, far above any text encoder's positions: every encoding
+/// is padded to that length.
+const MAX_LENGTH_LIMIT: usize = 1 << 16;
 /// The special-token keys of tokenizer_config.json, in the order transformers adds them.
 const SPECIAL_TOKEN_KEYS: [&str; 7] =
     ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
@@ -519,12 +522,14 @@ impl SpecialTokens {
         }
         let max_length = match config.get("model_max_length") {
             None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
-            Some(v) => v.as_u64().filter(|&n| n >= 2).map(|n| n as usize).ok_or_else(|| {
-                config_error(
-                    &config_file,
-                    format!("model_max_length must be an integer of at least 2 (room for BOS and EOS), found {v}"),
-                )
-            })?,
+            Some(v) => {
+                let in_range = |n: &u64| (2..=MAX_LENGTH_LIMIT as u64).contains(n);
+                let problem = format!(
+                    "model_max_length {v} is out of range: expected an integer from 2 (room for BOS and EOS) to \
+                     {MAX_LENGTH_LIMIT} (CLIP's text encoder takes 77 tokens)"
+                );
+                v.as_u64().filter(in_range).ok_or_else(|| config_error(&config_file, problem))? as usize
+            }
         };
         Ok(Self { added, named: named.into_iter().map(|(key, spec)| (key, spec.content)).collect(), max_length })
     }

@@ -40,7 +40,8 @@ pub struct GenerateArgs {
     /// How many images to make.
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
-    /// Image width in pixels, a multiple of 8 [default: the model's size, 512 for SD 2.1-base].
+    /// Image width in pixels, a multiple of 8; width x height at most 2048 x 2048 [default: the
+    /// model's size, 512 for SD 2.1-base].
     #[arg(long)]
     pub width: Option<usize>,
     /// Image height in pixels, a multiple of 8 [default: the model's size].

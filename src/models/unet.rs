@@ -19,6 +19,12 @@ use crate::models::blocks::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::models::blocks::unet_2d::{DownBlock, MidBlock, StageSpec, UpBlock};
 use crate::nn::{ops, Conv2d, GroupNorm};
 
+/// Down blocks a UNet may have: each after the first halves the latents (Stable Diffusion has 4).
+const MAX_BLOCKS: usize = 8;
+/// Resnets or transformers one block may have (Stable Diffusion has 2 and 1, SDXL up to 10):
+/// a bound for counts that size lists before any weight is read.
+const MAX_LAYERS: usize = 100;
+
 /// A config value given once for all blocks or as a list with one entry per down block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged, expecting = "a value or a list with one value per block")]
@@ -208,6 +214,12 @@ impl UNet2DConditionConfig {
         expect_eq("attention_type", &self.attention_type.as_str(), &"default")?;
 
         let n = self.block_out_channels.len();
+        if n > MAX_BLOCKS {
+            bail!(
+                "unet config: `block_out_channels` has {n} entries; at most {MAX_BLOCKS} blocks are supported \
+                 (each halves the latents; Stable Diffusion has 4)"
+            )
+        }
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             bail!(
                 "unet config: `block_out_channels` ({n} entries), `down_block_types` ({}) and \
@@ -239,12 +251,19 @@ impl UNet2DConditionConfig {
                 bail!("unet config: {channels} channels do not split into `attention_head_dim` = {h} heads")
             }
         }
+        let layers = self.layers_per_block.expand("layers_per_block", n)?;
+        let transformer_layers = self.transformer_layers_per_block.expand("transformer_layers_per_block", n)?;
+        for (field, counts) in [("layers_per_block", &layers), ("transformer_layers_per_block", &transformer_layers)] {
+            if let Some(count) = counts.iter().find(|&&c| c > MAX_LAYERS) {
+                bail!("unet config: `{field}` = {count}: at most {MAX_LAYERS} layers per block are supported")
+            }
+        }
         Ok(Plan {
             down_attention,
             up_attention,
             heads,
-            layers: self.layers_per_block.expand("layers_per_block", n)?,
-            transformer_layers: self.transformer_layers_per_block.expand("transformer_layers_per_block", n)?,
+            layers,
+            transformer_layers,
             cross_attention_dim: self.cross_attention_dim.expand("cross_attention_dim", n)?,
             norm_groups,
         })

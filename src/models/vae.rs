@@ -15,6 +15,8 @@ use crate::nn::{attention, Conv2d, GroupNorm, Linear};
 
 /// The resnets and attention of the VAE use this epsilon in every group norm.
 const NORM_EPS: f64 = 1e-6;
+/// Blocks the VAE may have: each after the first halves the image (Stable Diffusion has 4).
+const MAX_BLOCKS: usize = 8;
 
 /// `sample_size` of a diffusers config: one side or (height, width).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -96,12 +98,19 @@ fn default_true() -> bool {
 
 impl AutoencoderKLConfig {
     /// Rejects what this implementation does not build, naming the config field.
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         if self.act_fn != "silu" && self.act_fn != "swish" {
             bail!("act_fn: unsupported activation {:?} (only \"silu\")", self.act_fn)
         }
         if self.block_out_channels.is_empty() {
             bail!("block_out_channels: empty")
+        }
+        if self.block_out_channels.len() > MAX_BLOCKS {
+            bail!(
+                "block_out_channels: {} blocks; at most {MAX_BLOCKS} are supported (each after the first halves \
+                 the image; Stable Diffusion has 4)",
+                self.block_out_channels.len()
+            )
         }
         let n = self.block_out_channels.len();
         if self.down_block_types.len() != n || self.up_block_types.len() != n {

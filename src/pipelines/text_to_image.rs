@@ -55,6 +55,10 @@ impl GenerateRequest {
                 return Err(Error::setting(name, value, format!("must be a positive multiple of {factor}")));
             }
         }
+        if let Err(problem) = configs.check_image_size(self.width, self.height) {
+            let (name, value) = if self.width >= self.height { ("width", self.width) } else { ("height", self.height) };
+            return Err(Error::setting(name, value, problem));
+        }
         if self.steps == 0 {
             return Err(Error::setting("steps", 0, "must be at least 1"));
         }
