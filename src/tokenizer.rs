@@ -17,7 +17,8 @@
 //! 5. BOS + ids + EOS, truncated to `model_max_length` (EOS kept last) and padded with the pad
 //!    token: `"!"` (id 0) for SD 2.x, `<|endoftext|>` for SD 1.x.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::path::Path;
 use std::sync::Mutex;
@@ -324,7 +325,7 @@ impl ClipTokenizer {
             return ids.clone();
         }
         let last = word.len() - 1;
-        let mut symbols: Vec<u32> = word
+        let symbols: Vec<u32> = word
             .bytes()
             .enumerate()
             .map(|(i, byte)| {
@@ -335,20 +336,52 @@ impl ClipTokenizer {
                 self.vocab.get(&symbol).copied().unwrap_or(self.unk)
             })
             .collect();
-        while let Some((_, i, id)) = symbols
-            .windows(2)
-            .enumerate()
-            .filter_map(|(i, pair)| self.merges.get(&(pair[0], pair[1])).map(|m| (m.rank, i, m.id)))
-            .min()
-        {
-            symbols[i] = id;
-            symbols.remove(i + 1);
-        }
+        let symbols = self.merge(symbols);
         let mut cache = self.cache.lock().expect("BPE cache lock");
         if cache.len() < CACHE_CAPACITY {
             cache.insert(word.to_string(), symbols.clone());
         }
         symbols
+    }
+
+    /// Merges adjacent symbols, the lowest-ranked pair first and the leftmost among equals, as
+    /// the `tokenizers` library does in O(n log n) for n symbols: the symbols form a linked list
+    /// (a merged pair lives on at its left position), the candidate pairs wait in a min-heap keyed
+    /// by (rank, left position), and a pair that a merge changed is skipped when it comes up.
+    fn merge(&self, mut symbols: Vec<u32>) -> Vec<u32> {
+        const NONE: usize = usize::MAX;
+        let n = symbols.len();
+        let mut next: Vec<usize> = (1..n).chain([NONE]).collect();
+        let mut prev: Vec<usize> = [NONE].into_iter().chain(0..n - 1).collect();
+        let pair = |symbols: &[u32], left: usize, right: usize| {
+            self.merges.get(&(symbols[left], symbols[right])).map(|m| Reverse((m.rank, left, right)))
+        };
+        let mut queue: BinaryHeap<_> = (1..n).filter_map(|i| pair(&symbols, i - 1, i)).collect();
+        while let Some(Reverse((rank, left, right))) = queue.pop() {
+            // Still neighbours holding the pair this rank merges (symbols only ever grow, so a
+            // changed position never holds its old symbol again).
+            let merge = self.merges.get(&(symbols[left], symbols[right])).filter(|m| m.rank == rank);
+            let Some(merge) = merge.filter(|_| next[left] == right) else { continue };
+            symbols[left] = merge.id;
+            let after = next[right];
+            next[left] = after;
+            next[right] = NONE;
+            if after != NONE {
+                prev[after] = left;
+                queue.extend(pair(&symbols, left, after));
+            }
+            if prev[left] != NONE {
+                queue.extend(pair(&symbols, prev[left], left));
+            }
+        }
+        // The first symbol is never merged away: it is the left of every merge it takes part in.
+        let mut ids = Vec::new();
+        let mut at = 0;
+        while at != NONE {
+            ids.push(symbols[at]);
+            at = next[at];
+        }
+        ids
     }
 }
 

@@ -15,6 +15,10 @@ use crate::random::standard_normal;
 use crate::schedulers::Sampler;
 use crate::{Error, Result};
 
+/// The longest prompt (and negative prompt) taken, in characters: the text encoder reads only
+/// the first 75 tokens of a prompt, a few hundred characters.
+pub const MAX_PROMPT_CHARS: usize = 10_000;
+
 /// What to generate. Defaults are the paper's sampling settings.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -49,6 +53,21 @@ impl GenerateRequest {
 
     /// Checks every setting against the model's configs, before anything is loaded or run.
     pub fn validate(&self, configs: &SdConfigs) -> Result<()> {
+        for (name, prompt) in [("prompt", &self.prompt), ("negative_prompt", &self.negative_prompt)] {
+            let chars = prompt.chars().count();
+            if chars > MAX_PROMPT_CHARS {
+                let start: String = prompt.chars().take(20).collect();
+                return Err(Error::setting(
+                    name,
+                    format!("{start:?}... ({chars} characters)"),
+                    format!(
+                        "longer than {MAX_PROMPT_CHARS} characters, while the text encoder reads only its first {} \
+                         tokens (a few hundred characters): shorten it",
+                        configs.text_encoder.max_position_embeddings.saturating_sub(2)
+                    ),
+                ));
+            }
+        }
         let factor = configs.latent_factor();
         for (name, value) in [("width", self.width), ("height", self.height)] {
             if value == 0 || !value.is_multiple_of(factor) {
