@@ -6,7 +6,7 @@
 //!
 //! The folders follow the data flow; each module uses only those listed before it, which
 //! `tests/layers.rs` checks:
-//! - [`io`], [`random`]: atomic outputs with PNG metadata; seeded noise.
+//! - [`io`], [`random`]: bounded reads of input files, atomic outputs with PNG metadata; seeded noise.
 //! - [`weights`]: find a diffusers model folder (local or Hugging Face cache), read configs and tensors.
 //! - [`tokenizer`]: CLIP BPE with placeholder tokens for identities.
 //! - [`nn`]: differentiable building blocks shared by every model.

@@ -17,7 +17,8 @@
 //! 5. BOS + ids + EOS, truncated to `model_max_length` (EOS kept last) and padded with the pad
 //!    token: `"!"` (id 0) for SD 2.x, `<|endoftext|>` for SD 1.x.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::path::Path;
 use std::sync::Mutex;
@@ -26,6 +27,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 use unicode_normalization_alignments::UnicodeNormalization;
 
+use crate::io::{read_text_bounded, SMALL_FILE_LIMIT};
 use crate::{Error, Result};
 
 /// The placeholder token of learned word `index` (0-based): `v1*`, `v2*`, ... An identity takes
@@ -42,6 +44,9 @@ const END_OF_WORD: &str = "</w>";
 const CACHE_CAPACITY: usize = 10_000;
 /// Token length used when tokenizer_config.json has no `model_max_length` (CLIP's context).
 const DEFAULT_MAX_LENGTH: usize = 77;
+/// The largest `model_max_length` taken, far above any text encoder's positions: every encoding
+/// is padded to that length.
+const MAX_LENGTH_LIMIT: usize = 1 << 16;
 /// The special-token keys of tokenizer_config.json, in the order transformers adds them.
 const SPECIAL_TOKEN_KEYS: [&str; 7] =
     ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
@@ -320,7 +325,7 @@ impl ClipTokenizer {
             return ids.clone();
         }
         let last = word.len() - 1;
-        let mut symbols: Vec<u32> = word
+        let symbols: Vec<u32> = word
             .bytes()
             .enumerate()
             .map(|(i, byte)| {
@@ -331,20 +336,52 @@ impl ClipTokenizer {
                 self.vocab.get(&symbol).copied().unwrap_or(self.unk)
             })
             .collect();
-        while let Some((_, i, id)) = symbols
-            .windows(2)
-            .enumerate()
-            .filter_map(|(i, pair)| self.merges.get(&(pair[0], pair[1])).map(|m| (m.rank, i, m.id)))
-            .min()
-        {
-            symbols[i] = id;
-            symbols.remove(i + 1);
-        }
+        let symbols = self.merge(symbols);
         let mut cache = self.cache.lock().expect("BPE cache lock");
         if cache.len() < CACHE_CAPACITY {
             cache.insert(word.to_string(), symbols.clone());
         }
         symbols
+    }
+
+    /// Merges adjacent symbols, the lowest-ranked pair first and the leftmost among equals, as
+    /// the `tokenizers` library does in O(n log n) for n symbols: the symbols form a linked list
+    /// (a merged pair lives on at its left position), the candidate pairs wait in a min-heap keyed
+    /// by (rank, left position), and a pair that a merge changed is skipped when it comes up.
+    fn merge(&self, mut symbols: Vec<u32>) -> Vec<u32> {
+        const NONE: usize = usize::MAX;
+        let n = symbols.len();
+        let mut next: Vec<usize> = (1..n).chain([NONE]).collect();
+        let mut prev: Vec<usize> = [NONE].into_iter().chain(0..n - 1).collect();
+        let pair = |symbols: &[u32], left: usize, right: usize| {
+            self.merges.get(&(symbols[left], symbols[right])).map(|m| Reverse((m.rank, left, right)))
+        };
+        let mut queue: BinaryHeap<_> = (1..n).filter_map(|i| pair(&symbols, i - 1, i)).collect();
+        while let Some(Reverse((rank, left, right))) = queue.pop() {
+            // Still neighbours holding the pair this rank merges (symbols only ever grow, so a
+            // changed position never holds its old symbol again).
+            let merge = self.merges.get(&(symbols[left], symbols[right])).filter(|m| m.rank == rank);
+            let Some(merge) = merge.filter(|_| next[left] == right) else { continue };
+            symbols[left] = merge.id;
+            let after = next[right];
+            next[left] = after;
+            next[right] = NONE;
+            if after != NONE {
+                prev[after] = left;
+                queue.extend(pair(&symbols, left, after));
+            }
+            if prev[left] != NONE {
+                queue.extend(pair(&symbols, prev[left], left));
+            }
+        }
+        // The first symbol is never merged away: it is the left of every merge it takes part in.
+        let mut ids = Vec::new();
+        let mut at = 0;
+        while at != NONE {
+            ids.push(symbols[at]);
+            at = next[at];
+        }
+        ids
     }
 }
 
@@ -518,12 +555,14 @@ impl SpecialTokens {
         }
         let max_length = match config.get("model_max_length") {
             None | Some(Value::Null) => DEFAULT_MAX_LENGTH,
-            Some(v) => v.as_u64().filter(|&n| n >= 2).map(|n| n as usize).ok_or_else(|| {
-                config_error(
-                    &config_file,
-                    format!("model_max_length must be an integer of at least 2 (room for BOS and EOS), found {v}"),
-                )
-            })?,
+            Some(v) => {
+                let in_range = |n: &u64| (2..=MAX_LENGTH_LIMIT as u64).contains(n);
+                let problem = format!(
+                    "model_max_length {v} is out of range: expected an integer from 2 (room for BOS and EOS) to \
+                     {MAX_LENGTH_LIMIT} (CLIP's text encoder takes 77 tokens)"
+                );
+                v.as_u64().filter(in_range).ok_or_else(|| config_error(&config_file, problem))? as usize
+            }
         };
         Ok(Self { added, named: named.into_iter().map(|(key, spec)| (key, spec.content)).collect(), max_length })
     }
@@ -556,7 +595,7 @@ fn token_spec(value: Option<&Value>, special: bool, file: &Path, key: &str) -> R
 
 /// A required file of the tokenizer folder.
 fn read_required(path: &Path) -> Result<String> {
-    match std::fs::read_to_string(path) {
+    match read_text_bounded(path, SMALL_FILE_LIMIT) {
         Ok(text) => Ok(text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::MissingFile {
             what: format!(
@@ -572,7 +611,7 @@ fn read_required(path: &Path) -> Result<String> {
 
 /// An optional JSON object file (empty when absent).
 fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
-    match std::fs::read_to_string(path) {
+    match read_text_bounded(path, SMALL_FILE_LIMIT) {
         Ok(text) => match serde_json::from_str(&text) {
             Ok(Value::Object(map)) => Ok(map),
             Ok(_) => Err(config_error(path, "not a JSON object".into())),

@@ -62,7 +62,7 @@ impl ModelDir {
 
     /// Parses `component/file` (a JSON config) into `T`.
     pub fn config<T: DeserializeOwned>(&self, component: &str, file: &str) -> Result<T> {
-        read_json(&self.component(component)?.join(file))
+        crate::io::read_json(&self.component(component)?.join(file))
     }
 
     /// The weights of `component`: `stem.safetensors`, else `stem.fp16.safetensors` (memory-mapped),
@@ -164,17 +164,4 @@ fn hub_cache_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     hf_hub::Cache::from_env().path().clone()
-}
-
-/// Reads a JSON file into `T`, naming the file in any error.
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            what: "config file".into(),
-            path: path.to_path_buf(),
-            hint: "the model folder is incomplete".into(),
-        },
-        _ => Error::Config { file: path.to_path_buf(), msg: e.to_string() },
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::Config { file: path.to_path_buf(), msg: e.to_string() })
 }

@@ -95,6 +95,10 @@ fn unsupported_config_is_rejected_naming_file_and_field() {
         ("thresholding", Value::from(true), "thresholding"),
         ("rescale_betas_zero_snr", Value::from(true), "rescale_betas_zero_snr"),
         ("trained_betas", Value::from(vec![0.1, 0.2]), "trained_betas"),
+        ("trained_betas", Value::from(vec![1.0; 1000]), "trained_betas[0] = 1"),
+        ("num_train_timesteps", Value::from(1_000_000_000_000u64), "num_train_timesteps 1000000000000"),
+        ("steps_offset", Value::from(1000), "steps_offset 1000"),
+        ("beta_start", Value::from(-0.5), "beta_start -0.5"),
     ] {
         let mut config = fx.config.clone();
         config.insert(key.into(), value);

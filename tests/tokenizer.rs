@@ -4,9 +4,11 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use common::fixture;
+use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use stableid::tokenizer::ClipTokenizer;
 use stableid::Error;
@@ -169,11 +171,13 @@ fn incomplete_or_malformed_folders_are_reported_by_file() {
         assert!(msg.contains(missing) && msg.contains("incomplete"), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
-    let broken: [(&str, &str); 4] = [
+    let broken: [(&str, &str); 5] = [
         ("vocab.json", "{\"a\": 0,"),
         ("merges.txt", "#version: 0.2\na b c\n"),
         ("merges.txt", "#version: 0.2\nnot-a-token x\n"),
         ("tokenizer_config.json", "{\"model_max_length\": 1}"),
+        // Every encoding is padded to this length.
+        ("tokenizer_config.json", "{\"model_max_length\": 1000000000}"),
     ];
     for (file, text) in broken {
         let dir = edited_folder(tmp.path(), |d| std::fs::write(d.join(file), text).unwrap());
@@ -211,4 +215,72 @@ fn bpe_is_fast_on_unseen_words() {
     let elapsed = start.elapsed();
     eprintln!("{tokens} tokens from 40000 unseen words in {elapsed:?}");
     assert!(elapsed.as_secs_f64() < 10.0, "BPE too slow: {elapsed:?}");
+}
+
+/// BPE as the reference implementation writes it (the slow `CLIPTokenizer.bpe` of
+/// transformers): the best-ranked pair is merged everywhere at once, left to right, until no
+/// pair of the word has a merge.
+fn reference_bpe(word: &str, ranks: &HashMap<(String, String), usize>) -> Vec<String> {
+    let mut symbols: Vec<String> = word.chars().map(String::from).collect();
+    symbols.last_mut().unwrap().push_str("</w>");
+    loop {
+        let ranked = symbols.windows(2).filter_map(|p| ranks.get(&(p[0].clone(), p[1].clone())).map(|&r| (r, p)));
+        let Some((_, [first, second])) = ranked.min_by_key(|(rank, _)| *rank) else { return symbols };
+        let (first, second) = (first.clone(), second.clone());
+        let mut merged = Vec::with_capacity(symbols.len());
+        let mut i = 0;
+        while i < symbols.len() {
+            if i + 1 < symbols.len() && symbols[i] == first && symbols[i + 1] == second {
+                merged.push(format!("{first}{second}"));
+                i += 2;
+            } else {
+                merged.push(symbols[i].clone());
+                i += 1;
+            }
+        }
+        symbols = merged;
+    }
+}
+
+#[test]
+fn bpe_merges_as_the_reference_implementation_on_random_words() {
+    let tok = ClipTokenizer::from_dir(&fixture("tokenizer")).unwrap();
+    let merges = std::fs::read_to_string(fixture("tokenizer/merges.txt")).unwrap();
+    let ranks: HashMap<(String, String), usize> = merges
+        .lines()
+        .filter(|l| !l.starts_with("#version"))
+        .enumerate()
+        .map(|(rank, line)| {
+            let (a, b) = line.split_once(' ').unwrap();
+            ((a.to_string(), b.to_string()), rank)
+        })
+        .collect();
+    // Lower-case ASCII letters are their own byte symbols and one pre-split word; few letters and
+    // repeats make the ties and overlapping pairs where merge orders could differ.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let alphabets = ["etaoinshrdlucmfwyp", "aeiou", "ab", "s", "lovephotograph"];
+    let mut checked = 0;
+    for i in 0..3000 {
+        let alphabet = alphabets[i % alphabets.len()].as_bytes();
+        let len = if i % 300 == 0 { rng.random_range(200..800) } else { rng.random_range(1..24) };
+        let word: String = (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())] as char).collect();
+        assert_eq!(tok.tokenize(&word), reference_bpe(&word, &ranks), "{word}");
+        checked += 1;
+    }
+    assert_eq!(checked, 3000);
+}
+
+#[test]
+fn bpe_takes_about_linear_time_in_the_word_length() {
+    let tok = ClipTokenizer::from_dir(&fixture("tokenizer")).unwrap();
+    // One such word took more than a minute when every merge rescanned the word.
+    let repeated = "a".repeat(120_000);
+    let mixed: String = "photographmonalisa".chars().cycle().take(120_000).collect();
+    for word in [repeated, mixed] {
+        let start = std::time::Instant::now();
+        let encoding = tok.encode(&word);
+        let elapsed = start.elapsed();
+        eprintln!("a word of 120,000 characters in {elapsed:?}");
+        assert!(encoding.truncated && elapsed.as_secs_f64() < 2.0, "BPE too slow: {elapsed:?}");
+    }
 }

@@ -3,12 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
 use stableid::identity::Identity;
 use stableid::io::write_png;
 use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use stableid::pipelines::text_to_image::to_rgb_images;
-use stableid::pipelines::{generate, GenerateRequest};
+use stableid::pipelines::{generate, read_latents, GenerateRequest};
 use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
 
@@ -41,7 +40,8 @@ pub struct GenerateArgs {
     /// How many images to make.
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
-    /// Image width in pixels, a multiple of 8 [default: the model's size, 512 for SD 2.1-base].
+    /// Image width in pixels, a multiple of 8; width x height at most 2048 x 2048 [default: the
+    /// model's size, 512 for SD 2.1-base].
     #[arg(long)]
     pub width: Option<usize>,
     /// Image height in pixels, a multiple of 8 [default: the model's size].
@@ -88,7 +88,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         width: args.width.unwrap_or(default_width),
         height: args.height.unwrap_or(default_height),
         sampler: args.sampler,
-        initial_latents: args.initial_latents.as_deref().map(|p| read_latents(p, &device)).transpose()?,
+        initial_latents: args.initial_latents.as_deref().map(read_latents).transpose()?,
     };
     request.validate(&configs)?;
     if request.initial_latents.is_some() && args.num_images > 1 {
@@ -143,15 +143,4 @@ fn next_free_path(dir: &Path, seed: u64) -> Result<PathBuf> {
         .max()
         .map_or(0, |n| n + 1);
     Ok(dir.join(format!("{next:05}-{seed}.png")))
-}
-
-/// Reads the one tensor of a safetensors file as f32 latents.
-fn read_latents(path: &Path, device: &Device) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, device)
-        .with_context(|| format!("cannot read initial latents {}", path.display()))?;
-    let Some(latents) = tensors.get("latents").or_else(|| tensors.values().next().filter(|_| tensors.len() == 1))
-    else {
-        bail!("{}: expected one tensor named `latents`", path.display());
-    };
-    Ok(latents.to_dtype(DType::F32)?)
 }

@@ -49,7 +49,9 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(args: InspectArgs) -> Result<()> {
-    let identity = Identity::load(&args.identity)?;
+    // A damaged file is shown too, saying what is wrong with it.
+    let identity = Identity::load_unchecked(&args.identity)?;
+    let non_finite = identity.non_finite_values()?;
     let norms: Vec<f32> = identity.embeddings.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
     let mut metadata: Vec<_> = identity.metadata.iter().collect();
     metadata.sort();
@@ -57,12 +59,19 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
         let summary = serde_json::json!({
             "shape": identity.embeddings.dims(),
             "norms": norms,
+            "non_finite_values": non_finite,
             "metadata": identity.metadata,
         });
         println!("{summary}");
     } else {
         println!("{}: {} vectors of width {}", args.identity.display(), identity.embeddings.dim(0)?, identity.width());
         println!("norms: v1* {:.4}, v2* {:.4}", norms[0], norms[1]);
+        if non_finite > 0 {
+            println!(
+                "not usable: {non_finite} of its {} values are NaN or infinite (generate and export refuse it)",
+                identity.embeddings.elem_count()
+            );
+        }
         for (key, value) in metadata {
             println!("{key}: {value}");
         }

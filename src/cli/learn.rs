@@ -117,6 +117,7 @@ pub fn run(args: LearnArgs) -> Result<()> {
     settings.validate()?;
 
     let photo = load_photo(&args.photo)?;
+    let names = CelebNames::load(args.celeb_names.as_deref())?;
     let device = args.model.device()?;
     let model = ModelDir::resolve(&args.model.model)?;
     let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
@@ -124,7 +125,6 @@ pub fn run(args: LearnArgs) -> Result<()> {
     let parser = args.parser.load(&device)?;
     let prepared =
         PreparedPhoto::new(&photo, &encoder, &parser, &device).with_context(|| format!("{}", args.photo.display()))?;
-    let names = CelebNames::load(args.celeb_names.as_deref())?;
     let basis = CelebBasis::load_or_compute(
         &basis_cache_dir(out_dir),
         sd.text_encoder_file(),

@@ -183,6 +183,8 @@ pub fn error_line(error: &anyhow::Error) -> String {
 /// The flag that sets a library request's field.
 fn flag(field: &str) -> String {
     match field {
+        // The prompt is the positional argument.
+        "prompt" => "the prompt".into(),
         "resolution" => "--res".into(),
         "measures" => "--only".into(),
         _ => format!("--{}", field.replace('_', "-")),

@@ -10,11 +10,13 @@ use serde_json::Value;
 
 use crate::identity::mlp::{IdentityMlp, PARAM_NAMES};
 use crate::identity::step::Learner;
-use crate::io::write_atomically;
+use crate::io::{read_safetensors, write_atomically, TensorFile};
 use crate::{Error, Result};
 
 const FORMAT: &str = "stableid-checkpoint";
 const VERSION: &str = "1";
+/// The largest checkpoint read: the MLP and its two AdamW moments, 70 MB for SD 2.1's learner.
+const MAX_CHECKPOINT_BYTES: u64 = 1 << 30;
 
 /// A saved learner state.
 pub struct Checkpoint {
@@ -54,12 +56,11 @@ impl Checkpoint {
         write_atomically(path, |w| std::io::Write::write_all(w, &bytes))
     }
 
+    /// Reads a checkpoint (at most 1 GiB).
     pub fn load(path: &Path) -> Result<Self> {
         let bad = |msg: String| Error::Input(format!("checkpoint {}: {msg}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint ({e})")))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
+        let TensorFile { tensors, metadata } =
+            read_safetensors(path, MAX_CHECKPOINT_BYTES).map_err(|e| bad(e.to_string()))?;
         if metadata.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(bad("not a stableid learner checkpoint".into()));
         }
@@ -71,8 +72,6 @@ impl Checkpoint {
             .get("fingerprint")
             .and_then(|s| serde_json::from_str(s).ok())
             .ok_or_else(|| bad("no fingerprint".into()))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| bad(format!("unreadable ({e})")))?;
         Ok(Self { step, fingerprint, tensors })
     }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::io::write_atomically;
+use crate::io::{read_safetensors, write_atomically, TensorFile, SMALL_FILE_LIMIT};
 use crate::{Error, Result};
 
 /// Name of the tensor in the tool's own identity files.
@@ -26,22 +26,34 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Reads an identity file (own, A1111/ComfyUI or diffusers textual-inversion format).
+    /// Reads an identity file (own, A1111/ComfyUI or diffusers textual-inversion format) of at
+    /// most [`SMALL_FILE_LIMIT`] bytes; one holding NaN or infinite values is refused.
     pub fn load(path: &Path) -> Result<Self> {
+        let identity = Self::load_unchecked(path)?;
+        let non_finite = identity.non_finite_values()?;
+        if non_finite > 0 {
+            return Err(Error::Input(format!(
+                "identity file {}: {non_finite} of its {} values are NaN or infinite (the run that made it \
+                 diverged?): learn the identity again",
+                path.display(),
+                identity.embeddings.elem_count()
+            )));
+        }
+        Ok(identity)
+    }
+
+    /// [`Identity::load`] without refusing NaN or infinite values, to inspect a damaged file.
+    pub fn load_unchecked(path: &Path) -> Result<Self> {
         let bad = |msg: String| Error::Input(format!("identity file {}: {msg}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile {
-                what: "identity file".into(),
-                path: path.to_path_buf(),
-                hint: "identity files are written by learning from a photo of the person".into(),
-            },
-            _ => bad(e.to_string()),
-        })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| bad(format!("unreadable tensors ({e})")))?;
+        let TensorFile { tensors, metadata } =
+            read_safetensors(path, SMALL_FILE_LIMIT).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::MissingFile {
+                    what: "identity file".into(),
+                    path: path.to_path_buf(),
+                    hint: "identity files are written by learning from a photo of the person".into(),
+                },
+                _ => bad(e.to_string()),
+            })?;
         let embeddings = match tensors.get(IDENTITY_TENSOR).or_else(|| tensors.get("emb_params")) {
             Some(t) => t.clone(),
             None if tensors.len() == 1 => tensors.into_values().next().expect("one tensor"),
@@ -64,6 +76,12 @@ impl Identity {
         }
         let embeddings = embeddings.to_dtype(DType::F32)?;
         Ok(Self { embeddings, source: path.to_path_buf(), metadata })
+    }
+
+    /// How many of the values are NaN or infinite (0 for any identity [`Identity::load`] returns).
+    pub fn non_finite_values(&self) -> Result<usize> {
+        let values = self.embeddings.flatten_all()?.to_vec1::<f32>()?;
+        Ok(values.iter().filter(|v| !v.is_finite()).count())
     }
 
     /// Width of each embedding (1024 for SD 2.1).

@@ -21,6 +21,11 @@ use crate::{Error, Result};
 /// Identities one prompt can hold; each takes two placeholder tokens.
 pub const MAX_IDENTITIES: usize = 4;
 
+/// The most latents an image may have (2048 x 2048 pixels for Stable Diffusion, 16 times its
+/// 512 x 512): the UNet's and the VAE's self-attention over them holds a (latents x latents)
+/// matrix of scores per head, here at most 2^32 values, 16 GiB in f32.
+pub const MAX_LATENT_POSITIONS: usize = 1 << 16;
+
 /// `unet/config.json` of stabilityai/stable-diffusion-2-1-base.
 pub const SD21_BASE_UNET: &str = r#"{
   "_class_name": "UNet2DConditionModel",
@@ -119,11 +124,19 @@ impl SdConfigs {
     /// Reads the configs of a diffusers folder and checks that they make a StableIdentity model
     /// ([`SdConfigs::validate`]).
     pub fn read(model: &ModelDir) -> Result<Self> {
+        let config_error = |component: &str, e: candle_core::Error| Error::Config {
+            file: model.root().join(component).join("config.json"),
+            msg: e.to_string(),
+        };
+        let unet: UNet2DConditionConfig = model.config("unet", "config.json")?;
+        unet.validate().map_err(|e| config_error("unet", e))?;
+        let vae: AutoencoderKLConfig = model.config("vae", "config.json")?;
+        vae.validate().map_err(|e| config_error("vae", e))?;
         let configs = Self {
             text_encoder: model.config("text_encoder", "config.json")?,
-            unet: model.config("unet", "config.json")?,
-            vae: model.config("vae", "config.json")?,
-            scheduler: model.config("scheduler", "scheduler_config.json")?,
+            unet,
+            vae,
+            scheduler: SchedulerConfig::from_file(model.component("scheduler")?.join("scheduler_config.json"))?,
         };
         configs.validate(model.name())?;
         Ok(configs)
@@ -152,7 +165,12 @@ impl SdConfigs {
                 self.text_encoder.hidden_size
             )));
         }
-        Ok(())
+        let (width, height) = self.default_size();
+        self.check_image_size(width, height).map_err(|problem| {
+            Error::UnsupportedModel(format!(
+                "{model}: sample_size in unet/config.json makes a default image of {width} x {height} pixels: {problem}"
+            ))
+        })
     }
 
     /// How many pixels one latent spans per side (8 for Stable Diffusion): the VAE halves the
@@ -171,12 +189,30 @@ impl SdConfigs {
     /// The image size (width, height) the model was trained at (512 x 512 for SD 2.1-base).
     pub fn default_size(&self) -> (usize, usize) {
         let factor = self.latent_factor();
+        let pixels = |side: usize| side.saturating_mul(factor);
         match &self.unet.sample_size {
-            Some(PerBlock::One(side)) => (side * factor, side * factor),
-            Some(PerBlock::Each(sides)) if sides.len() == 2 => (sides[1] * factor, sides[0] * factor),
+            Some(PerBlock::One(side)) => (pixels(*side), pixels(*side)),
+            Some(PerBlock::Each(sides)) if sides.len() == 2 => (pixels(sides[1]), pixels(sides[0])),
             // diffusers' UNet default sample size is 64 latents.
             _ => (64 * factor, 64 * factor),
         }
+    }
+
+    /// Why an image of `width` x `height` pixels is too large to make, if it is: the self-attention
+    /// of the UNet's first level and of the VAE's middle holds a (latents x latents) matrix of
+    /// scores, which must stay within [`MAX_LATENT_POSITIONS`]² values (16 GiB in f32).
+    pub fn check_image_size(&self, width: usize, height: usize) -> std::result::Result<(), String> {
+        let factor = self.latent_factor();
+        let latents = (width / factor) as u128 * (height / factor) as u128;
+        if latents > MAX_LATENT_POSITIONS as u128 {
+            let side = MAX_LATENT_POSITIONS.isqrt() * factor;
+            return Err(format!(
+                "{width} x {height} pixels are {latents} latents (one per {factor} x {factor} pixels); the attention \
+                 over them holds latents² scores, so at most {MAX_LATENT_POSITIONS} latents fit its 16 GiB budget \
+                 (e.g. {side} x {side} pixels): choose a smaller size"
+            ));
+        }
+        Ok(())
     }
 
     /// The latents' shape (1, channels, height / factor, width / factor) of an image.
@@ -209,7 +245,19 @@ impl StableDiffusion {
     pub fn load(model: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
         crate::nn::check_dtype(dtype, device)?;
         let configs = SdConfigs::read(model)?;
-        let mut tokenizer = ClipTokenizer::from_dir(&model.component("tokenizer")?)?;
+        let tokenizer_dir = model.component("tokenizer")?;
+        let mut tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+        let positions = configs.text_encoder.max_position_embeddings;
+        if tokenizer.max_length() > positions {
+            return Err(Error::Config {
+                file: tokenizer_dir.join("tokenizer_config.json"),
+                msg: format!(
+                    "model_max_length {} is more than the text encoder's {positions} positions \
+                     (max_position_embeddings in text_encoder/config.json): set it to {positions}",
+                    tokenizer.max_length()
+                ),
+            });
+        }
         let placeholders: Vec<String> = (0..2 * MAX_IDENTITIES).map(placeholder_token).collect();
         let placeholder_refs: Vec<&str> = placeholders.iter().map(String::as_str).collect();
         let placeholder_ids = tokenizer.add_placeholder_tokens(&placeholder_refs)?;

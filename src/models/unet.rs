@@ -20,6 +20,12 @@ use crate::models::blocks::unet_2d::{DownBlock, MidBlock, StageSpec, UpBlock};
 use crate::models::config::ConfigChecks;
 use crate::nn::{silu, Conv2d, Conv2dConfig, GroupNorm};
 
+/// Down blocks a UNet may have: each after the first halves the latents (Stable Diffusion has 4).
+const MAX_BLOCKS: usize = 8;
+/// Resnets or transformers one block may have (Stable Diffusion has 2 and 1, SDXL up to 10):
+/// a bound for counts that size lists before any weight is read.
+const MAX_LAYERS: usize = 100;
+
 /// A config value given once for all blocks or as a list with one entry per down block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged, expecting = "a value or a list with one value per block")]
@@ -194,6 +200,13 @@ impl UNet2DConditionConfig {
             ("down_block_types", self.down_block_types.len()),
             ("up_block_types", self.up_block_types.len()),
         ])?;
+        if n > MAX_BLOCKS {
+            return Err(UNET.invalid(
+                "block_out_channels",
+                &format_args!("[{n} entries]"),
+                format_args!("has more than {MAX_BLOCKS} blocks (each halves the latents; Stable Diffusion has 4)"),
+            ));
+        }
         let only_cross = self.only_cross_attention.expand("only_cross_attention", n)?;
         if only_cross.iter().any(|&b| b) {
             return Err(UNET.unsupported("only_cross_attention", &self.only_cross_attention));
@@ -217,12 +230,19 @@ impl UNet2DConditionConfig {
                 bail!("unet config: {channels} channels do not split into `attention_head_dim` = {h} heads")
             }
         }
+        let layers = self.layers_per_block.expand("layers_per_block", n)?;
+        let transformer_layers = self.transformer_layers_per_block.expand("transformer_layers_per_block", n)?;
+        for (field, counts) in [("layers_per_block", &layers), ("transformer_layers_per_block", &transformer_layers)] {
+            if let Some(count) = counts.iter().find(|&&c| c > MAX_LAYERS) {
+                bail!("unet config: `{field}` = {count}: at most {MAX_LAYERS} layers per block are supported")
+            }
+        }
         Ok(Plan {
             down_attention,
             up_attention,
             heads,
-            layers: self.layers_per_block.expand("layers_per_block", n)?,
-            transformer_layers: self.transformer_layers_per_block.expand("transformer_layers_per_block", n)?,
+            layers,
+            transformer_layers,
             cross_attention_dim: self.cross_attention_dim.expand("cross_attention_dim", n)?,
             norm_groups,
         })

@@ -16,6 +16,8 @@ use crate::nn::{attention, Conv2d, Conv2dConfig, GroupNorm, Linear};
 
 /// The resnets and attention of the VAE use this epsilon in every group norm.
 const NORM_EPS: f64 = 1e-6;
+/// Blocks the VAE may have: each after the first halves the image (Stable Diffusion has 4).
+const MAX_BLOCKS: usize = 8;
 
 /// `sample_size` of a diffusers config: one side or (height, width).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -94,6 +96,16 @@ impl AutoencoderKLConfig {
         }
         for t in &self.up_block_types {
             VAE.expect_eq("up_block_types", &t.as_str(), &UP_BLOCK)?;
+        }
+        let n = self.block_out_channels.len();
+        if n > MAX_BLOCKS {
+            return Err(VAE.invalid(
+                "block_out_channels",
+                &format_args!("[{n} entries]"),
+                format_args!(
+                    "has more than {MAX_BLOCKS} blocks (each after the first halves the image; Stable Diffusion has 4)"
+                ),
+            ));
         }
         Ok(())
     }

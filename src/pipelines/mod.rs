@@ -11,7 +11,7 @@ use crate::models::stable_diffusion::StableDiffusion;
 use crate::tokenizer::placeholder_token;
 use crate::{Error, Result};
 
-pub use text_to_image::{generate, GenerateRequest, Generated};
+pub use text_to_image::{generate, read_latents, GenerateRequest, Generated};
 
 /// Text-encoder features (1, 77, hidden) of `prompt`: in it, `v1* v2*` stand for the first
 /// identity, `v3* v4*` for the second, and so on.

@@ -2,16 +2,22 @@
 //! identity placeholders: in a prompt, `v1* v2*` stand for the first identity, `v3* v4*` for the
 //! second, and so on ([`encode_prompt`]).
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 
 use crate::identity::Identity;
-use crate::io::RgbImage;
+use crate::io::{read_safetensors, RgbImage, TensorFile, SMALL_FILE_LIMIT};
 use crate::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use crate::pipelines::encode_prompt;
 use crate::random::standard_normal;
 use crate::schedulers::Sampler;
 use crate::{Error, Result};
+
+/// The longest prompt (and negative prompt) taken, in characters: the text encoder reads only
+/// the first 75 tokens of a prompt, a few hundred characters.
+pub const MAX_PROMPT_CHARS: usize = 10_000;
 
 /// What to generate. Defaults are the paper's sampling settings.
 #[derive(Debug, Clone)]
@@ -47,11 +53,30 @@ impl GenerateRequest {
 
     /// Checks every setting against the model's configs, before anything is loaded or run.
     pub fn validate(&self, configs: &SdConfigs) -> Result<()> {
+        for (name, prompt) in [("prompt", &self.prompt), ("negative_prompt", &self.negative_prompt)] {
+            let chars = prompt.chars().count();
+            if chars > MAX_PROMPT_CHARS {
+                let start: String = prompt.chars().take(20).collect();
+                return Err(Error::setting(
+                    name,
+                    format!("{start:?}... ({chars} characters)"),
+                    format!(
+                        "longer than {MAX_PROMPT_CHARS} characters, while the text encoder reads only its first {} \
+                         tokens (a few hundred characters): shorten it",
+                        configs.text_encoder.max_position_embeddings.saturating_sub(2)
+                    ),
+                ));
+            }
+        }
         let factor = configs.latent_factor();
         for (name, value) in [("width", self.width), ("height", self.height)] {
             if value == 0 || !value.is_multiple_of(factor) {
                 return Err(Error::setting(name, value, format!("must be a positive multiple of {factor}")));
             }
+        }
+        if let Err(problem) = configs.check_image_size(self.width, self.height) {
+            let (name, value) = if self.width >= self.height { ("width", self.width) } else { ("height", self.height) };
+            return Err(Error::setting(name, value, problem));
         }
         if self.steps == 0 {
             return Err(Error::setting("steps", 0, "must be at least 1"));
@@ -159,6 +184,16 @@ pub fn generate(
     let image = sd.vae().decode(&scaled)?.to_dtype(DType::F32)?;
     let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     Ok(Generated { image, settings: request.settings(sd.model_name(), identities) })
+}
+
+/// Reads starting latents for [`GenerateRequest::initial_latents`] from a safetensors file of at
+/// most 16 MiB: its tensor `latents`, or its only tensor, as f32 on the CPU.
+pub fn read_latents(path: &Path) -> Result<Tensor> {
+    let bad = |msg: String| Error::Input(format!("initial latents {}: {msg}", path.display()));
+    let TensorFile { tensors, .. } = read_safetensors(path, SMALL_FILE_LIMIT).map_err(|e| bad(e.to_string()))?;
+    let latents = tensors.get("latents").or_else(|| tensors.values().next().filter(|_| tensors.len() == 1));
+    let latents = latents.ok_or_else(|| bad("expected one tensor named `latents`".into()))?;
+    Ok(latents.to_dtype(DType::F32)?)
 }
 
 /// Standard normal noise of `shape` from `seed`: the same seed gives the same image on any machine.

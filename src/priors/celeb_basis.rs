@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
+use crate::io::{read_safetensors, read_text_bounded, TensorFile, SMALL_FILE_LIMIT};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -55,9 +56,9 @@ impl CelebNames {
         Self { names, origin: origin.to_string() }
     }
 
-    /// Reads a names file: one two-word name per line.
+    /// Reads a names file (at most 16 MiB): one two-word name per line.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        let text = read_text_bounded(path, SMALL_FILE_LIMIT).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::MissingFile {
                 what: "celebrity names file".into(),
                 path: path.to_path_buf(),
@@ -266,13 +267,10 @@ fn hash_token_embedding(weights_file: &Path, hasher: &mut Sha256) -> Result<()> 
 
 /// The cached basis, if `path` holds a sound one for `key`; `None` means "recompute".
 fn read_cache(path: &Path, key: &str, hidden: usize, device: &Device) -> Option<CelebBasis> {
-    let bytes = std::fs::read(path).ok()?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
-    let metadata = header.metadata().as_ref()?;
+    let TensorFile { tensors, metadata } = read_safetensors(path, SMALL_FILE_LIMIT).ok()?;
     if metadata.get("key").map(String::as_str) != Some(key) {
         return None;
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).ok()?;
     let get = |name: &str| tensors.get(name).filter(|t| t.dtype() == DType::F32 && t.dims() == [2, hidden]);
     let basis = CelebBasis { mean: get("mean")?.clone(), std: get("std")?.clone() };
     // The checksum catches bit rot and hand edits that leave a well-formed file.

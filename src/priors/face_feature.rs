@@ -15,9 +15,10 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use image::imageops;
 use image::RgbImage;
 
+use crate::io::read_json;
 use crate::models::vit::{ViTConfig, ViTModel};
 use crate::priors::photo::{resize, rgb_to_tensor, Filter, Photo, Weights};
-use crate::weights::{read_json, transformers_weights};
+use crate::weights::transformers_weights;
 use crate::{Error, Result};
 
 /// The face region StableIdentity crops from the 512 photo: left, top, right, bottom.

@@ -13,11 +13,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::io::read_json;
 use crate::models::face_parsing::bisenet::{self, BiSeNet};
 use crate::models::face_parsing::segformer::{
     SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor,
 };
-use crate::weights::{open_checkpoint, read_json, resolve_folder, transformers_weights, Weights};
+use crate::weights::{open_checkpoint, resolve_folder, transformers_weights, Weights};
 use crate::{Error, Result};
 
 /// Side of the (square) photo the parsers see and the masks cover.

@@ -29,6 +29,10 @@ pub use ddpm::Ddpm;
 pub use dpm_solver::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
 
+/// The most training timesteps a schedule may have (Stable Diffusion has 1000): the schedules
+/// hold a few values per timestep.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// How the betas grow over the training timesteps (`beta_schedule`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -156,26 +160,41 @@ impl SchedulerConfig {
     /// Reads and checks a `scheduler_config.json`; errors name the file and the offending field.
     pub fn from_file(path: impl AsRef<Path>) -> crate::Result<Self> {
         let path = path.as_ref();
-        let config_error = |msg: String| crate::Error::Config { file: path.to_path_buf(), msg };
-        let text = std::fs::read_to_string(path).map_err(|e| config_error(e.to_string()))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
-        config.check().map_err(config_error)?;
+        let config: Self = crate::io::read_json(path)?;
+        config.check().map_err(|msg| crate::Error::Config { file: path.to_path_buf(), msg })?;
         Ok(config)
     }
 
-    /// Rejects settings none of the schedulers here implement.
+    /// Rejects settings none of the schedulers here implement, and numbers that would size
+    /// buffers beyond any schedule or make the noise levels meaningless.
     fn check(&self) -> Result<(), String> {
-        if self.num_train_timesteps < 2 {
-            return Err(format!("num_train_timesteps {} must be at least 2", self.num_train_timesteps));
+        let steps = self.num_train_timesteps;
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&steps) {
+            return Err(format!(
+                "num_train_timesteps {steps} is out of range: expected 2 to {MAX_TRAIN_TIMESTEPS} (Stable Diffusion has 1000)"
+            ));
         }
-        if let Some(betas) = &self.trained_betas {
-            if betas.len() != self.num_train_timesteps {
-                return Err(format!(
-                    "trained_betas holds {} values but num_train_timesteps is {}",
-                    betas.len(),
-                    self.num_train_timesteps
-                ));
+        if self.steps_offset >= steps {
+            return Err(format!("steps_offset {} must be less than num_train_timesteps {steps}", self.steps_offset));
+        }
+        let valid_beta = |beta: f64| beta > 0.0 && beta < 1.0;
+        match &self.trained_betas {
+            Some(betas) if betas.len() != steps => {
+                return Err(format!("trained_betas holds {} values but num_train_timesteps is {steps}", betas.len()))
             }
+            Some(betas) => {
+                if let Some((i, beta)) = betas.iter().enumerate().find(|(_, &b)| !valid_beta(b)) {
+                    return Err(format!("trained_betas[{i}] = {beta}: betas must lie strictly between 0 and 1"));
+                }
+            }
+            None if self.beta_schedule != BetaSchedule::SquaredCosCapV2 => {
+                for (key, beta) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+                    if !valid_beta(beta) {
+                        return Err(format!("{key} {beta}: betas must lie strictly between 0 and 1"));
+                    }
+                }
+            }
+            None => {}
         }
         if self.thresholding {
             return Err("thresholding: dynamic thresholding is not supported".into());

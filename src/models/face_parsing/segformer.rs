@@ -23,6 +23,9 @@ use crate::nn::{attention, Conv2d, Conv2dConfig, LayerNorm, Linear};
 /// (the config's `layer_norm_eps` is not used by the model).
 const LAYER_NORM_EPS: f64 = 1e-5;
 const BATCH_NORM_EPS: f64 = 1e-5;
+/// Classes a config may name by count alone (`num_labels` without `id2label`), a bound for the
+/// list of names made from it.
+const MAX_LABELS: usize = 10_000;
 
 /// The fields of a transformers `SegformerConfig` (config.json) that the model uses; missing keys
 /// take transformers' defaults (those of nvidia/mit-b0), unknown keys are ignored.
@@ -75,7 +78,11 @@ impl SegformerConfig {
     /// names them (2 classes when `num_labels` is absent too).
     pub fn class_names(&self) -> Result<Vec<String>> {
         let Some(id2label) = &self.id2label else {
-            return Ok((0..self.num_labels.unwrap_or(2)).map(|i| format!("LABEL_{i}")).collect());
+            let count = self.num_labels.unwrap_or(2);
+            if count > MAX_LABELS {
+                bail!("num_labels: {count} classes; at most {MAX_LABELS} are supported (face parsing has 19)")
+            }
+            return Ok((0..count).map(|i| format!("LABEL_{i}")).collect());
         };
         let mut by_id = BTreeMap::new();
         for (id, name) in id2label {
@@ -171,7 +178,7 @@ impl SegformerImageProcessor {
     pub fn from_dir(dir: &Path) -> crate::Result<Self> {
         let path = dir.join("preprocessor_config.json");
         if path.is_file() {
-            crate::weights::read_json(&path)
+            crate::io::read_json(&path)
         } else {
             Ok(Self::default())
         }
