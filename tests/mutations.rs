@@ -1,6 +1,7 @@
 //! Seeded mutations of valid inputs (issue 18): bit flips, bytes and integers overwritten with
 //! boundary values, truncations, insertions and deletions, mostly in the headers, of a PNG, a
-//! JPEG, a zip and a legacy PyTorch checkpoint, each fed to the library's reader. Whatever the
+//! JPEG, an identity file, a zip and a legacy PyTorch checkpoint, each fed to the library's
+//! reader; and config values of a model folder replaced by boundary values, the model then loaded. Whatever the
 //! reader says, it must not panic, and it must answer within a bound. A failure names the seed
 //! and the mutations, so it can be replayed.
 
@@ -16,8 +17,10 @@ use common::bad_inputs::{fix_png_crcs, zip_entries, zip_of};
 use common::fixture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use stableid::identity::Identity;
+use stableid::models::stable_diffusion::StableDiffusion;
 use stableid::priors::photo::load_photo;
-use stableid::weights::open_checkpoint;
+use stableid::weights::{open_checkpoint, ModelDir};
 
 /// Longest any one input may take: far above the few milliseconds most take, and above the
 /// second or two a mutated header claiming a photo of tens of megapixels (which is allowed to
@@ -194,4 +197,99 @@ fn mutated_checkpoints_never_panic() {
     let pickle_len = entries[pickle].1.len();
     tried += run("data.pkl.pth", &entries[pickle].1, 0..pickle_len, 5_000_000, 1000, rezip, read_checkpoint);
     assert_eq!(tried, 2500);
+}
+
+#[test]
+fn mutated_identity_files_never_panic() {
+    let identity = std::fs::read(fixture("parity/identity_export.safetensors")).unwrap();
+    // The safetensors header: its 8-byte length and the JSON after it.
+    let header_len = 8 + u64::from_le_bytes(identity[..8].try_into().unwrap()) as usize;
+    let read = |path: &Path| {
+        let _ = Identity::load(path);
+    };
+    run("identity.safetensors", &identity, 0..header_len, 6_000_000, 1000, |_, bytes| bytes, read);
+}
+
+/// JSON values that break sizes, counts and types.
+fn boundary_json(rng: &mut StdRng) -> serde_json::Value {
+    use serde_json::json;
+    let values = [
+        json!(0),
+        json!(1),
+        json!(-1),
+        json!(3),
+        json!(7),
+        json!(1_000_000_000u64),
+        json!(u64::MAX),
+        json!(i64::MIN),
+        json!(0.5),
+        json!(1e300),
+        json!(null),
+        json!(""),
+        json!("unknown"),
+        json!(true),
+        json!([]),
+        json!([0]),
+        json!([1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        json!({}),
+    ];
+    values[rng.random_range(0..values.len())].clone()
+}
+
+#[test]
+fn mutated_model_configs_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    common::copy_dir(&fixture("tiny-sd"), dir.path());
+    let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();
+    let configs = [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/tokenizer_config.json",
+    ];
+    let start = Instant::now();
+    let mut failures = Vec::new();
+    for (i, config) in configs.iter().enumerate() {
+        let path = dir.path().join(config);
+        let original: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let keys: Vec<String> = original.keys().cloned().collect();
+        for seed in 0..150u64 {
+            let seed = 7_000_000 + 1000 * i as u64 + seed;
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut mutated = original.clone();
+            let changes: Vec<String> = (0..rng.random_range(1..=2))
+                .map(|_| {
+                    let key = &keys[rng.random_range(0..keys.len())];
+                    match mutated.get_mut(key) {
+                        // Within a list, one element changed.
+                        Some(serde_json::Value::Array(items)) if !items.is_empty() && rng.random_bool(0.5) => {
+                            let at = rng.random_range(0..items.len());
+                            items[at] = boundary_json(&mut rng);
+                            format!("{key}[{at}] = {}", items[at])
+                        }
+                        _ => {
+                            let value = boundary_json(&mut rng);
+                            let text = format!("{key} = {value}");
+                            mutated.insert(key.clone(), value);
+                            text
+                        }
+                    }
+                })
+                .collect();
+            std::fs::write(&path, serde_json::to_string(&mutated).unwrap()).unwrap();
+            let began = Instant::now();
+            let outcome = catch_unwind(AssertUnwindSafe(|| StableDiffusion::load(&model, &Device::Cpu, DType::F32)));
+            let took = began.elapsed();
+            if outcome.is_err() {
+                failures.push(format!("{config} seed {seed} ({changes:?}): panicked"));
+            } else if took > TIME_BOUND {
+                failures.push(format!("{config} seed {seed} ({changes:?}): took {took:?}"));
+            }
+        }
+        std::fs::write(&path, serde_json::to_string(&original).unwrap()).unwrap();
+    }
+    eprintln!("model configs: {} mutations in {:.1} s", 150 * configs.len(), start.elapsed().as_secs_f64());
+    assert!(failures.is_empty(), "{} mutations failed:\n{}", failures.len(), failures.join("\n"));
 }

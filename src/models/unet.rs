@@ -195,11 +195,7 @@ impl UNet2DConditionConfig {
         UNET.expect_eq("conv_out_kernel", &self.conv_out_kernel, &3)?;
         UNET.expect_eq("attention_type", &self.attention_type.as_str(), &"default")?;
 
-        let n = UNET.expect_same_lengths(&[
-            ("block_out_channels", self.block_out_channels.len()),
-            ("down_block_types", self.down_block_types.len()),
-            ("up_block_types", self.up_block_types.len()),
-        ])?;
+        let n = self.block_out_channels.len();
         if n > MAX_BLOCKS {
             return Err(UNET.invalid(
                 "block_out_channels",
@@ -207,6 +203,11 @@ impl UNet2DConditionConfig {
                 format_args!("has more than {MAX_BLOCKS} blocks (each halves the latents; Stable Diffusion has 4)"),
             ));
         }
+        UNET.expect_same_lengths(&[
+            ("block_out_channels", self.block_out_channels.len()),
+            ("down_block_types", self.down_block_types.len()),
+            ("up_block_types", self.up_block_types.len()),
+        ])?;
         let only_cross = self.only_cross_attention.expand("only_cross_attention", n)?;
         if only_cross.iter().any(|&b| b) {
             return Err(UNET.unsupported("only_cross_attention", &self.only_cross_attention));

@@ -86,6 +86,16 @@ impl AutoencoderKLConfig {
         if !matches!(self.act_fn.as_str(), "silu" | "swish") {
             return Err(VAE.unsupported("act_fn", &self.act_fn));
         }
+        let n = self.block_out_channels.len();
+        if n > MAX_BLOCKS {
+            return Err(VAE.invalid(
+                "block_out_channels",
+                &format_args!("[{n} entries]"),
+                format_args!(
+                    "has more than {MAX_BLOCKS} blocks (each after the first halves the image; Stable Diffusion has 4)"
+                ),
+            ));
+        }
         VAE.expect_same_lengths(&[
             ("block_out_channels", self.block_out_channels.len()),
             ("down_block_types", self.down_block_types.len()),
@@ -96,16 +106,6 @@ impl AutoencoderKLConfig {
         }
         for t in &self.up_block_types {
             VAE.expect_eq("up_block_types", &t.as_str(), &UP_BLOCK)?;
-        }
-        let n = self.block_out_channels.len();
-        if n > MAX_BLOCKS {
-            return Err(VAE.invalid(
-                "block_out_channels",
-                &format_args!("[{n} entries]"),
-                format_args!(
-                    "has more than {MAX_BLOCKS} blocks (each after the first halves the image; Stable Diffusion has 4)"
-                ),
-            ));
         }
         Ok(())
     }
