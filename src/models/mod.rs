@@ -5,6 +5,7 @@ pub mod blocks;
 pub mod clip_text;
 mod config;
 pub mod face_parsing;
+pub mod mtcnn;
 pub mod stable_diffusion;
 pub mod unet;
 pub mod vae;

@@ -9,9 +9,14 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q -r "$here/requirements.txt"
 fi
+# facenet-pytorch pins torch<2.3, torchvision<0.18, numpy<2 and Pillow<10.3; with its dependencies pip would
+# downgrade the stack above. Its MTCNN code runs on today's torch, so it is installed without them.
+if ! "$venv/bin/python" -c "import facenet_pytorch" 2>/dev/null; then
+  "$venv/bin/pip" install -q --no-deps facenet-pytorch==2.6.0
+fi
 cd "$here"
 # The tiny model folder first: the component and pipeline fixtures are computed on its weights.
-for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline celeb_basis face_feature face_parsing checkpoints augment learner_step; do
+for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline celeb_basis face_feature face_parsing checkpoints augment learner_step convert_mtcnn mtcnn; do
   echo "== $script"
   "$venv/bin/python" "$script.py"
 done
