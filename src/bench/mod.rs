@@ -81,35 +81,36 @@ impl BenchOptions {
             profile: false,
         }
     }
+
+    /// Checks every option against `configs` before anything is built.
+    pub fn validate(&self, configs: &SdConfigs) -> Result<()> {
+        // The UNet's up blocks must meet the skip connections' sizes exactly.
+        let multiple = configs.exact_size_multiple();
+        if self.resolution == 0 || !self.resolution.is_multiple_of(multiple) {
+            return Err(Error::setting(
+                "resolution",
+                self.resolution,
+                format!("must be a positive multiple of {multiple} (the VAE's and the UNet's downsampling together)"),
+            ));
+        }
+        if self.repeats == 0 {
+            return Err(Error::setting("repeats", 0, "must be at least 1"));
+        }
+        if self.measures.is_empty() {
+            return Err(Error::setting(
+                "measures",
+                "none",
+                "nothing to measure: give at least one of learn, denoise, vae, text",
+            ));
+        }
+        crate::nn::check_dtype(self.dtype, &self.device)?;
+        Ok(())
+    }
 }
 
 /// Builds the models with random weights and measures `options.measures`, on a thread with a
 /// stack deep enough for the learning step's backward ([`on_training_stack`]).
 pub fn run(configs: &SdConfigs, options: &BenchOptions) -> Result<BenchReport> {
-    check_options(configs, options)?;
+    options.validate(configs)?;
     on_training_stack("bench", || measure::build_and_measure(configs, options))?
-}
-
-fn check_options(configs: &SdConfigs, options: &BenchOptions) -> Result<()> {
-    // The UNet's up blocks must meet the skip connections' sizes exactly.
-    let multiple = configs.exact_size_multiple();
-    if options.resolution == 0 || !options.resolution.is_multiple_of(multiple) {
-        return Err(Error::setting(
-            "resolution",
-            options.resolution,
-            format!("must be a positive multiple of {multiple} (the VAE's and the UNet's downsampling together)"),
-        ));
-    }
-    if options.repeats == 0 {
-        return Err(Error::setting("repeats", 0, "must be at least 1"));
-    }
-    if options.measures.is_empty() {
-        return Err(Error::setting(
-            "measures",
-            "none",
-            "nothing to measure: give at least one of learn, denoise, vae, text",
-        ));
-    }
-    crate::nn::check_dtype(options.dtype, &options.device)?;
-    Ok(())
 }

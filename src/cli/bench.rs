@@ -79,10 +79,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         profile: args.profile,
     };
+    let configs = SdConfigs::sd21_base();
+    options.validate(&configs)?;
     if !args.json {
         eprintln!("building the SD 2.1-base models with random weights and measuring (this takes a while on a CPU)...");
     }
-    let report = stableid::bench::run(&SdConfigs::sd21_base(), &options)?;
+    let report = stableid::bench::run(&configs, &options)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
     } else {
