@@ -26,9 +26,12 @@
 //! recipe by a quarter of a level of 255 on average (up to 20 levels at a few sharp edges, where
 //! the recipe's Lanczos resize of its bilinear upsampling rings); `tests/align.rs` measures both.
 
+use std::path::Path;
+
+use candle_core::Device;
 use image::RgbImage;
 
-use crate::models::mtcnn::Face;
+use crate::models::mtcnn::{DetectConfig, Face, Mtcnn};
 use crate::priors::photo::{resize, Filter, Weights};
 use crate::{Error, Result};
 
@@ -41,6 +44,55 @@ pub struct AlignedFace {
     /// top-left, bottom-left, bottom-right and top-right corners: the recipe's `quad`). They may
     /// lie outside the photo, whose missing part the crop fills by reflection.
     pub quad: [[f64; 2]; 4],
+}
+
+/// Side of the aligned crop the identity is learned from.
+pub const ALIGNED_SIZE: u32 = 512;
+
+/// Face detection for alignment: MTCNN on its shipped weights, facenet-pytorch's settings. The
+/// only place faces are detected (the commands that need a face call it).
+pub struct FaceDetector {
+    mtcnn: Mtcnn,
+}
+
+impl FaceDetector {
+    pub fn shipped(device: &Device) -> Result<Self> {
+        Ok(Self { mtcnn: Mtcnn::shipped(device)? })
+    }
+
+    /// The faces of `photo`, largest first.
+    pub fn detect(&self, photo: &RgbImage) -> Result<Vec<Face>> {
+        Ok(self.mtcnn.detect(photo, &DetectConfig::default())?)
+    }
+}
+
+/// Face `number` (1 = the largest) of `faces`, the faces found in the photo at `path`, or the
+/// largest when `number` is `None`; an input error when there is no face or no such face.
+pub fn choose_face<'a>(faces: &'a [Face], number: Option<usize>, path: &Path) -> Result<&'a Face> {
+    if faces.is_empty() {
+        return Err(Error::Input(format!(
+            "no face found in {}: use a photo where the face is clearly visible",
+            path.display()
+        )));
+    }
+    let n = number.unwrap_or(1);
+    if n == 0 || n > faces.len() {
+        let list: Vec<String> = faces
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let [x1, y1, x2, y2] = f.bbox;
+                format!("{}: {:.0}x{:.0} at ({x1:.0}, {y1:.0})", i + 1, x2 - x1, y2 - y1)
+            })
+            .collect();
+        return Err(Error::Input(format!(
+            "{} has {} face(s), numbered from 1, largest first ({}); there is no face {n}",
+            path.display(),
+            faces.len(),
+            list.join(", ")
+        )));
+    }
+    Ok(&faces[n - 1])
 }
 
 type Point = [f64; 2];
