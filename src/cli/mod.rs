@@ -1,5 +1,6 @@
 //! Subcommands of `stableid` and what they share (device, dtype, progress bars).
 
+mod align;
 mod bench;
 mod generate;
 mod identity_file;
@@ -16,7 +17,7 @@ use stableid::priors::masks::{FaceParser, FaceParserKind, DEFAULT_SEGFORMER};
     name = "stableid",
     version,
     about = "StableIdentity: learn a face identity from one photo, then put that person anywhere with Stable Diffusion 2.1",
-    after_help = "Examples:\n  stableid learn me.jpg --out me.safetensors\n  stableid generate \"a photo of an astronaut riding a horse\" --seed 7\n  stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors --num-images 4"
+    after_help = "Examples:\n  stableid align me.jpg --out aligned\n  stableid learn aligned/me.aligned.png --out me.safetensors\n  stableid generate \"a photo of an astronaut riding a horse\" --seed 7\n  stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors --num-images 4"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -25,6 +26,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Find the faces of photos and write each as the 512x512 FFHQ-aligned crop learn expects.
+    Align(align::AlignArgs),
     /// Time the learning step, denoising, VAE and text encoder on SD 2.1-base with random weights.
     Bench(bench::BenchArgs),
     /// Generate images from a prompt (with `v1* v2*` standing for an identity).
@@ -41,6 +44,7 @@ enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Align(args) => align::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Learn(args) => learn::run(args),

@@ -100,6 +100,25 @@ pub fn load_photo(path: &Path) -> Result<Photo> {
     Ok(Photo { rgb, sha256: hex_sha256(&bytes) })
 }
 
+/// Reads the photo at `path` as [`load_photo`] does (same checks, EXIF orientation applied) and
+/// returns it upright at its full resolution in 8-bit RGB: the input of face detection and
+/// alignment.
+pub fn load_upright(path: &Path) -> Result<RgbImage> {
+    let bad = |what: String| Error::Input(format!("photo {}: {what}", path.display()));
+    let bytes = read_photo_file(path).map_err(bad)?;
+    Ok(match decode(&bytes).map_err(bad)? {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        image => {
+            let (w, h) = (image.width(), image.height());
+            let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+            for y in 0..h {
+                rgb.extend_from_slice(rgb8_row(&image, y).as_raw());
+            }
+            RgbImage::from_raw(w, h, rgb).expect("rows of the image's width")
+        }
+    })
+}
+
 fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -259,6 +278,8 @@ pub enum Filter {
     Bilinear,
     /// Keys cubic with a = -0.5, support 2 (PIL `BICUBIC`).
     Bicubic,
+    /// Sinc windowed by a sinc 3 times wider, support 3 (PIL `LANCZOS`, once `ANTIALIAS`).
+    Lanczos,
 }
 
 impl Filter {
@@ -266,6 +287,7 @@ impl Filter {
         match self {
             Self::Bilinear => 1.0,
             Self::Bicubic => 2.0,
+            Self::Lanczos => 3.0,
         }
     }
 
@@ -275,9 +297,19 @@ impl Filter {
             Self::Bilinear if x < 1.0 => 1.0 - x,
             Self::Bicubic if x < 1.0 => (1.5 * x - 2.5) * x * x + 1.0,
             Self::Bicubic if x < 2.0 => (((x - 5.0) * x + 8.0) * x - 4.0) * -0.5,
+            Self::Lanczos if x < 3.0 => sinc(x) * sinc(x / 3.0),
             _ => 0.0,
         }
     }
+}
+
+/// `sin(pi x) / (pi x)`, computed as Pillow does.
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        return 1.0;
+    }
+    let x = x * std::f64::consts::PI;
+    x.sin() / x
 }
 
 /// How the filter weights are rounded to fixed point, which decides the last bit of some pixels.

@@ -1,0 +1,204 @@
+//! `stableid align`: finds the faces of photos and writes each face used as the 512x512
+//! FFHQ-aligned crop an identity is learned from, with a preview of what was found.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use image::{Rgb, RgbImage};
+use stableid::io::write_png;
+use stableid::models::mtcnn::Face;
+use stableid::priors::align::{align, choose_face, AlignedFace, FaceDetector, ALIGNED_SIZE};
+use stableid::priors::photo::load_upright;
+
+use super::check_writable;
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    stableid align me.jpg --out aligned\n  \
+    stableid align group.jpg --face 2 --out aligned\n  \
+    stableid align a.jpg b.jpg --all-faces --json\n\n\
+    Writes DIR/STEM.aligned.png (the 512x512 FFHQ crop; STEM.faceN.aligned.png with --all-faces) and\n\
+    DIR/STEM.preview.png: the photo with every face's box (yellow), its landmarks (red) and the crop\n\
+    of each face aligned (green). Faces are numbered from 1, largest first. Existing files are never\n\
+    replaced: STEM-1, STEM-2, ... are used instead.")]
+pub struct AlignArgs {
+    /// The photos (JPEG, PNG, ...; a JPEG's EXIF orientation is applied).
+    #[arg(required = true)]
+    pub photos: Vec<PathBuf>,
+    /// Folder for the PNGs (created if missing).
+    #[arg(long, default_value = "aligned")]
+    pub out: PathBuf,
+    /// Align face N of each photo (1 = the largest) [default: the largest].
+    #[arg(long, conflicts_with = "all_faces")]
+    pub face: Option<usize>,
+    /// Align every face found.
+    #[arg(long)]
+    pub all_faces: bool,
+    /// Print the faces (boxes, scores, landmarks, crop quads) and the files as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One photo's faces and the crops made from it, before anything is written.
+struct Aligned {
+    photo: PathBuf,
+    image: RgbImage,
+    faces: Vec<Face>,
+    /// (face number from 1, its crop)
+    crops: Vec<(usize, AlignedFace)>,
+}
+
+pub fn run(args: AlignArgs) -> Result<()> {
+    let detector = FaceDetector::shipped(&Device::Cpu)?;
+    // Every photo is read and aligned before anything is written: a bad photo writes nothing.
+    let mut done = Vec::new();
+    for path in &args.photos {
+        let image = load_upright(path)?;
+        let faces = detector.detect(&image)?;
+        let numbers = if args.all_faces {
+            choose_face(&faces, None, path)?;
+            (1..=faces.len()).collect()
+        } else {
+            choose_face(&faces, args.face, path)?;
+            vec![args.face.unwrap_or(1)]
+        };
+        if faces.len() > 1 && !args.all_faces && args.face.is_none() && !args.json {
+            eprintln!(
+                "{}: {} faces found, aligning the largest (--face N picks another, --all-faces takes all)",
+                path.display(),
+                faces.len()
+            );
+        }
+        let crops = numbers
+            .into_iter()
+            .map(|n| Ok((n, align(&image, &faces[n - 1], ALIGNED_SIZE)?)))
+            .collect::<stableid::Result<Vec<_>>>()?;
+        done.push(Aligned { photo: path.clone(), image, faces, crops });
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
+    check_writable(&args.out)?;
+
+    let mut summary = Vec::new();
+    for photo in &done {
+        summary.push(write(photo, &args.out, args.all_faces)?);
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "photos": summary }));
+    } else {
+        let aligned = summary.iter().flat_map(|p| p["aligned"].as_array().into_iter().flatten().map(|c| &c["path"]));
+        for path in aligned.chain(summary.iter().map(|p| &p["preview"])) {
+            println!("{}", path.as_str().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+fn face_json(number: usize, face: &Face) -> serde_json::Value {
+    serde_json::json!({ "face": number, "box": face.bbox, "score": face.score, "landmarks": face.landmarks })
+}
+
+/// Writes one photo's crops and preview under free names; returns the photo's JSON summary.
+fn write(photo: &Aligned, out: &Path, all_faces: bool) -> Result<serde_json::Value> {
+    let stem = photo.photo.file_stem().map_or_else(|| "photo".into(), |s| s.to_string_lossy().into_owned());
+    let crop_name = |tag: &str, n: usize| {
+        if all_faces {
+            format!("{tag}.face{n}.aligned.png")
+        } else {
+            format!("{tag}.aligned.png")
+        }
+    };
+    // The first of STEM, STEM-1, STEM-2, ... whose files all are free.
+    let tag = (0..)
+        .map(|k| if k == 0 { stem.clone() } else { format!("{stem}-{k}") })
+        .find(|tag| {
+            let names = photo.crops.iter().map(|(n, _)| crop_name(tag, *n)).chain([format!("{tag}.preview.png")]);
+            names.into_iter().all(|name| std::fs::symlink_metadata(out.join(name)).is_err())
+        })
+        .expect("a free name");
+    let faces: Vec<_> = photo.faces.iter().enumerate().map(|(i, f)| face_json(i + 1, f)).collect();
+    let source = photo.photo.display().to_string();
+    let mut crops = Vec::new();
+    for (n, crop) in &photo.crops {
+        let path = out.join(crop_name(&tag, *n));
+        let face = &photo.faces[n - 1];
+        let text = [
+            ("photo", source.clone()),
+            ("face", face_json(*n, face).to_string()),
+            ("quad", serde_json::to_string(&crop.quad)?),
+            ("alignment", "FFHQ (NVlabs ffhq-dataset recipe) on MTCNN landmarks".to_string()),
+        ];
+        write_png(&path, &to_io(&crop.image), &text)?;
+        crops.push(serde_json::json!({ "face": n, "path": path, "quad": crop.quad }));
+    }
+    let preview_path = out.join(format!("{tag}.preview.png"));
+    let text = [("photo", source), ("faces", serde_json::Value::from(faces.clone()).to_string())];
+    write_png(&preview_path, &to_io(&preview(photo)), &text)?;
+    let summary = serde_json::json!({
+        "photo": photo.photo,
+        "width": photo.image.width(),
+        "height": photo.image.height(),
+        "faces": faces,
+        "aligned": crops,
+        "preview": preview_path,
+    });
+    Ok(summary)
+}
+
+fn to_io(image: &RgbImage) -> stableid::io::RgbImage {
+    stableid::io::RgbImage { width: image.width(), height: image.height(), pixels: image.as_raw().clone() }
+}
+
+const BOX: Rgb<u8> = Rgb([255, 220, 0]);
+const LANDMARK: Rgb<u8> = Rgb([255, 40, 40]);
+const QUAD: Rgb<u8> = Rgb([40, 220, 60]);
+
+/// The photo with every face's box and landmarks, and the quad of each crop made.
+fn preview(photo: &Aligned) -> RgbImage {
+    let mut image = photo.image.clone();
+    let width = (image.width().min(image.height()) as f64 / 300.0).max(1.0);
+    for face in &photo.faces {
+        let [x1, y1, x2, y2] = face.bbox.map(f64::from);
+        let corners = [[x1, y1], [x2, y1], [x2, y2], [x1, y2]];
+        for i in 0..4 {
+            draw_line(&mut image, corners[i], corners[(i + 1) % 4], width, BOX);
+        }
+        for p in face.landmarks {
+            draw_disc(&mut image, p.map(f64::from), width * 1.5, LANDMARK);
+        }
+    }
+    for (_, crop) in &photo.crops {
+        for i in 0..4 {
+            draw_line(&mut image, crop.quad[i], crop.quad[(i + 1) % 4], width, QUAD);
+        }
+    }
+    image
+}
+
+/// A line `width` pixels wide from `a` to `b`, clipped to the image.
+fn draw_line(image: &mut RgbImage, a: [f64; 2], b: [f64; 2], width: f64, color: Rgb<u8>) {
+    let steps = ((b[0] - a[0]).hypot(b[1] - a[1]) * 2.0).ceil().max(1.0) as usize;
+    for i in 0..=steps {
+        let t = i as f64 / steps as f64;
+        draw_disc(image, [a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t], width / 2.0, color);
+    }
+}
+
+/// A filled disc of `radius` pixels (at least the pixel under `centre`), clipped to the image.
+fn draw_disc(image: &mut RgbImage, centre: [f64; 2], radius: f64, color: Rgb<u8>) {
+    let r = radius.max(0.5);
+    let (x0, x1) = ((centre[0] - r).floor().max(0.0), (centre[0] + r).ceil().min(f64::from(image.width()) - 1.0));
+    let (y0, y1) = ((centre[1] - r).floor().max(0.0), (centre[1] + r).ceil().min(f64::from(image.height()) - 1.0));
+    let (mut y, r2) = (y0, r * r);
+    while y <= y1 {
+        let mut x = x0;
+        while x <= x1 {
+            if (x - centre[0]).powi(2) + (y - centre[1]).powi(2) <= r2 {
+                image.put_pixel(x as u32, y as u32, color);
+            }
+            x += 1.0;
+        }
+        y += 1.0;
+    }
+}
