@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use image::{Rgb, RgbImage};
+use image::RgbImage;
 use stableid::io::write_png;
 use stableid::models::mtcnn::Face;
-use stableid::priors::align::{align, choose_face, AlignedFace, FaceDetector, ALIGNED_SIZE};
+use stableid::priors::align::{align, choose_face, preview, AlignedFace, FaceDetector, ALIGNED_SIZE};
 use stableid::priors::photo::load_upright;
 
 use super::check_writable;
@@ -134,7 +134,8 @@ fn write(photo: &Aligned, out: &Path, all_faces: bool) -> Result<serde_json::Val
     }
     let preview_path = out.join(format!("{tag}.preview.png"));
     let text = [("photo", source), ("faces", serde_json::Value::from(faces.clone()).to_string())];
-    write_png(&preview_path, &to_io(&preview(photo)), &text)?;
+    let quads: Vec<_> = photo.crops.iter().map(|(_, crop)| crop.quad).collect();
+    write_png(&preview_path, &to_io(&preview(&photo.image, &photo.faces, &quads)), &text)?;
     let summary = serde_json::json!({
         "photo": photo.photo,
         "width": photo.image.width(),
@@ -148,57 +149,4 @@ fn write(photo: &Aligned, out: &Path, all_faces: bool) -> Result<serde_json::Val
 
 fn to_io(image: &RgbImage) -> stableid::io::RgbImage {
     stableid::io::RgbImage { width: image.width(), height: image.height(), pixels: image.as_raw().clone() }
-}
-
-const BOX: Rgb<u8> = Rgb([255, 220, 0]);
-const LANDMARK: Rgb<u8> = Rgb([255, 40, 40]);
-const QUAD: Rgb<u8> = Rgb([40, 220, 60]);
-
-/// The photo with every face's box and landmarks, and the quad of each crop made.
-fn preview(photo: &Aligned) -> RgbImage {
-    let mut image = photo.image.clone();
-    let width = (image.width().min(image.height()) as f64 / 300.0).max(1.0);
-    for face in &photo.faces {
-        let [x1, y1, x2, y2] = face.bbox.map(f64::from);
-        let corners = [[x1, y1], [x2, y1], [x2, y2], [x1, y2]];
-        for i in 0..4 {
-            draw_line(&mut image, corners[i], corners[(i + 1) % 4], width, BOX);
-        }
-        for p in face.landmarks {
-            draw_disc(&mut image, p.map(f64::from), width * 1.5, LANDMARK);
-        }
-    }
-    for (_, crop) in &photo.crops {
-        for i in 0..4 {
-            draw_line(&mut image, crop.quad[i], crop.quad[(i + 1) % 4], width, QUAD);
-        }
-    }
-    image
-}
-
-/// A line `width` pixels wide from `a` to `b`, clipped to the image.
-fn draw_line(image: &mut RgbImage, a: [f64; 2], b: [f64; 2], width: f64, color: Rgb<u8>) {
-    let steps = ((b[0] - a[0]).hypot(b[1] - a[1]) * 2.0).ceil().max(1.0) as usize;
-    for i in 0..=steps {
-        let t = i as f64 / steps as f64;
-        draw_disc(image, [a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t], width / 2.0, color);
-    }
-}
-
-/// A filled disc of `radius` pixels (at least the pixel under `centre`), clipped to the image.
-fn draw_disc(image: &mut RgbImage, centre: [f64; 2], radius: f64, color: Rgb<u8>) {
-    let r = radius.max(0.5);
-    let (x0, x1) = ((centre[0] - r).floor().max(0.0), (centre[0] + r).ceil().min(f64::from(image.width()) - 1.0));
-    let (y0, y1) = ((centre[1] - r).floor().max(0.0), (centre[1] + r).ceil().min(f64::from(image.height()) - 1.0));
-    let (mut y, r2) = (y0, r * r);
-    while y <= y1 {
-        let mut x = x0;
-        while x <= x1 {
-            if (x - centre[0]).powi(2) + (y - centre[1]).powi(2) <= r2 {
-                image.put_pixel(x as u32, y as u32, color);
-            }
-            x += 1.0;
-        }
-        y += 1.0;
-    }
 }

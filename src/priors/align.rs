@@ -29,7 +29,7 @@
 use std::path::Path;
 
 use candle_core::Device;
-use image::RgbImage;
+use image::{Rgb, RgbImage};
 
 use crate::models::mtcnn::{DetectConfig, Face, Mtcnn};
 use crate::priors::photo::{resize, Filter, Weights};
@@ -350,4 +350,58 @@ fn quad_transform(img: &RgbImage, quad: &[Point; 4], size: u32) -> RgbImage {
         }
     }
     RgbImage::from_raw(size, size, out).expect("size x size RGB pixels")
+}
+
+const BOX: Rgb<u8> = Rgb([255, 220, 0]);
+const LANDMARK: Rgb<u8> = Rgb([255, 40, 40]);
+const QUAD: Rgb<u8> = Rgb([40, 220, 60]);
+
+/// `photo` with every face's box (yellow) and landmarks (red), and the crop `quads` (green): what
+/// the detector found and where the crops come from, for a person to check.
+pub fn preview(photo: &RgbImage, faces: &[Face], quads: &[[Point; 4]]) -> RgbImage {
+    let mut image = photo.clone();
+    let width = (image.width().min(image.height()) as f64 / 300.0).max(1.0);
+    for face in faces {
+        let [x1, y1, x2, y2] = face.bbox.map(f64::from);
+        let corners = [[x1, y1], [x2, y1], [x2, y2], [x1, y2]];
+        for i in 0..4 {
+            draw_line(&mut image, corners[i], corners[(i + 1) % 4], width, BOX);
+        }
+        for p in face.landmarks {
+            draw_disc(&mut image, p.map(f64::from), width * 1.5, LANDMARK);
+        }
+    }
+    for quad in quads {
+        for i in 0..4 {
+            draw_line(&mut image, quad[i], quad[(i + 1) % 4], width, QUAD);
+        }
+    }
+    image
+}
+
+/// A line `width` pixels wide from `a` to `b`, clipped to the image.
+fn draw_line(image: &mut RgbImage, a: Point, b: Point, width: f64, color: Rgb<u8>) {
+    let steps = ((b[0] - a[0]).hypot(b[1] - a[1]) * 2.0).ceil().max(1.0) as usize;
+    for i in 0..=steps {
+        let t = i as f64 / steps as f64;
+        draw_disc(image, [a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t], width / 2.0, color);
+    }
+}
+
+/// A filled disc of `radius` pixels (at least the pixel under `centre`), clipped to the image.
+fn draw_disc(image: &mut RgbImage, centre: Point, radius: f64, color: Rgb<u8>) {
+    let r = radius.max(0.5);
+    let (x0, x1) = ((centre[0] - r).floor().max(0.0), (centre[0] + r).ceil().min(f64::from(image.width()) - 1.0));
+    let (y0, y1) = ((centre[1] - r).floor().max(0.0), (centre[1] + r).ceil().min(f64::from(image.height()) - 1.0));
+    let (mut y, r2) = (y0, r * r);
+    while y <= y1 {
+        let mut x = x0;
+        while x <= x1 {
+            if (x - centre[0]).powi(2) + (y - centre[1]).powi(2) <= r2 {
+                image.put_pixel(x as u32, y as u32, color);
+            }
+            x += 1.0;
+        }
+        y += 1.0;
+    }
 }
