@@ -31,10 +31,15 @@ fn names_file(dir: &Path) -> PathBuf {
 
 /// `learn` on the tiny models with `extra` flags.
 fn learn(dir: &Path, out: &str, extra: &[&str]) -> Output {
+    learn_from(dir, "photos/astronaut_512.jpg", out, extra)
+}
+
+/// `learn` of the fixture photo `photo` on the tiny models with `extra` flags.
+fn learn_from(dir: &Path, photo: &str, out: &str, extra: &[&str]) -> Output {
     let names = names_file(dir);
     let out = dir.join(out);
     let (model, vit, segformer) = (fixture("tiny-sd"), fixture("tiny-vit"), fixture("tiny-segformer"));
-    let photo = fixture("photos/astronaut_512.jpg");
+    let photo = fixture(photo);
     let mut args = vec![
         "learn",
         photo.to_str().unwrap(),
@@ -168,4 +173,39 @@ fn bad_settings_are_refused_before_anything_loads() {
         assert!(message.contains(needle), "{flags:?}: {message}");
     }
     assert!(!dir.path().join("me.safetensors").exists());
+}
+
+#[test]
+fn an_unaligned_photo_is_aligned_first_unless_told_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let output =
+        ok(learn_from(dir.path(), "photos/astronaut_1024x768.jpg", "me.safetensors", &["--steps", "1", "--json"]));
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["metadata"]["alignment"], "ffhq (mtcnn landmarks)");
+    assert_eq!(summary["metadata"]["face"], "1");
+    assert_eq!(summary["metadata"]["aligned_rgb_sha256"].as_str().unwrap().len(), 64);
+    // The crop learned from, next to the identity.
+    let crop = image::open(dir.path().join("me.aligned.png")).unwrap();
+    assert_eq!((crop.width(), crop.height()), (512, 512));
+
+    // As it is: no detection, no crop written.
+    let output = ok(learn_from(
+        dir.path(),
+        "photos/astronaut_512.jpg",
+        "as-is.safetensors",
+        &["--steps", "1", "--json", "--no-align"],
+    ));
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["metadata"]["alignment"], "none");
+    assert!(!dir.path().join("as-is.aligned.png").exists());
+
+    // A face the photo does not have, and a photo without a face: one line each, nothing written.
+    let refused = learn_from(dir.path(), "photos/astronaut_1024x768.jpg", "two.safetensors", &["--face", "2"]);
+    assert!(!refused.status.success());
+    assert_eq!(stderr(&refused).trim().lines().count(), 1, "{}", stderr(&refused));
+    let refused = learn_from(dir.path(), "photos/chelsea_300x256.png", "cat.safetensors", &["--steps", "1"]);
+    assert!(!refused.status.success() && stderr(&refused).contains("no face found"), "{}", stderr(&refused));
+    assert!(!dir.path().join("two.safetensors").exists() && !dir.path().join("cat.aligned.png").exists());
 }

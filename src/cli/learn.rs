@@ -9,13 +9,13 @@ use anyhow::{bail, Context, Result};
 use stableid::identity::loss::LossKind;
 use stableid::identity::run::{LearnOutcome, LearnRun, LearnSettings, PreparedPhoto};
 use stableid::identity::step::Basis;
+use stableid::io::{write_png, RgbImage};
 use stableid::models::stable_diffusion::StableDiffusion;
 use stableid::priors::celeb_basis::{CelebBasis, CelebNames};
 use stableid::priors::face_feature::{load_face_encoder, DEFAULT_FACE_ENCODER};
-use stableid::priors::photo::load_photo;
 use stableid::weights::ModelDir;
 
-use super::{check_writable, progress_bar, FaceParserArgs, ModelArgs};
+use super::{check_writable, progress_bar, FaceParserArgs, FramingArgs, ModelArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -24,7 +24,7 @@ use super::{check_writable, progress_bar, FaceParserArgs, ModelArgs};
     stableid learn me.jpg --out me.safetensors --resume          # continue after Ctrl-C or a crash\n  \
     stableid learn me.jpg --out me.safetensors --loss noise --json  # the paper's ablation, JSON log lines")]
 pub struct LearnArgs {
-    /// A face-aligned head shot (FFHQ-style); it is resized to 512 x 512.
+    /// A photo of the person: the face is detected and aligned (FFHQ-style) unless --no-align.
     pub photo: PathBuf,
     /// The identity file to write.
     #[arg(long)]
@@ -67,6 +67,8 @@ pub struct LearnArgs {
     #[arg(long, default_value = DEFAULT_FACE_ENCODER)]
     pub face_encoder: String,
     #[command(flatten)]
+    pub framing: FramingArgs,
+    #[command(flatten)]
     pub parser: FaceParserArgs,
     /// Celebrity names for the basis, one two-word name per line [default: the shipped list].
     #[arg(long)]
@@ -84,9 +86,12 @@ fn parse_loss(s: &str) -> Result<LossKind, String> {
 
 pub fn run(args: LearnArgs) -> Result<()> {
     let checkpoint = args.checkpoint.clone().unwrap_or_else(|| default_checkpoint(&args.out));
+    let aligned_png = sibling(&args.out, "aligned.png");
     // Refuse early, before anything slow: never overwrite, never silently discard a checkpoint.
-    if args.out.exists() && !args.force && !args.resume {
-        bail!("{} already exists: pass --force to overwrite it, or choose another --out", args.out.display());
+    for output in [&args.out, &aligned_png] {
+        if output.exists() && !args.force && !args.resume {
+            bail!("{} already exists: pass --force to overwrite it, or choose another --out", output.display());
+        }
     }
     if checkpoint.exists() && !args.resume && !args.force {
         bail!(
@@ -116,7 +121,8 @@ pub fn run(args: LearnArgs) -> Result<()> {
     settings.loss.hair_weight = args.hair_weight;
     settings.validate()?;
 
-    let photo = load_photo(&args.photo)?;
+    let framed = args.framing.frame(&args.photo, args.json)?;
+    let photo = &framed.photo;
     let names = CelebNames::load(args.celeb_names.as_deref())?;
     let device = args.model.device()?;
     let model = ModelDir::resolve(&args.model.model)?;
@@ -124,7 +130,7 @@ pub fn run(args: LearnArgs) -> Result<()> {
     let encoder = load_face_encoder(&args.face_encoder, &device)?;
     let parser = args.parser.load(&device)?;
     let prepared =
-        PreparedPhoto::new(&photo, &encoder, &parser, &device).with_context(|| format!("{}", args.photo.display()))?;
+        PreparedPhoto::new(photo, &encoder, &parser, &device).with_context(|| format!("{}", args.photo.display()))?;
     let basis = CelebBasis::load_or_compute(
         &basis_cache_dir(out_dir),
         sd.text_encoder_file(),
@@ -142,12 +148,19 @@ pub fn run(args: LearnArgs) -> Result<()> {
         );
     }
 
-    let provenance: HashMap<String, String> = [
+    let mut provenance: HashMap<String, String> = [
         ("face_encoder".to_string(), args.face_encoder.clone()),
         ("face_parser".to_string(), parser.kind().name().to_string()),
         ("celeb_names".to_string(), names.len().to_string()),
     ]
     .into();
+    provenance.extend(framed.provenance().into_iter().map(|(key, value)| (key.to_string(), value)));
+    // The crop learned from is written next to the identity.
+    if let Some(alignment) = &framed.alignment {
+        let crop = &alignment.crop.image;
+        let pixels = RgbImage { width: crop.width(), height: crop.height(), pixels: crop.as_raw().clone() };
+        write_png(&aligned_png, &pixels, &[("photo", args.photo.display().to_string())])?;
+    }
     let run = LearnRun {
         sd: &sd,
         photo: &prepared,
@@ -198,8 +211,13 @@ pub fn run(args: LearnArgs) -> Result<()> {
 
 /// `me.safetensors` -> `me.ckpt.safetensors`.
 fn default_checkpoint(out: &Path) -> PathBuf {
+    sibling(out, "ckpt.safetensors")
+}
+
+/// `me.safetensors` -> `me.EXTENSION`.
+fn sibling(out: &Path, extension: &str) -> PathBuf {
     let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "identity".into());
-    out.with_file_name(format!("{stem}.ckpt.safetensors"))
+    out.with_file_name(format!("{stem}.{extension}"))
 }
 
 /// The celebrity basis is cached next to the outputs.

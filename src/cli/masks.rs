@@ -7,9 +7,8 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use stableid::io::{write_atomically, write_png, RgbImage};
 use stableid::priors::masks::SIZE;
-use stableid::priors::photo::load_photo;
 
-use super::{DeviceArg, FaceParserArgs};
+use super::{DeviceArg, FaceParserArgs, FramingArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -19,11 +18,13 @@ use super::{DeviceArg, FaceParserArgs};
     Writes PHOTO_STEM-overlay.png (the photo with the face tinted green and the hair blue),\n\
     PHOTO_STEM-face.png and PHOTO_STEM-hair.png (the masks, white = inside).")]
 pub struct MasksArgs {
-    /// The photo: an aligned head shot, brought to 512x512 as for learning.
+    /// The photo, framed as for learning: the face detected and aligned (unless --no-align), 512x512.
     pub photo: PathBuf,
     /// Folder for the PNGs (created if missing; earlier masks of the same photo are replaced).
     #[arg(long, default_value = "masks")]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub framing: FramingArgs,
     #[command(flatten)]
     pub parser: FaceParserArgs,
     /// Where the face parser runs.
@@ -36,7 +37,8 @@ pub struct MasksArgs {
 
 pub fn run(args: MasksArgs) -> Result<()> {
     // Cheap checks first: an unreadable photo or folder fails before the parser loads.
-    let photo = load_photo(&args.photo)?;
+    let framed = args.framing.frame(&args.photo, args.json)?;
+    let photo = &framed.photo;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
     let device = args.device.open()?;
@@ -53,11 +55,12 @@ pub fn run(args: MasksArgs) -> Result<()> {
     let face = mask_values(&masks.face)?;
     let hair = mask_values(&masks.hair)?;
     let weights = args.parser.weights().unwrap_or_default().to_string();
-    let text = [
+    let mut text = vec![
         ("face_parser", parser.kind().name().to_string()),
         ("face_parser_weights", weights.clone()),
         ("photo_sha256", photo.sha256().to_string()),
     ];
+    text.extend(framed.provenance());
     write_png(&paths[0], &overlay(rgb, &face, &hair), &text)?;
     write_gray_png(&paths[1], &face)?;
     write_gray_png(&paths[2], &hair)?;

@@ -10,6 +10,7 @@ mod masks;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
+use stableid::priors::align::{frame_photo, FaceDetector, FramedPhoto, Framing};
 use stableid::priors::masks::{FaceParser, FaceParserKind, DEFAULT_SEGFORMER};
 
 #[derive(Parser)]
@@ -165,6 +166,42 @@ impl FaceParserArgs {
 
     pub fn load(&self, device: &Device) -> Result<FaceParser> {
         Ok(FaceParser::load(self.kind(), self.weights(), device)?)
+    }
+}
+
+// How `learn` and `masks` frame the photo (a plain comment, as for FaceParserArgs).
+#[derive(clap::Args, Clone)]
+pub struct FramingArgs {
+    /// Use the photo as it is: it is an FFHQ-aligned head crop already (no face detection).
+    #[arg(long)]
+    pub no_align: bool,
+    /// Which face to align when the photo holds several: numbered from 1, largest first (as
+    /// `stableid align` lists them) [default: the largest].
+    #[arg(long, conflicts_with = "no_align")]
+    pub face: Option<usize>,
+}
+
+impl FramingArgs {
+    pub fn framing(&self) -> Framing {
+        if self.no_align {
+            Framing::AsIs
+        } else {
+            Framing::Align { face: self.face }
+        }
+    }
+
+    /// Reads and frames `photo`; says which face was used when there were several (unless `quiet`).
+    pub fn frame(&self, photo: &std::path::Path, quiet: bool) -> Result<FramedPhoto> {
+        let framed = frame_photo(photo, self.framing(), &FaceDetector::shipped(&Device::Cpu)?)?;
+        if let Some(alignment) = framed.alignment.as_ref().filter(|a| a.faces_found > 1 && !quiet) {
+            eprintln!(
+                "{}: {} faces found, using face {} (--face N picks another; `stableid align` shows them)",
+                photo.display(),
+                alignment.faces_found,
+                alignment.face
+            );
+        }
+        Ok(framed)
     }
 }
 

@@ -32,7 +32,9 @@ use candle_core::Device;
 use image::{Rgb, RgbImage};
 
 use crate::models::mtcnn::{DetectConfig, Face, Mtcnn};
-use crate::priors::photo::{resize, Filter, Weights};
+use crate::priors::photo::{
+    hex_sha256, load_photo, load_upright_with_digest, resize, Filter, Photo, Weights, PHOTO_SIZE,
+};
 use crate::{Error, Result};
 
 /// A face cut out and aligned as FFHQ's faces are.
@@ -48,6 +50,60 @@ pub struct AlignedFace {
 
 /// Side of the aligned crop the identity is learned from.
 pub const ALIGNED_SIZE: u32 = 512;
+
+/// How a photo becomes the learner's 512 x 512 input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Detect the faces and align face `face` (numbered from 1, largest first; `None`: the
+    /// largest) with the FFHQ recipe.
+    Align { face: Option<usize> },
+    /// The photo is an aligned head crop already: it is only resized.
+    AsIs,
+}
+
+/// A photo framed for learning, and how it was framed.
+pub struct FramedPhoto {
+    pub photo: Photo,
+    /// `None` for [`Framing::AsIs`].
+    pub alignment: Option<Alignment>,
+}
+
+impl FramedPhoto {
+    /// What an identity learned from this photo records of its framing: the method, the face and
+    /// the SHA-256 of the crop's RGB pixels.
+    pub fn provenance(&self) -> Vec<(&'static str, String)> {
+        match &self.alignment {
+            Some(alignment) => vec![
+                ("alignment", "ffhq (mtcnn landmarks)".into()),
+                ("face", alignment.face.to_string()),
+                ("aligned_rgb_sha256", hex_sha256(alignment.crop.image.as_raw())),
+            ],
+            None => vec![("alignment", "none".into())],
+        }
+    }
+}
+
+/// Which face of a photo was aligned, and its crop.
+pub struct Alignment {
+    /// Numbered from 1, largest first.
+    pub face: usize,
+    pub faces_found: usize,
+    pub crop: AlignedFace,
+}
+
+/// Reads the photo at `path` and frames it as `framing` says: the photo `learn` and `masks`
+/// work on. `detector` is used only to align.
+pub fn frame_photo(path: &Path, framing: Framing, detector: &FaceDetector) -> Result<FramedPhoto> {
+    let Framing::Align { face } = framing else {
+        return Ok(FramedPhoto { photo: load_photo(path)?, alignment: None });
+    };
+    let (image, sha256) = load_upright_with_digest(path)?;
+    let faces = detector.detect(&image)?;
+    let chosen = choose_face(&faces, face, path)?;
+    let crop = align(&image, chosen, PHOTO_SIZE)?;
+    let alignment = Alignment { face: face.unwrap_or(1), faces_found: faces.len(), crop };
+    Ok(FramedPhoto { photo: Photo::from_crop(alignment.crop.image.clone(), sha256)?, alignment: Some(alignment) })
+}
 
 /// Face detection for alignment: MTCNN on its shipped weights, facenet-pytorch's settings. The
 /// only place faces are detected (the commands that need a face call it).

@@ -55,6 +55,15 @@ pub struct Photo {
 }
 
 impl Photo {
+    /// An identity photo made from an aligned crop of the file whose digest is `sha256`.
+    pub fn from_crop(crop: RgbImage, sha256: String) -> Result<Self> {
+        if crop.dimensions() != (PHOTO_SIZE, PHOTO_SIZE) {
+            let (w, h) = crop.dimensions();
+            return Err(Error::Internal(format!("a {w}x{h} crop where the learner takes {PHOTO_SIZE}x{PHOTO_SIZE}")));
+        }
+        Ok(Self { rgb: crop, sha256 })
+    }
+
     /// The 512x512 RGB image (row-major, 3 bytes per pixel via `as_raw()`).
     pub fn rgb(&self) -> &RgbImage {
         &self.rgb
@@ -104,9 +113,14 @@ pub fn load_photo(path: &Path) -> Result<Photo> {
 /// returns it upright at its full resolution in 8-bit RGB: the input of face detection and
 /// alignment.
 pub fn load_upright(path: &Path) -> Result<RgbImage> {
+    Ok(load_upright_with_digest(path)?.0)
+}
+
+/// [`load_upright`], and the SHA-256 of the file (lower-case hex).
+pub fn load_upright_with_digest(path: &Path) -> Result<(RgbImage, String)> {
     let bad = |what: String| Error::Input(format!("photo {}: {what}", path.display()));
     let bytes = read_photo_file(path).map_err(bad)?;
-    Ok(match decode(&bytes).map_err(bad)? {
+    let rgb = match decode(&bytes).map_err(bad)? {
         DynamicImage::ImageRgb8(rgb) => rgb,
         image => {
             let (w, h) = (image.width(), image.height());
@@ -116,10 +130,12 @@ pub fn load_upright(path: &Path) -> Result<RgbImage> {
             }
             RgbImage::from_raw(w, h, rgb).expect("rows of the image's width")
         }
-    })
+    };
+    Ok((rgb, hex_sha256(&bytes)))
 }
 
-fn hex_sha256(bytes: &[u8]) -> String {
+/// Lower-case hex SHA-256 of `bytes`.
+pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
