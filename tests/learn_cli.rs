@@ -31,18 +31,18 @@ fn names_file(dir: &Path) -> PathBuf {
 
 /// `learn` on the tiny models with `extra` flags.
 fn learn(dir: &Path, out: &str, extra: &[&str]) -> Output {
-    learn_from(dir, "photos/astronaut_512.jpg", out, extra)
+    learn_from(dir, &["photos/astronaut_512.jpg"], out, extra)
 }
 
-/// `learn` of the fixture photo `photo` on the tiny models with `extra` flags.
-fn learn_from(dir: &Path, photo: &str, out: &str, extra: &[&str]) -> Output {
+/// `learn` of the fixture photos `photos` on the tiny models with `extra` flags.
+fn learn_from(dir: &Path, photos: &[&str], out: &str, extra: &[&str]) -> Output {
     let names = names_file(dir);
     let out = dir.join(out);
     let (model, vit, segformer) = (fixture("tiny-sd"), fixture("tiny-vit"), fixture("tiny-segformer"));
-    let photo = fixture(photo);
-    let mut args = vec![
-        "learn",
-        photo.to_str().unwrap(),
+    let photos: Vec<PathBuf> = photos.iter().map(|p| fixture(p)).collect();
+    let mut args = vec!["learn"];
+    args.extend(photos.iter().map(|p| p.to_str().unwrap()));
+    args.extend([
         "--out",
         out.to_str().unwrap(),
         "--model",
@@ -53,7 +53,7 @@ fn learn_from(dir: &Path, photo: &str, out: &str, extra: &[&str]) -> Output {
         segformer.to_str().unwrap(),
         "--celeb-names",
         names.to_str().unwrap(),
-    ];
+    ]);
     args.extend_from_slice(extra);
     stableid(&args)
 }
@@ -179,7 +179,7 @@ fn bad_settings_are_refused_before_anything_loads() {
 fn an_unaligned_photo_is_aligned_first_unless_told_otherwise() {
     let dir = tempfile::tempdir().unwrap();
     let output =
-        ok(learn_from(dir.path(), "photos/astronaut_1024x768.jpg", "me.safetensors", &["--steps", "1", "--json"]));
+        ok(learn_from(dir.path(), &["photos/astronaut_1024x768.jpg"], "me.safetensors", &["--steps", "1", "--json"]));
     let summary: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&output.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(summary["metadata"]["alignment"], "ffhq (mtcnn landmarks)");
@@ -192,7 +192,7 @@ fn an_unaligned_photo_is_aligned_first_unless_told_otherwise() {
     // As it is: no detection, no crop written.
     let output = ok(learn_from(
         dir.path(),
-        "photos/astronaut_512.jpg",
+        &["photos/astronaut_512.jpg"],
         "as-is.safetensors",
         &["--steps", "1", "--json", "--no-align"],
     ));
@@ -202,10 +202,36 @@ fn an_unaligned_photo_is_aligned_first_unless_told_otherwise() {
     assert!(!dir.path().join("as-is.aligned.png").exists());
 
     // A face the photo does not have, and a photo without a face: one line each, nothing written.
-    let refused = learn_from(dir.path(), "photos/astronaut_1024x768.jpg", "two.safetensors", &["--face", "2"]);
+    let refused = learn_from(dir.path(), &["photos/astronaut_1024x768.jpg"], "two.safetensors", &["--face", "2"]);
     assert!(!refused.status.success());
     assert_eq!(stderr(&refused).trim().lines().count(), 1, "{}", stderr(&refused));
-    let refused = learn_from(dir.path(), "photos/chelsea_300x256.png", "cat.safetensors", &["--steps", "1"]);
+    let refused = learn_from(dir.path(), &["photos/chelsea_300x256.png"], "cat.safetensors", &["--steps", "1"]);
     assert!(!refused.status.success() && stderr(&refused).contains("no face found"), "{}", stderr(&refused));
     assert!(!dir.path().join("two.safetensors").exists() && !dir.path().join("cat.aligned.png").exists());
+}
+
+#[test]
+fn several_photos_of_one_person_make_one_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = ["photos/astronaut_512.jpg", "photos/astronaut_1024x768.jpg", "photos/astronaut_300x400.jpg"];
+    let output = ok(learn_from(dir.path(), &photos, "me.safetensors", &["--steps", "3", "--json"]));
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).lines().last().unwrap()).unwrap();
+    // Every photo is named in the metadata, and each one's crop is written.
+    assert_eq!(summary["metadata"]["photo_sha256"].as_str().unwrap().split(',').count(), 3);
+    assert_eq!(summary["metadata"]["face"], "1,1,1");
+    for i in 1..=3 {
+        assert!(dir.path().join(format!("me.aligned.{i}.png")).is_file());
+    }
+    let several = identity_tensor(&dir.path().join("me.safetensors"));
+    let one = identity_tensor(&{
+        ok(learn_from(dir.path(), &photos[..1], "one.safetensors", &["--steps", "3"]));
+        dir.path().join("one.safetensors")
+    });
+    assert_ne!(several, one, "the other photos change the identity");
+
+    // A resumed run of several photos equals an uninterrupted one.
+    ok(learn_from(dir.path(), &photos, "split.safetensors", &["--steps", "2", "--save-every", "1"]));
+    ok(learn_from(dir.path(), &photos, "split.safetensors", &["--steps", "3", "--resume"]));
+    assert_eq!(identity_tensor(&dir.path().join("split.safetensors")), several);
 }

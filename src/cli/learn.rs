@@ -11,6 +11,7 @@ use stableid::identity::run::{LearnOutcome, LearnRun, LearnSettings, PreparedPho
 use stableid::identity::step::Basis;
 use stableid::io::{write_png, RgbImage};
 use stableid::models::stable_diffusion::StableDiffusion;
+use stableid::priors::align::provenance_of;
 use stableid::priors::celeb_basis::{CelebBasis, CelebNames};
 use stableid::priors::face_feature::{load_face_encoder, DEFAULT_FACE_ENCODER};
 use stableid::weights::ModelDir;
@@ -20,12 +21,16 @@ use super::{check_writable, progress_bar, FaceParserArgs, FramingArgs, ModelArgs
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
     stableid learn me.jpg --out me.safetensors\n  \
+    stableid learn a.jpg b.jpg c.jpg --out me.safetensors   # several photos of one person\n  \
+    stableid learn group.jpg --face 2 --out me.safetensors  # the second largest face (see `stableid align`)\n  \
     stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors\n  \
     stableid learn me.jpg --out me.safetensors --resume          # continue after Ctrl-C or a crash\n  \
     stableid learn me.jpg --out me.safetensors --loss noise --json  # the paper's ablation, JSON log lines")]
 pub struct LearnArgs {
-    /// A photo of the person: the face is detected and aligned (FFHQ-style) unless --no-align.
-    pub photo: PathBuf,
+    /// A photo of the person, or several (each step learns from one of them): the face is detected
+    /// and aligned (FFHQ-style) unless --no-align.
+    #[arg(required = true)]
+    pub photos: Vec<PathBuf>,
     /// The identity file to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -86,9 +91,14 @@ fn parse_loss(s: &str) -> Result<LossKind, String> {
 
 pub fn run(args: LearnArgs) -> Result<()> {
     let checkpoint = args.checkpoint.clone().unwrap_or_else(|| default_checkpoint(&args.out));
-    let aligned_png = sibling(&args.out, "aligned.png");
+    // The crops learned from, next to the identity: `me.aligned.png`, or `me.aligned.N.png` for
+    // photo N of several.
+    let aligned_pngs: Vec<PathBuf> = match args.photos.len() {
+        1 => vec![sibling(&args.out, "aligned.png")],
+        n => (1..=n).map(|i| sibling(&args.out, &format!("aligned.{i}.png"))).collect(),
+    };
     // Refuse early, before anything slow: never overwrite, never silently discard a checkpoint.
-    for output in [&args.out, &aligned_png] {
+    for output in std::iter::once(&args.out).chain(&aligned_pngs) {
         if output.exists() && !args.force && !args.resume {
             bail!("{} already exists: pass --force to overwrite it, or choose another --out", output.display());
         }
@@ -121,16 +131,20 @@ pub fn run(args: LearnArgs) -> Result<()> {
     settings.loss.hair_weight = args.hair_weight;
     settings.validate()?;
 
-    let framed = args.framing.frame(&args.photo, args.json)?;
-    let photo = &framed.photo;
+    let framed = args.photos.iter().map(|photo| args.framing.frame(photo, args.json)).collect::<Result<Vec<_>>>()?;
     let names = CelebNames::load(args.celeb_names.as_deref())?;
     let device = args.model.device()?;
     let model = ModelDir::resolve(&args.model.model)?;
     let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
     let encoder = load_face_encoder(&args.face_encoder, &device)?;
     let parser = args.parser.load(&device)?;
-    let prepared =
-        PreparedPhoto::new(photo, &encoder, &parser, &device).with_context(|| format!("{}", args.photo.display()))?;
+    let prepared = framed
+        .iter()
+        .zip(&args.photos)
+        .map(|(framed, path)| {
+            PreparedPhoto::new(&framed.photo, &encoder, &parser, &device).with_context(|| format!("{}", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let basis = CelebBasis::load_or_compute(
         &basis_cache_dir(out_dir),
         sd.text_encoder_file(),
@@ -139,13 +153,15 @@ pub fn run(args: LearnArgs) -> Result<()> {
         sd.text_encoder().token_embedding(),
     )?;
     if !args.json {
-        eprintln!(
-            "{}: face {:.0}% / hair {:.0}% of the image; {} celebrity names in the basis",
-            args.photo.display(),
-            100.0 * prepared.face_fraction,
-            100.0 * prepared.hair_fraction,
-            names.len()
-        );
+        for (photo, path) in prepared.iter().zip(&args.photos) {
+            eprintln!(
+                "{}: face {:.0}% / hair {:.0}% of the image",
+                path.display(),
+                100.0 * photo.face_fraction,
+                100.0 * photo.hair_fraction
+            );
+        }
+        eprintln!("{} celebrity names in the basis", names.len());
     }
 
     let mut provenance: HashMap<String, String> = [
@@ -154,16 +170,17 @@ pub fn run(args: LearnArgs) -> Result<()> {
         ("celeb_names".to_string(), names.len().to_string()),
     ]
     .into();
-    provenance.extend(framed.provenance().into_iter().map(|(key, value)| (key.to_string(), value)));
-    // The crop learned from is written next to the identity.
-    if let Some(alignment) = &framed.alignment {
-        let crop = &alignment.crop.image;
-        let pixels = RgbImage { width: crop.width(), height: crop.height(), pixels: crop.as_raw().clone() };
-        write_png(&aligned_png, &pixels, &[("photo", args.photo.display().to_string())])?;
+    provenance.extend(provenance_of(&framed).into_iter().map(|(key, value)| (key.to_string(), value)));
+    for ((framed, path), png) in framed.iter().zip(&args.photos).zip(&aligned_pngs) {
+        if let Some(alignment) = &framed.alignment {
+            let crop = &alignment.crop.image;
+            let pixels = RgbImage { width: crop.width(), height: crop.height(), pixels: crop.as_raw().clone() };
+            write_png(png, &pixels, &[("photo", path.display().to_string())])?;
+        }
     }
     let run = LearnRun {
         sd: &sd,
-        photo: &prepared,
+        photos: &prepared,
         basis: Basis { mean: basis.mean.to_device(&device)?, std: basis.std.to_device(&device)? },
         settings,
         checkpoint: checkpoint.clone(),

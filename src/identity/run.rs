@@ -1,6 +1,7 @@
-//! `learn`: one photo in, an identity out. Prepares the frozen priors of the photo (face
-//! feature, masks), draws every step's augmented sample, caption, timestep and noise, runs the
-//! training loop with checkpoints, and lands the final identity.
+//! `learn`: one photo (or a few of the same person) in, an identity out. Prepares the frozen
+//! priors of each photo (face feature, masks), draws every step's photo, augmented sample,
+//! caption, timestep and noise, runs the training loop with checkpoints, and lands the final
+//! identity from the photos' mean feature.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -115,25 +116,53 @@ impl PreparedPhoto {
     }
 }
 
-/// Draws one step: an augmented sample, a caption, a timestep and the two noises, in this order.
+/// Draws one step: with several photos, which one; then an augmented sample, a caption, a
+/// timestep and the two noises, in this order.
 struct AugmentedSteps<'a> {
     sd: &'a StableDiffusion,
-    photo: &'a PreparedPhoto,
+    photos: &'a [PreparedPhoto],
+    /// The MLP's input: the photos' mean feature, of the mirrored photos for flipped samples.
+    feature: MeanFeatures,
     augment: AugmentConfig,
     subject: String,
+}
+
+/// The mean face feature (1, 768) of the photos, and of their mirror images.
+struct MeanFeatures {
+    feature: Tensor,
+    flipped: Tensor,
+}
+
+impl MeanFeatures {
+    fn of(photos: &[PreparedPhoto]) -> Result<Self> {
+        let mean = |feature: fn(&PreparedPhoto) -> &Tensor| -> Result<Tensor> {
+            match photos {
+                [] => Err(Error::setting("photos", 0, "at least one photo is needed")),
+                // One photo: its feature itself (the reference's case, bit for bit).
+                [photo] => Ok(feature(photo).clone()),
+                _ => Ok(Tensor::cat(&photos.iter().map(feature).collect::<Vec<_>>(), 0)?.mean_keepdim(0)?),
+            }
+        };
+        Ok(Self { feature: mean(|p| &p.feature)?, flipped: mean(|p| &p.feature_flipped)? })
+    }
 }
 
 impl StepSource for AugmentedSteps<'_> {
     fn draw(&self, rng: &mut StdRng) -> Result<StepInputs> {
         let device = self.sd.device();
-        let sample = augment(&self.photo.training, &self.augment, rng, device)?;
+        // With one photo nothing is drawn for it, so that the draws stay the reference's.
+        let photo = match self.photos {
+            [photo] => photo,
+            photos => &photos[rng.random_range(0..photos.len())],
+        };
+        let sample = augment(&photo.training, &self.augment, rng, device)?;
         let caption = caption(rng.random_range(0..TEMPLATES.len()), &self.subject);
         let timestep = rng.random_range(0..self.sd.scheduler_config().num_train_timesteps);
         let (_, _, height, width) = sample.face_mask.dims4()?;
         let latent_shape = (1, self.sd.unet().config().in_channels, height, width);
         let noise = standard_normal(latent_shape, rng, device)?;
         let posterior_noise = standard_normal(latent_shape, rng, device)?;
-        let feature = if sample.flipped { &self.photo.feature_flipped } else { &self.photo.feature };
+        let feature = if sample.flipped { &self.feature.flipped } else { &self.feature.feature };
         Ok(StepInputs {
             feature: feature.clone(),
             image: sample.image,
@@ -150,7 +179,8 @@ impl StepSource for AugmentedSteps<'_> {
 /// Where a run keeps its state and what it is tied to.
 pub struct LearnRun<'a> {
     pub sd: &'a StableDiffusion,
-    pub photo: &'a PreparedPhoto,
+    /// One photo or several of the same person: each step learns from one of them.
+    pub photos: &'a [PreparedPhoto],
     pub basis: Basis,
     pub settings: LearnSettings,
     pub checkpoint: PathBuf,
@@ -173,7 +203,7 @@ impl LearnRun<'_> {
         Ok(json!({
             "model": self.sd.model_name(),
             "text_encoder_sha256": crate::priors::celeb_basis::text_encoder_fingerprint(self.sd.text_encoder_file())?,
-            "photo_sha256": self.photo.sha256,
+            "photo_sha256": self.photos.iter().map(|p| p.sha256.as_str()).collect::<Vec<_>>().join(","),
             "seed": s.seed,
             "lr": s.adamw.lr,
             "betas": [s.adamw.beta1, s.adamw.beta2],
@@ -225,7 +255,8 @@ impl LearnRun<'_> {
         let s = &self.settings;
         s.validate()?;
         let fingerprint = self.fingerprint()?;
-        let shape = MlpShape { feature_dim: self.photo.feature.dim(1)?, token_dim: self.sd.text_width() };
+        let features = MeanFeatures::of(self.photos)?;
+        let shape = MlpShape { feature_dim: features.feature.dim(1)?, token_dim: self.sd.text_width() };
         let mut init_rng = StdRng::seed_from_u64(s.seed);
         let mlp = IdentityMlp::new(shape, &mut init_rng, self.sd.device())?;
         let models = FrozenModels::of(self.sd)?;
@@ -237,9 +268,11 @@ impl LearnRun<'_> {
             start = checkpoint.step;
         }
 
+        let final_feature = features.feature.clone();
         let source = AugmentedSteps {
             sd: self.sd,
-            photo: self.photo,
+            photos: self.photos,
+            feature: features,
             augment: s.augment.clone(),
             subject: format!("{} {}", placeholder_token(0), placeholder_token(1)),
         };
@@ -258,7 +291,7 @@ impl LearnRun<'_> {
                 Ok(LearnOutcome::Interrupted { step, checkpoint: self.checkpoint.clone() })
             }
             Outcome::Finished => {
-                let embeddings = learner.identity(&self.photo.feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
+                let embeddings = learner.identity(&final_feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
                 Ok(LearnOutcome::Finished(Identity {
                     embeddings,
                     source: PathBuf::new(),

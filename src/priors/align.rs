@@ -83,6 +83,19 @@ impl FramedPhoto {
     }
 }
 
+/// [`FramedPhoto::provenance`] of several photos of one person: each key's values in photo order,
+/// joined by commas.
+pub fn provenance_of(photos: &[FramedPhoto]) -> Vec<(&'static str, String)> {
+    let mut merged: Vec<(&'static str, Vec<String>)> = Vec::new();
+    for (key, value) in photos.iter().flat_map(FramedPhoto::provenance) {
+        match merged.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, values)) => values.push(value),
+            None => merged.push((key, vec![value])),
+        }
+    }
+    merged.into_iter().map(|(key, values)| (key, values.join(","))).collect()
+}
+
 /// Which face of a photo was aligned, and its crop.
 pub struct Alignment {
     /// Numbered from 1, largest first.
