@@ -208,6 +208,12 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
+impl From<&image::RgbImage> for RgbImage {
+    fn from(image: &image::RgbImage) -> Self {
+        Self { width: image.width(), height: image.height(), pixels: image.as_raw().clone() }
+    }
+}
+
 /// Writes `image` as a PNG carrying `text` (keyword, value) pairs as UTF-8 text chunks.
 pub fn write_png(path: &Path, image: &RgbImage, text: &[(&str, String)]) -> Result<()> {
     write_atomically(path, |w| {

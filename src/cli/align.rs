@@ -129,13 +129,13 @@ fn write(photo: &Aligned, out: &Path, all_faces: bool) -> Result<serde_json::Val
             ("quad", serde_json::to_string(&crop.quad)?),
             ("alignment", "FFHQ (NVlabs ffhq-dataset recipe) on MTCNN landmarks".to_string()),
         ];
-        write_png(&path, &to_io(&crop.image), &text)?;
+        write_png(&path, &(&crop.image).into(), &text)?;
         crops.push(serde_json::json!({ "face": n, "path": path, "quad": crop.quad }));
     }
     let preview_path = out.join(format!("{tag}.preview.png"));
     let text = [("photo", source), ("faces", serde_json::Value::from(faces.clone()).to_string())];
     let quads: Vec<_> = photo.crops.iter().map(|(_, crop)| crop.quad).collect();
-    write_png(&preview_path, &to_io(&preview(&photo.image, &photo.faces, &quads)), &text)?;
+    write_png(&preview_path, &(&preview(&photo.image, &photo.faces, &quads)).into(), &text)?;
     let summary = serde_json::json!({
         "photo": photo.photo,
         "width": photo.image.width(),
@@ -145,8 +145,4 @@ fn write(photo: &Aligned, out: &Path, all_faces: bool) -> Result<serde_json::Val
         "preview": preview_path,
     });
     Ok(summary)
-}
-
-fn to_io(image: &RgbImage) -> stableid::io::RgbImage {
-    stableid::io::RgbImage { width: image.width(), height: image.height(), pixels: image.as_raw().clone() }
 }

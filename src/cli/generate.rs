@@ -98,7 +98,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
     check_writable(&args.out)?;
 
-    let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
+    let sd = StableDiffusion::load_with_configs(&model, configs, &device, args.model.dtype())?;
     if sd.prompt_ids(&args.prompt)?.truncated {
         eprintln!("warning: the prompt is longer than {} tokens; the rest is ignored", sd.tokenizer().max_length());
     }

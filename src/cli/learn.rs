@@ -131,7 +131,7 @@ pub fn run(args: LearnArgs) -> Result<()> {
     settings.loss.hair_weight = args.hair_weight;
     settings.validate()?;
 
-    let framed = args.photos.iter().map(|photo| args.framing.frame(photo, args.json)).collect::<Result<Vec<_>>>()?;
+    let framed = args.framing.frame(&args.photos, args.json)?;
     let names = CelebNames::load(args.celeb_names.as_deref())?;
     let device = args.model.device()?;
     let model = ModelDir::resolve(&args.model.model)?;
@@ -173,9 +173,7 @@ pub fn run(args: LearnArgs) -> Result<()> {
     provenance.extend(provenance_of(&framed).into_iter().map(|(key, value)| (key.to_string(), value)));
     for ((framed, path), png) in framed.iter().zip(&args.photos).zip(&aligned_pngs) {
         if let Some(alignment) = &framed.alignment {
-            let crop = &alignment.crop.image;
-            let pixels = RgbImage { width: crop.width(), height: crop.height(), pixels: crop.as_raw().clone() };
-            write_png(png, &pixels, &[("photo", path.display().to_string())])?;
+            write_png(png, &RgbImage::from(&alignment.crop.image), &[("photo", path.display().to_string())])?;
         }
     }
     let run = LearnRun {

@@ -37,7 +37,7 @@ pub struct MasksArgs {
 
 pub fn run(args: MasksArgs) -> Result<()> {
     // Cheap checks first: an unreadable photo or folder fails before the parser loads.
-    let framed = args.framing.frame(&args.photo, args.json)?;
+    let framed = args.framing.frame(std::slice::from_ref(&args.photo), args.json)?.remove(0);
     let photo = &framed.photo;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;

@@ -190,18 +190,25 @@ impl FramingArgs {
         }
     }
 
-    /// Reads and frames `photo`; says which face was used when there were several (unless `quiet`).
-    pub fn frame(&self, photo: &std::path::Path, quiet: bool) -> Result<FramedPhoto> {
-        let framed = frame_photo(photo, self.framing(), &FaceDetector::shipped(&Device::Cpu)?)?;
-        if let Some(alignment) = framed.alignment.as_ref().filter(|a| a.faces_found > 1 && !quiet) {
-            eprintln!(
-                "{}: {} faces found, using face {} (--face N picks another; `stableid align` shows them)",
-                photo.display(),
-                alignment.faces_found,
-                alignment.face
-            );
-        }
-        Ok(framed)
+    /// Reads and frames `photos` (one face detector for all of them); says which face was used
+    /// where there were several (unless `quiet`).
+    pub fn frame(&self, photos: &[std::path::PathBuf], quiet: bool) -> Result<Vec<FramedPhoto>> {
+        let detector = FaceDetector::shipped(&Device::Cpu)?;
+        photos
+            .iter()
+            .map(|photo| {
+                let framed = frame_photo(photo, self.framing(), &detector)?;
+                if let Some(alignment) = framed.alignment.as_ref().filter(|a| a.faces_found > 1 && !quiet) {
+                    eprintln!(
+                        "{}: {} faces found, using face {} (--face N picks another; `stableid align` shows them)",
+                        photo.display(),
+                        alignment.faces_found,
+                        alignment.face
+                    );
+                }
+                Ok(framed)
+            })
+            .collect()
     }
 }
 

@@ -243,8 +243,13 @@ impl StableDiffusion {
     /// Loads tokenizer, text encoder, UNet and VAE from a diffusers folder (its configs checked by
     /// [`SdConfigs::read`]), the frozen weights in `dtype` on `device`.
     pub fn load(model: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with_configs(model, SdConfigs::read(model)?, device, dtype)
+    }
+
+    /// [`load`](Self::load) with the folder's configs already read by [`SdConfigs::read`] (to
+    /// check a request against them before the weights load).
+    pub fn load_with_configs(model: &ModelDir, configs: SdConfigs, device: &Device, dtype: DType) -> Result<Self> {
         crate::nn::check_dtype(dtype, device)?;
-        let configs = SdConfigs::read(model)?;
         let tokenizer_dir = model.component("tokenizer")?;
         let mut tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
         let positions = configs.text_encoder.max_position_embeddings;

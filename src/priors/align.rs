@@ -50,7 +50,7 @@ pub struct AlignedFace {
 }
 
 /// Side of the aligned crop the identity is learned from.
-pub const ALIGNED_SIZE: u32 = 512;
+pub const ALIGNED_SIZE: u32 = PHOTO_SIZE;
 
 /// How a photo becomes the learner's 512 x 512 input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +106,7 @@ pub struct Alignment {
 }
 
 /// Reads the photo at `path` and frames it as `framing` says: the photo `learn` and `masks`
-/// work on. `detector` is used only to align.
+/// work on. `detector` (used only to align) is made once by the caller for all its photos.
 pub fn frame_photo(path: &Path, framing: Framing, detector: &FaceDetector) -> Result<FramedPhoto> {
     let Framing::Align { face } = framing else {
         return Ok(FramedPhoto { photo: load_photo(path)?, alignment: None });
@@ -114,7 +114,7 @@ pub fn frame_photo(path: &Path, framing: Framing, detector: &FaceDetector) -> Re
     let (image, sha256) = load_upright_with_digest(path)?;
     let faces = detector.detect(&image)?;
     let chosen = choose_face(&faces, face, path)?;
-    let crop = align(&image, chosen, PHOTO_SIZE)?;
+    let crop = align(&image, chosen, ALIGNED_SIZE)?;
     let alignment = Alignment { face: face.unwrap_or(1), faces_found: faces.len(), crop };
     Ok(FramedPhoto { photo: Photo::from_crop(alignment.crop.image.clone(), sha256)?, alignment: Some(alignment) })
 }
