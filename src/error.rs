@@ -33,6 +33,10 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
 
+    /// A photo gives no face to align: none found, too small, or no such face number.
+    #[error("{0}")]
+    Face(String),
+
     /// The numbers went wrong: a NaN or infinite loss or gradient.
     #[error("{0}")]
     Numeric(String),
@@ -76,7 +80,7 @@ impl Error {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Setting { .. } | Self::Input(_) => ErrorKind::Input,
+            Self::Setting { .. } | Self::Input(_) | Self::Face(_) => ErrorKind::Input,
             Self::MissingFile { .. } | Self::Weights { .. } | Self::Config { .. } | Self::UnsupportedModel(_) => {
                 ErrorKind::Model
             }

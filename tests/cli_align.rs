@@ -79,11 +79,15 @@ fn a_group_photo_gives_the_face_asked_for() {
     };
     assert!(area(&faces[0]) > area(&faces[1]) && area(&faces[1]) > area(&faces[2]));
 
+    // The third face (31x39 px) would give a 59 px crop: --all-faces skips it and says so.
+    let all = stableid(&["align", &group, "--all-faces", "--out", dir]);
+    assert!(String::from_utf8_lossy(&all.stderr).contains("faces [3] are too small to align, skipped"));
     let all = json(&stableid(&["align", &group, "--all-faces", "--out", dir, "--json"]));
     let names: Vec<&str> =
         all["photos"][0]["aligned"].as_array().unwrap().iter().map(|c| c["path"].as_str().unwrap()).collect();
-    assert_eq!(names.len(), 3);
-    assert!(names[2].ends_with("faces_3_480x320-2.face3.aligned.png"), "{names:?}");
+    assert_eq!(names.len(), 2);
+    assert!(names[1].ends_with("faces_3_480x320-3.face2.aligned.png"), "{names:?}");
+    assert_eq!(all["photos"][0]["faces"].as_array().unwrap().len(), 3);
 }
 
 /// Asserts a failed run with a one-line error containing every `needle`, and nothing written.
@@ -108,6 +112,8 @@ fn no_face_or_no_such_face_is_a_one_line_error_and_writes_nothing() {
     assert_fails_with(&output, &out, &["no face found in", "chelsea_300x256.png", "clearly visible"]);
     let output = stableid(&["align", &photo("faces_3_480x320.png"), "--face", "4", "--out", dir]);
     assert_fails_with(&output, &out, &["faces_3_480x320.png has 3 face(s)", "no face 4"]);
+    let output = stableid(&["align", &photo("faces_3_480x320.png"), "--face", "3", "--out", dir]);
+    assert_fails_with(&output, &out, &["face 3 of", "is too small (31x39 px)", "crop would be 59 px"]);
     let output = stableid(&["align", tmp.path().to_str().unwrap(), "--out", dir]);
     assert_fails_with(&output, &out, &["photo", "cannot read it"]);
 }

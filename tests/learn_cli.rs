@@ -207,6 +207,7 @@ fn an_unaligned_photo_is_aligned_first_unless_told_otherwise() {
     assert_eq!(stderr(&refused).trim().lines().count(), 1, "{}", stderr(&refused));
     let refused = learn_from(dir.path(), &["photos/chelsea_300x256.png"], "cat.safetensors", &["--steps", "1"]);
     assert!(!refused.status.success() && stderr(&refused).contains("no face found"), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("or --no-align if it is an aligned head crop already"), "{}", stderr(&refused));
     assert!(!dir.path().join("two.safetensors").exists() && !dir.path().join("cat.aligned.png").exists());
 }
 

@@ -8,7 +8,7 @@ use candle_core::Device;
 use image::RgbImage;
 use stableid::io::write_png;
 use stableid::models::mtcnn::Face;
-use stableid::priors::align::{align, choose_face, preview, AlignedFace, FaceDetector, ALIGNED_SIZE};
+use stableid::priors::align::{align, check_face_size, choose_face, preview, AlignedFace, FaceDetector, ALIGNED_SIZE};
 use stableid::priors::photo::load_upright;
 
 use super::check_writable;
@@ -20,8 +20,9 @@ use super::check_writable;
     stableid align a.jpg b.jpg --all-faces --json\n\n\
     Writes DIR/STEM.aligned.png (the 512x512 FFHQ crop; STEM.faceN.aligned.png with --all-faces) and\n\
     DIR/STEM.preview.png: the photo with every face's box (yellow), its landmarks (red) and the crop\n\
-    of each face aligned (green). Faces are numbered from 1, largest first. Existing files are never\n\
-    replaced: STEM-1, STEM-2, ... are used instead.")]
+    of each face aligned (green). Faces are numbered from 1, largest first; faces too small for a\n\
+    usable crop (under 64 px) are refused. Existing files are never replaced: STEM-1, STEM-2, ... are\n\
+    used instead.")]
 pub struct AlignArgs {
     /// The photos (JPEG, PNG, ...; a JPEG's EXIF orientation is applied).
     #[arg(required = true)]
@@ -56,12 +57,21 @@ pub fn run(args: AlignArgs) -> Result<()> {
     for path in &args.photos {
         let image = load_upright(path)?;
         let faces = detector.detect(&image)?;
-        let numbers = if args.all_faces {
+        let numbers: Vec<usize> = if args.all_faces {
             choose_face(&faces, None, path)?;
-            (1..=faces.len()).collect()
+            let (usable, small): (Vec<usize>, Vec<usize>) =
+                (1..=faces.len()).partition(|&n| check_face_size(&faces[n - 1], n, path).is_ok());
+            if usable.is_empty() {
+                check_face_size(&faces[0], 1, path)?;
+            }
+            if !small.is_empty() && !args.json {
+                eprintln!("{}: faces {small:?} are too small to align, skipped", path.display());
+            }
+            usable
         } else {
-            choose_face(&faces, args.face, path)?;
-            vec![args.face.unwrap_or(1)]
+            let n = args.face.unwrap_or(1);
+            check_face_size(choose_face(&faces, args.face, path)?, n, path)?;
+            vec![n]
         };
         if faces.len() > 1 && !args.all_faces && args.face.is_none() && !args.json {
             eprintln!(

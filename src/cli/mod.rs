@@ -197,7 +197,12 @@ impl FramingArgs {
         photos
             .iter()
             .map(|photo| {
-                let framed = frame_photo(photo, self.framing(), &detector)?;
+                let framed = frame_photo(photo, self.framing(), &detector).map_err(|e| match e {
+                    stableid::Error::Face(problem) => stableid::Error::Face(format!(
+                        "{problem} (or --no-align if it is an aligned head crop already)"
+                    )),
+                    other => other,
+                })?;
                 if let Some(alignment) = framed.alignment.as_ref().filter(|a| a.faces_found > 1 && !quiet) {
                     eprintln!(
                         "{}: {} faces found, using face {} (--face N picks another; `stableid align` shows them)",

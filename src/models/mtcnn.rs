@@ -16,13 +16,15 @@
 //! - equal scores are ordered by index (stable sorts) where NumPy's `argsort` leaves it open.
 //!
 //! The convolutions and dense layers are [`crate::nn`] layers; PReLU, the ceil-mode max pools and
-//! the two-way softmax are plain candle ops (the detector is never differentiated).
+//! the two-way softmax are computed here on the values, in one pass each (the detector is never
+//! differentiated).
 
 use std::ops::Range;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Storage, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::nn::{Conv2d, Conv2dConfig, Linear};
 
@@ -33,37 +35,93 @@ fn conv(vb: VarBuilder, c_in: usize, c_out: usize, kernel: usize) -> Result<Conv
     Conv2d::new(vb, c_in, c_out, kernel, Conv2dConfig::default())
 }
 
+/// Calls `f` with the values of the f32 tensor `x` in row-major order, read in place when `x` is
+/// a contiguous CPU tensor.
+fn with_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if x.device().is_cpu() && x.is_contiguous() {
+        let (storage, layout) = x.storage_and_layout();
+        if let Storage::Cpu(cpu) = &*storage {
+            return Ok(f(&cpu.as_slice::<f32>()?[layout.start_offset()..][..x.elem_count()]));
+        }
+    }
+    Ok(f(&x.flatten_all()?.to_vec1::<f32>()?))
+}
+
 /// `torch.nn.PReLU(channels)`: `x` where `x > 0`, else `weight[c] * x`, on the channel axis 1 of
 /// (batch, channels, ...) inputs.
 #[derive(Debug, Clone)]
 struct PRelu {
-    weight: Tensor,
+    weight: Vec<f32>,
 }
 
 impl PRelu {
     fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { weight: vb.get(channels, "weight")? })
+        Ok(Self { weight: vb.get(channels, "weight")?.to_vec1()? })
+    }
+
+    fn at(&self, plane: usize, v: f32) -> f32 {
+        if v < 0.0 {
+            v * self.weight[plane % self.weight.len()]
+        } else {
+            v
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut shape = vec![1; x.rank()];
-        shape[1] = self.weight.dim(0)?;
-        let negative = x.minimum(0f32)?.broadcast_mul(&self.weight.reshape(shape)?)?;
-        x.relu()? + negative
+        let plane = x.elem_count() / (x.dim(0)? * self.weight.len()).max(1);
+        let values = with_values(x, |values| {
+            let mut out = vec![0f32; values.len()];
+            out.par_chunks_mut(plane.max(1)).zip(values.par_chunks(plane.max(1))).enumerate().for_each(
+                |(i, (out, values))| out.iter_mut().zip(values).for_each(|(o, &v)| *o = self.at(i, v)),
+            );
+            out
+        })?;
+        Tensor::from_vec(values, x.shape(), x.device())
+    }
+
+    /// `MaxPool2d(kernel, stride, ceil_mode=True)` (no padding) of [`Self::forward`], in one pass
+    /// over (batch, channels, h, w) inputs: `ceil((len - kernel) / stride) + 1` windows per axis,
+    /// the last ones clipped to the input.
+    fn forward_pooled(&self, x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let windows = |len: usize| (len - kernel).div_ceil(stride) + 1;
+        let (oh, ow) = (windows(h), windows(w));
+        let values = with_values(x, |values| {
+            let mut out = vec![0f32; b * c * oh * ow];
+            out.par_chunks_mut(oh * ow).zip(values.par_chunks(h * w)).enumerate().for_each(|(i, (out, plane))| {
+                for (oy, out_row) in out.chunks_exact_mut(ow).enumerate() {
+                    let rows = oy * stride..(oy * stride + kernel).min(h);
+                    for (ox, o) in out_row.iter_mut().enumerate() {
+                        let columns = ox * stride..(ox * stride + kernel).min(w);
+                        let max = rows.clone().flat_map(|y| &plane[y * w..][columns.clone()]);
+                        *o = max.fold(f32::NEG_INFINITY, |m, &v| m.max(self.at(i, v)));
+                    }
+                }
+            });
+            out
+        })?;
+        Tensor::from_vec(values, (b, c, oh, ow), x.device())
     }
 }
 
-/// `torch.nn.MaxPool2d(kernel, stride, ceil_mode=True)` without padding: windows that run past
-/// the bottom or right border take the maximum of their pixels inside. The input is extended by
-/// repeating its last row and column, which gives the same maxima: every such window holds the
-/// border pixel it repeats.
-fn max_pool_ceil(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let extra = |len: usize| {
-        let out = (len - kernel).div_ceil(stride) + 1;
-        ((out - 1) * stride + kernel).saturating_sub(len)
-    };
-    x.pad_with_same(2, 0, extra(h))?.pad_with_same(3, 0, extra(w))?.max_pool2d_with_stride(kernel, stride)
+/// `softmax(x, dim=1)` of (batch, 2, ...) logits, each pair computed as PyTorch does (the
+/// larger subtracted, exponentials over their sum) in one pass over the values.
+fn softmax_pairs(x: &Tensor) -> Result<Tensor> {
+    let plane = (x.elem_count() / (2 * x.dim(0)?).max(1)).max(1);
+    let out = with_values(x, |values| {
+        let mut out = vec![0f32; values.len()];
+        out.par_chunks_mut(2 * plane).zip(values.par_chunks(2 * plane)).for_each(|(out, logits)| {
+            let (l0, l1) = logits.split_at(plane);
+            let (p0, p1) = out.split_at_mut(plane);
+            for (((p0, p1), &a), &b) in p0.iter_mut().zip(p1).zip(l0).zip(l1) {
+                let m = a.max(b);
+                let (ea, eb) = ((a - m).exp(), (b - m).exp());
+                (*p0, *p1) = (ea / (ea + eb), eb / (ea + eb));
+            }
+        });
+        out
+    })?;
+    Tensor::from_vec(out, x.shape(), x.device())
 }
 
 /// The flattening before the dense layers: facenet-pytorch permutes (batch, c, h, w) to
@@ -103,11 +161,10 @@ impl PNet {
     /// (batch, 4, h', w') and the probabilities (batch, 2, h', w') of (no face, face), where
     /// `h' = ceil((h - 2) / 2) - 4`.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let x = self.prelu1.forward(&self.conv1.forward(x)?)?;
-        let x = max_pool_ceil(&x, 2, 2)?;
+        let x = self.prelu1.forward_pooled(&self.conv1.forward(x)?, 2, 2)?;
         let x = self.prelu2.forward(&self.conv2.forward(&x)?)?;
         let x = self.prelu3.forward(&self.conv3.forward(&x)?)?;
-        let prob = candle_nn::ops::softmax(&self.conv4_1.forward(&x)?, 1)?;
+        let prob = softmax_pairs(&self.conv4_1.forward(&x)?)?;
         Ok((self.conv4_2.forward(&x)?, prob))
     }
 }
@@ -146,11 +203,11 @@ impl RNet {
     /// `x` (batch, 3, 24, 24), normalised pixels. Returns the box regression (batch, 4) and the
     /// probabilities (batch, 2) of (no face, face).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let x = max_pool_ceil(&self.prelu1.forward(&self.conv1.forward(x)?)?, 3, 2)?;
-        let x = max_pool_ceil(&self.prelu2.forward(&self.conv2.forward(&x)?)?, 3, 2)?;
+        let x = self.prelu1.forward_pooled(&self.conv1.forward(x)?, 3, 2)?;
+        let x = self.prelu2.forward_pooled(&self.conv2.forward(&x)?, 3, 2)?;
         let x = self.prelu3.forward(&self.conv3.forward(&x)?)?;
         let x = self.prelu4.forward(&self.dense4.forward(&flatten_whc(&x)?)?)?;
-        let prob = candle_nn::ops::softmax(&self.dense5_1.forward(&x)?, 1)?;
+        let prob = softmax_pairs(&self.dense5_1.forward(&x)?)?;
         Ok((self.dense5_2.forward(&x)?, prob))
     }
 }
@@ -196,12 +253,12 @@ impl ONet {
     /// regression (batch, 4), the landmarks (batch, 10: five x then five y, as fractions of the
     /// crop) and the probabilities (batch, 2) of (no face, face).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let x = max_pool_ceil(&self.prelu1.forward(&self.conv1.forward(x)?)?, 3, 2)?;
-        let x = max_pool_ceil(&self.prelu2.forward(&self.conv2.forward(&x)?)?, 3, 2)?;
-        let x = max_pool_ceil(&self.prelu3.forward(&self.conv3.forward(&x)?)?, 2, 2)?;
+        let x = self.prelu1.forward_pooled(&self.conv1.forward(x)?, 3, 2)?;
+        let x = self.prelu2.forward_pooled(&self.conv2.forward(&x)?, 3, 2)?;
+        let x = self.prelu3.forward_pooled(&self.conv3.forward(&x)?, 2, 2)?;
         let x = self.prelu4.forward(&self.conv4.forward(&x)?)?;
         let x = self.prelu5.forward(&self.dense5.forward(&flatten_whc(&x)?)?)?;
-        let prob = candle_nn::ops::softmax(&self.dense6_1.forward(&x)?, 1)?;
+        let prob = softmax_pairs(&self.dense6_1.forward(&x)?)?;
         Ok((self.dense6_2.forward(&x)?, self.dense6_3.forward(&x)?, prob))
     }
 }
@@ -271,7 +328,7 @@ impl Face {
 
 /// P-Net input pixels per pyramid band (see [`Mtcnn::proposals`]): bounds the memory of one level
 /// (about 40 bytes per pixel: the pixels and P-Net's first activations) whatever the photo's size.
-const BAND_PIXELS: usize = 1 << 20;
+const BAND_PIXELS: usize = 1 << 18;
 
 /// R-Net and O-Net batch size (facenet-pytorch's `fixed_batch_process`).
 const BATCH: usize = 512;

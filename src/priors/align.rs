@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use crate::models::mtcnn::{DetectConfig, Face, Mtcnn};
 use crate::priors::photo::{
-    hex_sha256, load_photo, load_upright_with_digest, resize, Filter, Photo, Weights, PHOTO_SIZE,
+    hex_sha256, load_photo, load_upright_with_digest, resize, resize_window, Filter, Photo, Weights, PHOTO_SIZE,
 };
 use crate::{Error, Result};
 
@@ -114,33 +114,67 @@ pub fn frame_photo(path: &Path, framing: Framing, detector: &FaceDetector) -> Re
     let (image, sha256) = load_upright_with_digest(path)?;
     let faces = detector.detect(&image)?;
     let chosen = choose_face(&faces, face, path)?;
+    check_face_size(chosen, face.unwrap_or(1), path)?;
     let crop = align(&image, chosen, ALIGNED_SIZE)?;
     let alignment = Alignment { face: face.unwrap_or(1), faces_found: faces.len(), crop };
     Ok(FramedPhoto { photo: Photo::from_crop(alignment.crop.image.clone(), sha256)?, alignment: Some(alignment) })
 }
 
-/// Face detection for alignment: MTCNN on its shipped weights, facenet-pytorch's settings. The
-/// only place faces are detected (the commands that need a face call it).
+/// Face detection for alignment: MTCNN on its shipped weights, facenet-pytorch's settings but for
+/// the smallest face searched on large photos ([`FaceDetector::min_face_size`]). The only place
+/// faces are detected (the commands that need a face call it).
 pub struct FaceDetector {
     mtcnn: Mtcnn,
 }
+
+/// The smallest crop side (`qsize`, in photo pixels) a face may give: smaller faces would be
+/// enlarged more than 8 times to the 512 crop, too blurred to learn a likeness from.
+pub const MIN_CROP_SIDE: f64 = 64.0;
 
 impl FaceDetector {
     pub fn shipped(device: &Device) -> Result<Self> {
         Ok(Self { mtcnn: Mtcnn::shipped(device)? })
     }
 
+    /// The smallest face searched for in a photo of `width` x `height`: facenet-pytorch's 20 px,
+    /// or a 64th of the short side, up to 48 px, on photos whose short side exceeds 1280 px. Faces below a 64th
+    /// of a large photo's side are background faces, and searching for them costs most of the
+    /// time (the pyramid's first level has `(12 / min_face_size)^2` of the photo's pixels: a
+    /// 12-megapixel photo takes a fifth of facenet-pytorch's P-Net work).
+    pub fn min_face_size(width: u32, height: u32) -> f64 {
+        (f64::from(width.min(height)) / 64.0).clamp(20.0, 48.0)
+    }
+
     /// The faces of `photo`, largest first.
     pub fn detect(&self, photo: &RgbImage) -> Result<Vec<Face>> {
-        Ok(self.mtcnn.detect(photo, &DetectConfig::default())?)
+        let min_face_size = Self::min_face_size(photo.width(), photo.height());
+        Ok(self.mtcnn.detect(photo, &DetectConfig { min_face_size, ..DetectConfig::default() })?)
     }
+}
+
+/// An input error when `face` (number `number` of the photo at `path`) is too small to give a
+/// usable crop ([`MIN_CROP_SIDE`]).
+pub fn check_face_size(face: &Face, number: usize, path: &Path) -> Result<()> {
+    let (_, crop_side) = ffhq_quad(face);
+    if crop_side < MIN_CROP_SIDE {
+        let [x1, y1, x2, y2] = face.bbox;
+        return Err(Error::Face(format!(
+            "face {number} of {} is too small ({:.0}x{:.0} px): its crop would be {crop_side:.0} px, \
+             enlarged {:.0} times to {ALIGNED_SIZE}; use a larger or closer photo of the face",
+            path.display(),
+            x2 - x1,
+            y2 - y1,
+            f64::from(ALIGNED_SIZE) / crop_side,
+        )));
+    }
+    Ok(())
 }
 
 /// Face `number` (1 = the largest) of `faces`, the faces found in the photo at `path`, or the
 /// largest when `number` is `None`; an input error when there is no face or no such face.
 pub fn choose_face<'a>(faces: &'a [Face], number: Option<usize>, path: &Path) -> Result<&'a Face> {
     if faces.is_empty() {
-        return Err(Error::Input(format!(
+        return Err(Error::Face(format!(
             "no face found in {}: use a photo where the face is clearly visible",
             path.display()
         )));
@@ -155,7 +189,7 @@ pub fn choose_face<'a>(faces: &'a [Face], number: Option<usize>, path: &Path) ->
                 format!("{}: {:.0}x{:.0} at ({x1:.0}, {y1:.0})", i + 1, x2 - x1, y2 - y1)
             })
             .collect();
-        return Err(Error::Input(format!(
+        return Err(Error::Face(format!(
             "{} has {} face(s), numbered from 1, largest first ({}); there is no face {n}",
             path.display(),
             faces.len(),
@@ -225,14 +259,13 @@ pub fn align_warped_at(photo: &RgbImage, face: &Face, size: u32, transform_size:
     }
     let (mut quad, mut qsize) = (photo_quad, photo_qsize);
 
-    // Shrink a photo much larger than the crop.
+    // Shrink a photo much larger than the crop: the recipe resizes the whole photo, of which only
+    // the crop below is computed.
     let shrink = (qsize / f64::from(size) * 0.5).floor();
-    let shrunk;
-    let mut img = photo;
+    let (mut w, mut h) = (photo.width(), photo.height());
     if shrink > 1.0 {
         let side = |v: u32| ((f64::from(v) / shrink).round_ties_even() as u32).max(1);
-        shrunk = resize(photo, side(photo.width()), side(photo.height()), Filter::Lanczos, Weights::Pil);
-        img = &shrunk;
+        (w, h) = (side(w), side(h));
         quad = quad.map(|p| scale(p, 1.0 / shrink));
         qsize /= shrink;
     }
@@ -245,23 +278,24 @@ pub fn align_warped_at(photo: &RgbImage, face: &Face, size: u32, transform_size:
         let max = |v: [f64; 4]| v.into_iter().fold(f64::NEG_INFINITY, f64::max).ceil() as i64;
         [min(xs), min(ys), max(xs), max(ys)]
     };
-    let (w, h) = (i64::from(img.width()), i64::from(img.height()));
+    let (wi, hi) = (i64::from(w), i64::from(h));
     let [x0, y0, x1, y1] = bounds(&quad);
-    let crop = [(x0 - border).max(0), (y0 - border).max(0), (x1 + border).min(w), (y1 + border).min(h)];
-    let cropped;
-    if crop[2] - crop[0] < w || crop[3] - crop[1] < h {
-        if crop[2] <= crop[0] || crop[3] <= crop[1] {
-            return Err(Error::Input(format!(
-                "the face's crop {photo_quad:?} lies outside the {}x{} photo",
-                photo.width(),
-                photo.height()
-            )));
-        }
-        let (cw, ch) = ((crop[2] - crop[0]) as u32, (crop[3] - crop[1]) as u32);
-        cropped = image::imageops::crop_imm(img, crop[0] as u32, crop[1] as u32, cw, ch).to_image();
-        img = &cropped;
-        quad = quad.map(|p| sub(p, [crop[0] as f64, crop[1] as f64]));
+    let crop = [(x0 - border).max(0), (y0 - border).max(0), (x1 + border).min(wi), (y1 + border).min(hi)];
+    if crop[2] <= crop[0] || crop[3] <= crop[1] {
+        return Err(Error::Input(format!(
+            "the face's crop {photo_quad:?} lies outside the {}x{} photo",
+            photo.width(),
+            photo.height()
+        )));
     }
+    let window = crop.map(|v| v as u32);
+    let cropped = if shrink > 1.0 {
+        resize_window(photo, (w, h), window, Filter::Lanczos, Weights::Pil)
+    } else {
+        image::imageops::crop_imm(photo, window[0], window[1], window[2] - window[0], window[3] - window[1]).to_image()
+    };
+    let mut img = &cropped;
+    quad = quad.map(|p| sub(p, [crop[0] as f64, crop[1] as f64]));
 
     // Reflect-pad where the quad leaves the photo.
     let (w, h) = (i64::from(img.width()), i64::from(img.height()));

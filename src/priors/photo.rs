@@ -103,6 +103,7 @@ pub fn load_photo(path: &Path) -> Result<Photo> {
         (image.width(), image.height()),
         |y, row| row.copy_from_slice(rgb8_row(&image, y).as_raw()),
         (PHOTO_SIZE, PHOTO_SIZE),
+        [0, 0, PHOTO_SIZE, PHOTO_SIZE],
         Filter::Bicubic,
         Weights::Pil,
     );
@@ -403,40 +404,54 @@ fn convolve_pixel(tap: &Taps, bits: u32, out: &mut [u8], at: impl Fn(usize) -> [
 /// Resizes an RGB image to `width` x `height` with PIL's antialiased separable resampling
 /// (`Image.resize`), or with PyTorch's uint8 variant of it; the result is bit-exact to either.
 pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Filter, rounding: Weights) -> RgbImage {
+    resize_window(image, (width, height), [0, 0, width, height], filter, rounding)
+}
+
+/// The pixels `[x0, y0, x1, y1)` of [`resize`]`(image, width, height, ..)`, computed from the input
+/// pixels they need only: a small window of a large photo's resize costs the window's size.
+pub fn resize_window(
+    image: &RgbImage,
+    (width, height): (u32, u32),
+    window: [u32; 4],
+    filter: Filter,
+    rounding: Weights,
+) -> RgbImage {
     let row_len = image.width() as usize * 3;
     resize_rows(
         image.dimensions(),
         |y, row| row.copy_from_slice(&image.as_raw()[y as usize * row_len..][..row_len]),
         (width, height),
+        window,
         filter,
         rounding,
     )
 }
 
-/// [`resize`] of an image of `(width, height)` whose RGB rows `read_row(y, row)` gives, each asked
-/// for once, in order: the horizontal pass runs on each row as it comes and the vertical pass
-/// keeps only the rows its current output row needs, so memory stays a few rows of the output
-/// whatever the input's size.
+/// The window `[x0, y0, x1, y1)` of the resize to `(width, height)` (see [`resize`]) of an image
+/// of `(in_w, in_h)` whose RGB rows `read_row(y, row)` gives: rows are asked for once each, in
+/// increasing order, only those the window needs. The horizontal pass runs on each row as it comes
+/// and the vertical pass keeps only the rows its current output row needs, so memory stays a few
+/// rows of the output whatever the input's size.
 fn resize_rows(
     (in_w, in_h): (u32, u32),
     mut read_row: impl FnMut(u32, &mut [u8]),
     (width, height): (u32, u32),
+    [x0, y0, x1, y1]: [u32; 4],
     filter: Filter,
     rounding: Weights,
 ) -> RgbImage {
     let (in_w, out_w, out_h) = (in_w as usize, width as usize, height as usize);
+    let (columns, rows) = (x0 as usize..x1 as usize, y0 as usize..y1 as usize);
     let horizontal = (out_w != in_w).then(|| taps(in_w, out_w, filter, rounding));
     let mut source = vec![0u8; in_w * 3];
-    let mut next_row = 0u32;
-    // The next input row, resampled horizontally to `out_w`.
-    let mut narrowed_row = || {
-        read_row(next_row, &mut source);
-        next_row += 1;
+    // Input row `y`, resampled horizontally to the window's columns.
+    let mut narrowed_row = |y: usize| {
+        read_row(y as u32, &mut source);
         match &horizontal {
-            None => source.clone(),
+            None => source[columns.start * 3..columns.end * 3].to_vec(),
             Some((taps, bits)) => {
-                let mut row = vec![0u8; out_w * 3];
-                for (x, tap) in taps.iter().enumerate() {
+                let mut row = vec![0u8; columns.len() * 3];
+                for (x, tap) in taps[columns.clone()].iter().enumerate() {
                     let px = |k: usize| source[(tap.first + k) * 3..][..3].try_into().expect("3 bytes");
                     convolve_pixel(tap, *bits, &mut row[x * 3..][..3], px);
                 }
@@ -444,31 +459,31 @@ fn resize_rows(
             }
         }
     };
-    let mut out = Vec::with_capacity(out_w * out_h * 3);
+    let mut out = Vec::with_capacity(columns.len() * rows.len() * 3);
     if out_h == in_h as usize {
-        for _ in 0..in_h {
-            out.extend(narrowed_row());
+        for y in rows.clone() {
+            out.extend(narrowed_row(y));
         }
     } else {
         let (taps, bits) = taps(in_h as usize, out_h, filter, rounding);
         // Input rows `window_start..` as narrowed, from the first the current output row needs.
         let mut window: VecDeque<Vec<u8>> = VecDeque::new();
-        let mut window_start = 0;
-        let mut row = vec![0u8; out_w * 3];
-        for tap in &taps {
+        let mut window_start = taps[rows.clone()].first().map_or(0, |tap| tap.first);
+        let mut row = vec![0u8; columns.len() * 3];
+        for tap in &taps[rows.clone()] {
             while window_start + window.len() < tap.first + tap.weights.len() {
-                window.push_back(narrowed_row());
+                window.push_back(narrowed_row(window_start + window.len()));
             }
             while window_start < tap.first {
                 window.pop_front();
                 window_start += 1;
             }
-            for x in 0..out_w {
+            for x in 0..columns.len() {
                 let px = |k: usize| window[k][x * 3..][..3].try_into().expect("3 bytes");
                 convolve_pixel(tap, bits, &mut row[x * 3..][..3], px);
             }
             out.extend_from_slice(&row);
         }
     }
-    RgbImage::from_raw(width, height, out).expect("resampled buffer has the output size")
+    RgbImage::from_raw(x1 - x0, y1 - y0, out).expect("resampled buffer has the window's size")
 }
