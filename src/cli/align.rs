@@ -19,10 +19,11 @@ use super::check_writable;
     stableid align group.jpg --face 2 --out aligned\n  \
     stableid align a.jpg b.jpg --all-faces --json\n\n\
     Writes DIR/STEM.aligned.png (the 512x512 FFHQ crop; STEM.faceN.aligned.png with --all-faces) and\n\
-    DIR/STEM.preview.png: the photo with every face's box (yellow), its landmarks (red) and the crop\n\
-    of each face aligned (green). Faces are numbered from 1, largest first; faces too small for a\n\
-    usable crop (under 64 px) are refused. Existing files are never replaced: STEM-1, STEM-2, ... are\n\
-    used instead.")]
+    DIR/STEM.preview.png: the photo (at most 1600 px) with every face's box (yellow), its landmarks\n\
+    (red) and the crop of each face aligned (green), on a grey margin where a crop reaches past the\n\
+    photo (that part is filled by reflection). Faces are numbered from 1, largest first; faces too\n\
+    small for a usable crop (under 64 px) are refused. Existing files are never replaced: STEM-1,\n\
+    STEM-2, ... are used instead.")]
 pub struct AlignArgs {
     /// The photos (JPEG, PNG, ...; a JPEG's EXIF orientation is applied).
     #[arg(required = true)]
@@ -52,8 +53,10 @@ struct Aligned {
 
 pub fn run(args: AlignArgs) -> Result<()> {
     let detector = FaceDetector::shipped(&Device::Cpu)?;
-    // Every photo is read and aligned before anything is written: a bad photo writes nothing.
+    // Every photo is read and aligned before anything is written or said: a bad photo writes
+    // nothing.
     let mut done = Vec::new();
+    let mut notes = Vec::new();
     for path in &args.photos {
         let image = load_upright(path)?;
         let faces = detector.detect(&image)?;
@@ -64,8 +67,8 @@ pub fn run(args: AlignArgs) -> Result<()> {
             if usable.is_empty() {
                 check_face_size(&faces[0], 1, path)?;
             }
-            if !small.is_empty() && !args.json {
-                eprintln!("{}: faces {small:?} are too small to align, skipped", path.display());
+            if !small.is_empty() {
+                notes.push(format!("{}: faces {small:?} are too small to align, skipped", path.display()));
             }
             usable
         } else {
@@ -73,18 +76,27 @@ pub fn run(args: AlignArgs) -> Result<()> {
             check_face_size(choose_face(&faces, args.face, path)?, n, path)?;
             vec![n]
         };
-        if faces.len() > 1 && !args.all_faces && args.face.is_none() && !args.json {
-            eprintln!(
+        if faces.len() > 1 && !args.all_faces && args.face.is_none() {
+            notes.push(format!(
                 "{}: {} faces found, aligning the largest (--face N picks another, --all-faces takes all)",
                 path.display(),
                 faces.len()
-            );
+            ));
         }
         let crops = numbers
             .into_iter()
             .map(|n| Ok((n, align(&image, &faces[n - 1], ALIGNED_SIZE)?)))
             .collect::<stableid::Result<Vec<_>>>()?;
+        for (n, _) in crops.iter().filter(|(_, crop)| crop.padded) {
+            notes.push(format!(
+                "{}: face {n} is cut by the photo's border; its crop's missing part is filled by reflection (see the preview)",
+                path.display()
+            ));
+        }
         done.push(Aligned { photo: path.clone(), image, faces, crops });
+    }
+    if !args.json {
+        notes.iter().for_each(|note| eprintln!("{note}"));
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
@@ -140,7 +152,7 @@ fn write(photo: &Aligned, out: &Path, all_faces: bool) -> Result<serde_json::Val
             ("alignment", "FFHQ (NVlabs ffhq-dataset recipe) on MTCNN landmarks".to_string()),
         ];
         write_png(&path, &(&crop.image).into(), &text)?;
-        crops.push(serde_json::json!({ "face": n, "path": path, "quad": crop.quad }));
+        crops.push(serde_json::json!({ "face": n, "path": path, "quad": crop.quad, "padded": crop.padded }));
     }
     let preview_path = out.join(format!("{tag}.preview.png"));
     let text = [("photo", source), ("faces", serde_json::Value::from(faces.clone()).to_string())];

@@ -190,30 +190,41 @@ impl FramingArgs {
         }
     }
 
-    /// Reads and frames `photos` (one face detector for all of them); says which face was used
-    /// where there were several (unless `quiet`).
+    /// Reads and frames `photos` (one face detector for all of them); once all are framed, says
+    /// which face was used where there were several, and which crops reach past their photo
+    /// (unless `quiet`).
     pub fn frame(&self, photos: &[std::path::PathBuf], quiet: bool) -> Result<Vec<FramedPhoto>> {
         let detector = FaceDetector::shipped(&Device::Cpu)?;
-        photos
+        let framed = photos
             .iter()
             .map(|photo| {
-                let framed = frame_photo(photo, self.framing(), &detector).map_err(|e| match e {
+                frame_photo(photo, self.framing(), &detector).map_err(|e| match e {
                     stableid::Error::Face(problem) => stableid::Error::Face(format!(
                         "{problem} (or --no-align if it is an aligned head crop already)"
                     )),
                     other => other,
-                })?;
-                if let Some(alignment) = framed.alignment.as_ref().filter(|a| a.faces_found > 1 && !quiet) {
-                    eprintln!(
-                        "{}: {} faces found, using face {} (--face N picks another; `stableid align` shows them)",
-                        photo.display(),
-                        alignment.faces_found,
-                        alignment.face
-                    );
-                }
-                Ok(framed)
+                })
             })
-            .collect()
+            .collect::<stableid::Result<Vec<_>>>()?;
+        for (photo, framed) in photos.iter().zip(&framed) {
+            let Some(alignment) = framed.alignment.as_ref().filter(|_| !quiet) else { continue };
+            if alignment.faces_found > 1 {
+                eprintln!(
+                    "{}: {} faces found, using face {} (--face N picks another; `stableid align` shows them)",
+                    photo.display(),
+                    alignment.faces_found,
+                    alignment.face
+                );
+            }
+            if alignment.crop.padded {
+                eprintln!(
+                    "{}: face {} is cut by the photo's border; its crop's missing part is filled by reflection",
+                    photo.display(),
+                    alignment.face
+                );
+            }
+        }
+        Ok(framed)
     }
 }
 

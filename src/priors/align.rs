@@ -26,6 +26,7 @@
 //! recipe by a quarter of a level of 255 on average (up to 20 levels at a few sharp edges, where
 //! the recipe's Lanczos resize of its bilinear upsampling rings); `tests/align.rs` measures both.
 
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::Device;
@@ -33,6 +34,7 @@ use image::{Rgb, RgbImage};
 use rayon::prelude::*;
 
 use crate::models::mtcnn::{DetectConfig, Face, Mtcnn};
+use crate::nn::simd_fn;
 use crate::priors::photo::{
     hex_sha256, load_photo, load_upright_with_digest, resize, resize_window, Filter, Photo, Weights, PHOTO_SIZE,
 };
@@ -47,6 +49,9 @@ pub struct AlignedFace {
     /// top-left, bottom-left, bottom-right and top-right corners: the recipe's `quad`). They may
     /// lie outside the photo, whose missing part the crop fills by reflection.
     pub quad: [[f64; 2]; 4],
+    /// The quad reaches past the photo's border (the face is cut by it): the recipe filled the
+    /// missing part by reflecting the photo, blurred and faded toward its median colour.
+    pub padded: bool,
 }
 
 /// Side of the aligned crop the identity is learned from.
@@ -301,12 +306,13 @@ pub fn align_warped_at(photo: &RgbImage, face: &Face, size: u32, transform_size:
     let (w, h) = (i64::from(img.width()), i64::from(img.height()));
     let [x0, y0, x1, y1] = bounds(&quad);
     let pad = [(border - x0).max(0), (border - y0).max(0), (x1 - w + border).max(0), (y1 - h + border).max(0)];
-    let padded;
-    if pad.iter().copied().max().unwrap_or(0) > border - 4 {
+    let padded_photo;
+    let padded = pad.iter().copied().max().unwrap_or(0) > border - 4;
+    if padded {
         let least = (qsize * 0.3).round_ties_even() as i64;
         let pad = pad.map(|p| p.max(least));
-        padded = pad_and_blur(img, pad, qsize)?;
-        img = &padded;
+        padded_photo = pad_and_blur(img, pad, qsize)?;
+        img = &padded_photo;
         quad = quad.map(|p| add(p, [pad[0] as f64, pad[1] as f64]));
     }
 
@@ -315,7 +321,7 @@ pub fn align_warped_at(photo: &RgbImage, face: &Face, size: u32, transform_size:
     let transform_size = transform_size.unwrap_or(size * ((qsize / f64::from(size)).ceil() as u32).max(1));
     let warped = quad_transform(img, &quad, transform_size);
     let image = if transform_size > size { resize(&warped, size, size, Filter::Lanczos, Weights::Pil) } else { warped };
-    Ok(AlignedFace { image, quad: photo_quad })
+    Ok(AlignedFace { image, quad: photo_quad, padded })
 }
 
 /// Index `i` of a line of `n` samples extended by reflection about its end samples (numpy's
@@ -343,88 +349,131 @@ fn pad_and_blur(img: &RgbImage, [left, top, right, bottom]: [i64; 4], qsize: f64
     let (iw, ih) = (i64::from(img.width()), i64::from(img.height()));
     let (w, h) = (iw + left + right, ih + top + bottom);
     let (wu, hu) = (w as usize, h as usize);
-    let samples = wu.checked_mul(hu).and_then(|n| n.checked_mul(3)).filter(|&n| n <= 1 << 30);
-    let Some(samples) = samples else {
+    if wu.checked_mul(hu).and_then(|n| n.checked_mul(3)).is_none_or(|n| n > 1 << 30) {
         return Err(Error::Input(format!("the face's padded crop would be {w}x{h} pixels, too large")));
-    };
-    let mut pixels = Vec::with_capacity(samples);
-    for y in 0..h {
-        let row = reflect(y - top, ih) as u32;
-        for x in 0..w {
-            let px = img.get_pixel(reflect(x - left, iw) as u32, row);
-            pixels.extend(px.0.map(f32::from));
-        }
     }
-    let blurred = gaussian_blur(&pixels, wu, hu, qsize * 0.02);
-    // mask = max(1 - min(x / left, (w-1-x) / right), 1 - min(y / top, (h-1-y) / bottom))
+    let row = wu * 3;
+    let mut pixels = vec![0f32; wu * hu * 3];
+    let columns: Vec<usize> = (0..w).map(|x| reflect(x - left, iw) * 3).collect();
+    pixels.par_chunks_mut(row).enumerate().for_each(|(y, out)| {
+        let source = &img.as_raw()[reflect(y as i64 - top, ih) * iw as usize * 3..];
+        for (px, &x) in out.chunks_exact_mut(3).zip(&columns) {
+            px.iter_mut().zip(&source[x..x + 3]).for_each(|(p, &v)| *p = f32::from(v));
+        }
+    });
+    // mask = max(1 - min(x / left, (w-1-x) / right), 1 - min(y / top, (h-1-y) / bottom)); the
+    // blur is blended in by (3 mask + 1) clipped to [0, 1], the median by mask clipped.
     let edge = |v: i64, n: i64, before: i64, after: i64| {
         1.0 - (v as f64 / before as f64).min((n - 1 - v) as f64 / after as f64)
     };
-    let mut mask = vec![0f64; wu * hu];
-    for y in 0..h {
-        let my = edge(y, h, top, bottom);
-        for x in 0..w {
-            mask[y as usize * wu + x as usize] = edge(x, w, left, right).max(my);
+    let mask_x: Vec<f64> = (0..w).map(|x| edge(x, w, left, right)).collect();
+    let mask_y: Vec<f64> = (0..h).map(|y| edge(y, h, top, bottom)).collect();
+    // Where both masks are at most -1/3 the blur is not blended in: its values are not needed.
+    let unblended = |mask: &[f64]| {
+        let first = mask.iter().position(|&m| m * 3.0 + 1.0 <= 0.0).unwrap_or(mask.len());
+        let end = first + mask[first..].iter().take_while(|&&m| m * 3.0 + 1.0 <= 0.0).count();
+        first..end
+    };
+    let blurred = gaussian_blur(&pixels, wu, hu, qsize * 0.02, [unblended(&mask_x), unblended(&mask_y)]);
+    pixels.par_chunks_mut(row).zip(blurred.par_chunks(row)).zip(&mask_y).for_each(|((out, blurred), &my)| {
+        for ((px, b), &mx) in out.chunks_exact_mut(3).zip(blurred.chunks_exact(3)).zip(&mask_x) {
+            let blend = (mx.max(my) * 3.0 + 1.0).clamp(0.0, 1.0);
+            if blend > 0.0 {
+                px.iter_mut().zip(b).for_each(|(v, &b)| *v = (f64::from(*v) + f64::from(b - *v) * blend) as f32);
+            }
         }
-    }
-    for (i, (v, b)) in pixels.iter_mut().zip(&blurred).enumerate() {
-        *v = (f64::from(*v) + f64::from(b - *v) * (mask[i / 3] * 3.0 + 1.0).clamp(0.0, 1.0)) as f32;
-    }
+    });
     let median = median_rgb(&pixels);
-    for (i, v) in pixels.iter_mut().enumerate() {
-        *v = (f64::from(*v) + f64::from(median[i % 3] - *v) * mask[i / 3].clamp(0.0, 1.0)) as f32;
-    }
+    pixels.par_chunks_mut(row).zip(&mask_y).for_each(|(out, &my)| {
+        for (px, &mx) in out.chunks_exact_mut(3).zip(&mask_x) {
+            let fade = mx.max(my).clamp(0.0, 1.0);
+            px.iter_mut().zip(median).for_each(|(v, m)| *v = (f64::from(*v) + f64::from(m - *v) * fade) as f32);
+        }
+    });
     let bytes = pixels.iter().map(|v| v.round_ties_even().clamp(0.0, 255.0) as u8).collect();
     Ok(RgbImage::from_raw(w as u32, h as u32, bytes).expect("w x h RGB pixels"))
 }
 
 /// scipy's `gaussian_filter(img, [sigma, sigma, 0])` on an RGB float32 image: a kernel of radius
 /// `int(4 sigma + 0.5)`, rows (axis 0) then columns, each pass summed in f64 and stored as f32.
+/// The pixels in columns `unneeded[0]` of rows `unneeded[1]` are left at zero, and so is what
+/// only they need.
 ///
 /// Each output row is accumulated tap by tap over whole (mirror-extended) lines, so the sums are
 /// scipy's, in its order, yet vectorise; rows run in parallel (the radius reaches 100 px and more
 /// on large photos).
-fn gaussian_blur(pixels: &[f32], w: usize, h: usize, sigma: f64) -> Vec<f32> {
+fn gaussian_blur(pixels: &[f32], w: usize, h: usize, sigma: f64, unneeded: [Range<usize>; 2]) -> Vec<f32> {
     let radius = (4.0 * sigma + 0.5) as i64;
     let mut kernel: Vec<f64> = (0..=radius).map(|x| (-0.5 / (sigma * sigma) * (x * x) as f64).exp()).collect();
     let total = kernel[0] + 2.0 * kernel[1..].iter().sum::<f64>();
     kernel.iter_mut().for_each(|k| *k /= total);
-    let row = w * 3;
+    let (row, r) = (w * 3, radius as usize);
+    // The column ranges of row `y` to compute, when the rows' columns `skipped` are not needed.
+    let [unneeded_columns, unneeded_rows] = unneeded;
+    let spans = move |y: usize, skipped: Range<usize>| -> [Range<usize>; 2] {
+        if unneeded_rows.contains(&y) && skipped.start < skipped.end {
+            [0..skipped.start, skipped.end..w]
+        } else {
+            [0..w, w..w]
+        }
+    };
+    // The horizontal pass reads the vertical pass's values up to `radius` columns away.
+    let read = unneeded_columns.start.saturating_add(r)..unneeded_columns.end.saturating_sub(r);
     let mut vertical = vec![0f32; pixels.len()];
     vertical.par_chunks_mut(row).enumerate().for_each_init(
         || vec![0f64; row],
         |acc, (y, out)| {
-            let line = |d: i64| &pixels[mirror(y as i64 + d, h as i64) * row..][..row];
-            convolve(&kernel, out, acc, line);
+            for span in spans(y, read.clone()) {
+                let samples = 3 * span.start..3 * span.end;
+                let lines: Vec<&[f32]> =
+                    (-radius..=radius).map(|d| &pixels[mirror(y as i64 + d, h as i64) * row..][samples.clone()]).collect();
+                convolve(&kernel, &lines, &mut acc[samples.clone()], &mut out[samples]);
+            }
         },
     );
     let mut blurred = vec![0f32; pixels.len()];
-    let r = radius as usize;
-    blurred.par_chunks_mut(row).zip(vertical.par_chunks(row)).for_each_init(
+    blurred.par_chunks_mut(row).zip(vertical.par_chunks(row)).enumerate().for_each_init(
         || (vec![0f32; (w + 2 * r) * 3], vec![0f64; row]),
-        |(extended, acc), (out, src)| {
+        |(extended, acc), (y, (out, src))| {
             for (x, e) in extended.chunks_exact_mut(3).enumerate() {
                 let s = mirror(x as i64 - radius, w as i64) * 3;
                 e.copy_from_slice(&src[s..s + 3]);
             }
-            let line = |d: i64| &extended[(3 * (radius + d)) as usize..][..row];
-            convolve(&kernel, out, acc, line);
+            for span in spans(y, unneeded_columns.clone()) {
+                let samples = 3 * span.start..3 * span.end;
+                let lines: Vec<&[f32]> = (0..=2 * r).map(|k| &extended[3 * k..][samples.clone()]).collect();
+                convolve(&kernel, &lines, &mut acc[samples.clone()], &mut out[samples]);
+            }
         },
     );
     blurred
 }
 
-/// One [`gaussian_blur`] pass for one output line: `line(d)` is the input line `d` samples away.
-/// Symmetric taps are summed as scipy does: `centre * k0 + (before_j + after_j) * k_j`, j = 1, 2, ...
-fn convolve<'a>(kernel: &[f64], out: &mut [f32], acc: &mut [f64], line: impl Fn(i64) -> &'a [f32]) {
-    acc.iter_mut().zip(line(0)).for_each(|(a, &c)| *a = f64::from(c) * kernel[0]);
-    for (j, &k) in (1..).zip(&kernel[1..]) {
-        for ((a, &b), &f) in acc.iter_mut().zip(line(-j)).zip(line(j)) {
-            *a += (f64::from(b) + f64::from(f)) * k;
+simd_fn! {
+    /// One [`gaussian_blur`] pass for one output line: `lines[radius + d]` is the input line `d`
+    /// samples away. Symmetric taps are summed as scipy does: `centre * k0 + (before_j + after_j) *
+    /// k_j`, j = 1, 2, ... The line is done in blocks of [`BLUR_BLOCK`] samples, all taps per block,
+    /// so that the sums stay in the L1 cache.
+    fn convolve(kernel: &[f64], lines: &[&[f32]], acc: &mut [f64], out: &mut [f32]) {
+        let radius = kernel.len() - 1;
+        for start in (0..out.len()).step_by(BLUR_BLOCK) {
+            let block = start..(start + BLUR_BLOCK).min(out.len());
+            let acc = &mut acc[block.clone()];
+            let centre = &lines[radius][block.clone()];
+            acc.iter_mut().zip(centre).for_each(|(a, &c)| *a = f64::from(c) * kernel[0]);
+            for (j, &k) in kernel.iter().enumerate().skip(1) {
+                let (before, after) = (&lines[radius - j][block.clone()], &lines[radius + j][block.clone()]);
+                for ((a, &b), &f) in acc.iter_mut().zip(before).zip(after) {
+                    *a += (f64::from(b) + f64::from(f)) * k;
+                }
+            }
+            out[block].iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = a as f32);
         }
     }
-    out.iter_mut().zip(acc.iter()).for_each(|(o, &a)| *o = a as f32);
 }
+
+/// Samples per block of [`convolve`]: 4 KiB of f64 sums.
+const BLUR_BLOCK: usize = 512;
 
 /// numpy's `median(img, axis=(0, 1))` of an RGB float32 image: per channel, the middle sample, or
 /// the mean of the two middle ones.
@@ -481,22 +530,43 @@ const BOX: Rgb<u8> = Rgb([255, 220, 0]);
 const LANDMARK: Rgb<u8> = Rgb([255, 40, 40]);
 const QUAD: Rgb<u8> = Rgb([40, 220, 60]);
 
+/// The longest side of a [`preview`]: enough to check the faces, and quick to write.
+pub const PREVIEW_MAX_SIDE: u32 = 1600;
+
+/// Grey of the preview's margin: where a crop quad reaches past the photo.
+const MARGIN: Rgb<u8> = Rgb([96, 96, 96]);
+
 /// `photo` with every face's box (yellow) and landmarks (red), and the crop `quads` (green): what
-/// the detector found and where the crops come from, for a person to check.
+/// the detector found and where the crops come from, for a person to check. Where a quad reaches
+/// past the photo, the canvas extends with a grey margin that shows the quad whole: that part of
+/// the crop is filled by reflection. At most [`PREVIEW_MAX_SIDE`] pixels on its longest side.
 pub fn preview(photo: &RgbImage, faces: &[Face], quads: &[[Point; 4]]) -> RgbImage {
-    let mut image = photo.clone();
+    let (pw, ph) = (f64::from(photo.width()), f64::from(photo.height()));
+    let corners = quads.iter().flatten();
+    let x0 = corners.clone().fold(0f64, |m, p| m.min(p[0].floor()));
+    let y0 = corners.clone().fold(0f64, |m, p| m.min(p[1].floor()));
+    let x1 = corners.clone().fold(pw, |m, p| m.max(p[0].ceil()));
+    let y1 = corners.fold(ph, |m, p| m.max(p[1].ceil()));
+    let scale = (f64::from(PREVIEW_MAX_SIDE) / (x1 - x0).max(y1 - y0)).min(1.0);
+    let side = |v: f64| ((v * scale).round() as u32).max(1);
+    let mut image = RgbImage::from_pixel(side(x1 - x0), side(y1 - y0), MARGIN);
+    let shown = if scale < 1.0 { resize(photo, side(pw), side(ph), Filter::Bilinear, Weights::Pil) } else { photo.clone() };
+    // x0, y0 <= 0: the photo's corner on the canvas.
+    image::imageops::replace(&mut image, &shown, (-x0 * scale).round() as i64, (-y0 * scale).round() as i64);
+    let at = |p: Point| [(p[0] - x0) * scale, (p[1] - y0) * scale];
     let width = (image.width().min(image.height()) as f64 / 300.0).max(1.0);
     for face in faces {
         let [x1, y1, x2, y2] = face.bbox.map(f64::from);
-        let corners = [[x1, y1], [x2, y1], [x2, y2], [x1, y2]];
+        let corners = [[x1, y1], [x2, y1], [x2, y2], [x1, y2]].map(at);
         for i in 0..4 {
             draw_line(&mut image, corners[i], corners[(i + 1) % 4], width, BOX);
         }
         for p in face.landmarks {
-            draw_disc(&mut image, p.map(f64::from), width * 1.5, LANDMARK);
+            draw_disc(&mut image, at(p.map(f64::from)), width * 1.5, LANDMARK);
         }
     }
     for quad in quads {
+        let quad = quad.map(at);
         for i in 0..4 {
             draw_line(&mut image, quad[i], quad[(i + 1) % 4], width, QUAD);
         }

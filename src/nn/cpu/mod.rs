@@ -85,8 +85,10 @@ macro_rules! element {
 element!(f32, F32, exp: exp_fast, erf: erf_fast);
 element!(f64, F64, exp: f64::exp, erf: candle_core::cpu::erf::erf_f64);
 
-/// Defines `fn $name<T: Element>(...)` from one body compiled twice: for AVX2 + FMA, run where
-/// the CPU has them, and for the build's baseline target. Everything the body calls must be
+/// Defines `fn $name<T: Element>(...)` (or a `fn $name(...)` without type parameter) from one
+/// body compiled twice: for AVX2 + FMA, run where the CPU has them, and for the build's baseline
+/// target. Rust never fuses a multiply and an add into an FMA by itself, so both compute the same
+/// bits. Everything the body calls must be
 /// `#[inline(always)]` to be compiled for AVX2 too.
 macro_rules! simd_fn {
     ($(#[$doc:meta])* fn $name:ident<$t:ident>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
@@ -106,8 +108,25 @@ macro_rules! simd_fn {
             portable::<$t>($($arg),*)
         }
     };
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $body
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $body
+            portable($($arg),*)
+        }
+    };
 }
-pub(super) use simd_fn;
+pub(crate) use simd_fn;
 
 /// The elements of a contiguous CPU tensor's storage.
 fn cpu_values<'a, T: Element>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
