@@ -65,7 +65,7 @@ fn tiny_bench_measures_everything_with_finite_times_and_memory() {
     assert_eq!(report.threads, candle_core::utils::get_num_threads());
 
     // The random backend built exactly the reference architecture.
-    let p = report.parameters;
+    let p = report.models.as_ref().expect("the models were built").parameters;
     assert_eq!(p.text_encoder, element_count("tiny-sd/text_encoder/model.safetensors"));
     assert_eq!(p.unet, element_count("tiny-sd/unet/diffusion_pytorch_model.safetensors"));
     assert_eq!(p.vae, element_count("tiny-sd/vae/diffusion_pytorch_model.safetensors"));
@@ -116,6 +116,32 @@ fn only_the_requested_measurements_run() {
     let report = bench::run(&tiny_configs(), &options).unwrap();
     let names: Vec<_> = report.timings.iter().map(|t| t.name).collect();
     assert_eq!(names, ["vae_encode", "vae_decode", "text"]);
+}
+
+#[test]
+fn align_times_a_real_photo_without_building_the_models() {
+    let mut options = BenchOptions::new(64);
+    options.warmup = 0;
+    options.repeats = 2;
+    options.measures = vec![Measure::Align];
+    options.photo = Some(fixture("photos/faces_3_480x320.png"));
+    let _one = ONE_BENCH_AT_A_TIME.lock().unwrap();
+    let report = bench::run(&tiny_configs(), &options).unwrap();
+    let names: Vec<_> = report.timings.iter().map(|t| t.name).collect();
+    assert_eq!(names, ["photo_load", "face_detect", "face_align"]);
+    assert!(report.timings.iter().all(|t| t.times_s.len() == 2 && t.median_s() > 0.0));
+    assert!(report.models.is_none());
+    let json = report.to_json();
+    assert!(json.get("parameters").is_none() && json["results"]["face_detect"]["median_s"].as_f64().unwrap() > 0.0);
+    assert!(!report.table().contains("Stable Diffusion"));
+
+    // A photo without a face, and no photo: one error each, naming the problem.
+    options.photo = Some(fixture("photos/chelsea_300x256.png"));
+    let err = bench::run(&tiny_configs(), &options).unwrap_err().to_string();
+    assert!(err.contains("no face found"), "{err}");
+    options.photo = None;
+    let err = bench::run(&tiny_configs(), &options).unwrap_err().to_string();
+    assert!(err.contains("photo = none"), "{err}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The workloads: the frozen models built with random weights, the inputs they share, and each
 //! measurement timed with its memory.
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -9,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::memory::MemoryProbe;
-use super::report::{device_name, BenchReport, ParameterCounts, Timing};
+use super::report::{device_name, BenchReport, BuiltModels, ParameterCounts, Timing};
 use super::{BenchOptions, Measure, GUIDANCE_SCALE, LEARN_TIMESTEP};
 use crate::identity::loss::LossConfig;
 use crate::identity::mlp::{IdentityMlp, MlpShape};
@@ -20,10 +21,12 @@ use crate::models::stable_diffusion::SdConfigs;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::nn::profile;
+use crate::priors::align::{align, choose_face, FaceDetector, ALIGNED_SIZE};
+use crate::priors::photo::load_upright;
 use crate::random::standard_normal;
 use crate::schedulers::Ddpm;
 use crate::weights::RandomWeights;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Width of the face-recognition feature the identity MLP reads (ViT-B/16 CLS token).
 const FEATURE_DIM: usize = 768;
@@ -76,10 +79,44 @@ impl Models {
     }
 }
 
-/// Builds the models, then runs the measurements `options.measures` names.
+/// Runs the measurements `options.measures` names: the models are built (and described in the
+/// report) only for those that use them.
 pub(super) fn build_and_measure(configs: &SdConfigs, options: &BenchOptions) -> Result<BenchReport> {
     let device = &options.device;
     let mut memory = MemoryProbe::new(device)?;
+    let mut timings = Vec::new();
+    let models = if options.measures.iter().any(|m| m.uses_models()) {
+        Some(measure_models(configs, options, &mut memory, &mut timings)?)
+    } else {
+        None
+    };
+    if options.measures.contains(&Measure::Align) {
+        let photo = options.photo.as_deref().ok_or_else(|| Error::setting("photo", "none", "align needs a photo"))?;
+        timings.extend(measure_align(photo, options, &mut memory)?);
+    }
+    Ok(BenchReport {
+        device: device_name(device),
+        dtype: options.dtype,
+        tf32: device.is_cuda() && crate::nn::tf32(),
+        threads: candle_core::utils::get_num_threads(),
+        resolution: options.resolution,
+        latent_side: options.resolution / configs.latent_factor(),
+        warmup: options.warmup,
+        repeats: options.repeats,
+        models,
+        memory: memory.description(),
+        timings,
+    })
+}
+
+/// Builds the models, then runs the measurements of `options.measures` that use them.
+fn measure_models(
+    configs: &SdConfigs,
+    options: &BenchOptions,
+    memory: &mut MemoryProbe,
+    timings: &mut Vec<Timing>,
+) -> Result<BuiltModels> {
+    let device = &options.device;
     let start = Instant::now();
     let models = Models::build(configs, options)?;
     device.synchronize()?;
@@ -87,7 +124,7 @@ pub(super) fn build_and_measure(configs: &SdConfigs, options: &BenchOptions) -> 
     let memory_after_build = memory.current()?;
 
     let mut rng = StdRng::seed_from_u64(options.seed);
-    let latent_side = options.resolution / (1 << (configs.vae.block_out_channels.len() - 1));
+    let latent_side = options.resolution / configs.latent_factor();
     let width = configs.text_encoder.hidden_size;
     let inputs = Inputs {
         image: uniform((1, 3, options.resolution, options.resolution), -1.0, 1.0, &mut rng, device)?,
@@ -103,29 +140,19 @@ pub(super) fn build_and_measure(configs: &SdConfigs, options: &BenchOptions) -> 
     let mlp_parameters = mlp.params().iter().map(|(_, v)| v.elem_count() as u64).sum();
 
     let wanted = |m: Measure| options.measures.contains(&m);
-    let mut timings = Vec::new();
     if wanted(Measure::Learn) {
-        timings.push(measure_learn(&models, configs, options, &inputs, mlp, &mut rng, &mut memory)?);
+        timings.push(measure_learn(&models, configs, options, &inputs, mlp, &mut rng, memory)?);
     }
     if wanted(Measure::Denoise) {
-        timings.push(measure_denoise(&models, options, &inputs, &mut rng, &mut memory)?);
+        timings.push(measure_denoise(&models, options, &inputs, &mut rng, memory)?);
     }
     if wanted(Measure::Vae) {
-        timings.extend(measure_vae(&models, options, &inputs, &mut rng, &mut memory)?);
+        timings.extend(measure_vae(&models, options, &inputs, &mut rng, memory)?);
     }
     if wanted(Measure::Text) {
-        timings.push(measure_text(&models, options, &inputs, &mut memory)?);
+        timings.push(measure_text(&models, options, &inputs, memory)?);
     }
-
-    Ok(BenchReport {
-        device: device_name(device),
-        dtype: options.dtype,
-        tf32: device.is_cuda() && crate::nn::tf32(),
-        threads: candle_core::utils::get_num_threads(),
-        resolution: options.resolution,
-        latent_side,
-        warmup: options.warmup,
-        repeats: options.repeats,
+    Ok(BuiltModels {
         parameters: ParameterCounts {
             unet: models.parameters.unet,
             text_encoder: models.parameters.text_encoder,
@@ -133,9 +160,7 @@ pub(super) fn build_and_measure(configs: &SdConfigs, options: &BenchOptions) -> 
             mlp: mlp_parameters,
         },
         build_s,
-        memory: memory.description(),
         memory_after_build,
-        timings,
     })
 }
 
@@ -240,6 +265,23 @@ fn measure_text(models: &Models, options: &BenchOptions, inputs: &Inputs, memory
         let _features = models.text_encoder.forward(&inputs.caption_ids, Some(&identity))?;
         Ok(options.device.synchronize()?)
     })
+}
+
+/// Face detection and alignment of a photo, as `learn` frames it: reading it (decoding, EXIF
+/// orientation), detecting its faces, and cutting the 512 crop of the largest, each timed on its
+/// own. Always on the CPU, in f32 (the detector's only device).
+fn measure_align(photo: &Path, options: &BenchOptions, memory: &mut MemoryProbe) -> Result<[Timing; 3]> {
+    let detector = FaceDetector::shipped(&Device::Cpu)?;
+    let load = measure_op("photo_load", options, memory, || load_upright(photo).map(drop))?;
+    let image = load_upright(photo)?;
+    let mut faces = Vec::new();
+    let detect = measure_op("face_detect", options, memory, || {
+        faces = detector.detect(&image)?;
+        Ok(())
+    })?;
+    let face = choose_face(&faces, None, photo)?;
+    let align = measure_op("face_align", options, memory, || align(&image, face, ALIGNED_SIZE).map(drop))?;
+    Ok([load, detect, align])
 }
 
 /// Values uniform on [lo, hi) of `shape`, f32 on `device`.

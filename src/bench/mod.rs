@@ -9,12 +9,16 @@
 //!   `z0` reconstruction run;
 //! - `denoise`: one classifier-free-guidance denoising step: the UNet on a batch of 2, guidance;
 //! - `vae_encode`, `vae_decode`: the VAE at the benchmark resolution;
-//! - `text`: one prompt through the text encoder, identity rows included.
+//! - `text`: one prompt through the text encoder, identity rows included;
+//! - `align` (with a photo): `photo_load` (decoding, EXIF orientation), `face_detect` (MTCNN) and
+//!   `face_align` (the FFHQ crop of the largest face): how `learn` frames a photo.
 //!
 //! `tools/bench/pytorch_bench.py` does the same work with diffusers and transformers at the same
 //! configs; `tools/bench/compare.sh` runs both (docs/benchmarks.md).
 //!
 //! [`Learner::step`]: crate::identity::step::Learner::step
+
+use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 
@@ -26,7 +30,7 @@ mod measure;
 mod memory;
 mod report;
 
-pub use report::{dtype_name, BenchReport, ParameterCounts, Timing};
+pub use report::{dtype_name, BenchReport, BuiltModels, ParameterCounts, Timing};
 
 /// The learning step's timestep: in the reconstruction phase (t <= 600), the costlier branch.
 pub const LEARN_TIMESTEP: usize = 500;
@@ -44,10 +48,18 @@ pub enum Measure {
     Vae,
     /// Text encoding.
     Text,
+    /// Reading a photo, detecting its faces and aligning the largest ([`BenchOptions::photo`]).
+    Align,
 }
 
 impl Measure {
-    pub const ALL: [Measure; 4] = [Measure::Learn, Measure::Denoise, Measure::Vae, Measure::Text];
+    /// The measurements of the Stable Diffusion models (all but [`Measure::Align`]).
+    pub const MODELS: [Measure; 4] = [Measure::Learn, Measure::Denoise, Measure::Vae, Measure::Text];
+
+    /// Whether it needs the Stable Diffusion models built.
+    pub fn uses_models(self) -> bool {
+        self != Measure::Align
+    }
 }
 
 /// What to run, where, and how often.
@@ -65,20 +77,23 @@ pub struct BenchOptions {
     /// After the timed runs, one more run of each measurement with op timing on
     /// ([`crate::nn::profile`]).
     pub profile: bool,
+    /// The photo [`Measure::Align`] reads (a 12-megapixel phone photo is the case that matters).
+    pub photo: Option<PathBuf>,
 }
 
 impl BenchOptions {
-    /// Everything, once warmed up, 3 repeats, on the CPU in f32.
+    /// Every model measurement, once warmed up, 3 repeats, on the CPU in f32.
     pub fn new(resolution: usize) -> Self {
         Self {
             resolution,
             warmup: 1,
             repeats: 3,
-            measures: Measure::ALL.to_vec(),
+            measures: Measure::MODELS.to_vec(),
             device: Device::Cpu,
             dtype: DType::F32,
             seed: 0,
             profile: false,
+            photo: None,
         }
     }
 
@@ -100,8 +115,11 @@ impl BenchOptions {
             return Err(Error::setting(
                 "measures",
                 "none",
-                "nothing to measure: give at least one of learn, denoise, vae, text",
+                "nothing to measure: give at least one of learn, denoise, vae, text, align",
             ));
+        }
+        if self.measures.contains(&Measure::Align) && self.photo.is_none() {
+            return Err(Error::setting("photo", "none", "the align measurement needs a photo with a face"));
         }
         crate::nn::check_dtype(self.dtype, &self.device)?;
         Ok(())

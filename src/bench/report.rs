@@ -52,6 +52,16 @@ pub struct ParameterCounts {
     pub mlp: u64,
 }
 
+/// The Stable Diffusion models a benchmark built (for the measurements that use them).
+#[derive(Debug, Clone)]
+pub struct BuiltModels {
+    pub parameters: ParameterCounts,
+    /// Seconds to build the three models with random weights.
+    pub build_s: f64,
+    /// Memory in use once the models are built.
+    pub memory_after_build: Option<u64>,
+}
+
 /// Everything a benchmark run measured, and under which conditions.
 #[derive(Debug, Clone)]
 pub struct BenchReport {
@@ -67,13 +77,10 @@ pub struct BenchReport {
     pub latent_side: usize,
     pub warmup: usize,
     pub repeats: usize,
-    pub parameters: ParameterCounts,
-    /// Seconds to build the three models with random weights.
-    pub build_s: f64,
+    /// `None` when only measurements without them ran (`align`).
+    pub models: Option<BuiltModels>,
     /// What the memory numbers are.
     pub memory: &'static str,
-    /// Memory in use once the models are built.
-    pub memory_after_build: Option<u64>,
     pub timings: Vec<Timing>,
 }
 
@@ -112,7 +119,7 @@ impl BenchReport {
                 });
             }
         }
-        json!({
+        let mut report = json!({
             "implementation": "stableid",
             "version": env!("CARGO_PKG_VERSION"),
             "device": self.device,
@@ -124,46 +131,50 @@ impl BenchReport {
             "repeats": self.repeats,
             "learn_timestep": LEARN_TIMESTEP,
             "guidance_scale": GUIDANCE_SCALE,
-            "parameters": {
-                "unet": self.parameters.unet,
-                "text_encoder": self.parameters.text_encoder,
-                "vae": self.parameters.vae,
-                "mlp": self.parameters.mlp,
-            },
-            "build_s": self.build_s,
             "memory": self.memory,
-            "memory_after_build_bytes": self.memory_after_build,
             "results": results,
-        })
+        });
+        if let Some(models) = &self.models {
+            let p = &models.parameters;
+            report["parameters"] =
+                json!({"unet": p.unet, "text_encoder": p.text_encoder, "vae": p.vae, "mlp": p.mlp});
+            report["build_s"] = json!(models.build_s);
+            report["memory_after_build_bytes"] = json!(models.memory_after_build);
+        }
+        report
     }
 
     /// The report as a table for people.
     pub fn table(&self) -> String {
-        let p = &self.parameters;
         let millions = |n: u64| n as f64 / 1e6;
         let mut out = format!(
-            "Stable Diffusion 2.1-base architecture, random weights\n\
-             device {}, dtype {}{}, {} threads, {}x{} (latents {}x{}), warm-up {}, repeats {}\n\
-             parameters: UNet {:.1}M, text encoder {:.1}M, VAE {:.1}M, identity MLP {:.1}M; built in {:.1} s\n\
-             memory: {}{}\n\n",
+            "device {}, dtype {}{}, {} threads, warm-up {}, repeats {}\nmemory: {}\n",
             self.device,
             dtype_name(self.dtype),
             if self.tf32 { " (TF32 products)" } else { "" },
             self.threads,
-            self.resolution,
-            self.resolution,
-            self.latent_side,
-            self.latent_side,
             self.warmup,
             self.repeats,
-            millions(p.unet),
-            millions(p.text_encoder),
-            millions(p.vae),
-            millions(p.mlp),
-            self.build_s,
             self.memory,
-            self.memory_after_build.map(|b| format!("; {} after building the models", gib(b))).unwrap_or_default(),
         );
+        if let Some(models) = &self.models {
+            let p = &models.parameters;
+            out += &format!(
+                "Stable Diffusion 2.1-base architecture, random weights, {}x{} (latents {}x{})\n\
+                 parameters: UNet {:.1}M, text encoder {:.1}M, VAE {:.1}M, identity MLP {:.1}M; built in {:.1} s{}\n",
+                self.resolution,
+                self.resolution,
+                self.latent_side,
+                self.latent_side,
+                millions(p.unet),
+                millions(p.text_encoder),
+                millions(p.vae),
+                millions(p.mlp),
+                models.build_s,
+                models.memory_after_build.map(|b| format!(", {} in use after", gib(b))).unwrap_or_default(),
+            );
+        }
+        out += "\n";
         out += &format!(
             "{:<12} {:>10} {:>10} {:>10} {:>12} {:>12}\n",
             "measurement", "median", "min", "max", "mem before", "mem peak"

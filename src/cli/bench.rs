@@ -1,5 +1,6 @@
 //! `stableid bench`: times the learning step, a guided denoising step, the VAE and the text
-//! encoder on the real SD 2.1-base architecture with random weights (nothing to download).
+//! encoder on the real SD 2.1-base architecture with random weights (nothing to download), and
+//! the face detection and alignment of a photo.
 
 use anyhow::Result;
 use clap::ValueEnum;
@@ -14,6 +15,7 @@ use super::{DeviceArg, DtypeArg};
     stableid bench --only learn --repeats 5 --json\n  \
     stableid bench --res 256 --only learn --profile   # which ops take the time\n  \
     stableid bench --device cuda --dtype f16 --only learn,denoise\n  \
+    stableid bench --only align --photo phone.jpg   # face detection + alignment\n  \
     RAYON_NUM_THREADS=4 stableid bench --res 256   # CPU threads\n\n\
     tools/bench/compare.sh runs the same measurements in PyTorch and prints the ratios (docs/benchmarks.md).")]
 pub struct BenchArgs {
@@ -26,9 +28,13 @@ pub struct BenchArgs {
     /// Timed runs of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Which measurements, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "learn,denoise,vae,text")]
-    only: Vec<MeasureArg>,
+    /// Which measurements, comma-separated [default: learn,denoise,vae,text, and align with
+    /// --photo].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Option<Vec<MeasureArg>>,
+    /// The photo the align measurement reads, detects and aligns.
+    #[arg(long)]
+    photo: Option<std::path::PathBuf>,
     /// Where the models run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
@@ -57,6 +63,8 @@ enum MeasureArg {
     Vae,
     /// Text encoding of one prompt.
     Text,
+    /// Reading --photo, detecting its faces and aligning the largest (as learn does).
+    Align,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -64,24 +72,28 @@ pub fn run(args: BenchArgs) -> Result<()> {
         resolution: args.res,
         warmup: args.warmup,
         repeats: args.repeats,
-        measures: args
-            .only
-            .iter()
-            .map(|m| match m {
-                MeasureArg::Learn => Measure::Learn,
-                MeasureArg::Denoise => Measure::Denoise,
-                MeasureArg::Vae => Measure::Vae,
-                MeasureArg::Text => Measure::Text,
-            })
-            .collect(),
+        measures: match &args.only {
+            Some(only) => only
+                .iter()
+                .map(|m| match m {
+                    MeasureArg::Learn => Measure::Learn,
+                    MeasureArg::Denoise => Measure::Denoise,
+                    MeasureArg::Vae => Measure::Vae,
+                    MeasureArg::Text => Measure::Text,
+                    MeasureArg::Align => Measure::Align,
+                })
+                .collect(),
+            None => Measure::MODELS.into_iter().chain(args.photo.is_some().then_some(Measure::Align)).collect(),
+        },
         device: args.device.open()?,
         dtype: args.dtype.dtype(),
         seed: args.seed,
         profile: args.profile,
+        photo: args.photo,
     };
     let configs = SdConfigs::sd21_base();
     options.validate(&configs)?;
-    if !args.json {
+    if !args.json && options.measures.iter().any(|m| m.uses_models()) {
         eprintln!("building the SD 2.1-base models with random weights and measuring (this takes a while on a CPU)...");
     }
     let report = stableid::bench::run(&configs, &options)?;

@@ -5,10 +5,11 @@
 #
 #     tools/bench/compare.sh --res 256 --repeats 3 --warmup 1
 #     tools/bench/compare.sh --only learn --device cuda --res 512
+#     tools/bench/compare.sh --only align --photo phone.jpg
 #
-# Arguments (passed to both): --res, --warmup, --repeats, --only, --device, --dtype, --seed.
+# Arguments (passed to both): --res, --warmup, --repeats, --only, --device, --dtype, --seed, --photo.
 # Environment:
-#   PYTHON    the Python with torch, diffusers, transformers (default /work/venv/bin/python;
+#   PYTHON    the Python with torch, diffusers, transformers, facenet-pytorch (default /work/venv/bin/python;
 #             set it up with `python3 -m venv VENV && VENV/bin/pip install -r tools/reference/requirements.txt`)
 #   STABLEID  the stableid binary (default: `cargo build --release`, then target/release/stableid;
 #             for CUDA, the binary tools/cuda/build.sh makes)
@@ -45,11 +46,12 @@ print(f"load averages (1, 5, 15 min): {sys.argv[3]} before, {sys.argv[4]} after"
 print(f"{ours['device']}, {ours['dtype']}, {ours['resolution']}x{ours['resolution']}, threads {ours['threads']} "
       f"(PyTorch {ref['threads']}), warm-up {ours['warmup']}, median of {ours['repeats']}")
 print(f"PyTorch: {ref['version']}; learning step at t = {ours['learn_timestep']}")
-if ours["parameters"] != ref["parameters"]:
-    print(f"WARNING: the models differ: stableid {ours['parameters']} vs PyTorch {ref['parameters']}")
+if ours.get("parameters") != ref.get("parameters"):
+    print(f"WARNING: the models differ: stableid {ours.get('parameters')} vs PyTorch {ref.get('parameters')}")
 print(f"memory: {ours['memory']}")
-print(f"models built: stableid {ours['build_s']:.1f} s, {ours['memory_after_build_bytes'] / 2**30:.2f} GiB; "
-      f"PyTorch {ref['build_s']:.1f} s, {ref['memory_after_build_bytes'] / 2**30:.2f} GiB")
+if "build_s" in ours:
+    print(f"models built: stableid {ours['build_s']:.1f} s, {ours['memory_after_build_bytes'] / 2**30:.2f} GiB; "
+          f"PyTorch {ref['build_s']:.1f} s, {ref['memory_after_build_bytes'] / 2**30:.2f} GiB")
 print()
 print(f"{'measurement':<12} {'stableid':>10} {'PyTorch':>10} {'ratio':>6}   {'peak stableid':>13} {'PyTorch':>10} {'ratio':>6}")
 
@@ -66,7 +68,7 @@ def ratio(a, b):
     return "-" if a is None or b is None else f"{a / b:.2f}"
 
 
-for name in ("learn", "denoise", "vae_encode", "vae_decode", "text"):
+for name in ("learn", "denoise", "vae_encode", "vae_decode", "text", "photo_load", "face_detect", "face_align"):
     mine, theirs = ours["results"].get(name), ref["results"].get(name)
     if mine is None or theirs is None:
         continue

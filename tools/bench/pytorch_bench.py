@@ -8,6 +8,8 @@ constants of src/models/stable_diffusion.rs, so both sides build the same models
   -> backward -> clip_grad_norm_(1.0) -> AdamW. Frozen models have requires_grad False.
 - denoise: one classifier-free-guidance step: the UNet on a batch of 2 and the guidance.
 - vae_encode, vae_decode, text: as named, under torch.no_grad().
+- align (with --photo): photo_load (PIL, EXIF orientation), face_detect (facenet-pytorch's
+  MTCNN.detect) and face_align (the FFHQ recipe's crop of the largest face, tools/reference/align.py).
 
 Times are the median of --repeats runs after --warmup runs. Memory: on the CPU the resident set
 size (VmRSS, peak VmHWM reset before each measurement through /proc/self/clear_refs, as the Rust
@@ -41,7 +43,8 @@ PROMPT_TOKENS = 77
 DENOISE_TIMESTEP = 981.0
 HAIR_WEIGHT = 0.1
 PHASE_THRESHOLD = 600
-MEASURES = ("learn", "denoise", "vae", "text")
+MODEL_MEASURES = ("learn", "denoise", "vae", "text")
+MEASURES = (*MODEL_MEASURES, "align")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -211,42 +214,13 @@ def caption_ids(vocab, device):
     return torch.tensor([ids], device=device)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--res", type=int, default=512)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default=",".join(MEASURES), help="comma-separated: learn,denoise,vae,text")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="the frozen models' dtype")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch.set_num_threads (default: every core this process may use, as candle)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="one more run of each under torch.profiler")
-    parser.add_argument("--tf32", action="store_true",
-                        help="TF32 tensor cores for f32 matrix products too (PyTorch's default: convolutions only)")
-    args = parser.parse_args()
-    only = args.only.split(",")
-    unknown = set(only) - set(MEASURES)
-    if unknown:
-        parser.error(f"--only: unknown {sorted(unknown)}; expected some of {','.join(MEASURES)}")
-    if args.res % 64:
-        parser.error(f"--res {args.res} must be a multiple of 64")
-
+def measure_models(args, only, device, dtype, memory, results):
+    """The measurements of the SD models (learn, denoise, vae, text) into `results`; returns what
+    the report says of the models."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    import diffusers
-    import transformers
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
     consts = rust_constants()
-    memory = Memory(device)
-
     start = time.perf_counter()
     text_encoder = CLIPTextModel(CLIPTextConfig(**consts["text_encoder"]))
     unet = UNet2DConditionModel(**consts["unet"])
@@ -277,7 +251,6 @@ def main():
     basis_mean = torch.randn(2, width, device=device) * 0.01
     basis_std = torch.randn(2, width, device=device).abs() * 0.01 + 0.005
     mlp = IdentityMlp(width).to(device)
-    results = {}
 
     if "learn" in only:
         t = consts["learn_timestep"]
@@ -338,6 +311,86 @@ def main():
             name, result = measure("text", args, memory, lambda: text_encoder(ids)[0], device)
             results[name] = result
 
+    return {
+        "parameters": {**{k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+                       "mlp": sum(p.numel() for p in mlp.parameters())},
+        "build_s": build_s,
+        "memory_after_build_bytes": memory_after_build,
+    }
+
+
+def measure_align(args, memory, results):
+    """Face detection and alignment of --photo as the Rust side times them: reading the photo (PIL,
+    EXIF orientation), facenet-pytorch's MTCNN.detect, and the FFHQ recipe's crop of the largest
+    face at 512 (tools/reference/align.py: numpy, scipy and PIL, warped at the recipe's 4096)."""
+    import sys
+
+    from facenet_pytorch import MTCNN
+    from PIL import Image, ImageOps
+
+    sys.path.insert(0, str(REPO / "tools" / "reference"))
+    from align import ffhq_align
+
+    def load():
+        with Image.open(args.photo) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+
+    mtcnn = MTCNN(device="cpu")
+    name, results[name] = measure("photo_load", args, memory, load, torch.device("cpu"))
+    photo = load()
+    name, results[name] = measure("face_detect", args, memory, lambda: mtcnn.detect(photo, landmarks=True),
+                                  torch.device("cpu"))
+    boxes, _, landmarks = mtcnn.detect(photo, landmarks=True)
+    if boxes is None:
+        raise SystemExit(f"no face found in {args.photo}")
+    largest = max(range(len(boxes)), key=lambda i: (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]))
+    name, results[name] = measure("face_align", args, memory, lambda: ffhq_align(photo, landmarks[largest], 512),
+                                  torch.device("cpu"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--res", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated: learn,denoise,vae,text,align "
+                        "(default: learn,denoise,vae,text, and align with --photo)")
+    parser.add_argument("--photo", help="the photo the align measurement reads, detects and aligns")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="the frozen models' dtype")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch.set_num_threads (default: every core this process may use, as candle)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="one more run of each under torch.profiler")
+    parser.add_argument("--tf32", action="store_true",
+                        help="TF32 tensor cores for f32 matrix products too (PyTorch's default: convolutions only)")
+    args = parser.parse_args()
+    only = args.only.split(",") if args.only else [*MODEL_MEASURES, *(["align"] if args.photo else [])]
+    unknown = set(only) - set(MEASURES)
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}; expected some of {','.join(MEASURES)}")
+    if args.res % 64:
+        parser.error(f"--res {args.res} must be a multiple of 64")
+    if "align" in only and not args.photo:
+        parser.error("the align measurement needs --photo")
+
+    torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    memory = Memory(device)
+    results = {}
+    models = None
+    if set(only) & set(MODEL_MEASURES):
+        models = measure_models(args, only, device, dtype, memory, results)
+    if "align" in only:
+        measure_align(args, memory, results)
+
+    import diffusers
+    import transformers
+
     report = {
         "implementation": "pytorch",
         "version": f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}",
@@ -348,21 +401,19 @@ def main():
         "resolution": args.res,
         "warmup": args.warmup,
         "repeats": args.repeats,
-        "learn_timestep": consts["learn_timestep"],
-        "guidance_scale": consts["guidance_scale"],
-        "parameters": {**{k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
-                       "mlp": sum(p.numel() for p in mlp.parameters())},
-        "build_s": build_s,
+        "learn_timestep": rust_constants()["learn_timestep"],
+        "guidance_scale": rust_constants()["guidance_scale"],
+        **(models or {}),
         "memory": memory.description,
-        "memory_after_build_bytes": memory_after_build,
         "results": results,
     }
     memory.close()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        built = f"; built in {models['build_s']:.1f} s" if models else ""
         print(f"PyTorch ({report['version']}), {report['device']}, {args.dtype}, {report['threads']} threads, "
-              f"{args.res}x{args.res}, warm-up {args.warmup}, repeats {args.repeats}; built in {build_s:.1f} s")
+              f"{args.res}x{args.res}, warm-up {args.warmup}, repeats {args.repeats}{built}")
         print(f"{'measurement':<12} {'median':>10} {'min':>10} {'max':>10} {'mem before':>12} {'mem peak':>12}")
         gib = lambda b: f"{b / 2**30:.2f} GiB" if b is not None else "-"
         for name, r in results.items():
