@@ -436,24 +436,41 @@ fn area_resize(image: &RgbImage, region: Region, out_h: usize, out_w: usize, row
     let stride = image.width() as usize * 3;
     let (in_h, in_w) = (region.y1 - region.y0, region.x1 - region.x0);
     let columns: Vec<(usize, usize)> = (0..out_w).map(|j| area_window(j, in_w, out_w)).collect();
-    let n = rows.len();
+    // Output rows (3 channels of out_w values) in parallel, each summing its window of input
+    // rows; tasks of at least about 64K input samples.
+    let samples_per_row = in_w * 3 * in_h.div_ceil(out_h);
+    let resized_rows: Vec<Vec<f32>> = rows
+        .into_par_iter()
+        .with_min_len((1 << 16) / samples_per_row.max(1))
+        .map_init(
+            || vec![0u32; in_w * 3],
+            |sums, i| {
+                let (y0, y1) = area_window(i, in_h, out_h);
+                sums.fill(0);
+                for y in region.y0 + y0..region.y0 + y1 {
+                    let row = &image.as_raw()[y * stride + region.x0 * 3..][..in_w * 3];
+                    for (s, &v) in sums.iter_mut().zip(row) {
+                        *s += u32::from(v);
+                    }
+                }
+                let mut out = vec![0f32; 3 * out_w];
+                for (j, &(x0, x1)) in columns.iter().enumerate() {
+                    for c in 0..3 {
+                        let sum: u32 = (x0..x1).map(|x| sums[x * 3 + c]).sum();
+                        let mean = sum as f32 / (y1 - y0) as f32 / (x1 - x0) as f32;
+                        out[c * out_w + j] = (mean - 127.5) * 0.0078125;
+                    }
+                }
+                out
+            },
+        )
+        .collect();
+    // (rows, 3, out_w) to (3, rows, out_w).
+    let n = resized_rows.len();
     let mut out = vec![0f32; 3 * n * out_w];
-    let mut sums = vec![0u32; in_w * 3];
-    for (r, i) in rows.enumerate() {
-        let (y0, y1) = area_window(i, in_h, out_h);
-        sums.fill(0);
-        for y in region.y0 + y0..region.y0 + y1 {
-            let row = &image.as_raw()[y * stride + region.x0 * 3..][..in_w * 3];
-            for (s, &v) in sums.iter_mut().zip(row) {
-                *s += u32::from(v);
-            }
-        }
-        for (j, &(x0, x1)) in columns.iter().enumerate() {
-            for c in 0..3 {
-                let sum: u32 = (x0..x1).map(|x| sums[x * 3 + c]).sum();
-                let mean = sum as f32 / (y1 - y0) as f32 / (x1 - x0) as f32;
-                out[(c * n + r) * out_w + j] = (mean - 127.5) * 0.0078125;
-            }
+    for (r, row) in resized_rows.iter().enumerate() {
+        for (c, channel) in row.chunks_exact(out_w).enumerate() {
+            out[(c * n + r) * out_w..][..out_w].copy_from_slice(channel);
         }
     }
     out
@@ -588,7 +605,8 @@ impl Mtcnn {
 
     /// The regions area-resized to `size` x `size` and normalised: (regions, 3, size, size).
     fn crops(&self, image: &RgbImage, regions: &[Region], size: usize) -> Result<Tensor> {
-        let pixels: Vec<f32> = regions.iter().flat_map(|&r| area_resize(image, r, size, size, 0..size)).collect();
+        let crops: Vec<Vec<f32>> = regions.par_iter().map(|&r| area_resize(image, r, size, size, 0..size)).collect();
+        let pixels = crops.concat();
         Tensor::from_vec(pixels, (regions.len(), 3, size, size), &self.device)
     }
 }
