@@ -1,8 +1,8 @@
 //! Any photo of a face gives the same aligned crop: deterministic variants of a real photo
-//! (rotated by up to 30 degrees, scaled, off-centre on a larger canvas, mirrored, grayscale, and an
-//! EXIF-rotated JPEG) are detected and aligned on their own, and the original photo's eyes, carried
-//! into each variant by the variant's own geometry, land in the variant's crop within a few pixels
-//! of where they land in the original's crop.
+//! (rotated by up to 30 degrees, scaled, off-centre on a larger canvas, mirrored, grayscale; and
+//! an EXIF-rotated JPEG, a CMYK JPEG and a palette PNG) are detected and aligned on their own, and
+//! the original photo's eyes, carried into each variant by the variant's own geometry, land in the
+//! variant's crop within a few pixels of where they land in the original's crop.
 
 mod common;
 
@@ -134,13 +134,17 @@ fn every_variant_of_a_photo_puts_the_eyes_at_the_same_place() {
 }
 
 #[test]
-fn an_exif_rotated_jpeg_is_aligned_upright() {
-    // The same photo stored sideways with an EXIF orientation tag, and stored upright.
+fn a_photo_stored_otherwise_is_aligned_alike() {
+    // The same portrait stored sideways with an EXIF orientation tag, as a CMYK JPEG and as a
+    // palette PNG, against the upright RGB JPEG.
     let detector = FaceDetector::shipped(&Device::Cpu).unwrap();
     let upright = load_upright(&fixture("photos/astronaut_300x400.jpg")).unwrap();
-    let tagged = load_upright(&fixture("photos/astronaut_exif_rotated.jpg")).unwrap();
-    assert_eq!(tagged.dimensions(), upright.dimensions());
     let face = detector.detect(&upright).unwrap()[0];
     let eyes: [Point; 2] = [0, 1].map(|i| face.landmarks[i].map(f64::from));
-    assert_close("EXIF-rotated", in_crop(&detector, &tagged, eyes), in_crop(&detector, &upright, eyes));
+    let reference = in_crop(&detector, &upright, eyes);
+    for name in ["astronaut_exif_rotated.jpg", "astronaut_cmyk_300x400.jpg", "astronaut_palette_300x400.png"] {
+        let stored = load_upright(&fixture(&format!("photos/{name}"))).unwrap();
+        assert_eq!(stored.dimensions(), upright.dimensions(), "{name}");
+        assert_close(name, in_crop(&detector, &stored, eyes), reference);
+    }
 }

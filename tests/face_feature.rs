@@ -54,7 +54,7 @@ fn vit_input_equals_both_transformers_processors() {
     let mut names: Vec<&str> =
         meta.keys().filter_map(|k| k.strip_suffix(".vit_torchvision_sha256")).filter(|n| n.ends_with(".png")).collect();
     names.sort();
-    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(names.len(), 5, "{names:?}");
     for name in names {
         let photo = load_photo(&fixture(&format!("photos/{name}"))).unwrap();
         let torchvision = vit_input_image(&photo, Weights::Torchvision);

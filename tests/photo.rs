@@ -43,7 +43,7 @@ fn real_photos_resize_to_pils_512() {
     let grids = load_tensors(PARITY);
     let stride: usize = meta["grid_stride"].parse().unwrap();
     let names = photo_names(&meta);
-    assert_eq!(names.len(), 8, "fixture photos: {names:?}");
+    assert_eq!(names.len(), 10, "fixture photos: {names:?}");
     let mut failures = Vec::new();
     for name in &names {
         let photo = load_photo(&fixture(&format!("photos/{name}"))).unwrap();

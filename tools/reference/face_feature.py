@@ -93,6 +93,9 @@ def write_photos() -> list[str]:
     exif = Image.Exif()
     exif[0x0112] = 6
     portrait.transpose(Image.Transpose.ROTATE_90).save(PHOTOS / "astronaut_exif_rotated.jpg", quality=90, exif=exif)
+    # The same portrait as a print workflow's CMYK JPEG and as a palette (8-bit indexed) PNG.
+    portrait.convert("CMYK").save(PHOTOS / "astronaut_cmyk_300x400.jpg", quality=90)
+    portrait.convert("P", palette=Image.Palette.ADAPTIVE).save(PHOTOS / "astronaut_palette_300x400.png", optimize=True)
 
     # Lossless ones slightly softened (as a camera's downscale would) to keep the files small.
     soften = ImageFilter.GaussianBlur(1.0)
