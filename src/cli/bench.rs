@@ -27,7 +27,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Which measurements, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "learn,denoise,vae,text")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "learn,denoise,controlnet,vae,text")]
     only: Vec<MeasureArg>,
     /// Where the models run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
@@ -53,6 +53,8 @@ enum MeasureArg {
     Learn,
     /// One classifier-free-guidance denoising step (UNet on a batch of 2).
     Denoise,
+    /// The same step steered by a ControlNet (ControlNet and UNet on a batch of 2).
+    Controlnet,
     /// VAE encode and decode.
     Vae,
     /// Text encoding of one prompt.
@@ -70,6 +72,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .map(|m| match m {
                 MeasureArg::Learn => Measure::Learn,
                 MeasureArg::Denoise => Measure::Denoise,
+                MeasureArg::Controlnet => Measure::Controlnet,
                 MeasureArg::Vae => Measure::Vae,
                 MeasureArg::Text => Measure::Text,
             })

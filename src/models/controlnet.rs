@@ -146,6 +146,40 @@ impl Default for ControlNetConfig {
 }
 
 impl ControlNetConfig {
+    /// The ControlNet diffusers' `ControlNetModel.from_unet` makes of a UNet: its first half's
+    /// keys, RGB order and the default conditioning embedding (16, 32, 96, 256) (as
+    /// thibaud/controlnet-sd21-openpose-diffusers has for SD 2.1).
+    pub fn from_unet(unet: &UNet2DConditionConfig) -> Self {
+        Self {
+            in_channels: unet.in_channels,
+            flip_sin_to_cos: unet.flip_sin_to_cos,
+            freq_shift: unet.freq_shift,
+            down_block_types: unet.down_block_types.clone(),
+            mid_block_type: unet.mid_block_type.clone(),
+            only_cross_attention: unet.only_cross_attention.clone(),
+            block_out_channels: unet.block_out_channels.clone(),
+            layers_per_block: unet.layers_per_block.clone(),
+            downsample_padding: unet.downsample_padding,
+            mid_block_scale_factor: unet.mid_block_scale_factor,
+            act_fn: unet.act_fn.clone(),
+            norm_num_groups: unet.norm_num_groups,
+            norm_eps: unet.norm_eps,
+            cross_attention_dim: unet.cross_attention_dim.clone(),
+            transformer_layers_per_block: unet.transformer_layers_per_block.clone(),
+            encoder_hid_dim: unet.encoder_hid_dim,
+            encoder_hid_dim_type: unet.encoder_hid_dim_type.clone(),
+            attention_head_dim: unet.attention_head_dim.clone(),
+            num_attention_heads: unet.num_attention_heads.clone(),
+            use_linear_projection: unet.use_linear_projection,
+            class_embed_type: unet.class_embed_type.clone(),
+            addition_embed_type: unet.addition_embed_type.clone(),
+            num_class_embeds: unet.num_class_embeds,
+            upcast_attention: unet.upcast_attention,
+            resnet_time_scale_shift: unet.resnet_time_scale_shift.clone(),
+            ..Self::default()
+        }
+    }
+
     /// Checks that the config describes a ControlNet this module implements; the error names the
     /// offending field and its value.
     pub fn validate(&self) -> Result<()> {

@@ -7,6 +7,8 @@ constants of src/models/stable_diffusion.rs, so both sides build the same models
   the reconstruction phase: z0 is predicted from the UNet's noise) -> UNet -> masked two-phase loss
   -> backward -> clip_grad_norm_(1.0) -> AdamW. Frozen models have requires_grad False.
 - denoise: one classifier-free-guidance step: the UNet on a batch of 2 and the guidance.
+- controlnet: the same step steered by ControlNetModel.from_unet(unet) (random weights): the ControlNet
+  on a batch of 2 with the control image, the UNet with its residuals, the guidance.
 - vae_encode, vae_decode, text: as named, under torch.no_grad().
 
 Times are the median of --repeats runs after --warmup runs. Memory: on the CPU the resident set
@@ -41,7 +43,7 @@ PROMPT_TOKENS = 77
 DENOISE_TIMESTEP = 981.0
 HAIR_WEIGHT = 0.1
 PHASE_THRESHOLD = 600
-MEASURES = ("learn", "denoise", "vae", "text")
+MEASURES = ("learn", "denoise", "controlnet", "vae", "text")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -216,7 +218,7 @@ def main():
     parser.add_argument("--res", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default=",".join(MEASURES), help="comma-separated: learn,denoise,vae,text")
+    parser.add_argument("--only", default=",".join(MEASURES), help="comma-separated: learn,denoise,controlnet,vae,text")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="the frozen models' dtype")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
@@ -234,7 +236,7 @@ def main():
     if args.res % 64:
         parser.error(f"--res {args.res} must be a multiple of 64")
 
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     import diffusers
     import transformers
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -326,6 +328,25 @@ def main():
 
             name, result = measure("denoise", args, memory, denoise_step, device)
             results[name] = result
+        if "controlnet" in only:
+            controlnet = ControlNetModel.from_unet(unet).requires_grad_(False).eval().to(device, dtype)
+            latents = torch.randn(latent_shape, device=device)
+            context = torch.randn(2, PROMPT_TOKENS, width, device=device).to(dtype)
+            control_image = ((image + 1) / 2).to(dtype).repeat(2, 1, 1, 1)
+            t = torch.full((2,), DENOISE_TIMESTEP, device=device)
+
+            def controlnet_step():
+                sample = torch.cat([latents, latents]).to(dtype)
+                down, mid = controlnet(sample, t, encoder_hidden_states=context, controlnet_cond=control_image,
+                                       conditioning_scale=1.0, return_dict=False)
+                pred = unet(sample, t, context, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample.float()
+                uncond, text = pred.chunk(2)
+                return uncond + consts["guidance_scale"] * (text - uncond)
+
+            name, result = measure("controlnet", args, memory, controlnet_step, device)
+            results[name] = result
+            del controlnet
         if "vae" in only:
             image_in = image.to(dtype)
             name, result = measure("vae_encode", args, memory, lambda: vae.encode(image_in).latent_dist, device)
