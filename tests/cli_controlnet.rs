@@ -28,7 +28,8 @@ fn assert_fails_with(output: &Output, needles: &[&str]) {
 }
 
 fn pngs_in(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |d| d.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "png")).count())
+    std::fs::read_dir(dir)
+        .map_or(0, |d| d.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "png")).count())
 }
 
 #[test]
@@ -37,10 +38,33 @@ fn generate_with_two_controlnets_records_them_and_takes_the_control_image_size()
     let (tiny, pose) = (path_of("tiny-sd"), path_of("controlnet/pose_75x70.png"));
     let (first, second) = (path_of("tiny-controlnet"), path_of("tiny-controlnet-2"));
     let args = [
-        "generate", "a dancer", "--model", &tiny, "--steps", "2", "--seed", "3", "--out", out.path().to_str().unwrap(),
-        "--controlnet", &first, "--control-image", &pose, "--controlnet", &second,
-        "--control-image", &path_of("controlnet/pose_80x72.png"), "--control-scale", "0.5", "--control-scale", "1.2",
-        "--control-end", "0.5", "--control-channel-order", "bgr", "--json",
+        "generate",
+        "a dancer",
+        "--model",
+        &tiny,
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--controlnet",
+        &first,
+        "--control-image",
+        &pose,
+        "--controlnet",
+        &second,
+        "--control-image",
+        &path_of("controlnet/pose_80x72.png"),
+        "--control-scale",
+        "0.5",
+        "--control-scale",
+        "1.2",
+        "--control-end",
+        "0.5",
+        "--control-channel-order",
+        "bgr",
+        "--json",
     ];
     let output = stableid(&args);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -67,7 +91,8 @@ fn bad_controlnet_input_gets_one_line_errors_and_no_png() {
     let out = tempfile::tempdir().unwrap();
     let out_dir = out.path().join("out");
     let out_str = out_dir.to_str().unwrap().to_string();
-    let (tiny, controlnet, pose) = (path_of("tiny-sd"), path_of("tiny-controlnet"), path_of("controlnet/pose_80x72.png"));
+    let (tiny, controlnet, pose) =
+        (path_of("tiny-sd"), path_of("tiny-controlnet"), path_of("controlnet/pose_80x72.png"));
     let run = |extra: &[&str]| {
         let mut args = vec!["generate", "a dancer", "--model", &tiny, "--steps", "1", "--out", &out_str];
         args.extend_from_slice(extra);
@@ -80,7 +105,10 @@ fn bad_controlnet_input_gets_one_line_errors_and_no_png() {
     assert_fails_with(&output, &["control image", "pose.png", "not an image"]);
 
     let missing = out.path().join("missing.png");
-    assert_fails_with(&run(&["--controlnet", &controlnet, "--control-image", missing.to_str().unwrap()]), &["missing.png"]);
+    assert_fails_with(
+        &run(&["--controlnet", &controlnet, "--control-image", missing.to_str().unwrap()]),
+        &["missing.png"],
+    );
 
     assert_fails_with(&run(&["--controlnet", &controlnet]), &["0 --control-image for 1 --controlnet"]);
     assert_fails_with(
@@ -89,7 +117,16 @@ fn bad_controlnet_input_gets_one_line_errors_and_no_png() {
     );
     assert_fails_with(&run(&["--control-image", &pose]), &["1 --control-image for 0 --controlnet"]);
     assert_fails_with(
-        &run(&["--controlnet", &controlnet, "--control-image", &pose, "--control-start", "0.6", "--control-end", "0.4"]),
+        &run(&[
+            "--controlnet",
+            &controlnet,
+            "--control-image",
+            &pose,
+            "--control-start",
+            "0.6",
+            "--control-end",
+            "0.4",
+        ]),
         &["--control-end 0.4", "control_start"],
     );
     assert_fails_with(
@@ -100,8 +137,11 @@ fn bad_controlnet_input_gets_one_line_errors_and_no_png() {
     let wide = out.path().join("wide");
     copy_dir(&fixture("tiny-controlnet"), &wide);
     let config = std::fs::read_to_string(wide.join("config.json")).unwrap();
-    std::fs::write(wide.join("config.json"), config.replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 1024"))
-        .unwrap();
+    std::fs::write(
+        wide.join("config.json"),
+        config.replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 1024"),
+    )
+    .unwrap();
     assert_fails_with(
         &run(&["--controlnet", wide.to_str().unwrap(), "--control-image", &pose]),
         &["does not fit base model", "wide", "tiny-sd", "[1024]"],

@@ -79,7 +79,8 @@ fn pipeline_matches_diffusers_from_the_same_latents() {
     let fx = load_tensors("parity/controlnet.safetensors");
     let cases: Vec<Case> =
         serde_json::from_str(&std::fs::read_to_string(fixture("parity/controlnet.json")).unwrap()).unwrap();
-    let identity = Identity { embeddings: fx["identity"].clone(), source: "fixture".into(), metadata: Default::default() };
+    let identity =
+        Identity { embeddings: fx["identity"].clone(), source: "fixture".into(), metadata: Default::default() };
     let controlnets: Vec<(String, Arc<ControlNetModel>)> = ["tiny-controlnet", "tiny-controlnet-2"]
         .iter()
         .map(|name| (name.to_string(), Arc::new(load_controlnet(name))))
@@ -147,7 +148,8 @@ fn controlnets_for_another_base_model_are_refused_naming_both() {
     let model = tiny_model();
     let tmp = tempfile::tempdir().unwrap();
 
-    let wide = altered_controlnet(&tmp.path().join("wide"), "\"cross_attention_dim\": 32", "\"cross_attention_dim\": 1024");
+    let wide =
+        altered_controlnet(&tmp.path().join("wide"), "\"cross_attention_dim\": 32", "\"cross_attention_dim\": 1024");
     let err = wide.check_fits(&wide.config().unwrap(), &configs, model.name()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Model);
     let msg = err.to_string();

@@ -239,8 +239,10 @@ fn measure_controlnet(
     measure_op("controlnet", options, memory, || {
         let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
         let residuals = controlnet.forward(&input, &t, &context, &control_image, scale)?;
-        let pred =
-            models.unet.forward_with_additional_residuals(&input, &t, &context, Some(&residuals))?.to_dtype(DType::F32)?;
+        let pred = models
+            .unet
+            .forward_with_additional_residuals(&input, &t, &context, Some(&residuals))?
+            .to_dtype(DType::F32)?;
         let uncond = pred.narrow(0, 0, 1)?;
         let text = pred.narrow(0, 1, 1)?;
         let _guided = (&uncond + ((text - &uncond)? * GUIDANCE_SCALE)?)?;

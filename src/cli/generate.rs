@@ -192,7 +192,9 @@ impl ControlPlan {
     /// Loads the ControlNets and prepares their images at the output size.
     fn controls(&self, sd: &StableDiffusion, width: usize, height: usize) -> Result<Vec<Control>> {
         let mut controls = Vec::with_capacity(self.dirs.len());
-        for ((dir, config), (image, settings)) in self.dirs.iter().zip(&self.configs).zip(self.images.iter().zip(&self.settings)) {
+        for ((dir, config), (image, settings)) in
+            self.dirs.iter().zip(&self.configs).zip(self.images.iter().zip(&self.settings))
+        {
             let controlnet = Arc::new(dir.load(config, sd.dtype(), sd.device())?);
             let mut control = Control::new(controlnet, dir.name(), image, width, height)?;
             control.scale = settings.scale;
@@ -245,7 +247,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
     let sd = StableDiffusion::load_with_configs(&model, configs, &device, args.model.dtype())?;
     request.controls = control_plan.controls(&sd, request.width, request.height)?;
-    request.validate(sd.configs())?;
     if sd.prompt_ids(&args.prompt)?.truncated {
         eprintln!("warning: the prompt is longer than {} tokens; the rest is ignored", sd.tokenizer().max_length());
     }

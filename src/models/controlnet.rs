@@ -234,7 +234,7 @@ impl ControlNetConfig {
     /// Why this ControlNet cannot steer the base model of `sd` (its residuals would not fit the
     /// UNet's skip connections, or it reads text features of another width), if it cannot.
     pub fn mismatch(&self, sd: &SdConfigs) -> Option<String> {
-        let (ours, theirs) = match (self.encoder_spec(), sd.unet.encoder_spec(&CONTROLNET)) {
+        let (ours, theirs) = match (self.encoder_spec(), sd.unet.encoder()) {
             (Ok(ours), Ok(theirs)) => (ours, theirs),
             (Err(e), _) | (_, Err(e)) => return Some(e.to_string()),
         };
@@ -247,7 +247,10 @@ impl ControlNetConfig {
             ));
         }
         let layout = |spec: &EncoderSpec| {
-            format!("{} latent channels, blocks of {:?} channels with {:?} resnets", spec.in_channels, spec.block_out_channels, spec.layers)
+            format!(
+                "{} latent channels, blocks of {:?} channels with {:?} resnets",
+                spec.in_channels, spec.block_out_channels, spec.layers
+            )
         };
         if (ours.in_channels, &ours.block_out_channels, &ours.layers)
             != (theirs.in_channels, &theirs.block_out_channels, &theirs.layers)

@@ -173,8 +173,14 @@ impl UNet2DConditionConfig {
             ("up_block_types", self.up_block_types.len()),
         ])?;
         let encoder = self.encoder_spec(&UNET)?;
-        let up_attention = block_kinds(&UNET, "up_block_types", &self.up_block_types, "CrossAttnUpBlock2D", "UpBlock2D")?;
+        let up_attention =
+            block_kinds(&UNET, "up_block_types", &self.up_block_types, "CrossAttnUpBlock2D", "UpBlock2D")?;
         Ok(Plan { encoder, up_attention })
+    }
+
+    /// The shape of the UNet's first half (what a ControlNet copies), checked.
+    pub(crate) fn encoder(&self) -> Result<EncoderSpec> {
+        self.encoder_spec(&UNET)
     }
 
     /// Checks the keys that shape the UNet's first half (what a ControlNet copies) and returns
@@ -274,7 +280,8 @@ fn block_kinds(checks: &ConfigChecks, field: &str, types: &[String], cross: &str
 pub struct AdditionalResiduals {
     /// One per skip connection, in the order the down path makes them: `conv_in`'s output, then
     /// each down block's resnet (or transformer) outputs and its downsampler's output (12 for
-    /// Stable Diffusion), each shaped like its skip connection.
+    /// Stable Diffusion), each shaped like its skip connection (or (batch, channels, 1, 1),
+    /// broadcast over it).
     pub down: Vec<Tensor>,
     /// Added to the mid block's output.
     pub mid: Tensor,

@@ -161,8 +161,7 @@ impl<'a> ControlInputs<'a> {
     /// `guess_mode` as asked for; a first ControlNet with `global_pool_conditions` implies it, as
     /// in diffusers.
     pub fn new(controls: &'a [Control], guess_mode: bool, guided: bool, device: &Device, dtype: DType) -> Result<Self> {
-        let guess_mode =
-            guess_mode || controls.first().is_some_and(|c| c.controlnet.config().global_pool_conditions);
+        let guess_mode = guess_mode || controls.first().is_some_and(|c| c.controlnet.config().global_pool_conditions);
         let images = controls
             .iter()
             .map(|control| {
@@ -209,7 +208,12 @@ impl<'a> ControlInputs<'a> {
             sum = Some(match sum {
                 None => residuals,
                 Some(sum) => AdditionalResiduals {
-                    down: sum.down.iter().zip(&residuals.down).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
+                    down: sum
+                        .down
+                        .iter()
+                        .zip(&residuals.down)
+                        .map(|(a, b)| a + b)
+                        .collect::<candle_core::Result<_>>()?,
                     mid: (sum.mid + residuals.mid)?,
                 },
             });

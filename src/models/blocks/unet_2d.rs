@@ -264,8 +264,13 @@ impl UNetEncoder {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let mid_block =
-            MidBlock::new(vb.pp("mid_block"), &stage, channels[n - 1], spec.transformer_layers[n - 1], &spec.attention(n - 1))?;
+        let mid_block = MidBlock::new(
+            vb.pp("mid_block"),
+            &stage,
+            channels[n - 1],
+            spec.transformer_layers[n - 1],
+            &spec.attention(n - 1),
+        )?;
         Ok(Self {
             spec: spec.clone(),
             conv_in: Conv2d::new(
