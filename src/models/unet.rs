@@ -167,6 +167,7 @@ impl UNet2DConditionConfig {
     fn plan(&self) -> Result<Plan> {
         UNET.expect_eq("center_input_sample", &self.center_input_sample, &false)?;
         UNET.expect_eq("conv_out_kernel", &self.conv_out_kernel, &3)?;
+        self.block_count(&UNET)?;
         UNET.expect_same_lengths(&[
             ("block_out_channels", self.block_out_channels.len()),
             ("down_block_types", self.down_block_types.len()),
@@ -176,6 +177,19 @@ impl UNet2DConditionConfig {
         let up_attention =
             block_kinds(&UNET, "up_block_types", &self.up_block_types, "CrossAttnUpBlock2D", "UpBlock2D")?;
         Ok(Plan { encoder, up_attention })
+    }
+
+    /// The number of blocks, refused beyond [`MAX_BLOCKS`] before any per-block list is read.
+    fn block_count(&self, checks: &ConfigChecks) -> Result<usize> {
+        let n = self.block_out_channels.len();
+        if n > MAX_BLOCKS {
+            return Err(checks.invalid(
+                "block_out_channels",
+                &format_args!("[{n} entries]"),
+                format_args!("has more than {MAX_BLOCKS} blocks (each halves the latents; Stable Diffusion has 4)"),
+            ));
+        }
+        Ok(n)
     }
 
     /// The shape of the UNet's first half (what a ControlNet copies), checked.
@@ -212,14 +226,7 @@ impl UNet2DConditionConfig {
         checks.expect_eq("conv_in_kernel", &self.conv_in_kernel, &3)?;
         checks.expect_eq("attention_type", &self.attention_type.as_str(), &"default")?;
 
-        let n = self.block_out_channels.len();
-        if n > MAX_BLOCKS {
-            return Err(checks.invalid(
-                "block_out_channels",
-                &format_args!("[{n} entries]"),
-                format_args!("has more than {MAX_BLOCKS} blocks (each halves the latents; Stable Diffusion has 4)"),
-            ));
-        }
+        let n = self.block_count(checks)?;
         checks.expect_same_lengths(&[
             ("block_out_channels", self.block_out_channels.len()),
             ("down_block_types", self.down_block_types.len()),
