@@ -69,25 +69,31 @@ impl ModelDir {
     /// else a PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for the stem `model`);
     /// tensors are converted to `dtype` as they are read.
     pub fn weights(&self, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<Weights> {
-        let dir = self.component(component)?;
-        let safetensors = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")];
-        if let Some(path) = safetensors.iter().map(|f| dir.join(f)).find(|p| p.is_file()) {
-            // Safety: the file is memory-mapped read-only; it must not be modified while in use,
-            // which holds for model files that the user keeps.
-            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
-                .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
-            return Ok(Weights { path, vb });
-        }
-        let pytorch = if stem == "model" { "pytorch_model.bin".to_string() } else { format!("{stem}.bin") };
-        if dir.join(&pytorch).is_file() {
-            return Ok(open_checkpoint(&dir.join(&pytorch), dtype, device)?.0);
-        }
-        Err(Error::MissingFile {
-            what: format!("{component} weights"),
-            path: dir.join(&safetensors[0]),
-            hint: format!("expected {}, {} or {pytorch}", safetensors[0], safetensors[1]),
-        })
+        folder_weights(&self.component(component)?, stem, dtype, device, &format!("{component} weights"))
     }
+}
+
+/// The weights in `dir`: `stem.safetensors`, else `stem.fp16.safetensors` (memory-mapped), else a
+/// PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for the stem `model`), read
+/// as `dtype`; `what` names them in errors.
+pub fn folder_weights(dir: &Path, stem: &str, dtype: DType, device: &Device, what: &str) -> Result<Weights> {
+    let safetensors = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")];
+    if let Some(path) = safetensors.iter().map(|f| dir.join(f)).find(|p| p.is_file()) {
+        // Safety: the file is memory-mapped read-only; it must not be modified while in use,
+        // which holds for model files that the user keeps.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
+            .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
+        return Ok(Weights { path, vb });
+    }
+    let pytorch = if stem == "model" { "pytorch_model.bin".to_string() } else { format!("{stem}.bin") };
+    if dir.join(&pytorch).is_file() {
+        return Ok(open_checkpoint(&dir.join(&pytorch), dtype, device)?.0);
+    }
+    Err(Error::MissingFile {
+        what: what.to_string(),
+        path: dir.join(&safetensors[0]),
+        hint: format!("expected {}, {} or {pytorch}", safetensors[0], safetensors[1]),
+    })
 }
 
 /// The weights of a transformers model folder: `model.safetensors` (memory-mapped), else

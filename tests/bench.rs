@@ -51,7 +51,7 @@ fn tiny_bench_measures_everything_with_finite_times_and_memory() {
     let report = bench::run(&tiny_configs(), &options).unwrap();
 
     let names: Vec<_> = report.timings.iter().map(|t| t.name).collect();
-    assert_eq!(names, ["learn", "denoise", "vae_encode", "vae_decode", "text"]);
+    assert_eq!(names, ["learn", "denoise", "controlnet", "vae_encode", "vae_decode", "text"]);
     for t in &report.timings {
         assert_eq!(t.times_s.len(), 2, "{}", t.name);
         assert!(t.times_s.iter().all(|s| s.is_finite() && *s > 0.0), "{}: {:?}", t.name, t.times_s);
@@ -94,7 +94,7 @@ fn tiny_bench_measures_everything_with_finite_times_and_memory() {
     assert_eq!(json["resolution"], 64);
     assert!(json["learn_timestep"].as_u64().unwrap() <= 600, "the learning step must run the reconstruction phase");
     let results = json["results"].as_object().unwrap();
-    assert_eq!(results.len(), 5);
+    assert_eq!(results.len(), 6);
     for (name, r) in results {
         let median = r["median_s"].as_f64().unwrap();
         assert!(median > 0.0 && median.is_finite(), "{name}");

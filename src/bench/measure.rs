@@ -17,6 +17,7 @@ use crate::identity::mlp::{IdentityMlp, MlpShape};
 use crate::identity::optim::AdamWConfig;
 use crate::identity::step::{Basis, FrozenModels, Learner, StepInputs};
 use crate::models::clip_text::ClipTextModel;
+use crate::models::controlnet::{ControlNetConfig, ControlNetModel, ControlScale};
 use crate::models::stable_diffusion::SdConfigs;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
@@ -146,6 +147,9 @@ fn measure_models(
     if wanted(Measure::Denoise) {
         timings.push(measure_denoise(&models, options, &inputs, &mut rng, memory)?);
     }
+    if wanted(Measure::Controlnet) {
+        timings.push(measure_controlnet(&models, configs, options, &inputs, &mut rng, memory)?);
+    }
     if wanted(Measure::Vae) {
         timings.extend(measure_vae(&models, options, &inputs, &mut rng, memory)?);
     }
@@ -229,6 +233,41 @@ fn measure_denoise(
     measure_op("denoise", options, memory, || {
         let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
         let pred = models.unet.forward(&input, &t, &context)?.to_dtype(DType::F32)?;
+        let uncond = pred.narrow(0, 0, 1)?;
+        let text = pred.narrow(0, 1, 1)?;
+        let _guided = (&uncond + ((text - &uncond)? * GUIDANCE_SCALE)?)?;
+        Ok(device.synchronize()?)
+    })
+}
+
+/// One ControlNet-steered classifier-free-guidance step, as diffusers'
+/// `StableDiffusionControlNetPipeline` makes it: the ControlNet (built here, with random weights)
+/// on the latents twice with the control image, the UNet with its residuals, then guidance.
+fn measure_controlnet(
+    models: &Models,
+    configs: &SdConfigs,
+    options: &BenchOptions,
+    inputs: &Inputs,
+    rng: &mut StdRng,
+    memory: &mut MemoryProbe,
+) -> Result<Timing> {
+    let device = &options.device;
+    let vb = RandomWeights::new(options.seed + 1).into_var_builder(options.dtype, device);
+    let controlnet = ControlNetModel::new(vb, &ControlNetConfig::from_unet(&configs.unet))?;
+    let width = models.text_encoder.config().hidden_size;
+    let latents = standard_normal(inputs.latent_shape, rng, device)?;
+    let context = standard_normal((2, PROMPT_TOKENS, width), rng, device)?.to_dtype(options.dtype)?;
+    let control_image = ((&inputs.image + 1.0)? / 2.0)?.to_dtype(options.dtype)?;
+    let control_image = Tensor::cat(&[&control_image, &control_image], 0)?;
+    let t = Tensor::full(DENOISE_TIMESTEP, 2, device)?;
+    let scale = ControlScale { conditioning_scale: 1.0, guess_mode: false };
+    measure_op("controlnet", options, memory, || {
+        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
+        let residuals = controlnet.forward(&input, &t, &context, &control_image, scale)?;
+        let pred = models
+            .unet
+            .forward_with_additional_residuals(&input, &t, &context, Some(&residuals))?
+            .to_dtype(DType::F32)?;
         let uncond = pred.narrow(0, 0, 1)?;
         let text = pred.narrow(0, 1, 1)?;
         let _guided = (&uncond + ((text - &uncond)? * GUIDANCE_SCALE)?)?;

@@ -8,6 +8,9 @@
 //!   included, at a timestep of the reconstruction phase (t <= 600) so that both the UNet and the
 //!   `z0` reconstruction run;
 //! - `denoise`: one classifier-free-guidance denoising step: the UNet on a batch of 2, guidance;
+//! - `controlnet`: the same step steered by a ControlNet (diffusers' `ControlNetModel.from_unet`
+//!   of the UNet, as thibaud's SD 2.1 ControlNets are): the ControlNet on a batch of 2 with the
+//!   control image, then the UNet with its residuals, guidance;
 //! - `vae_encode`, `vae_decode`: the VAE at the benchmark resolution;
 //! - `text`: one prompt through the text encoder, identity rows included;
 //! - `align` (with a photo): `photo_load` (decoding, EXIF orientation), `face_detect` (MTCNN) and
@@ -44,6 +47,8 @@ pub enum Measure {
     Learn,
     /// One guided denoising step.
     Denoise,
+    /// One guided denoising step steered by a ControlNet.
+    Controlnet,
     /// VAE encode and decode.
     Vae,
     /// Text encoding.
@@ -54,7 +59,8 @@ pub enum Measure {
 
 impl Measure {
     /// The measurements of the Stable Diffusion models (all but [`Measure::Align`]).
-    pub const MODELS: [Measure; 4] = [Measure::Learn, Measure::Denoise, Measure::Vae, Measure::Text];
+    pub const MODELS: [Measure; 5] =
+        [Measure::Learn, Measure::Denoise, Measure::Controlnet, Measure::Vae, Measure::Text];
 
     /// Whether it needs the Stable Diffusion models built.
     pub fn uses_models(self) -> bool {
@@ -115,7 +121,7 @@ impl BenchOptions {
             return Err(Error::setting(
                 "measures",
                 "none",
-                "nothing to measure: give at least one of learn, denoise, vae, text, align",
+                "nothing to measure: give at least one of learn, denoise, controlnet, vae, text, align",
             ));
         }
         if self.measures.contains(&Measure::Align) && self.photo.is_none() {

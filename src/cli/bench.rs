@@ -28,8 +28,8 @@ pub struct BenchArgs {
     /// Timed runs of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Which measurements, comma-separated [default: learn,denoise,vae,text, and align with
-    /// --photo].
+    /// Which measurements, comma-separated [default: learn,denoise,controlnet,vae,text, and
+    /// align with --photo].
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Option<Vec<MeasureArg>>,
     /// The photo the align measurement reads, detects and aligns.
@@ -59,6 +59,8 @@ enum MeasureArg {
     Learn,
     /// One classifier-free-guidance denoising step (UNet on a batch of 2).
     Denoise,
+    /// The same step steered by a ControlNet (ControlNet and UNet on a batch of 2).
+    Controlnet,
     /// VAE encode and decode.
     Vae,
     /// Text encoding of one prompt.
@@ -78,6 +80,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .map(|m| match m {
                     MeasureArg::Learn => Measure::Learn,
                     MeasureArg::Denoise => Measure::Denoise,
+                    MeasureArg::Controlnet => Measure::Controlnet,
                     MeasureArg::Vae => Measure::Vae,
                     MeasureArg::Text => Measure::Text,
                     MeasureArg::Align => Measure::Align,

@@ -1,11 +1,15 @@
-//! `stableid generate`: prompt in, PNGs out (with prompt, seed and settings in their metadata).
+//! `stableid generate`: prompt in, PNGs out (with prompt, seed and settings in their metadata),
+//! optionally steered by ControlNets (`--controlnet DIR --control-image IMAGE`, repeatable).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use stableid::identity::Identity;
 use stableid::io::write_png;
+use stableid::models::controlnet::{ChannelOrder, ControlNetDir};
 use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
+use stableid::pipelines::control::{check_control_settings, Control, ControlImage};
 use stableid::pipelines::text_to_image::to_rgb_images;
 use stableid::pipelines::{generate, read_latents, GenerateRequest};
 use stableid::schedulers::Sampler;
@@ -18,7 +22,17 @@ use super::{check_writable, progress_bar, ModelArgs};
     stableid generate \"a photo of a cat wearing a hat\" --seed 1 --out outputs\n  \
     stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors\n  \
     stableid generate \"v1* v2* and v3* v4* having coffee\" --identity anna.safetensors --identity ben.safetensors\n  \
-    stableid generate \"latte art of v1* v2*\" --identity me.safetensors --sampler ddim --steps 30 --json")]
+    stableid generate \"latte art of v1* v2*\" --identity me.safetensors --sampler ddim --steps 30 --json\n  \
+    stableid generate \"v1* v2* dancing, best quality\" --identity me.safetensors \\\n      \
+    --controlnet thibaud/controlnet-sd21-openpose-diffusers --control-image pose.png\n  \
+    stableid generate \"v1* v2* on a stage\" --identity me.safetensors --controlnet pose-cn --control-image pose.png \\\n      \
+    --control-scale 0.8 --controlnet depth-cn --control-image depth.png --control-scale 0.5 --guess-mode\n\n\
+ControlNets: each --controlnet (a diffusers ControlNet folder or hub id in the local hub cache) takes\n\
+the --control-image in the same position; --control-scale, --control-start, --control-end and\n\
+--control-channel-order are given once for all or once per ControlNet. Without --width/--height the\n\
+image takes the first control image's size (rounded down to a multiple of 8). Pose maps drawn as\n\
+controlnet_aux draws them are RGB, the order thibaud's SD 2.1 OpenPose ControlNet was trained on;\n\
+--control-channel-order bgr swaps red and blue first, as StableIdentity's notebook does (docs/controlnet.md).")]
 pub struct GenerateArgs {
     /// The prompt; `v1* v2*` stand for the first --identity, `v3* v4*` for the second, ...
     pub prompt: String,
@@ -56,6 +70,30 @@ pub struct GenerateArgs {
     /// Start from these latents (a safetensors file with one tensor of shape 1 x 4 x H/8 x W/8) instead of seeded noise.
     #[arg(long)]
     pub initial_latents: Option<PathBuf>,
+    /// ControlNet to steer the image with: a diffusers ControlNet folder or a hub id in the local hub cache
+    /// (e.g. thibaud/controlnet-sd21-openpose-diffusers); repeat for several.
+    #[arg(long)]
+    pub controlnet: Vec<String>,
+    /// The control image (pose map, depth map, edges...) of each --controlnet, in the same order.
+    #[arg(long)]
+    pub control_image: Vec<PathBuf>,
+    /// How strongly each ControlNet steers (usually 0 to 2) [default: 1.0]; once for all or once per ControlNet.
+    #[arg(long)]
+    pub control_scale: Vec<f64>,
+    /// The fraction of the steps after which each ControlNet starts steering [default: 0.0].
+    #[arg(long)]
+    pub control_start: Vec<f64>,
+    /// The fraction of the steps after which each ControlNet stops steering [default: 1.0].
+    #[arg(long)]
+    pub control_end: Vec<f64>,
+    /// The channel order each ControlNet is given its image in [default: the ControlNet's config, rgb];
+    /// bgr swaps red and blue.
+    #[arg(long, value_parser = parse_channel_order)]
+    pub control_channel_order: Vec<ChannelOrder>,
+    /// ControlNet guess mode: the ControlNets steer only the prompt's half of guidance, from weak (shallow
+    /// layers) to full (deep), to follow the control image with little or no prompt.
+    #[arg(long)]
+    pub guess_mode: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -65,6 +103,108 @@ pub struct GenerateArgs {
 
 fn parse_sampler(s: &str) -> Result<Sampler, String> {
     s.parse::<Sampler>().map_err(|e| e.to_string())
+}
+
+fn parse_channel_order(s: &str) -> Result<ChannelOrder, String> {
+    s.parse::<ChannelOrder>()
+}
+
+/// The value of `flag` for ControlNet `index` of `count`: given once for all, once per ControlNet,
+/// or not at all (`default`).
+fn per_control<T: Copy>(values: &[T], flag: &str, count: usize, index: usize, default: T) -> Result<T> {
+    match values.len() {
+        0 => Ok(default),
+        1 => Ok(values[0]),
+        n if n == count => Ok(values[index]),
+        n => bail!("{n} {flag} values for {count} --controlnet: give one for all or one per --controlnet"),
+    }
+}
+
+/// How one ControlNet steers, from its flags.
+#[derive(Clone, Copy)]
+struct ControlSettings {
+    scale: f64,
+    start: f64,
+    end: f64,
+    channel_order: Option<ChannelOrder>,
+}
+
+/// The ControlNet flags, checked and read before any weights load.
+struct ControlPlan {
+    dirs: Vec<ControlNetDir>,
+    configs: Vec<stableid::models::controlnet::ControlNetConfig>,
+    images: Vec<ControlImage>,
+    settings: Vec<ControlSettings>,
+}
+
+impl ControlPlan {
+    fn read(args: &GenerateArgs, configs: &SdConfigs, model: &str) -> Result<Self> {
+        let count = args.controlnet.len();
+        if args.control_image.len() != count {
+            bail!(
+                "{} --control-image for {count} --controlnet: give one control image per ControlNet, in the same order",
+                args.control_image.len()
+            );
+        }
+        for (flag, values) in [
+            ("--control-scale", args.control_scale.len()),
+            ("--control-start", args.control_start.len()),
+            ("--control-end", args.control_end.len()),
+            ("--control-channel-order", args.control_channel_order.len()),
+        ] {
+            if count == 0 && values > 0 {
+                bail!("{flag} needs a --controlnet (and its --control-image)");
+            }
+            per_control(&vec![(); values], flag, count, 0, ())?;
+        }
+        let orders: Vec<Option<ChannelOrder>> = args.control_channel_order.iter().copied().map(Some).collect();
+        let settings = (0..count)
+            .map(|i| {
+                let settings = ControlSettings {
+                    scale: per_control(&args.control_scale, "--control-scale", count, i, 1.0)?,
+                    start: per_control(&args.control_start, "--control-start", count, i, 0.0)?,
+                    end: per_control(&args.control_end, "--control-end", count, i, 1.0)?,
+                    channel_order: per_control(&orders, "--control-channel-order", count, i, None)?,
+                };
+                check_control_settings(settings.scale, settings.start, settings.end)?;
+                Ok(settings)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if args.guess_mode && count == 0 {
+            bail!("--guess-mode needs a --controlnet (and its --control-image)");
+        }
+        for &scale in &args.control_scale {
+            if !(0.0..=2.0).contains(&scale) {
+                eprintln!("warning: --control-scale {scale} is outside [0, 2], where ControlNets are usually used");
+            }
+        }
+        let dirs = args.controlnet.iter().map(|spec| ControlNetDir::resolve(spec)).collect::<Result<Vec<_>, _>>()?;
+        let mut controlnet_configs = Vec::with_capacity(count);
+        for dir in &dirs {
+            let config = dir.config()?;
+            dir.check_fits(&config, configs, model)?;
+            controlnet_configs.push(config);
+        }
+        let images = args.control_image.iter().map(|p| ControlImage::read(p)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { dirs, configs: controlnet_configs, images, settings })
+    }
+
+    /// Loads the ControlNets and prepares their images at the output size.
+    fn controls(&self, sd: &StableDiffusion, width: usize, height: usize) -> Result<Vec<Control>> {
+        let mut controls = Vec::with_capacity(self.dirs.len());
+        for ((dir, config), (image, settings)) in
+            self.dirs.iter().zip(&self.configs).zip(self.images.iter().zip(&self.settings))
+        {
+            let controlnet = Arc::new(dir.load(config, sd.dtype(), sd.device())?);
+            let mut control = Control::new(controlnet, dir.name(), image, width, height)?;
+            control.scale = settings.scale;
+            control.start = settings.start;
+            control.end = settings.end;
+            control.channel_order = settings.channel_order.unwrap_or(control.channel_order);
+            controls.push(control);
+        }
+        Ok(controls)
+    }
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -77,7 +217,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let device = args.model.device()?;
     let model = ModelDir::resolve(&args.model.model)?;
     let configs = SdConfigs::read(&model)?;
-    let (default_width, default_height) = configs.default_size();
+    let control_plan = ControlPlan::read(&args, &configs, model.name())?;
+    // As diffusers: without a size, the first control image's, rounded down to a multiple of 8.
+    let (default_width, default_height) = match control_plan.images.first() {
+        Some(image) => image.default_size(configs.latent_factor()),
+        None => configs.default_size(),
+    };
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let mut request = GenerateRequest {
         prompt: args.prompt.clone(),
@@ -89,6 +234,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         height: args.height.unwrap_or(default_height),
         sampler: args.sampler,
         initial_latents: args.initial_latents.as_deref().map(read_latents).transpose()?,
+        controls: Vec::new(),
+        guess_mode: args.guess_mode,
     };
     request.validate(&configs)?;
     if request.initial_latents.is_some() && args.num_images > 1 {
@@ -99,6 +246,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     check_writable(&args.out)?;
 
     let sd = StableDiffusion::load_with_configs(&model, configs, &device, args.model.dtype())?;
+    request.controls = control_plan.controls(&sd, request.width, request.height)?;
     if sd.prompt_ids(&args.prompt)?.truncated {
         eprintln!("warning: the prompt is longer than {} tokens; the rest is ignored", sd.tokenizer().max_length());
     }
@@ -129,6 +277,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             "height": request.height,
             "model": sd.model_name(),
             "identities": args.identity,
+            "controlnets": request.controls.iter().map(|c| serde_json::json!({
+                "controlnet": c.controlnet_name,
+                "image": c.image_source,
+                "image_sha256": c.image_sha256,
+                "scale": c.scale,
+                "start": c.start,
+                "end": c.end,
+                "channel_order": c.channel_order.to_string(),
+            })).collect::<Vec<_>>(),
+            "guess_mode": request.guess_mode,
         });
         println!("{summary}");
     }

@@ -4,6 +4,7 @@
 pub mod blocks;
 pub mod clip_text;
 mod config;
+pub mod controlnet;
 pub mod face_parsing;
 pub mod mtcnn;
 pub mod stable_diffusion;

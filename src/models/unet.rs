@@ -14,9 +14,7 @@ use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::models::blocks::attention::TransformerSpec;
-use crate::models::blocks::embeddings::{timestep_embedding, TimestepEmbedding};
-use crate::models::blocks::unet_2d::{DownBlock, MidBlock, StageSpec, UpBlock};
+use crate::models::blocks::unet_2d::{EncoderSpec, UNetEncoder, UpBlock};
 use crate::models::config::ConfigChecks;
 use crate::nn::{silu, Conv2d, Conv2dConfig, GroupNorm};
 
@@ -37,10 +35,15 @@ pub enum PerBlock<T> {
 impl<T: Clone + Debug> PerBlock<T> {
     /// The value of each of `n` blocks; `field` names the config key in the error.
     pub fn expand(&self, field: &str, n: usize) -> Result<Vec<T>> {
+        self.expand_checked(&UNET, field, n)
+    }
+
+    /// [`expand`](Self::expand) for the config that `checks` names.
+    pub(crate) fn expand_checked(&self, checks: &ConfigChecks, field: &str, n: usize) -> Result<Vec<T>> {
         match self {
             Self::One(v) => Ok(vec![v.clone(); n]),
             Self::Each(vs) if vs.len() == n => Ok(vs.clone()),
-            Self::Each(vs) => Err(UNET.invalid(field, vs, format_args!("has {} entries for {n} blocks", vs.len()))),
+            Self::Each(vs) => Err(checks.invalid(field, vs, format_args!("has {} entries for {n} blocks", vs.len()))),
         }
     }
 }
@@ -147,16 +150,11 @@ const MID_BLOCK: &str = "UNetMidBlock2DCrossAttn";
 
 const UNET: ConfigChecks = ConfigChecks { name: "unet config", supported: "only Stable Diffusion 1.x/2.x UNets are" };
 
-/// The per-block values of a validated config, down blocks in order.
+/// The per-block values of a validated config.
 struct Plan {
-    /// Whether each down block, and each up block (in up order), has transformers.
-    down_attention: Vec<bool>,
+    encoder: EncoderSpec,
+    /// Whether each up block (in up order) has transformers.
     up_attention: Vec<bool>,
-    heads: Vec<usize>,
-    layers: Vec<usize>,
-    transformer_layers: Vec<usize>,
-    cross_attention_dim: Vec<usize>,
-    norm_groups: usize,
 }
 
 impl UNet2DConditionConfig {
@@ -168,86 +166,120 @@ impl UNet2DConditionConfig {
 
     fn plan(&self) -> Result<Plan> {
         UNET.expect_eq("center_input_sample", &self.center_input_sample, &false)?;
-        UNET.expect_eq("mid_block_type", &self.mid_block_type.as_deref(), &Some(MID_BLOCK))?;
-        UNET.expect_eq("downsample_padding", &self.downsample_padding, &1)?;
-        UNET.expect_eq("mid_block_scale_factor", &self.mid_block_scale_factor, &1.0)?;
-        if !matches!(self.act_fn.as_str(), "silu" | "swish") {
-            return Err(UNET.unsupported("act_fn", &self.act_fn));
-        }
-        let Some(norm_groups) = self.norm_num_groups else {
-            return Err(UNET.unsupported("norm_num_groups", &self.norm_num_groups));
-        };
-        UNET.expect_unset("encoder_hid_dim", &self.encoder_hid_dim)?;
-        UNET.expect_unset("encoder_hid_dim_type", &self.encoder_hid_dim_type)?;
-        // diffusers itself refuses this key for `UNet2DConditionModel`.
-        UNET.expect_unset("num_attention_heads", &self.num_attention_heads)?;
-        UNET.expect_eq("dual_cross_attention", &self.dual_cross_attention, &false)?;
-        UNET.expect_unset("class_embed_type", &self.class_embed_type)?;
-        UNET.expect_unset("addition_embed_type", &self.addition_embed_type)?;
-        UNET.expect_unset("num_class_embeds", &self.num_class_embeds)?;
-        UNET.expect_eq("resnet_time_scale_shift", &self.resnet_time_scale_shift.as_str(), &"default")?;
-        UNET.expect_eq("time_embedding_type", &self.time_embedding_type.as_str(), &"positional")?;
-        UNET.expect_unset("time_embedding_dim", &self.time_embedding_dim)?;
-        UNET.expect_unset("time_embedding_act_fn", &self.time_embedding_act_fn)?;
-        UNET.expect_unset("timestep_post_act", &self.timestep_post_act)?;
-        UNET.expect_unset("time_cond_proj_dim", &self.time_cond_proj_dim)?;
-        UNET.expect_eq("conv_in_kernel", &self.conv_in_kernel, &3)?;
         UNET.expect_eq("conv_out_kernel", &self.conv_out_kernel, &3)?;
-        UNET.expect_eq("attention_type", &self.attention_type.as_str(), &"default")?;
-
-        let n = self.block_out_channels.len();
-        if n > MAX_BLOCKS {
-            return Err(UNET.invalid(
-                "block_out_channels",
-                &format_args!("[{n} entries]"),
-                format_args!("has more than {MAX_BLOCKS} blocks (each halves the latents; Stable Diffusion has 4)"),
-            ));
-        }
+        self.block_count(&UNET)?;
         UNET.expect_same_lengths(&[
             ("block_out_channels", self.block_out_channels.len()),
             ("down_block_types", self.down_block_types.len()),
             ("up_block_types", self.up_block_types.len()),
         ])?;
-        let only_cross = self.only_cross_attention.expand("only_cross_attention", n)?;
-        if only_cross.iter().any(|&b| b) {
-            return Err(UNET.unsupported("only_cross_attention", &self.only_cross_attention));
+        let encoder = self.encoder_spec(&UNET)?;
+        let up_attention =
+            block_kinds(&UNET, "up_block_types", &self.up_block_types, "CrossAttnUpBlock2D", "UpBlock2D")?;
+        Ok(Plan { encoder, up_attention })
+    }
+
+    /// The number of blocks, refused beyond [`MAX_BLOCKS`] before any per-block list is read.
+    fn block_count(&self, checks: &ConfigChecks) -> Result<usize> {
+        let n = self.block_out_channels.len();
+        if n > MAX_BLOCKS {
+            return Err(checks.invalid(
+                "block_out_channels",
+                &format_args!("[{n} entries]"),
+                format_args!("has more than {MAX_BLOCKS} blocks (each halves the latents; Stable Diffusion has 4)"),
+            ));
         }
-        let block_kinds = |field: &str, types: &[String], cross: &str, plain: &str| {
-            types
-                .iter()
-                .map(|t| match t.as_str() {
-                    t if t == cross => Ok(true),
-                    t if t == plain => Ok(false),
-                    _ => Err(UNET.unsupported(field, t)),
-                })
-                .collect::<Result<Vec<_>>>()
+        Ok(n)
+    }
+
+    /// The shape of the UNet's first half (what a ControlNet copies), checked.
+    pub(crate) fn encoder(&self) -> Result<EncoderSpec> {
+        self.encoder_spec(&UNET)
+    }
+
+    /// Checks the keys that shape the UNet's first half (what a ControlNet copies) and returns
+    /// that shape; `checks` names the config in errors.
+    pub(crate) fn encoder_spec(&self, checks: &ConfigChecks) -> Result<EncoderSpec> {
+        checks.expect_eq("mid_block_type", &self.mid_block_type.as_deref(), &Some(MID_BLOCK))?;
+        checks.expect_eq("downsample_padding", &self.downsample_padding, &1)?;
+        checks.expect_eq("mid_block_scale_factor", &self.mid_block_scale_factor, &1.0)?;
+        if !matches!(self.act_fn.as_str(), "silu" | "swish") {
+            return Err(checks.unsupported("act_fn", &self.act_fn));
+        }
+        let Some(norm_groups) = self.norm_num_groups else {
+            return Err(checks.unsupported("norm_num_groups", &self.norm_num_groups));
         };
+        checks.expect_unset("encoder_hid_dim", &self.encoder_hid_dim)?;
+        checks.expect_unset("encoder_hid_dim_type", &self.encoder_hid_dim_type)?;
+        // diffusers itself refuses this key for `UNet2DConditionModel`.
+        checks.expect_unset("num_attention_heads", &self.num_attention_heads)?;
+        checks.expect_eq("dual_cross_attention", &self.dual_cross_attention, &false)?;
+        checks.expect_unset("class_embed_type", &self.class_embed_type)?;
+        checks.expect_unset("addition_embed_type", &self.addition_embed_type)?;
+        checks.expect_unset("num_class_embeds", &self.num_class_embeds)?;
+        checks.expect_eq("resnet_time_scale_shift", &self.resnet_time_scale_shift.as_str(), &"default")?;
+        checks.expect_eq("time_embedding_type", &self.time_embedding_type.as_str(), &"positional")?;
+        checks.expect_unset("time_embedding_dim", &self.time_embedding_dim)?;
+        checks.expect_unset("time_embedding_act_fn", &self.time_embedding_act_fn)?;
+        checks.expect_unset("timestep_post_act", &self.timestep_post_act)?;
+        checks.expect_unset("time_cond_proj_dim", &self.time_cond_proj_dim)?;
+        checks.expect_eq("conv_in_kernel", &self.conv_in_kernel, &3)?;
+        checks.expect_eq("attention_type", &self.attention_type.as_str(), &"default")?;
+
+        let n = self.block_count(checks)?;
+        checks.expect_same_lengths(&[
+            ("block_out_channels", self.block_out_channels.len()),
+            ("down_block_types", self.down_block_types.len()),
+        ])?;
+        let only_cross = self.only_cross_attention.expand_checked(checks, "only_cross_attention", n)?;
+        if only_cross.iter().any(|&b| b) {
+            return Err(checks.unsupported("only_cross_attention", &self.only_cross_attention));
+        }
         let down_attention =
-            block_kinds("down_block_types", &self.down_block_types, "CrossAttnDownBlock2D", "DownBlock2D")?;
-        let up_attention = block_kinds("up_block_types", &self.up_block_types, "CrossAttnUpBlock2D", "UpBlock2D")?;
-        let heads = self.attention_head_dim.expand("attention_head_dim", n)?;
+            block_kinds(checks, "down_block_types", &self.down_block_types, "CrossAttnDownBlock2D", "DownBlock2D")?;
+        let heads = self.attention_head_dim.expand_checked(checks, "attention_head_dim", n)?;
         for (&channels, &h) in self.block_out_channels.iter().zip(&heads) {
             if h == 0 || channels % h != 0 {
-                bail!("unet config: {channels} channels do not split into `attention_head_dim` = {h} heads")
+                bail!("{}: {channels} channels do not split into `attention_head_dim` = {h} heads", checks.name)
             }
         }
-        let layers = self.layers_per_block.expand("layers_per_block", n)?;
-        let transformer_layers = self.transformer_layers_per_block.expand("transformer_layers_per_block", n)?;
+        let layers = self.layers_per_block.expand_checked(checks, "layers_per_block", n)?;
+        let transformer_layers =
+            self.transformer_layers_per_block.expand_checked(checks, "transformer_layers_per_block", n)?;
         for (field, counts) in [("layers_per_block", &layers), ("transformer_layers_per_block", &transformer_layers)] {
             if let Some(count) = counts.iter().find(|&&c| c > MAX_LAYERS) {
-                bail!("unet config: `{field}` = {count}: at most {MAX_LAYERS} layers per block are supported")
+                bail!("{}: `{field}` = {count}: at most {MAX_LAYERS} layers per block are supported", checks.name)
             }
         }
-        Ok(Plan {
+        Ok(EncoderSpec {
+            in_channels: self.in_channels,
+            block_out_channels: self.block_out_channels.clone(),
             down_attention,
-            up_attention,
             heads,
             layers,
             transformer_layers,
-            cross_attention_dim: self.cross_attention_dim.expand("cross_attention_dim", n)?,
+            cross_attention_dim: self.cross_attention_dim.expand_checked(checks, "cross_attention_dim", n)?,
             norm_groups,
+            norm_eps: self.norm_eps,
+            use_linear_projection: self.use_linear_projection,
+            upcast_attention: self.upcast_attention,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
         })
     }
+}
+
+/// Whether each block of `types` (config key `field`) is the `cross` kind (with transformers) or
+/// the `plain` one.
+fn block_kinds(checks: &ConfigChecks, field: &str, types: &[String], cross: &str, plain: &str) -> Result<Vec<bool>> {
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            t if t == cross => Ok(true),
+            t if t == plain => Ok(false),
+            _ => Err(checks.unsupported(field, t)),
+        })
+        .collect()
 }
 
 /// What a ControlNet adds to the UNet ([`UNet2DConditionModel::forward_with_additional_residuals`]).
@@ -255,7 +287,8 @@ impl UNet2DConditionConfig {
 pub struct AdditionalResiduals {
     /// One per skip connection, in the order the down path makes them: `conv_in`'s output, then
     /// each down block's resnet (or transformer) outputs and its downsampler's output (12 for
-    /// Stable Diffusion), each shaped like its skip connection.
+    /// Stable Diffusion), each shaped like its skip connection (or (batch, channels, 1, 1),
+    /// broadcast over it).
     pub down: Vec<Tensor>,
     /// Added to the mid block's output.
     pub mid: Tensor,
@@ -265,10 +298,8 @@ pub struct AdditionalResiduals {
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     config: UNet2DConditionConfig,
-    conv_in: Conv2d,
-    time_embedding: TimestepEmbedding,
-    down_blocks: Vec<DownBlock>,
-    mid_block: MidBlock,
+    /// `conv_in`, `time_embedding`, `down_blocks`, `mid_block`.
+    encoder: UNetEncoder,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -277,42 +308,11 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Builds the model from `vb` at the root of `diffusion_pytorch_model.safetensors`.
     pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
-        let plan = cfg.plan()?;
-        let channels = &cfg.block_out_channels;
+        let Plan { encoder: spec, up_attention } = cfg.plan()?;
+        let channels = &spec.block_out_channels;
         let n = channels.len();
-        let time_embed_dim = 4 * channels[0];
-        let stage = StageSpec { temb_channels: time_embed_dim, norm_groups: plan.norm_groups, norm_eps: cfg.norm_eps };
-        // The transformers of block `i` (down numbering).
-        let attention = |i: usize| TransformerSpec {
-            channels: channels[i],
-            heads: plan.heads[i],
-            cross_attention_dim: plan.cross_attention_dim[i],
-            norm_groups: plan.norm_groups,
-            use_linear_projection: cfg.use_linear_projection,
-            upcast_attention: cfg.upcast_attention,
-        };
-
-        let down_blocks = (0..n)
-            .map(|i| {
-                let in_channels = if i == 0 { channels[0] } else { channels[i - 1] };
-                DownBlock::new(
-                    vb.pp(format!("down_blocks.{i}")),
-                    &stage,
-                    in_channels,
-                    channels[i],
-                    &vec![plan.transformer_layers[i]; plan.layers[i]],
-                    plan.down_attention[i].then(|| attention(i)).as_ref(),
-                    i + 1 < n,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mid_block = MidBlock::new(
-            vb.pp("mid_block"),
-            &stage,
-            channels[n - 1],
-            plan.transformer_layers[n - 1],
-            &attention(n - 1),
-        )?;
+        let stage = spec.stage();
+        let encoder = UNetEncoder::new(&vb, &spec)?;
         let up_blocks = (0..n)
             .map(|i| {
                 let d = n - 1 - i; // the mirrored down block
@@ -322,8 +322,8 @@ impl UNet2DConditionModel {
                     channels[(d + 1).min(n - 1)],
                     channels[d.saturating_sub(1)],
                     channels[d],
-                    &vec![plan.transformer_layers[d]; plan.layers[d] + 1],
-                    plan.up_attention[i].then(|| attention(d)).as_ref(),
+                    &vec![spec.transformer_layers[d]; spec.layers[d] + 1],
+                    up_attention[i].then(|| spec.attention(d)).as_ref(),
                     i + 1 < n,
                 )
             })
@@ -331,18 +331,9 @@ impl UNet2DConditionModel {
 
         Ok(Self {
             config: cfg.clone(),
-            conv_in: Conv2d::new(
-                vb.pp("conv_in"),
-                cfg.in_channels,
-                channels[0],
-                3,
-                Conv2dConfig { padding: 1, stride: 1 },
-            )?,
-            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?,
-            down_blocks,
-            mid_block,
+            encoder,
             up_blocks,
-            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), plan.norm_groups, channels[0], cfg.norm_eps)?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), spec.norm_groups, channels[0], cfg.norm_eps)?,
             conv_out: Conv2d::new(
                 vb.pp("conv_out"),
                 channels[0],
@@ -375,41 +366,24 @@ impl UNet2DConditionModel {
         residuals: Option<&AdditionalResiduals>,
     ) -> Result<Tensor> {
         let (batch, _, height, width) = sample.dims4()?;
-        let timesteps = match timesteps.dims() {
-            [] => timesteps.reshape(1)?,
-            [n] if *n == 1 || *n == batch => timesteps.clone(),
-            dims => bail!("unet: timesteps of shape {dims:?} for a batch of {batch} (expected ({batch},) or (1,))"),
-        };
-        let t_emb = timestep_embedding(
-            &timesteps.broadcast_as(batch)?,
-            self.config.block_out_channels[0],
-            self.config.flip_sin_to_cos,
-            self.config.freq_shift,
-        )?
-        .to_dtype(sample.dtype())?;
-        let temb_act = self.time_embedding.forward(&t_emb)?.silu()?;
+        let temb_act = self.encoder.time_embedding(timesteps, batch, sample.dtype())?;
 
         // Sizes not divisible by the total downsampling make every upsampler resize to its skip
         // connection's size instead of doubling (diffusers' `forward_upsample_size`).
         let factor = 1 << (self.up_blocks.len() - 1);
         let forward_upsample_size = height % factor != 0 || width % factor != 0;
 
-        let mut x = self.conv_in.forward(sample)?;
-        let mut skips = vec![x.clone()];
-        for block in &self.down_blocks {
-            let (out, states) = block.forward(&x, &temb_act, encoder_hidden_states)?;
-            x = out;
-            skips.extend(states);
-        }
-        x = self.mid_block.forward(&x, &temb_act, encoder_hidden_states)?;
+        let (mut x, mut skips) =
+            self.encoder.forward_down(&self.encoder.conv_in(sample)?, &temb_act, encoder_hidden_states)?;
         if let Some(residuals) = residuals {
             if residuals.down.len() != skips.len() {
                 bail!("unet: {} down-block residuals for {} skip connections", residuals.down.len(), skips.len())
             }
+            // Broadcast: a ControlNet with `global_pool_conditions` gives (batch, c, 1, 1) means.
             for (skip, residual) in skips.iter_mut().zip(&residuals.down) {
-                *skip = (&*skip + residual)?;
+                *skip = skip.broadcast_add(residual)?;
             }
-            x = (x + &residuals.mid)?;
+            x = x.broadcast_add(&residuals.mid)?;
         }
         let last = self.up_blocks.len() - 1;
         for (i, block) in self.up_blocks.iter().enumerate() {

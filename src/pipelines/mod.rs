@@ -1,7 +1,8 @@
 //! Pipelines: what the frozen models produce for a user, with identities in the prompt
-//! (text-to-image; later ControlNet, video, 3D). Each composes the shared [`StableDiffusion`]
+//! (text-to-image, steered by ControlNets or not; later video, 3D). Each composes the shared [`StableDiffusion`]
 //! components with a scheduler; none loads a model itself.
 
+pub mod control;
 pub mod text_to_image;
 
 use candle_core::Tensor;

@@ -1,6 +1,7 @@
 //! Text-to-image with Stable Diffusion, as diffusers' `StableDiffusionPipeline` does it, with
 //! identity placeholders: in a prompt, `v1* v2*` stand for the first identity, `v3* v4*` for the
-//! second, and so on ([`encode_prompt`]).
+//! second, and so on ([`encode_prompt`]); ControlNets steer it when the request has
+//! [`controls`](GenerateRequest::controls) ([`crate::pipelines::control`]).
 
 use std::path::Path;
 
@@ -10,6 +11,7 @@ use rand::SeedableRng;
 use crate::identity::Identity;
 use crate::io::{read_safetensors, RgbImage, TensorFile, SMALL_FILE_LIMIT};
 use crate::models::stable_diffusion::{SdConfigs, StableDiffusion};
+use crate::pipelines::control::{Control, ControlInputs};
 use crate::pipelines::encode_prompt;
 use crate::random::standard_normal;
 use crate::schedulers::Sampler;
@@ -34,6 +36,11 @@ pub struct GenerateRequest {
     /// Starting noise (1, 4, height/8, width/8) instead of drawing it from `seed`, e.g. to replay
     /// a reference implementation's run.
     pub initial_latents: Option<Tensor>,
+    /// ControlNets steering the image, their residuals summed (none: plain text-to-image).
+    pub controls: Vec<Control>,
+    /// ControlNet guess mode: with guidance the ControlNets see only the conditional half, and
+    /// their residuals grow from 0.1x (shallow) to 1x (deep).
+    pub guess_mode: bool,
 }
 
 impl GenerateRequest {
@@ -48,6 +55,8 @@ impl GenerateRequest {
             height,
             sampler: Sampler::DpmSolverPlusPlus,
             initial_latents: None,
+            controls: Vec::new(),
+            guess_mode: false,
         }
     }
 
@@ -94,6 +103,9 @@ impl GenerateRequest {
                 ));
             }
         }
+        for control in &self.controls {
+            control.validate(self.width, self.height)?;
+        }
         Ok(())
     }
 
@@ -113,6 +125,12 @@ impl GenerateRequest {
         for identity in identities {
             settings.push(("identity", identity.source.display().to_string()));
         }
+        for control in &self.controls {
+            settings.extend(control.settings());
+        }
+        if self.guess_mode && !self.controls.is_empty() {
+            settings.push(("guess_mode", "true".into()));
+        }
         settings
     }
 }
@@ -126,7 +144,7 @@ pub struct Generated {
 }
 
 /// Text-to-image: encodes the prompts (identities filled in), runs the denoising loop with
-/// classifier-free guidance and decodes. `on_step(done, total)` is called after every
+/// classifier-free guidance (and the ControlNets of the request) and decodes. `on_step(done, total)` is called after every
 /// denoising step.
 pub fn generate(
     sd: &StableDiffusion,
@@ -162,12 +180,17 @@ pub fn generate(
     let timesteps = scheduler.timesteps().to_vec();
     // What the UNet sees: Euler's timesteps are fractional in diffusers.
     let unet_timesteps = scheduler.unet_timesteps();
+    let controls = ControlInputs::new(&request.controls, request.guess_mode, guided, device, sd.dtype())?;
     for (i, &t) in timesteps.iter().enumerate() {
         let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let model_input = scheduler.scale_model_input(&model_input, t)?.to_dtype(sd.dtype())?;
         let batch = model_input.dim(0)?;
         let t_batch = Tensor::full(unet_timesteps[i] as f32, batch, device)?;
-        let noise_pred = sd.unet().forward(&model_input, &t_batch, &context)?.to_dtype(DType::F32)?;
+        let residuals = controls.residuals(i, timesteps.len(), &model_input, &t_batch, &context)?;
+        let noise_pred = sd
+            .unet()
+            .forward_with_additional_residuals(&model_input, &t_batch, &context, residuals.as_ref())?
+            .to_dtype(DType::F32)?;
         let noise_pred = if guided {
             let uncond = noise_pred.narrow(0, 0, 1)?;
             let text = noise_pred.narrow(0, 1, 1)?;

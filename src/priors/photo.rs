@@ -98,7 +98,7 @@ pub(crate) fn rgb_to_tensor(image: &RgbImage, f: impl Fn(u8) -> f32) -> candle_c
 pub fn load_photo(path: &Path) -> Result<Photo> {
     let bad = |what: String| Error::Input(format!("photo {}: {what}", path.display()));
     let bytes = read_photo_file(path).map_err(bad)?;
-    let image = decode(&bytes).map_err(bad)?;
+    let image = decode(&bytes, MIN_PHOTO_SIDE).map_err(bad)?;
     let rgb = resize_rows(
         (image.width(), image.height()),
         |y, row| row.copy_from_slice(rgb8_row(&image, y).as_raw()),
@@ -119,9 +119,19 @@ pub fn load_upright(path: &Path) -> Result<RgbImage> {
 
 /// [`load_upright`], and the SHA-256 of the file (lower-case hex).
 pub fn load_upright_with_digest(path: &Path) -> Result<(RgbImage, String)> {
-    let bad = |what: String| Error::Input(format!("photo {}: {what}", path.display()));
+    decode_upright(path, "photo", MIN_PHOTO_SIDE)
+}
+
+/// Reads any image (a ControlNet's control image, a pose map) as [`load_upright_with_digest`]
+/// does, with no minimum size; `what` names it in errors.
+pub fn load_image_with_digest(path: &Path, what: &str) -> Result<(RgbImage, String)> {
+    decode_upright(path, what, 1)
+}
+
+fn decode_upright(path: &Path, what: &str, min_side: u32) -> Result<(RgbImage, String)> {
+    let bad = |problem: String| Error::Input(format!("{what} {}: {problem}", path.display()));
     let bytes = read_photo_file(path).map_err(bad)?;
-    let rgb = match decode(&bytes).map_err(bad)? {
+    let rgb = match decode(&bytes, min_side).map_err(bad)? {
         DynamicImage::ImageRgb8(rgb) => rgb,
         image => {
             let (w, h) = (image.width(), image.height());
@@ -178,8 +188,8 @@ fn not_an_image() -> String {
 }
 
 /// Decodes an image file held in memory, upright (EXIF orientation applied), after checking its
-/// size from the header: at most [`MAX_PHOTO_PIXELS`], at least [`MIN_PHOTO_SIDE`] on a side.
-fn decode(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
+/// size from the header: at most [`MAX_PHOTO_PIXELS`], at least `min_side` on a side.
+fn decode(bytes: &[u8], min_side: u32) -> std::result::Result<DynamicImage, String> {
     let mut reader =
         ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("cannot read it ({e})"))?;
     let Some(format) = reader.format() else {
@@ -210,15 +220,15 @@ fn decode(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
             MAX_PHOTO_PIXELS / 1_000_000
         ));
     }
-    if w < MIN_PHOTO_SIDE || h < MIN_PHOTO_SIDE {
+    if w < min_side || h < min_side {
         let rotated = matches!(
             orientation,
             Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH
         );
         let (w, h) = if rotated { (h, w) } else { (w, h) };
         return Err(format!(
-            "the image is {w}x{h} pixels, smaller than {MIN_PHOTO_SIDE} on a side; give a photo of at \
-             least {MIN_PHOTO_SIDE}x{MIN_PHOTO_SIDE} (ideally {PHOTO_SIZE}x{PHOTO_SIZE}): an upscaled small \
+            "the image is {w}x{h} pixels, smaller than {min_side} on a side; give a photo of at \
+             least {min_side}x{min_side} (ideally {PHOTO_SIZE}x{PHOTO_SIZE}): an upscaled small \
              photo only teaches the model blur"
         ));
     }
@@ -233,7 +243,7 @@ fn decode(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
             MAX_DECODE_BYTES >> 20
         )
     })?;
-    let max_side = u32::try_from(MAX_PHOTO_PIXELS / u64::from(MIN_PHOTO_SIDE)).expect("fits");
+    let max_side = u32::try_from(MAX_PHOTO_PIXELS / u64::from(min_side)).unwrap_or(u32::MAX);
     limits.max_image_width = Some(max_side);
     limits.max_image_height = Some(max_side);
     decoder.set_limits(limits).map_err(broken)?;

@@ -7,6 +7,8 @@ constants of src/models/stable_diffusion.rs, so both sides build the same models
   the reconstruction phase: z0 is predicted from the UNet's noise) -> UNet -> masked two-phase loss
   -> backward -> clip_grad_norm_(1.0) -> AdamW. Frozen models have requires_grad False.
 - denoise: one classifier-free-guidance step: the UNet on a batch of 2 and the guidance.
+- controlnet: the same step steered by ControlNetModel.from_unet(unet) (random weights): the ControlNet
+  on a batch of 2 with the control image, the UNet with its residuals, the guidance.
 - vae_encode, vae_decode, text: as named, under torch.no_grad().
 - align (with --photo): photo_load (PIL, EXIF orientation), face_detect (facenet-pytorch's
   MTCNN.detect) and face_align (the FFHQ recipe's crop of the largest face, tools/reference/align.py).
@@ -43,7 +45,7 @@ PROMPT_TOKENS = 77
 DENOISE_TIMESTEP = 981.0
 HAIR_WEIGHT = 0.1
 PHASE_THRESHOLD = 600
-MODEL_MEASURES = ("learn", "denoise", "vae", "text")
+MODEL_MEASURES = ("learn", "denoise", "controlnet", "vae", "text")
 MEASURES = (*MODEL_MEASURES, "align")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -215,9 +217,9 @@ def caption_ids(vocab, device):
 
 
 def measure_models(args, only, device, dtype, memory, results):
-    """The measurements of the SD models (learn, denoise, vae, text) into `results`; returns what
-    the report says of the models."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    """The measurements of the SD models (learn, denoise, controlnet, vae, text) into `results`;
+    returns what the report says of the models."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     consts = rust_constants()
@@ -299,6 +301,25 @@ def measure_models(args, only, device, dtype, memory, results):
 
             name, result = measure("denoise", args, memory, denoise_step, device)
             results[name] = result
+        if "controlnet" in only:
+            controlnet = ControlNetModel.from_unet(unet).requires_grad_(False).eval().to(device, dtype)
+            latents = torch.randn(latent_shape, device=device)
+            context = torch.randn(2, PROMPT_TOKENS, width, device=device).to(dtype)
+            control_image = ((image + 1) / 2).to(dtype).repeat(2, 1, 1, 1)
+            t = torch.full((2,), DENOISE_TIMESTEP, device=device)
+
+            def controlnet_step():
+                sample = torch.cat([latents, latents]).to(dtype)
+                down, mid = controlnet(sample, t, encoder_hidden_states=context, controlnet_cond=control_image,
+                                       conditioning_scale=1.0, return_dict=False)
+                pred = unet(sample, t, context, down_block_additional_residuals=down,
+                            mid_block_additional_residual=mid).sample.float()
+                uncond, text = pred.chunk(2)
+                return uncond + consts["guidance_scale"] * (text - uncond)
+
+            name, result = measure("controlnet", args, memory, controlnet_step, device)
+            results[name] = result
+            del controlnet
         if "vae" in only:
             image_in = image.to(dtype)
             name, result = measure("vae_encode", args, memory, lambda: vae.encode(image_in).latent_dist, device)
@@ -353,8 +374,8 @@ def main():
     parser.add_argument("--res", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", help="comma-separated: learn,denoise,vae,text,align "
-                        "(default: learn,denoise,vae,text, and align with --photo)")
+    parser.add_argument("--only", help="comma-separated: learn,denoise,controlnet,vae,text,align "
+                        "(default: learn,denoise,controlnet,vae,text, and align with --photo)")
     parser.add_argument("--photo", help="the photo the align measurement reads, detects and aligns")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="the frozen models' dtype")

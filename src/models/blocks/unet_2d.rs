@@ -2,12 +2,18 @@
 //! `DownBlock2D`, `UNetMidBlock2DCrossAttn` and `UpBlock2D` / `CrossAttnUpBlock2D`. The plain
 //! and cross-attention variants differ only by their transformers, so each pair is one type
 //! whose `attentions` list is empty for the plain variant.
+//!
+//! [`UNetEncoder`] is the UNet's first half (input convolution, time embedding, down blocks, mid
+//! block): the UNet continues it with its up blocks, a ControlNet is a trainable copy of it
+//! (diffusers' `ControlNetModel.from_unet`).
 
-use candle_core::{Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::models::blocks::attention::{Transformer2DModel, TransformerSpec};
+use crate::models::blocks::embeddings::{timestep_embedding, TimestepEmbedding};
 use crate::models::blocks::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::nn::{Conv2d, Conv2dConfig};
 
 /// What every stage of one UNet shares.
 #[derive(Debug, Clone, Copy)]
@@ -180,5 +186,144 @@ impl UpBlock {
             Some(up) => up.forward(&x, upsample_size),
             None => Ok(x),
         }
+    }
+}
+
+/// The per-block shape of a UNet's first half, from a config its `validate` accepted (the UNet's
+/// or a ControlNet's), down blocks in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncoderSpec {
+    pub in_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    /// Whether each down block has transformers (`CrossAttnDownBlock2D`) or not (`DownBlock2D`).
+    pub down_attention: Vec<bool>,
+    pub heads: Vec<usize>,
+    /// Resnets per down block.
+    pub layers: Vec<usize>,
+    /// Transformer blocks per transformer, per down block.
+    pub transformer_layers: Vec<usize>,
+    pub cross_attention_dim: Vec<usize>,
+    pub norm_groups: usize,
+    pub norm_eps: f64,
+    pub use_linear_projection: bool,
+    pub upcast_attention: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+}
+
+impl EncoderSpec {
+    /// Width of the time embedding: 4 x the first block's channels.
+    pub fn time_embed_dim(&self) -> usize {
+        4 * self.block_out_channels[0]
+    }
+
+    pub fn stage(&self) -> StageSpec {
+        StageSpec { temb_channels: self.time_embed_dim(), norm_groups: self.norm_groups, norm_eps: self.norm_eps }
+    }
+
+    /// The transformers of down block `i` (and of its mirrored up block).
+    pub fn attention(&self, i: usize) -> TransformerSpec {
+        TransformerSpec {
+            channels: self.block_out_channels[i],
+            heads: self.heads[i],
+            cross_attention_dim: self.cross_attention_dim[i],
+            norm_groups: self.norm_groups,
+            use_linear_projection: self.use_linear_projection,
+            upcast_attention: self.upcast_attention,
+        }
+    }
+}
+
+/// `conv_in`, `time_embedding`, `down_blocks` and `mid_block` of a UNet or a ControlNet (weight
+/// names relative to the model's root).
+#[derive(Debug, Clone)]
+pub struct UNetEncoder {
+    spec: EncoderSpec,
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+}
+
+impl UNetEncoder {
+    pub fn new(vb: &VarBuilder, spec: &EncoderSpec) -> Result<Self> {
+        let channels = &spec.block_out_channels;
+        let n = channels.len();
+        let stage = spec.stage();
+        let down_blocks = (0..n)
+            .map(|i| {
+                let in_channels = if i == 0 { channels[0] } else { channels[i - 1] };
+                DownBlock::new(
+                    vb.pp(format!("down_blocks.{i}")),
+                    &stage,
+                    in_channels,
+                    channels[i],
+                    &vec![spec.transformer_layers[i]; spec.layers[i]],
+                    spec.down_attention[i].then(|| spec.attention(i)).as_ref(),
+                    i + 1 < n,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid_block = MidBlock::new(
+            vb.pp("mid_block"),
+            &stage,
+            channels[n - 1],
+            spec.transformer_layers[n - 1],
+            &spec.attention(n - 1),
+        )?;
+        Ok(Self {
+            spec: spec.clone(),
+            conv_in: Conv2d::new(
+                vb.pp("conv_in"),
+                spec.in_channels,
+                channels[0],
+                3,
+                Conv2dConfig { padding: 1, stride: 1 },
+            )?,
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], spec.time_embed_dim())?,
+            down_blocks,
+            mid_block,
+        })
+    }
+
+    pub fn spec(&self) -> &EncoderSpec {
+        &self.spec
+    }
+
+    /// The time embedding after the SiLU every resnet applies first (batch, time_embed_dim), in
+    /// `dtype`, for `timesteps` of shape (batch,), (1,) or () (broadcast), any dtype.
+    pub fn time_embedding(&self, timesteps: &Tensor, batch: usize, dtype: DType) -> Result<Tensor> {
+        let timesteps = match timesteps.dims() {
+            [] => timesteps.reshape(1)?,
+            [n] if *n == 1 || *n == batch => timesteps.clone(),
+            dims => bail!("unet: timesteps of shape {dims:?} for a batch of {batch} (expected ({batch},) or (1,))"),
+        };
+        let t_emb = timestep_embedding(
+            &timesteps.broadcast_as(batch)?,
+            self.spec.block_out_channels[0],
+            self.spec.flip_sin_to_cos,
+            self.spec.freq_shift,
+        )?
+        .to_dtype(dtype)?;
+        self.time_embedding.forward(&t_emb)?.silu()
+    }
+
+    /// `conv_in` of the latents (batch, in_channels, h, w).
+    pub fn conv_in(&self, sample: &Tensor) -> Result<Tensor> {
+        self.conv_in.forward(sample)
+    }
+
+    /// Runs the down blocks and the mid block on `x` (the input convolution's output, with
+    /// whatever a ControlNet adds to it). Returns the mid block's output and the skip
+    /// connections: `x` itself, then each down block's states, in order.
+    pub fn forward_down(&self, x: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut x = x.clone();
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            let (out, states) = block.forward(&x, temb_act, context)?;
+            x = out;
+            skips.extend(states);
+        }
+        Ok((self.mid_block.forward(&x, temb_act, context)?, skips))
     }
 }
