@@ -6,6 +6,7 @@ pub mod clip_text;
 mod config;
 pub mod face_parsing;
 pub mod mtcnn;
+pub mod openpose;
 pub mod stable_diffusion;
 pub mod unet;
 pub mod vae;
