@@ -239,7 +239,9 @@ pub fn pose_map(photo: &RgbImage, estimator: &PoseEstimator, settings: PoseSetti
     let (w, h) = (detect_image.width(), detect_image.height());
     let found = people(&estimator.detect(&detect_image)?, w as usize, h as usize);
     if found.is_empty() {
-        return Err(Error::Input("no person found in the photo".into()));
+        return Err(Error::Input(
+            "no person found (OpenPose needs a visible body: at least four keypoints of one person)".into(),
+        ));
     }
     let image = draw_pose_map(&found, (w, h), settings.image_resolution);
     Ok(PoseMap { image, people: found, detect_size: (w, h) })
