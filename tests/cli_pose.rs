@@ -71,8 +71,7 @@ fn a_photo_without_a_person_is_a_one_line_error_and_writes_nothing() {
     write_test_weights(&weights, true);
     let out = dir.path().join("out");
     let cat = photo("chelsea_300x256.png");
-    let output =
-        stableid(&["pose", &cat, "--out", out.to_str().unwrap(), "--pose-model", weights.to_str().unwrap()]);
+    let output = stableid(&["pose", &cat, "--out", out.to_str().unwrap(), "--pose-model", weights.to_str().unwrap()]);
     assert!(!output.status.success());
     let message = stderr(&output);
     assert_eq!(message.trim().lines().count(), 1, "{message}");
@@ -103,7 +102,8 @@ fn bad_inputs_say_what_to_do() {
     assert!(!output.status.success() && message.trim().lines().count() == 1, "{message}");
     assert!(message.contains("notes.jpg"), "{message}");
 
-    let output = stableid(&["pose", &cat, "--out", out, "--pose-model", weights.to_str().unwrap(), "--detect-resolution", "8"]);
+    let output =
+        stableid(&["pose", &cat, "--out", out, "--pose-model", weights.to_str().unwrap(), "--detect-resolution", "8"]);
     let message = stderr(&output);
     assert!(!output.status.success() && message.contains("--detect-resolution 8"), "{message}");
     assert!(!Path::new(out).exists());

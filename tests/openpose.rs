@@ -89,9 +89,11 @@ fn resizes_equal_opencv() {
             failures.push(name);
         }
     }
-    for (name, interpolation) in
-        [("map_lanczos_x8", Interpolation::Lanczos4), ("map_lanczos_up", Interpolation::Lanczos4), ("map_area_down", Interpolation::Area)]
-    {
+    for (name, interpolation) in [
+        ("map_lanczos_x8", Interpolation::Lanczos4),
+        ("map_lanczos_up", Interpolation::Lanczos4),
+        ("map_area_down", Interpolation::Area),
+    ] {
         let (input, output) = (&t[&format!("{name}.input")], &t[&format!("{name}.output")]);
         let (h, w) = input.dims2().unwrap();
         let (oh, ow) = output.dims2().unwrap();
@@ -154,12 +156,15 @@ fn detector_equals_controlnet_aux_on_synthetic_maps() {
         let detect = resize_to_resolution(&photo, case.detect_resolution).unwrap();
         assert_eq!([detect.width(), detect.height()], case.detect_size, "{what}");
         let input = network_input(&detect);
-        let want: Vec<f32> = tensor_u8(&t[&format!("case{i}.input_bgr")]).iter().map(|&v| f32::from(v) / 256.0 - 0.5).collect();
+        let want: Vec<f32> =
+            tensor_u8(&t[&format!("case{i}.input_bgr")]).iter().map(|&v| f32::from(v) / 256.0 - 0.5).collect();
         assert_eq!(input.pixels.len(), want.len(), "{what}: input size");
         let differing = input.pixels.iter().zip(&want).filter(|(a, b)| a != b).count();
         assert_eq!(differing, 0, "{what}: {differing} network input values differ");
 
-        let flat = |name: &str| t[&format!("case{i}.{name}")].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let flat = |name: &str| {
+            t[&format!("case{i}.{name}")].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
         let maps = upsample(&input, &flat("paf"), &flat("heat"));
         let detection = find_people(&maps);
         assert_eq!(detection.peaks.len(), case.candidate.len(), "{what}: peaks");

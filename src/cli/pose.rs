@@ -123,7 +123,9 @@ fn people_json(map: &PoseMap) -> serde_json::Value {
             let keypoints: serde_json::Map<String, serde_json::Value> = KEYPOINT_NAMES
                 .iter()
                 .zip(&p.keypoints)
-                .map(|(name, k)| (name.to_string(), k.map_or(serde_json::Value::Null, |k| serde_json::json!([k.x, k.y, k.score]))))
+                .map(|(name, k)| {
+                    (name.to_string(), k.map_or(serde_json::Value::Null, |k| serde_json::json!([k.x, k.y, k.score])))
+                })
                 .collect();
             serde_json::json!({ "keypoints": keypoints, "total_score": p.total_score, "total_parts": p.total_parts })
         })

@@ -130,9 +130,7 @@ impl BodyPoseModel {
         )?;
         let mut paf_stages = Vec::new();
         let mut heatmap_stages = Vec::new();
-        for (branch, out, stages) in
-            [(1, PAF_CHANNELS, &mut paf_stages), (2, HEATMAP_CHANNELS, &mut heatmap_stages)]
-        {
+        for (branch, out, stages) in [(1, PAF_CHANNELS, &mut paf_stages), (2, HEATMAP_CHANNELS, &mut heatmap_stages)] {
             let f = FEATURE_CHANNELS;
             stages.push(block(
                 &format!("model1_{branch}"),

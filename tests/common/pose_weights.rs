@@ -42,7 +42,14 @@ struct HashedWeights {
 }
 
 impl SimpleBackend for HashedWeights {
-    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = Tensor::from_vec(pose_weight(name, shape.dims()), shape, device)?.to_dtype(dtype)?;
         self.made.lock().unwrap().insert(name.to_string(), t.clone());
         Ok(t)

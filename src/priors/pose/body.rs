@@ -262,7 +262,12 @@ fn find_peaks(maps: &BodyMaps) -> Vec<Vec<Peak>> {
         for y in 0..h as i64 {
             for x in 0..w as i64 {
                 let v = at(x, y);
-                if v >= at(x, y - 1) && v >= at(x, y + 1) && v >= at(x - 1, y) && v >= at(x + 1, y) && v > PEAK_THRESHOLD {
+                if v >= at(x, y - 1)
+                    && v >= at(x, y + 1)
+                    && v >= at(x - 1, y)
+                    && v >= at(x + 1, y)
+                    && v > PEAK_THRESHOLD
+                {
                     let score = f64::from(map[y as usize * w + x as usize]);
                     peaks.push(Peak { x: x as usize, y: y as usize, score, id: next_id });
                     next_id += 1;

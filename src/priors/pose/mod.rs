@@ -58,7 +58,8 @@ impl Default for PoseSettings {
 
 impl PoseSettings {
     fn validate(&self) -> Result<()> {
-        for (name, value) in [("detect_resolution", self.detect_resolution), ("image_resolution", self.image_resolution)]
+        for (name, value) in
+            [("detect_resolution", self.detect_resolution), ("image_resolution", self.image_resolution)]
         {
             if !(64..=4096).contains(&value) {
                 return Err(Error::setting(name, value, "must be between 64 and 4096 pixels"));
@@ -101,9 +102,7 @@ impl PoseEstimator {
 
     /// The weights in the hub cache (`lllyasviel/Annotators`), when they are there.
     pub fn cached_weights() -> Option<PathBuf> {
-        crate::weights::resolve_folder(WEIGHTS_REPO, WEIGHTS_FILE, "", "")
-            .ok()
-            .map(|dir| dir.join(WEIGHTS_FILE))
+        crate::weights::resolve_folder(WEIGHTS_REPO, WEIGHTS_FILE, "", "").ok().map(|dir| dir.join(WEIGHTS_FILE))
     }
 
     /// `Body.__call__` on a photo: the network's maps upsampled, the peaks and the people.

@@ -9,7 +9,7 @@
 //!   the border pixel;
 //! - 8-bit images use weights rounded to 11-bit fixed point in both directions, sums in integers
 //!   and one rounding shift at the end; `INTER_LINEAR` rounds as OpenCV's SIMD code does, from
-//!   inputs reduced by 4 bits (see [`linear_vertical_u8`]);
+//!   inputs reduced by 4 bits (`linear_vertical_u8`);
 //! - `INTER_AREA` when shrinking averages the source cells each destination pixel covers (their
 //!   fractions at the cell edges) in f32; an exact integer factor of 2 averages 2x2 blocks with
 //!   integer rounding; when enlarging in either direction it is a bilinear resize with OpenCV's
@@ -134,7 +134,7 @@ pub fn resize_u8(src: &Image<u8>, width: usize, height: usize, interpolation: In
             if scale_x == 2.0 && scale_y == 2.0 {
                 return halve_u8(src);
             }
-            let out = area(src, width, height, |v| f32::from(v));
+            let out = area(src, width, height, f32::from);
             let data = out.data.into_iter().map(|v| saturate_u8(round_f32(v) as i64)).collect();
             Image { width, height, channels: out.channels, data }
         }
@@ -231,7 +231,7 @@ fn separable_u8(src: &Image<u8>, width: usize, height: usize, interpolation: Int
 fn linear_vertical_u8(s0: &[i64], s1: &[i64], b0: i64, b1: i64, out: &mut [u8]) {
     let lane = |s: i64| (s >> 4).clamp(i16::MIN as i64, i16::MAX as i64);
     for ((o, &a), &b) in out.iter_mut().zip(s0).zip(s1) {
-        *o = saturate_u8(((lane(a) * b0 >> 16) + (lane(b) * b1 >> 16) + 2) >> 2);
+        *o = saturate_u8((((lane(a) * b0) >> 16) + ((lane(b) * b1) >> 16) + 2) >> 2);
     }
 }
 
@@ -244,7 +244,9 @@ fn halve_u8(src: &Image<u8>) -> Image<u8> {
     for y in 0..height {
         for x in 0..width {
             for ch in 0..c {
-                let sum = at(2 * x, 2 * y, ch) + at(2 * x + 1, 2 * y, ch) + at(2 * x, 2 * y + 1, ch)
+                let sum = at(2 * x, 2 * y, ch)
+                    + at(2 * x + 1, 2 * y, ch)
+                    + at(2 * x, 2 * y + 1, ch)
                     + at(2 * x + 1, 2 * y + 1, ch);
                 data.push(((sum + 2) >> 2) as u8);
             }
