@@ -6,6 +6,7 @@ mod generate;
 mod identity_file;
 mod learn;
 mod masks;
+mod pose;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -37,6 +38,8 @@ enum Command {
     Learn(learn::LearnArgs),
     /// Show the face and hair masks the learner will focus on, as PNG overlays.
     Masks(masks::MasksArgs),
+    /// Draw the OpenPose body pose of photos, for a pose ControlNet (weights: non-commercial use only).
+    Pose(pose::PoseArgs),
     /// Write an identity as a textual-inversion embedding for diffusers, AUTOMATIC1111 or ComfyUI.
     Export(identity_file::ExportArgs),
     /// Print what an identity file holds (shape, norms, how it was learned).
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Learn(args) => learn::run(args),
         Command::Masks(args) => masks::run(args),
+        Command::Pose(args) => pose::run(args),
         Command::Export(args) => identity_file::export(args),
         Command::Inspect(args) => identity_file::inspect(args),
     }

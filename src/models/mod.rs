@@ -7,6 +7,7 @@ mod config;
 pub mod controlnet;
 pub mod face_parsing;
 pub mod mtcnn;
+pub mod openpose;
 pub mod stable_diffusion;
 pub mod unet;
 pub mod vae;

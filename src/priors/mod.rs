@@ -7,3 +7,4 @@ pub mod celeb_basis;
 pub mod face_feature;
 pub mod masks;
 pub mod photo;
+pub mod pose;

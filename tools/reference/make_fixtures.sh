@@ -14,9 +14,15 @@ fi
 if ! "$venv/bin/python" -c "import facenet_pytorch" 2>/dev/null; then
   "$venv/bin/pip" install -q --no-deps facenet-pytorch==2.6.0
 fi
+# controlnet_aux (the OpenPose reference) pulls in every annotator's dependencies; its open_pose module
+# needs only OpenCV and einops (imported by the package's __init__).
+if ! "$venv/bin/python" -c "import controlnet_aux, cv2" 2>/dev/null; then
+  "$venv/bin/pip" install -q --no-deps controlnet_aux==0.0.10
+  "$venv/bin/pip" install -q opencv-python-headless==5.0.0.93 einops==0.8.2
+fi
 cd "$here"
 # The tiny model folder first: the component and pipeline fixtures are computed on its weights.
-for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline controlnet celeb_basis face_feature face_parsing checkpoints augment learner_step convert_mtcnn mtcnn align; do
+for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline controlnet celeb_basis face_feature face_parsing checkpoints augment learner_step convert_mtcnn mtcnn align openpose; do
   echo "== $script"
   "$venv/bin/python" "$script.py"
 done
