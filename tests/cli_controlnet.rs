@@ -154,3 +154,65 @@ fn bad_controlnet_input_gets_one_line_errors_and_no_png() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("warning: --control-scale 2.5"));
     assert_eq!(pngs_in(&out_dir), 1);
 }
+
+#[test]
+fn pose_from_a_photo_steers_with_its_pose_map_found_before_any_denoising() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seeing, blind) = (dir.path().join("body.safetensors"), dir.path().join("blind.safetensors"));
+    // The test network "finds" people in any photo; the blind one finds nobody.
+    common::pose_weights::write_test_weights(&seeing, false);
+    common::pose_weights::write_test_weights(&blind, true);
+    let out = dir.path().join("out");
+    let (tiny, controlnet, photo) =
+        (path_of("tiny-sd"), path_of("tiny-controlnet"), path_of("photos/chelsea_300x256.png"));
+    let run = |weights: &Path| {
+        stableid(&[
+            "generate",
+            "a dancer",
+            "--model",
+            &tiny,
+            "--steps",
+            "1",
+            "--seed",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--controlnet",
+            &controlnet,
+            "--pose-from",
+            &photo,
+            "--pose-model",
+            weights.to_str().unwrap(),
+            "--json",
+        ])
+    };
+    let output = run(&seeing);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // The pose map of the 300x256 photo is 576x512 (controlnet_aux's 512 resolution): the image's size.
+    assert_eq!((summary["width"].as_u64(), summary["height"].as_u64()), (Some(576), Some(512)));
+    let png = summary["images"][0]["path"].as_str().unwrap();
+    let text = stableid::io::read_png_text(Path::new(png)).unwrap();
+    let image = text.iter().find(|(k, _)| k == "control_image").map(|(_, v)| v.clone()).unwrap();
+    assert!(image.starts_with(&format!("pose of {photo}")), "{image}");
+
+    let output = run(&blind);
+    assert_fails_with(&output, &["--pose-from", "chelsea_300x256.png", "no person found"]);
+    assert_eq!(pngs_in(&out), 1, "nothing written for the photo without a person");
+    // A --pose-from takes the first ControlNet's image: counts are checked with it.
+    let output = stableid(&[
+        "generate",
+        "a dancer",
+        "--model",
+        &tiny,
+        "--out",
+        out.to_str().unwrap(),
+        "--controlnet",
+        &controlnet,
+        "--control-image",
+        &photo,
+        "--pose-from",
+        &photo,
+    ]);
+    assert_fails_with(&output, &["1 --control-image and --pose-from for 1 --controlnet"]);
+}

@@ -1,10 +1,12 @@
 //! `stableid generate`: prompt in, PNGs out (with prompt, seed and settings in their metadata),
-//! optionally steered by ControlNets (`--controlnet DIR --control-image IMAGE`, repeatable).
+//! optionally steered by ControlNets (`--controlnet DIR --control-image IMAGE`, repeatable), or by
+//! the pose of a person in a photo (`--pose-from PHOTO`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use stableid::identity::Identity;
 use stableid::io::write_png;
 use stableid::models::controlnet::{ChannelOrder, ControlNetDir};
@@ -12,6 +14,8 @@ use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use stableid::pipelines::control::{check_control_settings, Control, ControlImage};
 use stableid::pipelines::text_to_image::to_rgb_images;
 use stableid::pipelines::{generate, read_latents, GenerateRequest};
+use stableid::priors::photo::load_upright_with_digest;
+use stableid::priors::pose::{pose_map, PoseEstimator, PoseSettings, WEIGHTS_HINT};
 use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
 
@@ -26,7 +30,8 @@ use super::{check_writable, progress_bar, ModelArgs};
     stableid generate \"v1* v2* dancing, best quality\" --identity me.safetensors \\\n      \
     --controlnet thibaud/controlnet-sd21-openpose-diffusers --control-image pose.png\n  \
     stableid generate \"v1* v2* on a stage\" --identity me.safetensors --controlnet pose-cn --control-image pose.png \\\n      \
-    --control-scale 0.8 --controlnet depth-cn --control-image depth.png --control-scale 0.5 --guess-mode\n\n\
+    --control-scale 0.8 --controlnet depth-cn --control-image depth.png --control-scale 0.5 --guess-mode\n  \
+    stableid generate \"v1* v2* dancing, best quality\" --identity me.safetensors --pose-from dancer.jpg\n\n\
 ControlNets: each --controlnet (a diffusers ControlNet folder or hub id in the local hub cache) takes\n\
 the --control-image in the same position; --control-scale, --control-start, --control-end and\n\
 --control-channel-order are given once for all or once per ControlNet. Without --width/--height the\n\
@@ -77,6 +82,15 @@ pub struct GenerateArgs {
     /// The control image (pose map, depth map, edges...) of each --controlnet, in the same order.
     #[arg(long)]
     pub control_image: Vec<PathBuf>,
+    /// Take the pose of the person in this photo: its OpenPose map (as `stableid pose` draws it) is
+    /// the control image of the first --controlnet [default ControlNet:
+    /// thibaud/controlnet-sd21-openpose-diffusers]. Found before any denoising.
+    #[arg(long)]
+    pub pose_from: Option<PathBuf>,
+    /// The OpenPose body weights for --pose-from (non-commercial research use only, CMU's licence)
+    /// [default: body_pose_model.pth of lllyasviel/Annotators in the hub cache].
+    #[arg(long, requires = "pose_from")]
+    pub pose_model: Option<PathBuf>,
     /// How strongly each ControlNet steers (usually 0 to 2) [default: 1.0]; once for all or once per ControlNet.
     #[arg(long)]
     pub control_scale: Vec<f64>,
@@ -139,11 +153,18 @@ struct ControlPlan {
 
 impl ControlPlan {
     fn read(args: &GenerateArgs, configs: &SdConfigs, model: &str) -> Result<Self> {
-        let count = args.controlnet.len();
-        if args.control_image.len() != count {
+        // --pose-from gives the first ControlNet's image (thibaud's pose ControlNet by default).
+        let controlnets = match (&args.pose_from, args.controlnet.is_empty()) {
+            (Some(_), true) => vec![OPENPOSE_CONTROLNET.to_string()],
+            _ => args.controlnet.clone(),
+        };
+        let count = controlnets.len();
+        let posed = usize::from(args.pose_from.is_some());
+        if args.control_image.len() + posed != count {
             bail!(
-                "{} --control-image for {count} --controlnet: give one control image per ControlNet, in the same order",
-                args.control_image.len()
+                "{} --control-image{} for {count} --controlnet: give one control image per ControlNet, in the same order",
+                args.control_image.len(),
+                if posed == 1 { " and --pose-from" } else { "" },
             );
         }
         for (flag, values) in [
@@ -178,14 +199,17 @@ impl ControlPlan {
                 eprintln!("warning: --control-scale {scale} is outside [0, 2], where ControlNets are usually used");
             }
         }
-        let dirs = args.controlnet.iter().map(|spec| ControlNetDir::resolve(spec)).collect::<Result<Vec<_>, _>>()?;
+        let dirs = controlnets.iter().map(|spec| ControlNetDir::resolve(spec)).collect::<Result<Vec<_>, _>>()?;
         let mut controlnet_configs = Vec::with_capacity(count);
         for dir in &dirs {
             let config = dir.config()?;
             dir.check_fits(&config, configs, model)?;
             controlnet_configs.push(config);
         }
-        let images = args.control_image.iter().map(|p| ControlImage::read(p)).collect::<Result<Vec<_>, _>>()?;
+        let mut images = args.control_image.iter().map(|p| ControlImage::read(p)).collect::<Result<Vec<_>, _>>()?;
+        if let Some(photo) = &args.pose_from {
+            images.insert(0, pose_control_image(photo, args.pose_model.as_deref())?);
+        }
         Ok(Self { dirs, configs: controlnet_configs, images, settings })
     }
 
@@ -205,6 +229,25 @@ impl ControlPlan {
         }
         Ok(controls)
     }
+}
+
+/// The ControlNet `--pose-from` steers with unless a --controlnet is given.
+const OPENPOSE_CONTROLNET: &str = "thibaud/controlnet-sd21-openpose-diffusers";
+
+/// The pose map of the person in `photo` (OpenPose, controlnet_aux's default resolutions) as a
+/// control image; an error when nobody is found.
+fn pose_control_image(photo: &Path, weights: Option<&Path>) -> Result<ControlImage> {
+    let weights = match weights {
+        Some(path) => path.to_path_buf(),
+        None => PoseEstimator::cached_weights().with_context(|| {
+            format!("OpenPose body weights not found in the hub cache: pass --pose-model FILE; {WEIGHTS_HINT}")
+        })?,
+    };
+    let estimator = PoseEstimator::load(&weights, &Device::Cpu)?;
+    let (rgb, sha256) = load_upright_with_digest(photo)?;
+    let map = pose_map(&rgb, &estimator, PoseSettings::default())
+        .with_context(|| format!("--pose-from {}", photo.display()))?;
+    Ok(ControlImage { rgb: map.image, source: format!("pose of {}", photo.display()), sha256 })
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
