@@ -15,9 +15,11 @@ use crate::{Error, Result};
 
 mod pytorch;
 mod random;
+mod safetensors_file;
 
 pub use pytorch::open_checkpoint;
 pub use random::RandomWeights;
+pub use safetensors_file::SafetensorsFile;
 
 /// The base model StableIdentity is defined on.
 pub const DEFAULT_MODEL: &str = "stabilityai/stable-diffusion-2-1-base";
@@ -65,7 +67,7 @@ impl ModelDir {
         crate::io::read_json(&self.component(component)?.join(file))
     }
 
-    /// The weights of `component`: `stem.safetensors`, else `stem.fp16.safetensors` (memory-mapped),
+    /// The weights of `component`: `stem.safetensors`, else `stem.fp16.safetensors`,
     /// else a PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for the stem `model`);
     /// tensors are converted to `dtype` as they are read.
     pub fn weights(&self, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<Weights> {
@@ -73,16 +75,13 @@ impl ModelDir {
     }
 }
 
-/// The weights in `dir`: `stem.safetensors`, else `stem.fp16.safetensors` (memory-mapped), else a
+/// The weights in `dir`: `stem.safetensors`, else `stem.fp16.safetensors`, else a
 /// PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for the stem `model`), read
 /// as `dtype`; `what` names them in errors.
 pub fn folder_weights(dir: &Path, stem: &str, dtype: DType, device: &Device, what: &str) -> Result<Weights> {
     let safetensors = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")];
     if let Some(path) = safetensors.iter().map(|f| dir.join(f)).find(|p| p.is_file()) {
-        // Safety: the file is memory-mapped read-only; it must not be modified while in use,
-        // which holds for model files that the user keeps.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
-            .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
+        let vb = safetensors_var_builder(&path, dtype, device)?;
         return Ok(Weights { path, vb });
     }
     let pytorch = if stem == "model" { "pytorch_model.bin".to_string() } else { format!("{stem}.bin") };
@@ -96,17 +95,16 @@ pub fn folder_weights(dir: &Path, stem: &str, dtype: DType, device: &Device, wha
     })
 }
 
-/// The weights of a transformers model folder: `model.safetensors` (memory-mapped), else
+/// The weights of a transformers model folder: `model.safetensors`, else
 /// `pytorch_model.bin`, read as `dtype`, with their tensor names; `what` names the model in errors.
 pub fn transformers_weights(dir: &Path, dtype: DType, device: &Device, what: &str) -> Result<(Weights, Vec<String>)> {
     let safetensors = dir.join("model.safetensors");
     let pytorch = dir.join("pytorch_model.bin");
     if safetensors.is_file() {
-        // Safety: memory-mapped read-only; model files are not modified while in use.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&safetensors) }
-            .map_err(|e| Error::Weights { file: safetensors.clone(), msg: format!("cannot read it: {e}") })?;
-        let names = st.tensors().into_iter().map(|(name, _)| name).collect();
-        let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
+        let file = SafetensorsFile::open(&safetensors)
+            .map_err(|msg| Error::Weights { file: safetensors.clone(), msg: format!("cannot read it: {msg}") })?;
+        let names = file.names().map(str::to_string).collect();
+        let vb = VarBuilder::from_backend(Box::new(file), dtype, device.clone());
         Ok((Weights { path: safetensors, vb }, names))
     } else if pytorch.is_file() {
         open_checkpoint(&pytorch, dtype, device)
@@ -117,6 +115,13 @@ pub fn transformers_weights(dir: &Path, dtype: DType, device: &Device, what: &st
             hint: "expected model.safetensors or pytorch_model.bin next to config.json".into(),
         })
     }
+}
+
+/// A builder over the safetensors file at `path` whose tensors are read as `dtype` one by one,
+/// straight into their own buffers ([`SafetensorsFile`]).
+pub fn safetensors_var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    let file = SafetensorsFile::open(path).map_err(|msg| Error::Weights { file: path.to_path_buf(), msg })?;
+    Ok(VarBuilder::from_backend(Box::new(file), dtype, device.clone()))
 }
 
 /// A weights file and a builder over it.

@@ -11,14 +11,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::io::read_json;
 use crate::models::face_parsing::bisenet::{self, BiSeNet};
 use crate::models::face_parsing::segformer::{
     SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor,
 };
-use crate::weights::{open_checkpoint, resolve_folder, transformers_weights, Weights};
+use crate::weights::{open_checkpoint, resolve_folder, safetensors_var_builder, transformers_weights, Weights};
 use crate::{Error, Result};
 
 /// Side of the (square) photo the parsers see and the masks cover.
@@ -331,9 +330,7 @@ fn open_bisenet_checkpoint(spec: &Path, device: &Device) -> Result<Weights> {
         });
     };
     if path.extension().is_some_and(|e| e == "safetensors") {
-        // Safety: the file is memory-mapped read-only and not modified while in use.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
-            .map_err(|e| Error::Weights { file: path.clone(), msg: e.to_string() })?;
+        let vb = safetensors_var_builder(&path, DType::F32, device)?;
         return Ok(Weights { path, vb });
     }
     Ok(open_checkpoint(&path, DType::F32, device)?.0)

@@ -23,7 +23,6 @@ pub mod opencv;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use crate::models::openpose::BodyPoseModel;
@@ -89,9 +88,7 @@ impl PoseEstimator {
             });
         }
         let weights = if path.extension().is_some_and(|e| e == "safetensors") {
-            // Safety: memory-mapped read-only; model files are not modified while in use.
-            let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
-                .map_err(|e| Error::Weights { file: path.to_path_buf(), msg: e.to_string() })?;
+            let vb = crate::weights::safetensors_var_builder(path, DType::F32, device)?;
             crate::weights::Weights { path: path.to_path_buf(), vb }
         } else {
             open_checkpoint(path, DType::F32, device)?.0
