@@ -8,6 +8,8 @@ pub mod controlnet;
 pub mod face_parsing;
 pub mod mtcnn;
 pub mod stable_diffusion;
+pub mod text_to_video;
 pub mod unet;
+pub mod unet3d;
 pub mod vae;
 pub mod vit;
