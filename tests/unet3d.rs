@@ -40,7 +40,6 @@ fn unet3d_matches_diffusers_for_one_two_and_three_frames() {
         assert_close(&out, &fx[key.as_str()], 1e-4, case);
         worst = worst.max(max_abs_diff(&out, &fx[key.as_str()]));
     }
-    eprintln!("unet3d: max abs difference {worst:e}");
 }
 
 #[derive(serde::Deserialize)]
@@ -77,7 +76,6 @@ fn pipeline_matches_diffusers_from_the_same_latents() {
         let video = generate_video(&model, &request, &identities, &mut |_, _| {}).unwrap();
         let expected = &fx[&format!("{}.frames", case.name)];
         assert_close(&video.frames, expected, 1e-4, &case.name);
-        eprintln!("{}: max abs difference {:e}", case.name, max_abs_diff(&video.frames, expected));
     }
 }
 
