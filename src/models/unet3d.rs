@@ -117,7 +117,11 @@ impl UNet3DConditionConfig {
     fn plan(&self) -> Result<Plan> {
         if let Some(class) = &self.class_name {
             if class != CLASS_NAME {
-                bail!("unet config: `_class_name` = {class:?}: this folder holds a {class}, not a {CLASS_NAME} (a text-to-video model such as ali-vilab/text-to-video-ms-1.7b)")
+                // Error::Msg, not `bail!`: the message stays one line (no backtrace).
+                return Err(candle_core::Error::Msg(format!(
+                    "unet config: `_class_name` = {class:?}: this folder holds a {class}, not a {CLASS_NAME} \
+                     (a text-to-video model such as ali-vilab/text-to-video-ms-1.7b)"
+                )));
             }
         }
         UNET3D.expect_eq("downsample_padding", &self.downsample_padding, &1)?;
