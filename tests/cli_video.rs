@@ -139,12 +139,14 @@ fn video_with_an_identity_in_each_format_and_the_mp4_decodes_to_the_png_frames()
     }
 
     let gif = make_video(&out, &identity, "gif");
-    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&gif).unwrap())).unwrap();
+    let decoder =
+        image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&gif).unwrap())).unwrap();
     let gif_frames = image::AnimationDecoder::into_frames(decoder).collect_frames().unwrap();
     assert_eq!(gif_frames.len(), 5);
 
     // Never overwrites: each run takes the next number; each has its settings beside it.
-    let names: Vec<String> = [&png_dir, &mp4, &gif].iter().map(|p| p.file_name().unwrap().to_string_lossy().into()).collect();
+    let names: Vec<String> =
+        [&png_dir, &mp4, &gif].iter().map(|p| p.file_name().unwrap().to_string_lossy().into()).collect();
     assert_eq!(names, ["00000-4", "00001-4.mp4", "00002-4.gif"]);
     for path in [&png_dir, &mp4, &gif] {
         let sidecar: serde_json::Value =
@@ -163,7 +165,8 @@ fn bad_video_input_gets_one_line_errors_and_no_files() {
     let out = dir.path().join("videos");
     let model = fixture("tiny-video").display().to_string();
     let base = |extra: &[&str]| {
-        let mut args = vec!["video", "v1* v2* waving", "--model", &model, "--steps", "1", "--out", out.to_str().unwrap()];
+        let mut args =
+            vec!["video", "v1* v2* waving", "--model", &model, "--steps", "1", "--out", out.to_str().unwrap()];
         args.extend_from_slice(extra);
         stableid(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>())
     };

@@ -116,15 +116,15 @@ fn bad_requests_are_refused_before_running() {
 
 #[test]
 fn an_image_model_folder_is_named_as_what_it_is() {
-    let err = VideoConfigs::read(&ModelDir::resolve(fixture("tiny-sd").to_str().unwrap()).unwrap())
-        .unwrap_err()
-        .to_string();
+    let err =
+        VideoConfigs::read(&ModelDir::resolve(fixture("tiny-sd").to_str().unwrap()).unwrap()).unwrap_err().to_string();
     assert!(err.contains("UNet2DConditionModel") && err.contains("UNet3DConditionModel"), "{err}");
     // A UNet3D config with a key diffusers refuses.
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture("tiny-video"), dir.path());
     let config = dir.path().join("unet/config.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace("\"time_cond_proj_dim\": null", "\"time_cond_proj_dim\": 8");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("\"time_cond_proj_dim\": null", "\"time_cond_proj_dim\": 8");
     std::fs::write(&config, text).unwrap();
     let err = VideoConfigs::read(&ModelDir::resolve(dir.path().to_str().unwrap()).unwrap()).unwrap_err().to_string();
     assert!(err.contains("time_cond_proj_dim"), "{err}");

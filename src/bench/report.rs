@@ -136,8 +136,7 @@ impl BenchReport {
         });
         if let Some(models) = &self.models {
             let p = &models.parameters;
-            report["parameters"] =
-                json!({"unet": p.unet, "text_encoder": p.text_encoder, "vae": p.vae, "mlp": p.mlp});
+            report["parameters"] = json!({"unet": p.unet, "text_encoder": p.text_encoder, "vae": p.vae, "mlp": p.mlp});
             report["build_s"] = json!(models.build_s);
             report["memory_after_build_bytes"] = json!(models.memory_after_build);
         }

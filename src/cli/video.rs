@@ -143,7 +143,10 @@ pub fn run(args: VideoArgs) -> Result<()> {
 
     let model = TextToVideoModel::load(&model_dir, configs, &device, args.dtype.dtype())?;
     if model.prompt_encoder().prompt_ids(&args.prompt)?.truncated {
-        eprintln!("warning: the prompt is longer than {} tokens; the rest is ignored", model.prompt_encoder().tokenizer().max_length());
+        eprintln!(
+            "warning: the prompt is longer than {} tokens; the rest is ignored",
+            model.prompt_encoder().tokenizer().max_length()
+        );
     }
 
     let mut written = Vec::new();
@@ -158,9 +161,8 @@ pub fn run(args: VideoArgs) -> Result<()> {
         settings.push(("fps", args.fps.to_string()));
         write_video(&path, &frames, args.fps, args.format, &settings)?;
         let sidecar = path.with_extension("json");
-        let metadata: serde_json::Map<String, serde_json::Value> = settings
-            .iter()
-            .fold(serde_json::Map::new(), |mut map, (key, value)| {
+        let metadata: serde_json::Map<String, serde_json::Value> =
+            settings.iter().fold(serde_json::Map::new(), |mut map, (key, value)| {
                 match map.get_mut(*key) {
                     // Several identities: a list.
                     Some(serde_json::Value::Array(list)) => list.push(value.clone().into()),

@@ -55,9 +55,18 @@ impl std::str::FromStr for VideoFormat {
 
 /// Writes `frames` (same size, even sides for MP4) at `fps` frames per second to `path` in
 /// `format`; PNG frames carry `text` in their metadata.
-pub fn write_video(path: &Path, frames: &[RgbImage], fps: u32, format: VideoFormat, text: &[(&str, String)]) -> Result<()> {
+pub fn write_video(
+    path: &Path,
+    frames: &[RgbImage],
+    fps: u32,
+    format: VideoFormat,
+    text: &[(&str, String)],
+) -> Result<()> {
     if frames.is_empty() || fps == 0 {
-        return Err(Error::Internal(format!("a video needs frames and a frame rate ({} frames at {fps} fps)", frames.len())));
+        return Err(Error::Internal(format!(
+            "a video needs frames and a frame rate ({} frames at {fps} fps)",
+            frames.len()
+        )));
     }
     match format {
         VideoFormat::Mp4 => write_atomically(path, |w| encode_mp4(w, frames, fps).map_err(std::io::Error::other)),
@@ -73,7 +82,8 @@ fn encode_mp4<W: Write + Seek>(out: &mut W, frames: &[RgbImage], fps: u32) -> st
         return Err(format!("H.264 needs even frame sides of at most {} pixels, not {width} x {height}", u16::MAX));
     }
     let bitrate = BITS_PER_PIXEL_FRAME.saturating_mul((width * height) as u32).saturating_mul(fps);
-    let config = EncoderConfig::new().max_frame_rate(FrameRate::from_hz(fps as f32)).bitrate(BitRate::from_bps(bitrate));
+    let config =
+        EncoderConfig::new().max_frame_rate(FrameRate::from_hz(fps as f32)).bitrate(BitRate::from_bps(bitrate));
     let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config).map_err(|e| e.to_string())?;
     let mut samples = Vec::with_capacity(frames.len());
     let (mut sps, mut pps) = (None, None);

@@ -71,9 +71,10 @@ impl PRelu {
         let plane = x.elem_count() / (x.dim(0)? * self.weight.len()).max(1);
         let values = with_values(x, |values| {
             let mut out = vec![0f32; values.len()];
-            out.par_chunks_mut(plane.max(1)).zip(values.par_chunks(plane.max(1))).enumerate().for_each(
-                |(i, (out, values))| out.iter_mut().zip(values).for_each(|(o, &v)| *o = self.at(i, v)),
-            );
+            out.par_chunks_mut(plane.max(1))
+                .zip(values.par_chunks(plane.max(1)))
+                .enumerate()
+                .for_each(|(i, (out, values))| out.iter_mut().zip(values).for_each(|(o, &v)| *o = self.at(i, v)));
             out
         })?;
         Tensor::from_vec(values, x.shape(), x.device())

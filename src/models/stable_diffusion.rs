@@ -259,15 +259,7 @@ impl PromptEncoder {
         let text_encoder_weights = model.weights("text_encoder", "model", dtype, device)?;
         let text_encoder_file = text_encoder_weights.path.clone();
         let text_encoder = text_encoder_weights.build(|vb| ClipTextModel::new(vb, &config))?;
-        Ok(Self {
-            config,
-            tokenizer,
-            placeholder_ids,
-            text_encoder,
-            text_encoder_file,
-            device: device.clone(),
-            dtype,
-        })
+        Ok(Self { config, tokenizer, placeholder_ids, text_encoder, text_encoder_file, device: device.clone(), dtype })
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -361,7 +353,15 @@ impl StableDiffusion {
         let vae = model
             .weights("vae", "diffusion_pytorch_model", dtype, device)?
             .build(|vb| AutoencoderKL::new(vb, &configs.vae))?;
-        Ok(Self { model_name: model.name().to_string(), configs, prompt_encoder, unet, vae, device: device.clone(), dtype })
+        Ok(Self {
+            model_name: model.name().to_string(),
+            configs,
+            prompt_encoder,
+            unet,
+            vae,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     /// What the user called the model (hub id or path), for metadata and messages.

@@ -118,7 +118,15 @@ impl TextToVideoModel {
         let vae = model
             .weights("vae", "diffusion_pytorch_model", dtype, device)?
             .build(|vb| AutoencoderKL::new(vb, &configs.vae))?;
-        Ok(Self { model_name: model.name().to_string(), configs, prompt_encoder, unet, vae, device: device.clone(), dtype })
+        Ok(Self {
+            model_name: model.name().to_string(),
+            configs,
+            prompt_encoder,
+            unet,
+            vae,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     /// What the user called the model (hub id or path), for metadata and messages.

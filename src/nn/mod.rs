@@ -53,9 +53,9 @@ pub use activation::{geglu, gelu_erf, silu};
 pub use add::add;
 pub use attention::{attention, softmax_last_dim};
 pub use conv::{conv2d, Conv2d, Conv2dConfig};
+pub(crate) use cpu::simd_fn;
 pub use linear::{linear, Linear};
 pub use norm::{group_norm, layer_norm, normalize_last_dim, GroupNorm, LayerNorm};
-pub(crate) use cpu::simd_fn;
 pub(crate) use resize::resize_nearest;
 
 static TF32: AtomicBool = AtomicBool::new(false);

@@ -145,7 +145,12 @@ impl VideoRequest {
     }
 
     /// The settings, as (key, value) text: enough to make the video again with `identities`.
-    pub fn settings(&self, model: &str, configs: &VideoConfigs, identities: &[Identity]) -> Vec<(&'static str, String)> {
+    pub fn settings(
+        &self,
+        model: &str,
+        configs: &VideoConfigs,
+        identities: &[Identity],
+    ) -> Vec<(&'static str, String)> {
         let mut settings = vec![
             ("prompt", self.prompt.clone()),
             ("negative_prompt", self.negative_prompt.clone()),

@@ -425,8 +425,9 @@ fn gaussian_blur(pixels: &[f32], w: usize, h: usize, sigma: f64, unneeded: [Rang
         |acc, (y, out)| {
             for span in spans(y, read.clone()) {
                 let samples = 3 * span.start..3 * span.end;
-                let lines: Vec<&[f32]> =
-                    (-radius..=radius).map(|d| &pixels[mirror(y as i64 + d, h as i64) * row..][samples.clone()]).collect();
+                let lines: Vec<&[f32]> = (-radius..=radius)
+                    .map(|d| &pixels[mirror(y as i64 + d, h as i64) * row..][samples.clone()])
+                    .collect();
                 convolve(&kernel, &lines, &mut acc[samples.clone()], &mut out[samples]);
             }
         },
@@ -566,7 +567,8 @@ pub fn preview(photo: &RgbImage, faces: &[Face], quads: &[[Point; 4]]) -> RgbIma
     let scale = (f64::from(PREVIEW_MAX_SIDE) / (x1 - x0).max(y1 - y0)).min(1.0);
     let side = |v: f64| ((v * scale).round() as u32).max(1);
     let mut image = RgbImage::from_pixel(side(x1 - x0), side(y1 - y0), MARGIN);
-    let shown = if scale < 1.0 { resize(photo, side(pw), side(ph), Filter::Bilinear, Weights::Pil) } else { photo.clone() };
+    let shown =
+        if scale < 1.0 { resize(photo, side(pw), side(ph), Filter::Bilinear, Weights::Pil) } else { photo.clone() };
     // x0, y0 <= 0: the photo's corner on the canvas.
     image::imageops::replace(&mut image, &shown, (-x0 * scale).round() as i64, (-y0 * scale).round() as i64);
     let at = |p: Point| [(p[0] - x0) * scale, (p[1] - y0) * scale];
