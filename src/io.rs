@@ -16,6 +16,8 @@ use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
 
+pub mod video;
+
 /// The most a small file read whole may hold: configs, vocabularies, names lists, identity files,
 /// latents (the largest of Stable Diffusion's, CLIP's vocab.json, is under 1 MiB).
 pub const SMALL_FILE_LIMIT: u64 = 16 << 20;

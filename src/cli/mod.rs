@@ -7,6 +7,7 @@ mod identity_file;
 mod learn;
 mod masks;
 mod pose;
+mod video;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -36,6 +37,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Learn an identity (v1* v2*) from one face photo.
     Learn(learn::LearnArgs),
+    /// Generate a video from a prompt with a text-to-video model (ModelScope T2V by default), identities included.
+    Video(video::VideoArgs),
     /// Show the face and hair masks the learner will focus on, as PNG overlays.
     Masks(masks::MasksArgs),
     /// Draw the OpenPose body pose of photos, for a pose ControlNet (weights: non-commercial use only).
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Learn(args) => learn::run(args),
         Command::Masks(args) => masks::run(args),
         Command::Pose(args) => pose::run(args),
+        Command::Video(args) => video::run(args),
         Command::Export(args) => identity_file::export(args),
         Command::Inspect(args) => identity_file::inspect(args),
     }

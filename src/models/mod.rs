@@ -9,6 +9,8 @@ pub mod face_parsing;
 pub mod mtcnn;
 pub mod openpose;
 pub mod stable_diffusion;
+pub mod text_to_video;
 pub mod unet;
+pub mod unet3d;
 pub mod vae;
 pub mod vit;

@@ -222,37 +222,27 @@ impl SdConfigs {
     }
 }
 
-/// The frozen Stable Diffusion models, loaded once and used for any number of images, learning
-/// runs, videos or 3D scenes.
-pub struct StableDiffusion {
-    model_name: String,
-    configs: SdConfigs,
+/// The tokenizer, with the identity placeholders `v1*`, `v2*`, ..., and the text encoder that
+/// reads identity vectors for them: what every pipeline (image or video) encodes prompts with.
+pub struct PromptEncoder {
+    config: ClipTextConfig,
     tokenizer: ClipTokenizer,
     /// Token ids of `v1*`, `v2*`, ... in the tokenizer.
     placeholder_ids: Vec<u32>,
     text_encoder: ClipTextModel,
     /// The text encoder's weights file, which identities are tied to.
     text_encoder_file: PathBuf,
-    unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
     device: Device,
     dtype: DType,
 }
 
-impl StableDiffusion {
-    /// Loads tokenizer, text encoder, UNet and VAE from a diffusers folder (its configs checked by
-    /// [`SdConfigs::read`]), the frozen weights in `dtype` on `device`.
-    pub fn load(model: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load_with_configs(model, SdConfigs::read(model)?, device, dtype)
-    }
-
-    /// [`load`](Self::load) with the folder's configs already read by [`SdConfigs::read`] (to
-    /// check a request against them before the weights load).
-    pub fn load_with_configs(model: &ModelDir, configs: SdConfigs, device: &Device, dtype: DType) -> Result<Self> {
-        crate::nn::check_dtype(dtype, device)?;
+impl PromptEncoder {
+    /// Loads `tokenizer/` and `text_encoder/` of a diffusers folder, the text encoder in `dtype` on
+    /// `device`; `config` is its `text_encoder/config.json`.
+    pub fn load(model: &ModelDir, config: ClipTextConfig, device: &Device, dtype: DType) -> Result<Self> {
         let tokenizer_dir = model.component("tokenizer")?;
         let mut tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
-        let positions = configs.text_encoder.max_position_embeddings;
+        let positions = config.max_position_embeddings;
         if tokenizer.max_length() > positions {
             return Err(Error::Config {
                 file: tokenizer_dir.join("tokenizer_config.json"),
@@ -266,10 +256,97 @@ impl StableDiffusion {
         let placeholders: Vec<String> = (0..2 * MAX_IDENTITIES).map(placeholder_token).collect();
         let placeholder_refs: Vec<&str> = placeholders.iter().map(String::as_str).collect();
         let placeholder_ids = tokenizer.add_placeholder_tokens(&placeholder_refs)?;
-
         let text_encoder_weights = model.weights("text_encoder", "model", dtype, device)?;
         let text_encoder_file = text_encoder_weights.path.clone();
-        let text_encoder = text_encoder_weights.build(|vb| ClipTextModel::new(vb, &configs.text_encoder))?;
+        let text_encoder = text_encoder_weights.build(|vb| ClipTextModel::new(vb, &config))?;
+        Ok(Self { config, tokenizer, placeholder_ids, text_encoder, text_encoder_file, device: device.clone(), dtype })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// Width of the text encoder's embeddings: the width an identity must have.
+    pub fn text_width(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn text_encoder(&self) -> &ClipTextModel {
+        &self.text_encoder
+    }
+
+    pub fn text_encoder_file(&self) -> &Path {
+        &self.text_encoder_file
+    }
+
+    /// Token ids of `prompt` for the text encoder: placeholder tokens are mapped to the rows
+    /// after the vocabulary, where the text encoder reads identity vectors. Also returns how many
+    /// identities the prompt uses and whether it was truncated.
+    pub fn prompt_ids(&self, prompt: &str) -> Result<PromptIds> {
+        let encoding = self.tokenizer.encode(prompt);
+        let vocab = self.config.vocab_size as u32;
+        let mut words_used = 0;
+        let ids = encoding
+            .ids
+            .iter()
+            .map(|&id| match self.placeholder_ids.iter().position(|&p| p == id) {
+                Some(word) => {
+                    words_used = words_used.max(word + 1);
+                    vocab + word as u32
+                }
+                None => id,
+            })
+            .collect::<Vec<_>>();
+        let len = ids.len();
+        Ok(PromptIds {
+            ids: Tensor::from_vec(ids, (1, len), &self.device)?,
+            identities_used: words_used.div_ceil(2),
+            truncated: encoding.truncated,
+        })
+    }
+
+    /// Text-encoder features (1, 77, hidden) of prompt ids, the placeholders reading
+    /// `identity_rows` (2 per identity, hidden), which must cover every placeholder the ids use.
+    pub fn encode_ids(&self, ids: &PromptIds, identity_rows: Option<&Tensor>) -> Result<Tensor> {
+        let rows = identity_rows.map(|r| r.to_device(&self.device)?.to_dtype(self.dtype)).transpose()?;
+        Ok(self.text_encoder.forward(&ids.ids, rows.as_ref())?)
+    }
+}
+
+/// The frozen Stable Diffusion models, loaded once and used for any number of images, learning
+/// runs or 3D scenes.
+pub struct StableDiffusion {
+    model_name: String,
+    configs: SdConfigs,
+    prompt_encoder: PromptEncoder,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    device: Device,
+    dtype: DType,
+}
+
+impl AsRef<PromptEncoder> for StableDiffusion {
+    fn as_ref(&self) -> &PromptEncoder {
+        &self.prompt_encoder
+    }
+}
+
+impl StableDiffusion {
+    /// Loads tokenizer, text encoder, UNet and VAE from a diffusers folder (its configs checked by
+    /// [`SdConfigs::read`]), the frozen weights in `dtype` on `device`.
+    pub fn load(model: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with_configs(model, SdConfigs::read(model)?, device, dtype)
+    }
+
+    /// [`load`](Self::load) with the folder's configs already read by [`SdConfigs::read`] (to
+    /// check a request against them before the weights load).
+    pub fn load_with_configs(model: &ModelDir, configs: SdConfigs, device: &Device, dtype: DType) -> Result<Self> {
+        crate::nn::check_dtype(dtype, device)?;
+        let prompt_encoder = PromptEncoder::load(model, configs.text_encoder.clone(), device, dtype)?;
         let unet = model
             .weights("unet", "diffusion_pytorch_model", dtype, device)?
             .build(|vb| UNet2DConditionModel::new(vb, &configs.unet))?;
@@ -279,10 +356,7 @@ impl StableDiffusion {
         Ok(Self {
             model_name: model.name().to_string(),
             configs,
-            tokenizer,
-            placeholder_ids,
-            text_encoder,
-            text_encoder_file,
+            prompt_encoder,
             unet,
             vae,
             device: device.clone(),
@@ -312,21 +386,25 @@ impl StableDiffusion {
         &self.configs.scheduler
     }
 
+    pub fn prompt_encoder(&self) -> &PromptEncoder {
+        &self.prompt_encoder
+    }
+
     /// Width of the text encoder's embeddings: the width an identity must have.
     pub fn text_width(&self) -> usize {
-        self.configs.text_encoder.hidden_size
+        self.prompt_encoder.text_width()
     }
 
     pub fn tokenizer(&self) -> &ClipTokenizer {
-        &self.tokenizer
+        self.prompt_encoder.tokenizer()
     }
 
     pub fn text_encoder(&self) -> &ClipTextModel {
-        &self.text_encoder
+        self.prompt_encoder.text_encoder()
     }
 
     pub fn text_encoder_file(&self) -> &Path {
-        &self.text_encoder_file
+        self.prompt_encoder.text_encoder_file()
     }
 
     pub fn unet(&self) -> &UNet2DConditionModel {
@@ -337,37 +415,14 @@ impl StableDiffusion {
         &self.vae
     }
 
-    /// Token ids of `prompt` for the text encoder: placeholder tokens are mapped to the rows
-    /// after the vocabulary, where the text encoder reads identity vectors. Also returns how many
-    /// identities the prompt uses and whether it was truncated.
+    /// [`PromptEncoder::prompt_ids`].
     pub fn prompt_ids(&self, prompt: &str) -> Result<PromptIds> {
-        let encoding = self.tokenizer.encode(prompt);
-        let vocab = self.configs.text_encoder.vocab_size as u32;
-        let mut words_used = 0;
-        let ids = encoding
-            .ids
-            .iter()
-            .map(|&id| match self.placeholder_ids.iter().position(|&p| p == id) {
-                Some(word) => {
-                    words_used = words_used.max(word + 1);
-                    vocab + word as u32
-                }
-                None => id,
-            })
-            .collect::<Vec<_>>();
-        let len = ids.len();
-        Ok(PromptIds {
-            ids: Tensor::from_vec(ids, (1, len), &self.device)?,
-            identities_used: words_used.div_ceil(2),
-            truncated: encoding.truncated,
-        })
+        self.prompt_encoder.prompt_ids(prompt)
     }
 
-    /// Text-encoder features (1, 77, hidden) of prompt ids, the placeholders reading
-    /// `identity_rows` (2 per identity, hidden), which must cover every placeholder the ids use.
+    /// [`PromptEncoder::encode_ids`].
     pub fn encode_ids(&self, ids: &PromptIds, identity_rows: Option<&Tensor>) -> Result<Tensor> {
-        let rows = identity_rows.map(|r| r.to_device(&self.device)?.to_dtype(self.dtype)).transpose()?;
-        Ok(self.text_encoder.forward(&ids.ids, rows.as_ref())?)
+        self.prompt_encoder.encode_ids(ids, identity_rows)
     }
 }
 

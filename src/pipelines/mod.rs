@@ -1,22 +1,25 @@
 //! Pipelines: what the frozen models produce for a user, with identities in the prompt
-//! (text-to-image, steered by ControlNets or not; later video, 3D). Each composes the shared [`StableDiffusion`]
-//! components with a scheduler; none loads a model itself.
+//! (text-to-image, steered by ControlNets or not; text-to-video; later 3D). Each composes the shared
+//! components ([`crate::models::stable_diffusion`], [`crate::models::text_to_video`]) with a scheduler; none loads a model itself.
 
 pub mod control;
 pub mod text_to_image;
+pub mod text_to_video;
 
 use candle_core::Tensor;
 
 use crate::identity::Identity;
-use crate::models::stable_diffusion::StableDiffusion;
+use crate::models::stable_diffusion::PromptEncoder;
 use crate::tokenizer::placeholder_token;
 use crate::{Error, Result};
 
 pub use text_to_image::{generate, read_latents, GenerateRequest, Generated};
+pub use text_to_video::{generate_video, GeneratedVideo, VideoRequest};
 
 /// Text-encoder features (1, 77, hidden) of `prompt`: in it, `v1* v2*` stand for the first
 /// identity, `v3* v4*` for the second, and so on.
-pub fn encode_prompt(sd: &StableDiffusion, prompt: &str, identities: &[Identity]) -> Result<Tensor> {
+pub fn encode_prompt(model: &impl AsRef<PromptEncoder>, prompt: &str, identities: &[Identity]) -> Result<Tensor> {
+    let sd = model.as_ref();
     let ids = sd.prompt_ids(prompt)?;
     if ids.identities_used > identities.len() {
         let needed = placeholder_token(2 * ids.identities_used - 1);
@@ -34,7 +37,7 @@ pub fn encode_prompt(sd: &StableDiffusion, prompt: &str, identities: &[Identity]
 }
 
 /// The identities' vectors stacked (2 x n, hidden), each checked against the text encoder's width.
-fn identity_rows(sd: &StableDiffusion, identities: &[Identity]) -> Result<Option<Tensor>> {
+fn identity_rows(sd: &PromptEncoder, identities: &[Identity]) -> Result<Option<Tensor>> {
     if identities.is_empty() {
         return Ok(None);
     }

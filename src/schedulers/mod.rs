@@ -110,6 +110,9 @@ impl TryFrom<String> for TimestepSpacing {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
+    /// The diffusers scheduler the model ships with (`_class_name`), e.g. `DDIMScheduler`.
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
     pub num_train_timesteps: usize,
     pub beta_start: f64,
     pub beta_end: f64,
@@ -138,6 +141,7 @@ impl Default for SchedulerConfig {
     /// diffusers' constructor defaults, shared by DDPM, DDIM, DPM-Solver and Euler.
     fn default() -> Self {
         Self {
+            class_name: None,
             num_train_timesteps: 1000,
             beta_start: 0.0001,
             beta_end: 0.02,
@@ -384,6 +388,17 @@ impl Sampler {
             Sampler::DpmSolverPlusPlus => "dpm++",
             Sampler::Ddim => "ddim",
             Sampler::Euler => "euler",
+        }
+    }
+
+    /// The sampler of a diffusers scheduler class (`_class_name` of a scheduler config), if it is
+    /// one of these.
+    pub fn from_class_name(class_name: &str) -> Option<Sampler> {
+        match class_name {
+            "DPMSolverMultistepScheduler" => Some(Sampler::DpmSolverPlusPlus),
+            "DDIMScheduler" => Some(Sampler::Ddim),
+            "EulerDiscreteScheduler" => Some(Sampler::Euler),
+            _ => None,
         }
     }
 

@@ -22,7 +22,7 @@ if ! "$venv/bin/python" -c "import controlnet_aux, cv2" 2>/dev/null; then
 fi
 cd "$here"
 # The tiny model folder first: the component and pipeline fixtures are computed on its weights.
-for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline controlnet celeb_basis face_feature face_parsing checkpoints augment learner_step convert_mtcnn mtcnn align openpose; do
+for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline controlnet unet3d celeb_basis face_feature face_parsing checkpoints augment learner_step convert_mtcnn mtcnn align openpose; do
   echo "== $script"
   "$venv/bin/python" "$script.py"
 done

@@ -116,9 +116,11 @@ impl BasicTransformerBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// `context` `None`: `attn2` is a second self-attention (diffusers' `double_self_attention`,
+    /// as the video UNet's temporal transformers use it; build it with `cross_attention_dim = dim`).
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, context)? + x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + x
     }
 }
@@ -195,7 +197,7 @@ impl Transformer2DModel {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
         };
         for block in &self.transformer_blocks {
-            tokens = block.forward(&tokens, context)?;
+            tokens = block.forward(&tokens, Some(context))?;
         }
         let to_map = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
         let out = match &self.proj_out {
