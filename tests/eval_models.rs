@@ -81,6 +81,10 @@ fn lpips_alex_with_shipped_heads_matches_lpips() {
     let heads = Lpips::shipped_heads(DType::F32, &Device::Cpu).unwrap();
     let lpips = Lpips::new(common::formula_weights::var_builder(), heads).unwrap();
     let distance = lpips.forward(&t["lpips_a"], &t["lpips_b"]).unwrap();
-    eprintln!("LPIPS: {:?} (max error {})", distance.to_vec1::<f32>().unwrap(), max_abs_diff(&distance, &t["lpips_distance"]));
+    eprintln!(
+        "LPIPS: {:?} (max error {})",
+        distance.to_vec1::<f32>().unwrap(),
+        max_abs_diff(&distance, &t["lpips_distance"])
+    );
     assert_close(&distance, &t["lpips_distance"], 1e-4, "lpips distance");
 }

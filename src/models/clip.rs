@@ -225,11 +225,7 @@ impl ClipModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let pooled = positions
-            .iter()
-            .enumerate()
-            .map(|(row, &at)| hidden.i((row, at)))
-            .collect::<Result<Vec<_>>>()?;
+        let pooled = positions.iter().enumerate().map(|(row, &at)| hidden.i((row, at))).collect::<Result<Vec<_>>>()?;
         self.text_projection.forward(&Tensor::stack(&pooled, 0)?.to_dtype(self.text_model.token_embedding().dtype())?)
     }
 }

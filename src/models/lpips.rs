@@ -21,8 +21,13 @@ const SCALE: [f32; 3] = [0.458, 0.448, 0.450];
 /// AlexNet's convolutions: torchvision index, input and output channels, kernel, stride, padding.
 /// A ReLU follows each; its output is one of the five compared feature maps; max pools (3, stride
 /// 2) come before the second and the third.
-const ALEXNET_CONVS: [(usize, usize, usize, usize, usize, usize); 5] =
-    [(0, 3, 64, 11, 4, 2), (3, 64, 192, 5, 1, 2), (6, 192, 384, 3, 1, 1), (8, 384, 256, 3, 1, 1), (10, 256, 256, 3, 1, 1)];
+const ALEXNET_CONVS: [(usize, usize, usize, usize, usize, usize); 5] = [
+    (0, 3, 64, 11, 4, 2),
+    (3, 64, 192, 5, 1, 2),
+    (6, 192, 384, 3, 1, 1),
+    (8, 384, 256, 3, 1, 1),
+    (10, 256, 256, 3, 1, 1),
+];
 
 /// LPIPS-Alex: `d(a, b) = sum_l mean_hw( w_l . (n(f_l(a)) - n(f_l(b)))^2 )`, with `f_l` the five
 /// ReLU outputs and `n` the unit normalisation along channels.
@@ -96,4 +101,3 @@ fn unit_channels(x: &Tensor) -> Result<Tensor> {
     let norm = (x.sqr()?.sum_keepdim(1)?.sqrt()? + 1e-10)?;
     x.broadcast_div(&norm)
 }
-

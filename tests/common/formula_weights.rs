@@ -43,7 +43,14 @@ fn values(name: &str, shape: &Shape) -> Vec<f32> {
 struct FormulaWeights;
 
 impl SimpleBackend for FormulaWeights {
-    fn get(&self, shape: Shape, name: &str, _: candle_nn::Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let values = values(name, &shape);
         Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
     }
