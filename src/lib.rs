@@ -46,6 +46,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod eval;
 pub mod identity;
 pub mod io;
 pub mod models;

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 /// - reading weights, the tokenizer, the differentiable blocks and the noise schedules know no
 ///   model;
 /// - `models` holds the networks and the Stable Diffusion components that bundle them;
-/// - `priors` prepares a photo, `identity` learns from it, `pipelines` use identities, and the
-///   benchmark measures the learner and the models. The command line sits in the binary, above all.
+/// - `priors` prepares a photo, `identity` learns from it, `pipelines` use identities, the
+///   benchmark measures the learner and the models, and `eval` the identities. The command line sits in the binary, above all.
 const LAYERS: &[&[&str]] = &[
     &["error"],
     &["random", "io"],
@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["priors"],
     &["identity"],
     &["pipelines"],
-    &["bench"],
+    &["bench", "eval"],
 ];
 
 /// Items the crate root re-exports, and the module they come from.

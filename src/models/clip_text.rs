@@ -52,18 +52,50 @@ impl ClipTextConfig {
     /// Checks that the config describes a text encoder this module implements; the error names
     /// the offending field and its value.
     pub fn validate(&self) -> Result<()> {
-        self.activation().map(|_| ())
+        self.layer_spec().map(|_| ())
     }
 
-    /// The activation of the MLPs, once the whole config is checked.
-    fn activation(&self) -> Result<Activation> {
-        let act = match self.hidden_act.as_str() {
+    /// The sizes of the encoder layers, once the whole config is checked.
+    fn layer_spec(&self) -> Result<ClipLayerSpec> {
+        ClipLayerSpec::new(
+            &CLIP_TEXT,
+            &self.hidden_act,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.layer_norm_eps,
+        )
+    }
+}
+
+/// The sizes of one CLIP encoder layer, shared by the text and the vision towers
+/// ([`super::clip`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClipLayerSpec {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub eps: f64,
+    act: Activation,
+}
+
+impl ClipLayerSpec {
+    /// Checks the activation name and the head split; errors name the field of `checks`' config.
+    pub(crate) fn new(
+        checks: &ConfigChecks,
+        hidden_act: &str,
+        hidden: usize,
+        intermediate: usize,
+        heads: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let act = match hidden_act {
             "gelu" => Activation::Gelu,
             "quick_gelu" => Activation::QuickGelu,
-            _ => return Err(CLIP_TEXT.unsupported("hidden_act", &self.hidden_act)),
+            _ => return Err(checks.unsupported("hidden_act", &hidden_act)),
         };
-        CLIP_TEXT.expect_divides("num_attention_heads", self.num_attention_heads, "hidden_size", self.hidden_size)?;
-        Ok(act)
+        checks.expect_divides("num_attention_heads", heads, "hidden_size", hidden)?;
+        Ok(Self { hidden, intermediate, heads, eps, act })
     }
 }
 
@@ -98,24 +130,24 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let h = cfg.hidden_size;
+    fn new(vb: VarBuilder, spec: &ClipLayerSpec) -> Result<Self> {
+        let h = spec.hidden;
         Ok(Self {
             q_proj: Linear::new(vb.pp("q_proj"), h, h, true)?,
             k_proj: Linear::new(vb.pp("k_proj"), h, h, true)?,
             v_proj: Linear::new(vb.pp("v_proj"), h, h, true)?,
             out_proj: Linear::new(vb.pp("out_proj"), h, h, true)?,
-            heads: cfg.num_attention_heads,
+            heads: spec.heads,
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let split_heads = |t: Tensor| t.reshape((b, s, self.heads, h / self.heads))?.transpose(1, 2);
         let q = split_heads(self.q_proj.forward(x)?)?;
         let k = split_heads(self.k_proj.forward(x)?)?;
         let v = split_heads(self.v_proj.forward(x)?)?;
-        let y = attention(&q, &k, &v, Some(causal_mask))?;
+        let y = attention(&q, &k, &v, mask)?;
         self.out_proj.forward(&y.transpose(1, 2)?.reshape((b, s, h))?)
     }
 }
@@ -128,11 +160,11 @@ struct ClipMlp {
 }
 
 impl ClipMlp {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig, act: Activation) -> Result<Self> {
+    fn new(vb: VarBuilder, spec: &ClipLayerSpec) -> Result<Self> {
         Ok(Self {
-            fc1: Linear::new(vb.pp("fc1"), cfg.hidden_size, cfg.intermediate_size, true)?,
-            fc2: Linear::new(vb.pp("fc2"), cfg.intermediate_size, cfg.hidden_size, true)?,
-            act,
+            fc1: Linear::new(vb.pp("fc1"), spec.hidden, spec.intermediate, true)?,
+            fc2: Linear::new(vb.pp("fc2"), spec.intermediate, spec.hidden, true)?,
+            act: spec.act,
         })
     }
 
@@ -143,7 +175,7 @@ impl ClipMlp {
 
 /// Pre-norm transformer layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
 #[derive(Debug, Clone)]
-struct ClipEncoderLayer {
+pub(crate) struct ClipEncoderLayer {
     self_attn: ClipAttention,
     layer_norm1: LayerNorm,
     mlp: ClipMlp,
@@ -151,18 +183,25 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig, act: Activation) -> Result<Self> {
-        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+    /// The layers `encoder.layers.{0..count}` under `vb`.
+    pub(crate) fn stack(vb: VarBuilder, spec: &ClipLayerSpec, count: usize) -> Result<Vec<Self>> {
+        (0..count).map(|i| Self::new(vb.pp(format!("encoder.layers.{i}")), spec)).collect()
+    }
+
+    fn new(vb: VarBuilder, spec: &ClipLayerSpec) -> Result<Self> {
+        let (h, eps) = (spec.hidden, spec.eps);
         Ok(Self {
-            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), spec)?,
             layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), h, eps)?,
-            mlp: ClipMlp::new(vb.pp("mlp"), cfg, act)?,
+            mlp: ClipMlp::new(vb.pp("mlp"), spec)?,
             layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), h, eps)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, causal_mask)?)?;
+    /// `mask` (seq, seq) is added to the attention scores: the text tower's causal mask; the
+    /// vision tower attends everywhere (`None`).
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, mask)?)?;
         &x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?
     }
 }
@@ -182,16 +221,14 @@ impl ClipTextModel {
     /// accepted: `text_model.embeddings...` (transformers 4 and the published SD checkpoints) and
     /// `embeddings...` (transformers 5 saves `CLIPTextModel` without the `text_model` level).
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let act = cfg.activation()?;
+        let spec = cfg.layer_spec()?;
         let vb =
             if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let h = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let token_embedding = emb.get((cfg.vocab_size, h), "token_embedding.weight")?;
         let position_embedding = emb.get((cfg.max_position_embeddings, h), "position_embedding.weight")?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), cfg, act))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = ClipEncoderLayer::stack(vb.clone(), &spec, cfg.num_hidden_layers)?;
         let final_layer_norm = LayerNorm::new(vb.pp("final_layer_norm"), h, cfg.layer_norm_eps)?;
         Ok(Self { token_embedding, position_embedding, layers, final_layer_norm, config: cfg.clone() })
     }
@@ -259,7 +296,7 @@ impl ClipTextModel {
         let mut x = inputs_embeds.broadcast_add(&positions)?;
         let mask = causal_mask(s, x.dtype(), x.device())?;
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
         }
         self.final_layer_norm.forward(&x)
     }

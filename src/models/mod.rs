@@ -2,10 +2,13 @@
 //! Stable Diffusion components they make together ([`stable_diffusion`]).
 
 pub mod blocks;
+pub mod clip;
 pub mod clip_text;
 mod config;
 pub mod controlnet;
 pub mod face_parsing;
+pub mod facenet;
+pub mod lpips;
 pub mod mtcnn;
 pub mod openpose;
 pub mod stable_diffusion;

@@ -9,6 +9,7 @@ use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
 pub mod bad_inputs;
+pub mod formula_weights;
 pub mod pose_weights;
 
 /// Path of a file or folder under `tests/fixtures/`.

@@ -20,9 +20,13 @@ if ! "$venv/bin/python" -c "import controlnet_aux, cv2" 2>/dev/null; then
   "$venv/bin/pip" install -q --no-deps controlnet_aux==0.0.10
   "$venv/bin/pip" install -q opencv-python-headless==5.0.0.93 einops==0.8.2
 fi
+# lpips (LPIPS reference and its shipped heads) pins nothing it needs beyond the stack above.
+if ! "$venv/bin/python" -c "import lpips" 2>/dev/null; then
+  "$venv/bin/pip" install -q --no-deps lpips==0.1.4
+fi
 cd "$here"
 # The tiny model folder first: the component and pipeline fixtures are computed on its weights.
-for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline controlnet unet3d celeb_basis face_feature face_parsing checkpoints augment learner_step convert_mtcnn mtcnn align openpose; do
+for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline controlnet unet3d celeb_basis face_feature face_parsing checkpoints augment learner_step convert_mtcnn mtcnn align openpose eval_models; do
   echo "== $script"
   "$venv/bin/python" "$script.py"
 done
