@@ -145,6 +145,21 @@ fn align_times_a_real_photo_without_building_the_models() {
 }
 
 #[test]
+fn video_times_a_guided_step_of_the_text_to_video_unet() {
+    let mut options = BenchOptions::new(64);
+    options.warmup = 0;
+    options.repeats = 1;
+    options.measures = vec![Measure::Video];
+    options.video_unet =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-video/unet/config.json")).unwrap()).unwrap();
+    let _one = ONE_BENCH_AT_A_TIME.lock().unwrap();
+    let report = bench::run(&tiny_configs(), &options).unwrap();
+    let names: Vec<_> = report.timings.iter().map(|t| t.name).collect();
+    assert_eq!(names, ["video"]);
+    assert!(report.timings[0].median_s() > 0.0 && report.models.is_none());
+}
+
+#[test]
 fn bad_options_are_refused_with_the_setting_named() {
     let mut options = BenchOptions::new(60);
     let err = bench::run(&tiny_configs(), &options).unwrap_err().to_string();

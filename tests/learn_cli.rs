@@ -76,10 +76,30 @@ fn learn_then_generate_export_and_inspect() {
     assert_eq!(lines[2]["metadata"]["seed"], "42");
     assert_eq!(lines[2]["metadata"]["loss"], "two-phase");
     assert_eq!(lines[2]["metadata"]["photo_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(lines[2]["metadata"]["token_embedding_f16_sha256"].as_str().unwrap().len(), 64);
 
+    // The model it was learned on uses it without a word; the text-to-video model, whose text
+    // encoder is the same, too.
     let identity = dir.path().join("me.safetensors");
     let images = dir.path().join("images");
-    ok(stableid(&[
+    let video = ok(stableid(&[
+        "video",
+        "v1* v2* waving",
+        "--identity",
+        identity.to_str().unwrap(),
+        "--model",
+        fixture("tiny-video").to_str().unwrap(),
+        "--frames",
+        "2",
+        "--steps",
+        "1",
+        "--format",
+        "png",
+        "--out",
+        dir.path().join("video").to_str().unwrap(),
+    ]));
+    assert!(!stderr(&video).contains("another text encoder"), "{}", stderr(&video));
+    let generated = ok(stableid(&[
         "generate",
         "v1* v2* as an astronaut",
         "--identity",
@@ -94,6 +114,7 @@ fn learn_then_generate_export_and_inspect() {
         images.to_str().unwrap(),
     ]));
     assert!(images.join("00000-3.png").is_file());
+    assert!(!stderr(&generated).contains("another text encoder"), "{}", stderr(&generated));
 
     for format in ["diffusers", "a1111"] {
         let exported = dir.path().join(format!("me-{format}.safetensors"));

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::memory::MemoryProbe;
 use super::report::{device_name, BenchReport, BuiltModels, ParameterCounts, Timing};
-use super::{BenchOptions, Measure, GUIDANCE_SCALE, LEARN_TIMESTEP};
+use super::{BenchOptions, Measure, GUIDANCE_SCALE, LEARN_TIMESTEP, VIDEO_FRAMES, VIDEO_GUIDANCE_SCALE};
 use crate::identity::loss::LossConfig;
 use crate::identity::mlp::{IdentityMlp, MlpShape};
 use crate::identity::optim::AdamWConfig;
@@ -20,6 +20,7 @@ use crate::models::clip_text::ClipTextModel;
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel, ControlScale};
 use crate::models::stable_diffusion::SdConfigs;
 use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet3d::UNet3DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::nn::profile;
 use crate::priors::align::{align, choose_face, FaceDetector, ALIGNED_SIZE};
@@ -91,6 +92,9 @@ pub(super) fn build_and_measure(configs: &SdConfigs, options: &BenchOptions) -> 
     } else {
         None
     };
+    if options.measures.contains(&Measure::Video) {
+        timings.push(measure_video(options, &mut memory)?);
+    }
     if options.measures.contains(&Measure::Align) {
         let photo = options.photo.as_deref().ok_or_else(|| Error::setting("photo", "none", "align needs a photo"))?;
         timings.extend(measure_align(photo, options, &mut memory)?);
@@ -303,6 +307,30 @@ fn measure_text(models: &Models, options: &BenchOptions, inputs: &Inputs, memory
     measure_op("text", options, memory, || {
         let _features = models.text_encoder.forward(&inputs.caption_ids, Some(&identity))?;
         Ok(options.device.synchronize()?)
+    })
+}
+
+/// One classifier-free-guidance step of the text-to-video UNet [`BenchOptions::video_unet`]
+/// (ModelScope's by default) with random weights: the UNet on the latents of [`VIDEO_FRAMES`]
+/// frames twice (batch 2), then the guidance.
+fn measure_video(options: &BenchOptions, memory: &mut MemoryProbe) -> Result<Timing> {
+    let device = &options.device;
+    let config = &options.video_unet;
+    let unet =
+        UNet3DConditionModel::new(RandomWeights::new(options.seed).into_var_builder(options.dtype, device), &config)?;
+    let mut rng = StdRng::seed_from_u64(options.seed);
+    let side = options.resolution / 8;
+    let latents = standard_normal((1, config.in_channels, VIDEO_FRAMES, side, side), &mut rng, device)?;
+    let context =
+        standard_normal((2, PROMPT_TOKENS, config.cross_attention_dim), &mut rng, device)?.to_dtype(options.dtype)?;
+    let t = Tensor::full(DENOISE_TIMESTEP, 2, device)?;
+    measure_op("video", options, memory, || {
+        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
+        let pred = unet.forward(&input, &t, &context)?.to_dtype(DType::F32)?;
+        let uncond = pred.narrow(0, 0, 1)?;
+        let text = pred.narrow(0, 1, 1)?;
+        let _guided = (&uncond + ((text - &uncond)? * VIDEO_GUIDANCE_SCALE)?)?;
+        Ok(device.synchronize()?)
     })
 }
 

@@ -13,6 +13,8 @@
 //!   control image, then the UNet with its residuals, guidance;
 //! - `vae_encode`, `vae_decode`: the VAE at the benchmark resolution;
 //! - `text`: one prompt through the text encoder, identity rows included;
+//! - `video` (only when asked for): one guided denoising step of ModelScope's text-to-video UNet
+//!   (`UNet3DConditionModel`, 1.4B parameters, random weights) on 16 frames at the resolution;
 //! - `align` (with a photo): `photo_load` (decoding, EXIF orientation), `face_detect` (MTCNN) and
 //!   `face_align` (the FFHQ crop of the largest face): how `learn` frames a photo.
 //!
@@ -24,6 +26,8 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+
+use crate::models::unet3d::UNet3DConditionConfig;
 
 use crate::identity::step::on_training_stack;
 use crate::models::stable_diffusion::SdConfigs;
@@ -39,6 +43,10 @@ pub use report::{dtype_name, BenchReport, BuiltModels, ParameterCounts, Timing};
 pub const LEARN_TIMESTEP: usize = 500;
 /// The paper's guidance scale.
 pub const GUIDANCE_SCALE: f64 = 8.5;
+/// Frames of the `video` measurement: `TextToVideoSDPipeline`'s default.
+pub const VIDEO_FRAMES: usize = 16;
+/// Guidance scale of the `video` measurement: `TextToVideoSDPipeline`'s default.
+pub const VIDEO_GUIDANCE_SCALE: f64 = 9.0;
 
 /// A group of measurements, as `--only` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,16 +63,18 @@ pub enum Measure {
     Text,
     /// Reading a photo, detecting its faces and aligning the largest ([`BenchOptions::photo`]).
     Align,
+    /// One guided denoising step of ModelScope's text-to-video UNet ([`VIDEO_FRAMES`] frames).
+    Video,
 }
 
 impl Measure {
-    /// The measurements of the Stable Diffusion models (all but [`Measure::Align`]).
+    /// The measurements of the Stable Diffusion models, run by default.
     pub const MODELS: [Measure; 5] =
         [Measure::Learn, Measure::Denoise, Measure::Controlnet, Measure::Vae, Measure::Text];
 
     /// Whether it needs the Stable Diffusion models built.
     pub fn uses_models(self) -> bool {
-        self != Measure::Align
+        Self::MODELS.contains(&self)
     }
 }
 
@@ -85,6 +95,8 @@ pub struct BenchOptions {
     pub profile: bool,
     /// The photo [`Measure::Align`] reads (a 12-megapixel phone photo is the case that matters).
     pub photo: Option<PathBuf>,
+    /// The text-to-video UNet [`Measure::Video`] builds: ModelScope's by default.
+    pub video_unet: UNet3DConditionConfig,
 }
 
 impl BenchOptions {
@@ -100,6 +112,7 @@ impl BenchOptions {
             seed: 0,
             profile: false,
             photo: None,
+            video_unet: UNet3DConditionConfig::default(),
         }
     }
 
@@ -121,7 +134,7 @@ impl BenchOptions {
             return Err(Error::setting(
                 "measures",
                 "none",
-                "nothing to measure: give at least one of learn, denoise, controlnet, vae, text, align",
+                "nothing to measure: give at least one of learn, denoise, controlnet, vae, text, align, video",
             ));
         }
         if self.measures.contains(&Measure::Align) && self.photo.is_none() {

@@ -16,6 +16,7 @@ use super::{DeviceArg, DtypeArg};
     stableid bench --res 256 --only learn --profile   # which ops take the time\n  \
     stableid bench --device cuda --dtype f16 --only learn,denoise\n  \
     stableid bench --only align --photo phone.jpg   # face detection + alignment\n  \
+    stableid bench --only video --res 256           # a text-to-video denoising step\n  \
     RAYON_NUM_THREADS=4 stableid bench --res 256   # CPU threads\n\n\
     tools/bench/compare.sh runs the same measurements in PyTorch and prints the ratios (docs/benchmarks.md).")]
 pub struct BenchArgs {
@@ -67,6 +68,9 @@ enum MeasureArg {
     Text,
     /// Reading --photo, detecting its faces and aligning the largest (as learn does).
     Align,
+    /// One guided denoising step of ModelScope's text-to-video UNet on 16 frames (1.4B parameters:
+    /// only when asked for).
+    Video,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -84,6 +88,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     MeasureArg::Vae => Measure::Vae,
                     MeasureArg::Text => Measure::Text,
                     MeasureArg::Align => Measure::Align,
+                    MeasureArg::Video => Measure::Video,
                 })
                 .collect(),
             None => Measure::MODELS.into_iter().chain(args.photo.is_some().then_some(Measure::Align)).collect(),
@@ -93,6 +98,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         profile: args.profile,
         photo: args.photo,
+        video_unet: Default::default(),
     };
     let configs = SdConfigs::sd21_base();
     options.validate(&configs)?;

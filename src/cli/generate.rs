@@ -19,7 +19,7 @@ use stableid::priors::pose::{pose_map, PoseEstimator, PoseSettings, WEIGHTS_HINT
 use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
 
-use super::{check_writable, progress_bar, ModelArgs};
+use super::{check_writable, progress_bar, warn_other_encoders, ModelArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -289,6 +289,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     check_writable(&args.out)?;
 
     let sd = StableDiffusion::load_with_configs(&model, configs, &device, args.model.dtype())?;
+    warn_other_encoders(&sd, &identities, model.name())?;
     request.controls = control_plan.controls(&sd, request.width, request.height)?;
     if sd.prompt_ids(&args.prompt)?.truncated {
         eprintln!("warning: the prompt is longer than {} tokens; the rest is ignored", sd.tokenizer().max_length());

@@ -236,6 +236,23 @@ impl FramingArgs {
     }
 }
 
+/// Warns about each identity learned on a text encoder whose token embeddings differ from
+/// `model`'s (`model_name`): it may not look like its person there.
+pub fn warn_other_encoders(
+    model: &impl AsRef<stableid::models::stable_diffusion::PromptEncoder>,
+    identities: &[stableid::identity::Identity],
+    model_name: &str,
+) -> Result<()> {
+    for identity in stableid::pipelines::identities_from_other_encoders(model, identities)? {
+        eprintln!(
+            "warning: identity {} was learned on another text encoder than {model_name}'s (their token embeddings \
+             differ): the person may not be recognisable",
+            identity.source.display()
+        );
+    }
+    Ok(())
+}
+
 /// The error as one line, the chain of causes joined by ": ", a bad setting of the library
 /// worded with the flag that sets it.
 pub fn error_line(error: &anyhow::Error) -> String {

@@ -13,7 +13,7 @@ use stableid::pipelines::{generate_video, read_latents, VideoRequest};
 use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
 
-use super::{check_writable, progress_bar, DeviceArg, DtypeArg, ModelArgs};
+use super::{check_writable, progress_bar, warn_other_encoders, DeviceArg, DtypeArg, ModelArgs};
 
 /// The highest frame rate taken.
 const MAX_FPS: u32 = 120;
@@ -142,6 +142,7 @@ pub fn run(args: VideoArgs) -> Result<()> {
     check_writable(&args.out)?;
 
     let model = TextToVideoModel::load(&model_dir, configs, &device, args.dtype.dtype())?;
+    warn_other_encoders(&model, &identities, model_dir.name())?;
     if model.prompt_encoder().prompt_ids(&args.prompt)?.truncated {
         eprintln!(
             "warning: the prompt is longer than {} tokens; the rest is ignored",

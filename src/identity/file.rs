@@ -8,12 +8,32 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
 
 use crate::io::{read_safetensors, write_atomically, TensorFile, SMALL_FILE_LIMIT};
 use crate::{Error, Result};
 
 /// Name of the tensor in the tool's own identity files.
 pub const IDENTITY_TENSOR: &str = "identity";
+
+/// The metadata key of the [`token_table_digest`] of the text encoder an identity was learned on.
+pub const TOKEN_TABLE_KEY: &str = "token_embedding_f16_sha256";
+
+/// Hex SHA-256 of a text encoder's token-embedding table rounded to f16 (little-endian): the same
+/// for copies of one encoder stored in f32 or f16 (ModelScope ships SD 2.1's in fp16), different
+/// for another encoder. Identities record it, so that a model sharing the encoder is recognised
+/// by content rather than by file.
+pub fn token_table_digest(table: &Tensor) -> Result<String> {
+    let half: Vec<half::f16> = table.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
+    let mut hasher = Sha256::new();
+    let mut bytes = Vec::with_capacity(8192);
+    for chunk in half.chunks(4096) {
+        bytes.clear();
+        bytes.extend(chunk.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+        hasher.update(&bytes);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
 
 /// A learned identity: two embeddings of the text encoder's width.
 #[derive(Debug, Clone)]
@@ -87,6 +107,13 @@ impl Identity {
     /// Width of each embedding (1024 for SD 2.1).
     pub fn width(&self) -> usize {
         self.embeddings.dims()[1]
+    }
+
+    /// Whether this identity was learned on a text encoder with the token-embedding table of
+    /// `table_digest` ([`token_table_digest`]); `None` when the file does not record it (files of
+    /// other tools, or older ones).
+    pub fn learned_on(&self, table_digest: &str) -> Option<bool> {
+        self.metadata.get(TOKEN_TABLE_KEY).map(|recorded| recorded == table_digest)
     }
 
     /// Writes the tool's own identity file (tensor `identity`, f32, with the metadata), atomically.

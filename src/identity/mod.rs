@@ -20,4 +20,4 @@ pub mod step;
 pub mod templates;
 pub mod train_loop;
 
-pub use file::{ExportFormat, Identity, FORMAT, FORMAT_VERSION, IDENTITY_TENSOR};
+pub use file::{token_table_digest, ExportFormat, Identity, FORMAT, FORMAT_VERSION, IDENTITY_TENSOR, TOKEN_TABLE_KEY};

@@ -20,7 +20,7 @@ use crate::identity::optim::AdamWConfig;
 use crate::identity::step::{on_training_stack, Basis, FrozenModels, Learner, StepInputs, StepReport};
 use crate::identity::templates::{caption, TEMPLATES};
 use crate::identity::train_loop::{train, Outcome, StepSource, TrainOptions};
-use crate::identity::Identity;
+use crate::identity::{token_table_digest, Identity, TOKEN_TABLE_KEY};
 use crate::models::stable_diffusion::StableDiffusion;
 use crate::priors::face_feature::FaceEncoder;
 use crate::priors::masks::FaceParser;
@@ -292,11 +292,10 @@ impl LearnRun<'_> {
             }
             Outcome::Finished => {
                 let embeddings = learner.identity(&final_feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
-                Ok(LearnOutcome::Finished(Identity {
-                    embeddings,
-                    source: PathBuf::new(),
-                    metadata: self.metadata(&options.fingerprint),
-                }))
+                let mut metadata = self.metadata(&options.fingerprint);
+                let table = token_table_digest(self.sd.text_encoder().token_embedding())?;
+                metadata.insert(TOKEN_TABLE_KEY.to_string(), table);
+                Ok(LearnOutcome::Finished(Identity { embeddings, source: PathBuf::new(), metadata }))
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Pipelines: what the frozen models produce for a user, with identities in the prompt
 //! (text-to-image, steered by ControlNets or not; text-to-video; later 3D). Each composes the shared
-//! components ([`crate::models::stable_diffusion`], [`crate::models::text_to_video`]) with a scheduler; none loads a model itself.
+//! components ([`crate::models::stable_diffusion`], [`crate::models::text_to_video`]) with a
+//! scheduler; none loads a model itself.
 
 pub mod control;
 pub mod text_to_image;
@@ -8,7 +9,7 @@ pub mod text_to_video;
 
 use candle_core::Tensor;
 
-use crate::identity::Identity;
+use crate::identity::{token_table_digest, Identity, TOKEN_TABLE_KEY};
 use crate::models::stable_diffusion::PromptEncoder;
 use crate::tokenizer::placeholder_token;
 use crate::{Error, Result};
@@ -34,6 +35,20 @@ pub fn encode_prompt(model: &impl AsRef<PromptEncoder>, prompt: &str, identities
         return Err(Error::setting("identities", identities.len(), problem));
     }
     sd.encode_ids(&ids, identity_rows(sd, identities)?.as_ref())
+}
+
+/// The identities that were learned on a text encoder whose token-embedding table differs from
+/// `model`'s ([`Identity::learned_on`]): they may not look like their person here. Identities that
+/// do not record their encoder are not listed.
+pub fn identities_from_other_encoders<'a>(
+    model: &impl AsRef<PromptEncoder>,
+    identities: &'a [Identity],
+) -> Result<Vec<&'a Identity>> {
+    if identities.iter().all(|i| !i.metadata.contains_key(TOKEN_TABLE_KEY)) {
+        return Ok(Vec::new());
+    }
+    let digest = token_table_digest(model.as_ref().text_encoder().token_embedding())?;
+    Ok(identities.iter().filter(|i| i.learned_on(&digest) == Some(false)).collect())
 }
 
 /// The identities' vectors stacked (2 x n, hidden), each checked against the text encoder's width.

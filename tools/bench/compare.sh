@@ -68,8 +68,8 @@ def ratio(a, b):
     return "-" if a is None or b is None else f"{a / b:.2f}"
 
 
-for name in ("learn", "denoise", "controlnet", "vae_encode", "vae_decode", "text", "photo_load", "face_detect",
-             "face_align"):
+for name in ("learn", "denoise", "controlnet", "vae_encode", "vae_decode", "text", "video", "photo_load",
+             "face_detect", "face_align"):
     mine, theirs = ours["results"].get(name), ref["results"].get(name)
     if mine is None or theirs is None:
         continue

@@ -10,6 +10,8 @@ constants of src/models/stable_diffusion.rs, so both sides build the same models
 - controlnet: the same step steered by ControlNetModel.from_unet(unet) (random weights): the ControlNet
   on a batch of 2 with the control image, the UNet with its residuals, the guidance.
 - vae_encode, vae_decode, text: as named, under torch.no_grad().
+- video (only when asked for): one guided step of ModelScope's text-to-video UNet3DConditionModel
+  (random weights) on 16 frames at --res, guidance 9.
 - align (with --photo): photo_load (PIL, EXIF orientation), face_detect (facenet-pytorch's
   MTCNN.detect) and face_align (the FFHQ recipe's crop of the largest face, tools/reference/align.py).
 
@@ -46,7 +48,7 @@ DENOISE_TIMESTEP = 981.0
 HAIR_WEIGHT = 0.1
 PHASE_THRESHOLD = 600
 MODEL_MEASURES = ("learn", "denoise", "controlnet", "vae", "text")
-MEASURES = (*MODEL_MEASURES, "align")
+MEASURES = (*MODEL_MEASURES, "align", "video")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -69,6 +71,8 @@ def rust_constants():
         "scheduler": config("SD21_BASE_SCHEDULER"),
         "learn_timestep": int(number("LEARN_TIMESTEP")),
         "guidance_scale": number("GUIDANCE_SCALE"),
+        "video_frames": int(number("VIDEO_FRAMES")),
+        "video_guidance_scale": number("VIDEO_GUIDANCE_SCALE"),
     }
 
 
@@ -340,6 +344,27 @@ def measure_models(args, only, device, dtype, memory, results):
     }
 
 
+def measure_video(args, device, dtype, memory, results):
+    """One guided denoising step of ModelScope's text-to-video UNet (diffusers' default
+    UNet3DConditionModel config, which is ModelScope's; random weights) on 16 frames, guidance 9."""
+    from diffusers import UNet3DConditionModel
+
+    consts = rust_constants()
+    unet = UNet3DConditionModel().requires_grad_(False).eval().to(device, dtype)
+    side = args.res // 8
+    latents = torch.randn(1, unet.config.in_channels, consts["video_frames"], side, side, device=device)
+    context = torch.randn(2, PROMPT_TOKENS, unet.config.cross_attention_dim, device=device).to(dtype)
+    t = torch.full((2,), DENOISE_TIMESTEP, device=device)
+
+    def video_step():
+        pred = unet(torch.cat([latents, latents]).to(dtype), t, context).sample.float()
+        uncond, text = pred.chunk(2)
+        return uncond + consts["video_guidance_scale"] * (text - uncond)
+
+    with torch.no_grad():
+        name, results[name] = measure("video", args, memory, video_step, device)
+
+
 def measure_align(args, memory, results):
     """Face detection and alignment of --photo as the Rust side times them: reading the photo (PIL,
     EXIF orientation), facenet-pytorch's MTCNN.detect, and the FFHQ recipe's crop of the largest
@@ -374,7 +399,7 @@ def main():
     parser.add_argument("--res", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", help="comma-separated: learn,denoise,controlnet,vae,text,align "
+    parser.add_argument("--only", help="comma-separated: learn,denoise,controlnet,vae,text,align,video "
                         "(default: learn,denoise,controlnet,vae,text, and align with --photo)")
     parser.add_argument("--photo", help="the photo the align measurement reads, detects and aligns")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -406,6 +431,8 @@ def main():
     models = None
     if set(only) & set(MODEL_MEASURES):
         models = measure_models(args, only, device, dtype, memory, results)
+    if "video" in only:
+        measure_video(args, device, dtype, memory, results)
     if "align" in only:
         measure_align(args, memory, results)
 
