@@ -51,6 +51,7 @@ pub mod io;
 pub mod models;
 pub mod nn;
 pub mod pipelines;
+pub mod splats;
 pub mod priors;
 pub mod random;
 pub mod schedulers;

@@ -6,6 +6,7 @@ mod generate;
 mod identity_file;
 mod learn;
 mod masks;
+mod render;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -35,6 +36,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Learn an identity (v1* v2*) from one face photo.
     Learn(learn::LearnArgs),
+    /// Render a 3D Gaussian splatting PLY from an orbit of cameras (or a cameras.json) as PNGs.
+    Render(render::RenderArgs),
     /// Show the face and hair masks the learner will focus on, as PNG overlays.
     Masks(masks::MasksArgs),
     /// Write an identity as a textual-inversion embedding for diffusers, AUTOMATIC1111 or ComfyUI.
@@ -50,6 +53,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Learn(args) => learn::run(args),
         Command::Masks(args) => masks::run(args),
+        Command::Render(args) => render::run(args),
         Command::Export(args) => identity_file::export(args),
         Command::Inspect(args) => identity_file::inspect(args),
     }
