@@ -48,13 +48,13 @@ fn max_abs(a: &Tensor) -> f64 {
 
 #[test]
 fn renders_match_the_dense_reference_in_f64_and_f32() {
-    for name in ["mixed", "sh3"] {
-        for dtype in [DType::F64, DType::F32] {
+    for name in ["mixed", "sh3", "opaque"] {
+        for (dtype, tolerance) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
             let (t, _, gaussians, camera, options) = scene(name, dtype);
             let view = render(&gaussians, &camera, &options).unwrap();
             let err = max_abs_diff(&view.image, &t["image"]);
             eprintln!("{name} {dtype:?}: max |image - reference| = {err:.2e}");
-            assert!(err < 1e-4, "{name} {dtype:?}: colour/depth/transmittance differ by {err}");
+            assert!(err < tolerance, "{name} {dtype:?}: colour/depth/transmittance differ by {err}");
             let radii = t["radii"].to_vec1::<f64>().unwrap();
             let ours = view.footprints().radii;
             let same = radii.iter().zip(&ours).filter(|(r, o)| **r as u32 == **o).count();
@@ -65,7 +65,7 @@ fn renders_match_the_dense_reference_in_f64_and_f32() {
 
 #[test]
 fn gradients_match_the_reference_autograd() {
-    for name in ["mixed", "sh3"] {
+    for name in ["mixed", "sh3", "opaque"] {
         let (t, vars, gaussians, camera, options) = scene(name, DType::F64);
         let view = render(&gaussians, &camera, &options).unwrap();
         let loss = (&view.image * &t["loss_weights"]).unwrap().sum_all().unwrap();
@@ -87,7 +87,14 @@ fn gradients_match_the_reference_autograd() {
 
 #[test]
 fn gradients_match_finite_differences_in_f64() {
-    let (t, vars, gaussians, camera, options) = scene("sh3", DType::F64);
+    // "opaque" stops compositing early in most pixels; "sh3" has view-dependent colours.
+    for name in ["sh3", "opaque"] {
+        finite_differences(name);
+    }
+}
+
+fn finite_differences(name: &str) {
+    let (t, vars, gaussians, camera, options) = scene(name, DType::F64);
     let weights = &t["loss_weights"];
     let loss_of = |g: &Gaussians| -> f64 {
         let view = render(g, &camera, &options).unwrap();
@@ -99,6 +106,7 @@ fn gradients_match_finite_differences_in_f64() {
     };
     let eps = 1e-6;
     let mut worst: f64 = 0.0;
+    let (mut checked, mut discontinuous) = (0, 0);
     for (group, var) in vars.iter().enumerate() {
         let grad = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let values = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -112,12 +120,22 @@ fn gradients_match_finite_differences_in_f64() {
                 loss_of(&Gaussians::from_parts(parts).unwrap())
             };
             let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+            // The renderer is discontinuous where a pixel crosses a Gaussian's 3-sigma tile
+            // rectangle or a threshold (alpha 1/255, T 1e-4): there a central difference
+            // changes with its step. Such parameters are counted, not compared.
+            let finer = (shifted(eps / 10.0) - shifted(-eps / 10.0)) / (0.2 * eps);
+            checked += 1;
+            if (numeric - finer).abs() > 1e-3 * numeric.abs().max(1.0) {
+                discontinuous += 1;
+                continue;
+            }
             let err = (numeric - grad[index]).abs() / numeric.abs().max(grad[index].abs()).max(1.0);
             worst = worst.max(err);
-            assert!(err < 1e-5, "group {group} parameter {index}: finite difference {numeric}, autograd {}", grad[index]);
+            assert!(err < 1e-5, "{name} group {group} parameter {index}: finite difference {numeric}, autograd {}", grad[index]);
         }
     }
-    eprintln!("worst relative error against finite differences: {worst:.2e}");
+    eprintln!("{name}: worst relative error against finite differences: {worst:.2e} ({discontinuous} of {checked} parameters at a discontinuity)");
+    assert!(discontinuous * 50 <= checked, "{name}: {discontinuous} of {checked} parameters at a discontinuity");
 }
 
 /// Random Gaussians in a unit ball, in f32.

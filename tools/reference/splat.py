@@ -128,7 +128,7 @@ def look_at(eye, target, up):
     return R, -R @ eye
 
 
-def scene(seed, n, width, height, sh_rest_k):
+def scene(seed, n, width, height, sh_rest_k, scale=0.08, opaque=False):
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)
     randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
@@ -136,10 +136,12 @@ def scene(seed, n, width, height, sh_rest_k):
     # Some behind the camera, some at the near plane, some outside the image borders.
     means[: n // 20, 2] = -6.0 + rand(n // 20)
     means[n // 20: n // 10, 0] = 2.2 + rand(n // 20)
-    log_scales = math.log(0.08) + 0.6 * randn(n, 3)
+    log_scales = math.log(scale) + 0.6 * randn(n, 3)
     quats = randn(n, 4)
     opacity_logits = 1.5 * randn(n)
     opacity_logits[n // 10: n // 6] = 6.0  # near-opaque (alpha hits the 0.99 clamp)
+    if opaque:  # layers of opaque Gaussians: compositing stops before T < 1e-4
+        opacity_logits = 3.0 + 2.0 * rand(n)
     sh_dc = randn(n, 3)
     sh_rest = 0.3 * randn(n, sh_rest_k, 3) if sh_rest_k else None
     eye = [0.4, -0.3, -4.0]
@@ -154,8 +156,8 @@ def scene(seed, n, width, height, sh_rest_k):
     return params, cam
 
 
-def fixture(name, seed, n, width, height, sh_rest_k):
-    params, cam = scene(seed, n, width, height, sh_rest_k)
+def fixture(name, seed, n, width, height, sh_rest_k, **kind):
+    params, cam = scene(seed, n, width, height, sh_rest_k, **kind)
     for p in params.values():
         p.requires_grad_(True)
     background = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
@@ -174,7 +176,8 @@ def fixture(name, seed, n, width, height, sh_rest_k):
     save_file({k: v.contiguous() for k, v in out.items()}, str(path),
               metadata=dict(width=str(width), height=str(height)))
     drawn = int((radii > 0).sum())
-    print(f"wrote {path.relative_to(REPO)} ({path.stat().st_size // 1024} KiB; {drawn}/{n} Gaussians drawn)")
+    print(f"wrote {path.relative_to(REPO)} ({path.stat().st_size // 1024} KiB; {drawn}/{n} Gaussians drawn, "
+          f"{int((image[4] < 1e-3).sum())} of {width * height} pixels with T < 1e-3)")
 
 
 def save_ply_3dgs(path, xyz, f_dc, f_rest, opacities, scale, rotation):
@@ -212,4 +215,5 @@ def ply_fixture():
 if __name__ == "__main__":
     fixture("mixed", seed=1, n=300, width=37, height=29, sh_rest_k=0)
     fixture("sh3", seed=2, n=120, width=33, height=21, sh_rest_k=15)
+    fixture("opaque", seed=3, n=200, width=23, height=19, sh_rest_k=3, scale=0.25, opaque=True)
     ply_fixture()
