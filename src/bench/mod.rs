@@ -14,7 +14,12 @@
 //! - `vae_encode`, `vae_decode`: the VAE at the benchmark resolution;
 //! - `text`: one prompt through the text encoder, identity rows included;
 //! - `align` (with a photo): `photo_load` (decoding, EXIF orientation), `face_detect` (MTCNN) and
-//!   `face_align` (the FFHQ crop of the largest face): how `learn` frames a photo.
+//!   `face_align` (the FFHQ crop of the largest face): how `learn` frames a photo;
+//! - `splat` (on request): `splat_forward`, rendering [`BenchOptions::splats`] Gaussians at the
+//!   benchmark resolution from [`BenchOptions::splat_views`] cameras, and `splat`, the same
+//!   renders with the backward pass of an L1 loss, on LucidDreamer's starting point (Gaussians
+//!   in a ball of radius 0.5, nearest-neighbour sized, opacity 0.1, cameras at 3.5 with a 0.55
+//!   rad field of view).
 //!
 //! `tools/bench/pytorch_bench.py` does the same work with diffusers and transformers at the same
 //! configs; `tools/bench/compare.sh` runs both (docs/benchmarks.md).
@@ -55,16 +60,18 @@ pub enum Measure {
     Text,
     /// Reading a photo, detecting its faces and aligning the largest ([`BenchOptions::photo`]).
     Align,
+    /// Gaussian splatting: renders, and renders with their backward pass.
+    Splat,
 }
 
 impl Measure {
-    /// The measurements of the Stable Diffusion models (all but [`Measure::Align`]).
+    /// The measurements of the Stable Diffusion models.
     pub const MODELS: [Measure; 5] =
         [Measure::Learn, Measure::Denoise, Measure::Controlnet, Measure::Vae, Measure::Text];
 
     /// Whether it needs the Stable Diffusion models built.
     pub fn uses_models(self) -> bool {
-        self != Measure::Align
+        !matches!(self, Measure::Align | Measure::Splat)
     }
 }
 
@@ -85,6 +92,10 @@ pub struct BenchOptions {
     pub profile: bool,
     /// The photo [`Measure::Align`] reads (a 12-megapixel phone photo is the case that matters).
     pub photo: Option<PathBuf>,
+    /// Gaussians of [`Measure::Splat`].
+    pub splats: usize,
+    /// Views per [`Measure::Splat`] run.
+    pub splat_views: usize,
 }
 
 impl BenchOptions {
@@ -100,6 +111,8 @@ impl BenchOptions {
             seed: 0,
             profile: false,
             photo: None,
+            splats: 100_000,
+            splat_views: 4,
         }
     }
 
@@ -121,11 +134,14 @@ impl BenchOptions {
             return Err(Error::setting(
                 "measures",
                 "none",
-                "nothing to measure: give at least one of learn, denoise, controlnet, vae, text, align",
+                "nothing to measure: give at least one of learn, denoise, controlnet, vae, text, align, splat",
             ));
         }
         if self.measures.contains(&Measure::Align) && self.photo.is_none() {
             return Err(Error::setting("photo", "none", "the align measurement needs a photo with a face"));
+        }
+        if self.measures.contains(&Measure::Splat) && (self.splats == 0 || self.splat_views == 0) {
+            return Err(Error::setting("splats", self.splats, "the splat measurement needs Gaussians and views"));
         }
         crate::nn::check_dtype(self.dtype, &self.device)?;
         Ok(())

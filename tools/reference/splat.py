@@ -211,8 +211,45 @@ def ply_fixture():
               str(OUT / "gaussian_model.safetensors"))
     print("wrote tests/fixtures/splats/gaussian_model.{ply,safetensors}")
 
+def bench(n, side, views=4, repeats=3):
+    """Times the dense renderer's forward + backward on the scene `stableid bench --only splat`
+    measures (Gaussians in a ball of radius 0.5, opacity 0.1, cameras at 3.5), float32, CPU."""
+    import time
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(4 * n, 3, generator=g) - 0.5
+    means = p[(p * p).sum(1) <= 0.25][:n].double()
+    spacing = (math.pi / 6 / n) ** (1 / 3)
+    params = dict(means=means, log_scales=torch.full((n, 3), math.log(spacing), dtype=torch.float64),
+                  quats=torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64).repeat(n, 1),
+                  opacity_logits=torch.full((n,), math.log(0.1 / 0.9), dtype=torch.float64),
+                  sh_dc=(torch.rand(n, 3, generator=g) * 3.4 - 1.7).double())
+    params = {k: v.float().requires_grad_(True) for k, v in params.items()}
+    cams = []
+    for view in range(views):
+        az, el = math.radians(360 * view / views), math.radians(15)
+        eye = [3.5 * math.cos(el) * math.cos(az), 3.5 * math.cos(el) * math.sin(az), 3.5 * math.sin(el)]
+        R, t = look_at(eye, [0, 0, 0], [0, 0, 1])
+        cams.append(dict(R=torch.tensor(R).float(), t=torch.tensor(t).float(), width=side, height=side,
+                         fov_x=0.55, fov_y=0.55, campos=torch.tensor(eye).float()))
+    bg = torch.zeros(3)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for cam in cams:
+            image, _ = render(params["means"], params["log_scales"], params["quats"], params["opacity_logits"],
+                              params["sh_dc"], None, cam, bg)
+            (image[:3] - 0.5).abs().mean().backward()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    print(f"dense reference, {n} Gaussians, {side}x{side}, {views} views, forward + backward: "
+          f"median {times[len(times) // 2]:.3f} s ({torch.get_num_threads()} threads)")
+
 
 if __name__ == "__main__":
+    import sys
+    if len(sys.argv) == 4 and sys.argv[1] == "--bench":  # splat.py --bench N SIDE
+        bench(int(sys.argv[2]), int(sys.argv[3]))
+        sys.exit()
     fixture("mixed", seed=1, n=300, width=37, height=29, sh_rest_k=0)
     fixture("sh3", seed=2, n=120, width=33, height=21, sh_rest_k=15)
     fixture("opaque", seed=3, n=200, width=23, height=19, sh_rest_k=3, scale=0.25, opaque=True)

@@ -88,15 +88,56 @@ fn tile_pixels(index: usize, settings: &Settings) -> (usize, usize, usize, usize
     (x0, (x0 + TILE).min(settings.width), y0, (y0 + TILE).min(settings.height))
 }
 
-/// `(alpha, exp(power), power derivative inputs dx, dy)` of Gaussian `g` at pixel centre
-/// `(px, py)`, or `None` where it is skipped.
+/// A tile's Gaussians gathered in drawing order: each row followed by the power below which
+/// its alpha is surely under 1/255, and the tile-local pixel box `[x0, x1) x [y0, y1)` outside
+/// which it is (so that far pixels cost nothing).
+const GATHERED: usize = ROW + 5;
+
+fn gather(params: &[f64], list: &[u32], tile: (usize, usize, usize, usize)) -> Vec<f64> {
+    let (tx0, tx1, ty0, ty1) = tile;
+    let mut rows = Vec::with_capacity(list.len() * GATHERED);
+    for &index in list {
+        let g = &params[index as usize * ROW..][..ROW];
+        rows.extend_from_slice(g);
+        // o exp(power) < 1/255 <=> power < -ln(255 o); a margin keeps the exact test decisive.
+        let limit = (255.0 * g[Row::OPACITY]).ln() + 1e-9;
+        rows.push(-limit);
+        // The ellipse power >= -limit spans sqrt(2 limit cov_ii) around the centre; pixel
+        // centres are at +0.5, and one pixel of margin absorbs rounding.
+        let (a, b, c) = (g[Row::CONIC], g[Row::CONIC + 1], g[Row::CONIC + 2]);
+        let det = a * c - b * b;
+        let span = |cov: f64| if limit > 0.0 { (2.0 * limit * cov).sqrt() } else { -1.0 };
+        let (span_x, span_y) = (span(c / det), span(a / det));
+        let range = |centre: f64, span: f64, low: usize, high: usize| {
+            if span < 0.0 {
+                return (0.0, 0.0);
+            }
+            let first = ((centre - span - 0.5).floor() - 1.0).max(low as f64).min(high as f64);
+            let last = ((centre + span - 0.5).ceil() + 2.0).max(low as f64).min(high as f64);
+            ((first - low as f64), (last - low as f64))
+        };
+        let (x0, x1) = range(g[Row::MEAN], span_x, tx0, tx1);
+        let (y0, y1) = range(g[Row::MEAN + 1], span_y, ty0, ty1);
+        rows.extend_from_slice(&[x0, x1, y0, y1]);
+    }
+    rows
+}
+
+/// The tile-local pixel box of a gathered Gaussian.
+#[inline]
+fn pixel_box(g: &[f64]) -> (usize, usize, usize, usize) {
+    (g[ROW + 1] as usize, g[ROW + 2] as usize, g[ROW + 3] as usize, g[ROW + 4] as usize)
+}
+
+/// `(alpha, exp(power), power derivative inputs dx, dy)` of gathered Gaussian `g` at pixel
+/// centre `(px, py)`, or `None` where it is skipped.
 #[inline]
 fn alpha_at(g: &[f64], px: f64, py: f64) -> Option<(f64, f64, f64, f64)> {
     let dx = g[Row::MEAN] - px;
     let dy = g[Row::MEAN + 1] - py;
     let (a, b, c) = (g[Row::CONIC], g[Row::CONIC + 1], g[Row::CONIC + 2]);
     let power = -0.5 * (a * dx * dx + c * dy * dy) - b * dx * dy;
-    if power > 0.0 {
+    if power > 0.0 || power < g[ROW] {
         return None;
     }
     let gauss = power.exp();
@@ -104,60 +145,78 @@ fn alpha_at(g: &[f64], px: f64, py: f64) -> Option<(f64, f64, f64, f64)> {
     (alpha >= MIN_ALPHA).then_some((alpha, gauss, dx, dy))
 }
 
+/// Per pixel of a tile, what the compositing has accumulated.
+#[derive(Clone, Copy)]
+struct PixelState {
+    color: [f64; 3],
+    depth: f64,
+    transmittance: f64,
+    contributed: u32,
+    done: bool,
+}
+
 pub(super) fn forward(params: &[f64], settings: &Settings) -> Forward {
     let (width, height) = (settings.width, settings.height);
     let (tiles, radii) = bin(params, settings);
-    let rendered: Vec<(Vec<[f64; CHANNELS]>, Vec<u32>)> = tiles
+    // Each tile visits its Gaussians front to back, each over the pixels of its box: per pixel
+    // the order, and so the arithmetic, is that of a pixel-by-pixel loop.
+    let rendered: Vec<Vec<PixelState>> = tiles
         .par_iter()
         .enumerate()
         .map(|(tile, list)| {
-            let (x0, x1, y0, y1) = tile_pixels(tile, settings);
-            let mut pixels = Vec::with_capacity((x1 - x0) * (y1 - y0));
-            let mut last = Vec::with_capacity(pixels.capacity());
-            for y in y0..y1 {
-                for x in x0..x1 {
-                    let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
-                    let (mut color, mut depth, mut transmittance, mut contributed) = ([0.0; 3], 0.0, 1.0, 0);
-                    for (n, &index) in list.iter().enumerate() {
-                        let g = &params[index as usize * ROW..][..ROW];
-                        let Some((alpha, ..)) = alpha_at(g, px, py) else { continue };
-                        let next = transmittance * (1.0 - alpha);
-                        if next < MIN_TRANSMITTANCE {
-                            break;
+            let bounds = tile_pixels(tile, settings);
+            let (x0, x1, y0, y1) = bounds;
+            let tile_width = x1 - x0;
+            let start = PixelState { color: [0.0; 3], depth: 0.0, transmittance: 1.0, contributed: 0, done: false };
+            let mut pixels = vec![start; tile_width * (y1 - y0)];
+            let mut remaining = pixels.len();
+            let rows = gather(params, list, bounds);
+            for (n, g) in rows.chunks_exact(GATHERED).enumerate() {
+                if remaining == 0 {
+                    break;
+                }
+                let (bx0, bx1, by0, by1) = pixel_box(g);
+                for ly in by0..by1 {
+                    for lx in bx0..bx1 {
+                        let pixel = &mut pixels[ly * tile_width + lx];
+                        if pixel.done {
+                            continue;
                         }
-                        let weight = alpha * transmittance;
-                        for (ch, value) in color.iter_mut().enumerate() {
+                        let (px, py) = ((x0 + lx) as f64 + 0.5, (y0 + ly) as f64 + 0.5);
+                        let Some((alpha, ..)) = alpha_at(g, px, py) else { continue };
+                        let next = pixel.transmittance * (1.0 - alpha);
+                        if next < MIN_TRANSMITTANCE {
+                            pixel.done = true;
+                            remaining -= 1;
+                            continue;
+                        }
+                        let weight = alpha * pixel.transmittance;
+                        for (ch, value) in pixel.color.iter_mut().enumerate() {
                             *value += g[Row::COLOR + ch] * weight;
                         }
-                        depth += g[Row::DEPTH] * weight;
-                        transmittance = next;
-                        contributed = n as u32 + 1;
+                        pixel.depth += g[Row::DEPTH] * weight;
+                        pixel.transmittance = next;
+                        pixel.contributed = n as u32 + 1;
                     }
-                    let bg = settings.background;
-                    pixels.push([
-                        color[0] + transmittance * bg[0],
-                        color[1] + transmittance * bg[1],
-                        color[2] + transmittance * bg[2],
-                        depth,
-                        transmittance,
-                    ]);
-                    last.push(contributed);
                 }
             }
-            (pixels, last)
+            pixels
         })
         .collect();
     let plane = width * height;
+    let bg = settings.background;
     let mut image = vec![0.0; CHANNELS * plane];
     let mut last_contributor = vec![0; plane];
-    for (tile, (pixels, last)) in rendered.into_iter().enumerate() {
+    for (tile, pixels) in rendered.into_iter().enumerate() {
         let (x0, x1, y0, y1) = tile_pixels(tile, settings);
         let coords = (y0..y1).flat_map(|y| (x0..x1).map(move |x| y * width + x));
-        for ((pixel, values), contributed) in coords.zip(pixels).zip(last) {
+        for (pixel, state) in coords.zip(pixels) {
+            let t = state.transmittance;
+            let values = [state.color[0] + t * bg[0], state.color[1] + t * bg[1], state.color[2] + t * bg[2], state.depth, t];
             for (ch, value) in values.into_iter().enumerate() {
                 image[ch * plane + pixel] = value;
             }
-            last_contributor[pixel] = contributed;
+            last_contributor[pixel] = state.contributed;
         }
     }
     Forward { image, tiles, last_contributor, radii }
@@ -177,39 +236,68 @@ pub(super) fn backward(params: &[f64], settings: &Settings, forward: &Forward, g
         .enumerate()
         .map(|(tile, list)| {
             let mut grads = vec![0.0; list.len() * ROW];
-            let (x0, x1, y0, y1) = tile_pixels(tile, settings);
-            for y in y0..y1 {
-                for x in x0..x1 {
-                    let pixel = y * width + x;
-                    let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
+            let bounds = tile_pixels(tile, settings);
+            let (x0, x1, y0, y1) = bounds;
+            let tile_width = x1 - x0;
+            let rows = gather(params, list, bounds);
+            // Per pixel: its gradients, transmittance (recovered back to front), and the colour
+            // and depth composited behind the current Gaussian (without background).
+            struct Back {
+                grad_color: [f64; 3],
+                grad_depth: f64,
+                grad_final: f64,
+                last: usize,
+                transmittance: f64,
+                behind_color: [f64; 3],
+                behind_depth: f64,
+            }
+            let mut pixels: Vec<Back> = (y0..y1)
+                .flat_map(|y| (x0..x1).map(move |x| y * width + x))
+                .map(|pixel| {
                     let grad_color = [grad_image[pixel], grad_image[plane + pixel], grad_image[2 * plane + pixel]];
-                    let grad_depth = grad_image[3 * plane + pixel];
-                    let grad_final_t = grad_image[4 * plane + pixel];
                     let final_t = forward.image[4 * plane + pixel];
                     // What the background and the transmittance output make of the final T.
                     let grad_final = final_t
-                        * (bg[0] * grad_color[0] + bg[1] * grad_color[1] + bg[2] * grad_color[2] + grad_final_t);
-                    let mut transmittance = final_t;
-                    // Colour and depth composited behind the current Gaussian (without background).
-                    let (mut behind_color, mut behind_depth) = ([0.0; 3], 0.0);
-                    for n in (0..forward.last_contributor[pixel] as usize).rev() {
-                        let g = &params[list[n] as usize * ROW..][..ROW];
+                        * (bg[0] * grad_color[0] + bg[1] * grad_color[1] + bg[2] * grad_color[2] + grad_image[4 * plane + pixel]);
+                    Back {
+                        grad_color,
+                        grad_depth: grad_image[3 * plane + pixel],
+                        grad_final,
+                        last: forward.last_contributor[pixel] as usize,
+                        transmittance: final_t,
+                        behind_color: [0.0; 3],
+                        behind_depth: 0.0,
+                    }
+                })
+                .collect();
+            let last = pixels.iter().map(|p| p.last).max().unwrap_or(0);
+            for n in (0..last).rev() {
+                let g = &rows[n * GATHERED..][..GATHERED];
+                let grad = &mut grads[n * ROW..][..ROW];
+                let (bx0, bx1, by0, by1) = pixel_box(g);
+                for ly in by0..by1 {
+                    for lx in bx0..bx1 {
+                        let state = &mut pixels[ly * tile_width + lx];
+                        if n >= state.last {
+                            continue;
+                        }
+                        let (px, py) = ((x0 + lx) as f64 + 0.5, (y0 + ly) as f64 + 0.5);
                         let Some((alpha, gauss, dx, dy)) = alpha_at(g, px, py) else { continue };
-                        transmittance /= 1.0 - alpha;
+                        state.transmittance /= 1.0 - alpha;
+                        let transmittance = state.transmittance;
                         let weight = alpha * transmittance;
-                        let grad = &mut grads[n * ROW..][..ROW];
                         let mut grad_alpha = 0.0;
                         for ch in 0..3 {
-                            grad[Row::COLOR + ch] += weight * grad_color[ch];
-                            grad_alpha += (g[Row::COLOR + ch] * transmittance
-                                - behind_color[ch] / (1.0 - alpha))
-                                * grad_color[ch];
-                            behind_color[ch] += g[Row::COLOR + ch] * weight;
+                            grad[Row::COLOR + ch] += weight * state.grad_color[ch];
+                            grad_alpha += (g[Row::COLOR + ch] * transmittance - state.behind_color[ch] / (1.0 - alpha))
+                                * state.grad_color[ch];
+                            state.behind_color[ch] += g[Row::COLOR + ch] * weight;
                         }
-                        grad[Row::DEPTH] += weight * grad_depth;
-                        grad_alpha += (g[Row::DEPTH] * transmittance - behind_depth / (1.0 - alpha)) * grad_depth;
-                        behind_depth += g[Row::DEPTH] * weight;
-                        grad_alpha -= grad_final / (1.0 - alpha);
+                        grad[Row::DEPTH] += weight * state.grad_depth;
+                        grad_alpha +=
+                            (g[Row::DEPTH] * transmittance - state.behind_depth / (1.0 - alpha)) * state.grad_depth;
+                        state.behind_depth += g[Row::DEPTH] * weight;
+                        grad_alpha -= state.grad_final / (1.0 - alpha);
                         if g[Row::OPACITY] * gauss >= MAX_ALPHA {
                             continue;
                         }
