@@ -51,10 +51,10 @@ pub mod io;
 pub mod models;
 pub mod nn;
 pub mod pipelines;
-pub mod splats;
 pub mod priors;
 pub mod random;
 pub mod schedulers;
+pub mod splats;
 pub mod tokenizer;
 pub mod weights;
 

@@ -7,7 +7,14 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{fixture, load_tensors};
-use stableid::splats::{fit, psnr, read_ply, render, write_ply, Camera, FitOptions, Gaussians, RenderOptions};
+use stableid::splats::{
+    fit, psnr, read_ply, render, write_ply, Camera, FitOptions, Gaussians, OrbitPosition, RenderOptions,
+};
+
+/// A place on an orbit around the origin, z up.
+fn orbit(radius: f64, elevation: f64, azimuth: f64) -> OrbitPosition {
+    OrbitPosition { target: [0.0; 3], up: [0.0, 0.0, 1.0], radius, elevation, azimuth }
+}
 
 /// A fixture scene: its Gaussians (as `Var`s in `dtype`), camera and render options.
 fn scene(name: &str, dtype: DType) -> (HashMap<String, Tensor>, Vec<Var>, Gaussians, Camera, RenderOptions) {
@@ -131,7 +138,11 @@ fn finite_differences(name: &str) {
             }
             let err = (numeric - grad[index]).abs() / numeric.abs().max(grad[index].abs()).max(1.0);
             worst = worst.max(err);
-            assert!(err < 1e-5, "{name} group {group} parameter {index}: finite difference {numeric}, autograd {}", grad[index]);
+            assert!(
+                err < 1e-5,
+                "{name} group {group} parameter {index}: finite difference {numeric}, autograd {}",
+                grad[index]
+            );
         }
     }
     eprintln!("{name}: worst relative error against finite differences: {worst:.2e} ({discontinuous} of {checked} parameters at a discontinuity)");
@@ -142,11 +153,13 @@ fn finite_differences(name: &str) {
 fn random_cloud(count: usize, seed: u64, scale: f64) -> Gaussians {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut uniform = |n: usize, low: f64, high: f64| -> Vec<f32> { (0..n).map(|_| rng.random_range(low..high) as f32).collect() };
+    let mut uniform =
+        |n: usize, low: f64, high: f64| -> Vec<f32> { (0..n).map(|_| rng.random_range(low..high) as f32).collect() };
     let device = Device::Cpu;
     Gaussians {
         means: Tensor::from_vec(uniform(count * 3, -0.8, 0.8), (count, 3), &device).unwrap(),
-        log_scales: Tensor::from_vec(uniform(count * 3, (0.5 * scale).ln(), (1.5 * scale).ln()), (count, 3), &device).unwrap(),
+        log_scales: Tensor::from_vec(uniform(count * 3, (0.5 * scale).ln(), (1.5 * scale).ln()), (count, 3), &device)
+            .unwrap(),
         rotations: Tensor::from_vec(uniform(count * 4, -1.0, 1.0), (count, 4), &device).unwrap(),
         opacity_logits: Tensor::from_vec(uniform(count, -1.0, 3.0), count, &device).unwrap(),
         sh_dc: Tensor::from_vec(uniform(count * 3, -1.7, 1.7), (count, 3), &device).unwrap(),
@@ -158,9 +171,8 @@ fn random_cloud(count: usize, seed: u64, scale: f64) -> Gaussians {
 fn fitting_recovers_a_small_scene() {
     const MIN_PSNR: f64 = 26.0;
     let truth = random_cloud(40, 1, 0.15);
-    let cameras: Vec<Camera> = (0..4)
-        .map(|k| Camera::orbit([0.0; 3], [0.0, 0.0, 1.0], 3.0, 20.0, 90.0 * k as f64, 0.8, 32, 32).unwrap())
-        .collect();
+    let cameras: Vec<Camera> =
+        (0..4).map(|k| Camera::orbit(&orbit(3.0, 20.0, 90.0 * k as f64), 0.8, 32, 32).unwrap()).collect();
     let options = RenderOptions { background: [1.0; 3], near: 0.2 };
     let views: Vec<(Camera, Tensor)> =
         cameras.iter().map(|c| (c.clone(), render(&truth, c, &options).unwrap().color().unwrap())).collect();
@@ -173,19 +185,30 @@ fn fitting_recovers_a_small_scene() {
     fit_options.rates.opacity_logits = stableid::splats::ExponentialSchedule::constant(0.05);
     fit_options.rates.log_scales = stableid::splats::ExponentialSchedule::constant(0.01);
     fit_options.densify = None;
-    let before: f64 = views.iter().map(|(c, target)| psnr(&render(&start, c, &options).unwrap().color().unwrap(), target).unwrap()).sum::<f64>() / 4.0;
+    let before: f64 = views
+        .iter()
+        .map(|(c, target)| psnr(&render(&start, c, &options).unwrap().color().unwrap(), target).unwrap())
+        .sum::<f64>()
+        / 4.0;
     let (fitted, report) = fit(&start, &views, &fit_options, |_, _| {}).unwrap();
-    let after: f64 = views.iter().map(|(c, target)| psnr(&render(&fitted, c, &options).unwrap().color().unwrap(), target).unwrap()).sum::<f64>() / 4.0;
-    eprintln!("PSNR {before:.2} dB -> {after:.2} dB after {} iterations ({} Gaussians)", report.losses.len(), report.count);
+    let after: f64 = views
+        .iter()
+        .map(|(c, target)| psnr(&render(&fitted, c, &options).unwrap().color().unwrap(), target).unwrap())
+        .sum::<f64>()
+        / 4.0;
+    eprintln!(
+        "PSNR {before:.2} dB -> {after:.2} dB after {} iterations ({} Gaussians)",
+        report.losses.len(),
+        report.count
+    );
     assert!(after > MIN_PSNR, "fitting reached {after:.2} dB, expected above {MIN_PSNR}");
 }
 
 #[test]
 fn densification_clones_splits_and_prunes() {
     let truth = random_cloud(30, 3, 0.15);
-    let cameras: Vec<Camera> = (0..3)
-        .map(|k| Camera::orbit([0.0; 3], [0.0, 0.0, 1.0], 3.0, 10.0, 120.0 * k as f64, 0.8, 24, 24).unwrap())
-        .collect();
+    let cameras: Vec<Camera> =
+        (0..3).map(|k| Camera::orbit(&orbit(3.0, 10.0, 120.0 * k as f64), 0.8, 24, 24).unwrap()).collect();
     let options = RenderOptions { background: [0.0; 3], near: 0.2 };
     let views: Vec<(Camera, Tensor)> =
         cameras.iter().map(|c| (c.clone(), render(&truth, c, &options).unwrap().color().unwrap())).collect();
@@ -253,7 +276,10 @@ fn ply_error(header_properties: &[&str], rows: &[Vec<f32>]) -> String {
 
 #[test]
 fn bad_plys_are_refused_with_one_line_saying_why() {
-    let full = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"];
+    let full = [
+        "x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1",
+        "rot_2", "rot_3",
+    ];
     // A point cloud, not Gaussians.
     let err = ply_error(&["x", "y", "z", "red"], &[vec![0.0; 4]]);
     assert!(err.contains("missing vertex properties f_dc_0 f_dc_1 f_dc_2 opacity scale_0"), "{err}");
@@ -278,14 +304,23 @@ fn degenerate_cameras_and_sizes_are_refused() {
     let err = Camera::look_at([0.0, 3.0, 0.0], [0.0; 3], [0.0, 0.0, 1.0], 0.8, 0, 16).unwrap_err().to_string();
     assert!(err.contains("at least one pixel"), "{err}");
     let means = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
-    let orbit = stableid::splats::Orbit { views: 4, radius: Some(0.5), elevation: 0.0, fov: 40.0, width: 8, height: 8, up: [0.0, 0.0, 1.0] };
+    let orbit = stableid::splats::Orbit {
+        views: 4,
+        radius: Some(0.5),
+        elevation: 0.0,
+        fov: 40.0,
+        width: 8,
+        height: 8,
+        up: [0.0, 0.0, 1.0],
+    };
     let err = stableid::splats::orbit_cameras(&means, &orbit).unwrap_err().to_string();
     assert!(err.contains("inside the scene"), "{err}");
 }
 
 #[test]
 fn a_camera_survives_the_3dgs_json_format() {
-    let camera = Camera::orbit([0.1, 0.2, 0.3], [0.0, 0.0, 1.0], 4.0, 25.0, 70.0, 0.7, 40, 30).unwrap();
+    let camera =
+        Camera::orbit(&OrbitPosition { target: [0.1, 0.2, 0.3], ..orbit(4.0, 25.0, 70.0) }, 0.7, 40, 30).unwrap();
     let back = Camera::from_json(&camera.to_json(0, "a.png")).unwrap();
     for i in 0..3 {
         assert!((camera.translation[i] - back.translation[i]).abs() < 1e-12);

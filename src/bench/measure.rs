@@ -26,7 +26,7 @@ use crate::priors::align::{align, choose_face, FaceDetector, ALIGNED_SIZE};
 use crate::priors::photo::load_upright;
 use crate::random::standard_normal;
 use crate::schedulers::Ddpm;
-use crate::splats::{render, Camera, Gaussians, RenderOptions};
+use crate::splats::{render, Camera, Gaussians, OrbitPosition, RenderOptions};
 use crate::weights::RandomWeights;
 use crate::{Error, Result};
 
@@ -355,7 +355,9 @@ fn measure_splat(options: &BenchOptions, memory: &mut MemoryProbe) -> Result<[Ti
     let cameras = (0..options.splat_views)
         .map(|view| {
             let azimuth = 360.0 * view as f64 / options.splat_views as f64;
-            Camera::orbit([0.0; 3], [0.0, 0.0, 1.0], 3.5, 15.0, azimuth, 0.55, side, side)
+            let position =
+                OrbitPosition { target: [0.0; 3], up: [0.0, 0.0, 1.0], radius: 3.5, elevation: 15.0, azimuth };
+            Camera::orbit(&position, 0.55, side, side)
         })
         .collect::<Result<Vec<_>>>()?;
     let render_options = RenderOptions::default();

@@ -55,7 +55,10 @@ pub struct RenderArgs {
 }
 
 fn triple(flag: &str, text: &str) -> Result<[f64; 3]> {
-    let values: Vec<f64> = text.split(',').map(|v| v.trim().parse::<f64>()).collect::<Result<_, _>>()
+    let values: Vec<f64> = text
+        .split(',')
+        .map(|v| v.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
         .with_context(|| format!("--{flag} {text}: expected three numbers X,Y,Z"))?;
     match values.as_slice() {
         [a, b, c] if values.iter().all(|v| v.is_finite()) => Ok([*a, *b, *c]),

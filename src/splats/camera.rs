@@ -50,7 +50,11 @@ impl Camera {
     pub fn look_at(eye: Vec3, target: Vec3, up: Vec3, fov_y: f64, width: usize, height: usize) -> Result<Self> {
         check_image(width, height)?;
         if !(fov_y > 0.0 && fov_y < std::f64::consts::PI) {
-            return Err(Error::setting("fov", fov_y.to_degrees(), "the field of view must be between 0 and 180 degrees"));
+            return Err(Error::setting(
+                "fov",
+                fov_y.to_degrees(),
+                "the field of view must be between 0 and 180 degrees",
+            ));
         }
         let forward = normalized(sub(target, eye))
             .ok_or_else(|| Error::Input("degenerate camera: the eye and the target coincide".into()))?;
@@ -64,25 +68,21 @@ impl Camera {
         Ok(Self { rotation, translation, fov_x, fov_y, width, height })
     }
 
-    /// A camera on an orbit around `target` (with `up` the orbit's axis): `elevation` above the
-    /// orbit plane and `azimuth` around the axis, both in degrees, looking at `target`.
-    pub fn orbit(
-        target: Vec3,
-        up: Vec3,
-        radius: f64,
-        elevation: f64,
-        azimuth: f64,
-        fov_y: f64,
-        width: usize,
-        height: usize,
-    ) -> Result<Self> {
+    /// A camera at `position` on an orbit, looking at the orbit's target; `fov_y` in radians.
+    pub fn orbit(position: &OrbitPosition, fov_y: f64, width: usize, height: usize) -> Result<Self> {
+        let OrbitPosition { target, up, radius, elevation, azimuth } = *position;
         if !(radius > 0.0 && radius.is_finite()) {
             return Err(Error::setting("radius", radius, "the orbit radius must be a positive number"));
         }
-        if !(elevation.abs() < 90.0) {
-            return Err(Error::setting("elevation", elevation, "the elevation must lie strictly between -90 and 90 degrees"));
+        if elevation.is_nan() || elevation.abs() >= 90.0 {
+            return Err(Error::setting(
+                "elevation",
+                elevation,
+                "the elevation must lie strictly between -90 and 90 degrees",
+            ));
         }
-        let axis = normalized(up).ok_or_else(|| Error::setting("up", format!("{up:?}"), "the up vector must not be zero"))?;
+        let axis =
+            normalized(up).ok_or_else(|| Error::setting("up", format!("{up:?}"), "the up vector must not be zero"))?;
         // Two unit vectors spanning the orbit plane.
         let helper = if axis[0].abs() < 0.9 { [1.0, 0.0, 0.0] } else { [0.0, 1.0, 0.0] };
         let first = normalized(sub(helper, scale(axis, dot(helper, axis)))).expect("helper is not parallel to axis");
@@ -95,10 +95,7 @@ impl Camera {
 
     /// Focal lengths in pixels.
     pub fn focal(&self) -> (f64, f64) {
-        (
-            self.width as f64 / (2.0 * (self.fov_x / 2.0).tan()),
-            self.height as f64 / (2.0 * (self.fov_y / 2.0).tan()),
-        )
+        (self.width as f64 / (2.0 * (self.fov_x / 2.0).tan()), self.height as f64 / (2.0 * (self.fov_y / 2.0).tan()))
     }
 
     /// The camera centre in world coordinates: `-rotation^T translation`.
@@ -117,7 +114,8 @@ impl Camera {
         let c2w = entry.rotation;
         // The world-to-camera rotation is the transpose of the stored camera-to-world one.
         let rotation = [0, 1, 2].map(|i| [c2w[0][i], c2w[1][i], c2w[2][i]]);
-        let orthonormal = (0..3).all(|i| (0..3).all(|j| (dot(rotation[i], rotation[j]) - f64::from(i == j)).abs() < 1e-4));
+        let orthonormal =
+            (0..3).all(|i| (0..3).all(|j| (dot(rotation[i], rotation[j]) - f64::from(i == j)).abs() < 1e-4));
         if !orthonormal || entry.position.iter().any(|v| !v.is_finite()) {
             return Err(Error::Input(format!(
                 "camera {}: the rotation is not orthonormal or the position is not finite",
@@ -159,6 +157,18 @@ fn check_image(width: usize, height: usize) -> Result<()> {
     Ok(())
 }
 
+/// A place on an orbit around `target`, whose axis is `up` (up in the images too): `elevation`
+/// degrees above the orbit plane, `azimuth` degrees around the axis from the first axis
+/// perpendicular to it, at distance `radius`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OrbitPosition {
+    pub target: Vec3,
+    pub up: Vec3,
+    pub radius: f64,
+    pub elevation: f64,
+    pub azimuth: f64,
+}
+
 /// One entry of the `cameras.json` that 3DGS writes beside its PLY (`utils/camera_utils.py`
 /// `camera_to_JSON`): `rotation` is camera-to-world, `position` the camera centre.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,9 +193,8 @@ pub fn read_cameras_json(path: &Path) -> Result<Vec<Camera>> {
     }
     let text = crate::io::read_text_bounded(path, 64 << 20)
         .map_err(|e| Error::Input(format!("cannot read cameras {}: {e}", path.display())))?;
-    let parsed = serde_json::from_str::<OneOrMany>(&text).map_err(|e| {
-        Error::Input(format!("{}: not a 3DGS cameras.json ({e})", path.display()))
-    })?;
+    let parsed = serde_json::from_str::<OneOrMany>(&text)
+        .map_err(|e| Error::Input(format!("{}: not a 3DGS cameras.json ({e})", path.display())))?;
     let entries = match parsed {
         OneOrMany::Many(entries) => entries,
         OneOrMany::One(entry) => vec![entry],
@@ -253,16 +262,8 @@ pub fn orbit_cameras(means: &[[f64; 3]], orbit: &Orbit) -> Result<Vec<Camera>> {
     (0..orbit.views)
         .map(|view| {
             let azimuth = 360.0 * view as f64 / orbit.views as f64;
-            Camera::orbit(
-                centre,
-                orbit.up,
-                radius,
-                orbit.elevation,
-                azimuth,
-                orbit.fov.to_radians(),
-                orbit.width,
-                orbit.height,
-            )
+            let position = OrbitPosition { target: centre, up: orbit.up, radius, elevation: orbit.elevation, azimuth };
+            Camera::orbit(&position, orbit.fov.to_radians(), orbit.width, orbit.height)
         })
         .collect()
 }

@@ -89,7 +89,9 @@ pub fn fit(
         let loss = (view.color()? - target.to_dtype(view.image.dtype())?)?.abs()?.mean_all()?;
         let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
-            return Err(Error::Numeric(format!("the loss became {value} at iteration {iteration}: lower the learning rates")));
+            return Err(Error::Numeric(format!(
+                "the loss became {value} at iteration {iteration}: lower the learning rates"
+            )));
         }
         let grads = loss.backward()?;
         adam.step(&grads)?;
@@ -111,5 +113,8 @@ pub fn fit(
     }
     let gaussians = adam.gaussians()?;
     let count = gaussians.len()?;
-    Ok((Gaussians::from_parts(gaussians.parts().into_iter().map(|t| t.detach()).collect())?, FitReport { losses, count }))
+    Ok((
+        Gaussians::from_parts(gaussians.parts().into_iter().map(|t| t.detach()).collect())?,
+        FitReport { losses, count },
+    ))
 }

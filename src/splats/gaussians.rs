@@ -28,7 +28,10 @@ impl Gaussians {
         let n = self.means.dims2().map(|(n, _)| n)?;
         let expect = |name: &str, tensor: &Tensor, dims: &[usize]| -> Result<()> {
             if tensor.dims() != dims {
-                return Err(Error::Input(format!("Gaussians: {name} has shape {:?}, expected {dims:?}", tensor.dims())));
+                return Err(Error::Input(format!(
+                    "Gaussians: {name} has shape {:?}, expected {dims:?}",
+                    tensor.dims()
+                )));
             }
             Ok(())
         };
@@ -92,7 +95,12 @@ impl Gaussians {
 
     /// Every parameter converted to `dtype` on `device`.
     pub fn to(&self, dtype: DType, device: &Device) -> Result<Self> {
-        Self::from_parts(self.parts().into_iter().map(|t| t.to_dtype(dtype)?.to_device(device)).collect::<candle_core::Result<_>>()?)
+        Self::from_parts(
+            self.parts()
+                .into_iter()
+                .map(|t| t.to_dtype(dtype)?.to_device(device))
+                .collect::<candle_core::Result<_>>()?,
+        )
     }
 
     /// The colour whose degree-0 coefficient is `sh`: `SH_C0 sh + 0.5`, and its inverse.

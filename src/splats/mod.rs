@@ -31,7 +31,7 @@ mod train;
 
 use candle_core::Tensor;
 
-pub use camera::{orbit_cameras, read_cameras_json, scene_bounds, Camera, CameraJson, Orbit, Vec3};
+pub use camera::{orbit_cameras, read_cameras_json, scene_bounds, Camera, CameraJson, Orbit, OrbitPosition, Vec3};
 pub use fit::{fit, psnr, FitOptions, FitReport};
 pub use gaussians::Gaussians;
 pub use ply::{read_ply, write_ply};
@@ -83,8 +83,13 @@ impl Render {
     pub fn rgb_image(&self) -> Result<crate::io::RgbImage> {
         let color = self.color()?.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?;
         let (_, height, width) = color.dims3()?;
-        let bytes = (color.clamp(0f32, 1f32)? * 255.0)?.round()?.permute((1, 2, 0))?.to_dtype(candle_core::DType::U8)?;
-        Ok(crate::io::RgbImage { width: width as u32, height: height as u32, pixels: bytes.flatten_all()?.to_vec1::<u8>()? })
+        let bytes =
+            (color.clamp(0f32, 1f32)? * 255.0)?.round()?.permute((1, 2, 0))?.to_dtype(candle_core::DType::U8)?;
+        Ok(crate::io::RgbImage {
+            width: width as u32,
+            height: height as u32,
+            pixels: bytes.flatten_all()?.to_vec1::<u8>()?,
+        })
     }
 
     /// Pixel radii of the Gaussians (0: not drawn), and their 2D gradients once a loss of this

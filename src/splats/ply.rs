@@ -126,7 +126,12 @@ pub fn read_ply(path: &Path, device: &Device) -> Result<Gaussians> {
     }
     let row_bytes: usize = properties.iter().map(|(_, s)| if matches!(s, Scalar::F32) { 4 } else { 8 }).sum();
     if body.len() < n * row_bytes {
-        return Err(bad(format!("truncated: {} Gaussians need {} bytes, the file has {}", n, n * row_bytes, body.len())));
+        return Err(bad(format!(
+            "truncated: {} Gaussians need {} bytes, the file has {}",
+            n,
+            n * row_bytes,
+            body.len()
+        )));
     }
     // Offsets of the wanted properties within a row.
     let mut offsets = Vec::with_capacity(wanted.len());

@@ -20,7 +20,13 @@ use crate::Result;
 
 pub const SH_C0: f64 = 0.282_094_791_773_878_14;
 const SH_C1: f64 = 0.488_602_511_902_919_9;
-const SH_C2: [f64; 5] = [1.092_548_430_592_079_2, -1.092_548_430_592_079_2, 0.315_391_565_252_520_05, -1.092_548_430_592_079_2, 0.546_274_215_296_039_6];
+const SH_C2: [f64; 5] = [
+    1.092_548_430_592_079_2,
+    -1.092_548_430_592_079_2,
+    0.315_391_565_252_520_05,
+    -1.092_548_430_592_079_2,
+    0.546_274_215_296_039_6,
+];
 const SH_C3: [f64; 7] = [
     -0.590_043_589_926_643_5,
     2.890_611_442_640_554,
@@ -157,11 +163,13 @@ pub fn project(gaussians: &Gaussians, camera: &Camera, near: f64) -> Result<Tens
     let a = view_factor(gaussians, camera)?;
     let mut b0 = Vec::with_capacity(3);
     let mut b1 = Vec::with_capacity(3);
-    for k in 0..3 {
-        b0.push(((&j00 * &a[0][k])? + (&j02 * &a[2][k])?)?);
-        b1.push(((&j11 * &a[1][k])? + (&j12 * &a[2][k])?)?);
+    for ((a0, a1), a2) in a[0].iter().zip(&a[1]).zip(&a[2]) {
+        b0.push(((&j00 * a0)? + (&j02 * a2)?)?);
+        b1.push(((&j11 * a1)? + (&j12 * a2)?)?);
     }
-    let dot = |u: &[Tensor], v: &[Tensor]| -> Result<Tensor> { Ok(((&u[0] * &v[0])? + (&u[1] * &v[1])? + (&u[2] * &v[2])?)?) };
+    let dot = |u: &[Tensor], v: &[Tensor]| -> Result<Tensor> {
+        Ok(((&u[0] * &v[0])? + (&u[1] * &v[1])? + (&u[2] * &v[2])?)?)
+    };
     let cov_xx = (dot(&b0, &b0)? + LOW_PASS)?;
     let cov_xy = dot(&b0, &b1)?;
     let cov_yy = (dot(&b1, &b1)? + LOW_PASS)?;
@@ -186,4 +194,3 @@ pub fn project(gaussians: &Gaussians, camera: &Camera, near: f64) -> Result<Tens
     debug_assert_eq!(columns.len(), ROW);
     Ok(Tensor::stack(&columns, 1)?)
 }
-

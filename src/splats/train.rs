@@ -80,7 +80,11 @@ impl SplatAdam {
     /// Trainable copies of `gaussians`.
     pub fn new(gaussians: &Gaussians, rates: LearningRates) -> Result<Self> {
         gaussians.len()?;
-        let vars = gaussians.parts().into_iter().map(|t| Var::from_tensor(&t.detach())).collect::<candle_core::Result<Vec<_>>>()?;
+        let vars = gaussians
+            .parts()
+            .into_iter()
+            .map(|t| Var::from_tensor(&t.detach()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let zeros = vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { first: zeros.clone(), second: zeros, vars, step: 0, rates })
     }
@@ -222,18 +226,25 @@ impl Densifier {
         let n = g.len()?;
         let cpu = |t: &Tensor| -> Result<Vec<Vec<f64>>> {
             let t = t.to_dtype(DType::F64)?.to_device(&Device::Cpu)?;
-            Ok(if t.rank() == 1 { t.to_vec1::<f64>()?.into_iter().map(|v| vec![v]).collect() } else { t.flatten_from(1)?.to_vec2::<f64>()? })
+            Ok(if t.rank() == 1 {
+                t.to_vec1::<f64>()?.into_iter().map(|v| vec![v]).collect()
+            } else {
+                t.flatten_from(1)?.to_vec2::<f64>()?
+            })
         };
-        let (means, log_scales, rotations, opacities) = (cpu(&g.means)?, cpu(&g.log_scales)?, cpu(&g.rotations)?, cpu(&g.opacity_logits)?);
+        let (means, log_scales, rotations, opacities) =
+            (cpu(&g.means)?, cpu(&g.log_scales)?, cpu(&g.rotations)?, cpu(&g.opacity_logits)?);
         let max_scale = |i: usize| log_scales[i].iter().cloned().fold(f64::MIN, f64::max).exp();
         let dense_size = o.percent_dense * o.extent;
         let selected = |i: usize| self.views[i] > 0.0 && self.grad_sum[i] / self.views[i] >= o.grad_threshold;
-        let clones: Vec<u32> = (0..n).filter(|&i| selected(i) && max_scale(i) <= dense_size).map(|i| i as u32).collect();
+        let clones: Vec<u32> =
+            (0..n).filter(|&i| selected(i) && max_scale(i) <= dense_size).map(|i| i as u32).collect();
         let splits: Vec<usize> = (0..n).filter(|&i| selected(i) && max_scale(i) > dense_size).collect();
         let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
         let pruned = |i: usize| {
             let small = sigmoid(opacities[i][0]) < o.min_opacity;
-            let big = o.max_screen_size.is_some_and(|limit| self.max_radius[i] > limit || max_scale(i) > 0.1 * o.extent);
+            let big =
+                o.max_screen_size.is_some_and(|limit| self.max_radius[i] > limit || max_scale(i) > 0.1 * o.extent);
             small || big
         };
         // Split: two samples from each large Gaussian, 1.6 times smaller (3DGS: N = 2, / (0.8 N)).
@@ -243,12 +254,14 @@ impl Densifier {
         for &i in &splits {
             let rotation = quaternion_matrix(&rotations[i]);
             for _ in 0..SAMPLES {
-                let local: Vec<f64> =
-                    (0..3).map(|k| {
+                let local: Vec<f64> = (0..3)
+                    .map(|k| {
                         let z: f64 = StandardNormal.sample(&mut self.rng);
                         log_scales[i][k].exp() * z
-                    }).collect();
-                split_means.extend((0..3).map(|r| means[i][r] + (0..3).map(|c| rotation[r][c] * local[c]).sum::<f64>()));
+                    })
+                    .collect();
+                split_means
+                    .extend((0..3).map(|r| means[i][r] + (0..3).map(|c| rotation[r][c] * local[c]).sum::<f64>()));
                 split_sources.push(i as u32);
             }
         }
@@ -261,11 +274,16 @@ impl Densifier {
             None
         } else {
             let index = Tensor::new(sources.as_slice(), &device)?;
-            let mut parts: Vec<Tensor> = g.parts().into_iter().map(|t| t.detach().index_select(&index, 0)).collect::<candle_core::Result<_>>()?;
+            let mut parts: Vec<Tensor> = g
+                .parts()
+                .into_iter()
+                .map(|t| t.detach().index_select(&index, 0))
+                .collect::<candle_core::Result<_>>()?;
             if !split_sources.is_empty() {
                 let c = clones.len();
                 let count = split_sources.len();
-                let new_means = Tensor::from_vec(split_means, (count, 3), &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)?;
+                let new_means =
+                    Tensor::from_vec(split_means, (count, 3), &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)?;
                 parts[0] = Tensor::cat(&[&parts[0].narrow(0, 0, c)?, &new_means], 0)?;
                 let shrunk = (parts[1].narrow(0, c, count)? - (0.8 * SAMPLES as f64).ln())?;
                 parts[1] = Tensor::cat(&[&parts[1].narrow(0, 0, c)?, &shrunk], 0)?;
@@ -281,10 +299,18 @@ impl Densifier {
         let extension = match extension {
             Some(ext) => {
                 let opacity = ext.opacity_logits.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1::<f64>()?;
-                let kept: Vec<u32> = (0..opacity.len()).filter(|&j| sigmoid(opacity[j]) >= o.min_opacity).map(|j| j as u32).collect();
+                let kept: Vec<u32> =
+                    (0..opacity.len()).filter(|&j| sigmoid(opacity[j]) >= o.min_opacity).map(|j| j as u32).collect();
                 let index = Tensor::new(kept.as_slice(), &device)?;
                 (!kept.is_empty())
-                    .then(|| Gaussians::from_parts(ext.parts().into_iter().map(|t| t.index_select(&index, 0)).collect::<candle_core::Result<_>>()?))
+                    .then(|| {
+                        Gaussians::from_parts(
+                            ext.parts()
+                                .into_iter()
+                                .map(|t| t.index_select(&index, 0))
+                                .collect::<candle_core::Result<_>>()?,
+                        )
+                    })
                     .transpose()?
             }
             None => None,
@@ -292,7 +318,9 @@ impl Densifier {
         adam.replace(&keep, extension.as_ref())?;
         let count = adam.gaussians()?.len()?;
         if count == 0 {
-            return Err(Error::Numeric("densification pruned every Gaussian: lower min_opacity or check the inputs".into()));
+            return Err(Error::Numeric(
+                "densification pruned every Gaussian: lower min_opacity or check the inputs".into(),
+            ));
         }
         self.grad_sum = vec![0.0; count];
         self.views = vec![0.0; count];
@@ -311,4 +339,3 @@ fn quaternion_matrix(q: &[f64]) -> [[f64; 3]; 3] {
         [2.0 * (x * z - w * y), 2.0 * (y * z + w * x), 1.0 - 2.0 * (x * x + y * y)],
     ]
 }
-

@@ -34,7 +34,7 @@ pub(super) struct Forward {
 fn footprint(g: &[f64], settings: &Settings) -> Option<(u32, [usize; 4])> {
     let depth = g[Row::DEPTH];
     let (a, b, c) = (g[Row::CONIC], g[Row::CONIC + 1], g[Row::CONIC + 2]);
-    if !(depth > settings.near) || g.iter().any(|v| !v.is_finite()) {
+    if g.iter().any(|v| !v.is_finite()) || depth <= settings.near {
         return None;
     }
     let det_conic = a * c - b * b;
@@ -212,7 +212,8 @@ pub(super) fn forward(params: &[f64], settings: &Settings) -> Forward {
         let coords = (y0..y1).flat_map(|y| (x0..x1).map(move |x| y * width + x));
         for (pixel, state) in coords.zip(pixels) {
             let t = state.transmittance;
-            let values = [state.color[0] + t * bg[0], state.color[1] + t * bg[1], state.color[2] + t * bg[2], state.depth, t];
+            let values =
+                [state.color[0] + t * bg[0], state.color[1] + t * bg[1], state.color[2] + t * bg[2], state.depth, t];
             for (ch, value) in values.into_iter().enumerate() {
                 image[ch * plane + pixel] = value;
             }
@@ -258,7 +259,10 @@ pub(super) fn backward(params: &[f64], settings: &Settings, forward: &Forward, g
                     let final_t = forward.image[4 * plane + pixel];
                     // What the background and the transmittance output make of the final T.
                     let grad_final = final_t
-                        * (bg[0] * grad_color[0] + bg[1] * grad_color[1] + bg[2] * grad_color[2] + grad_image[4 * plane + pixel]);
+                        * (bg[0] * grad_color[0]
+                            + bg[1] * grad_color[1]
+                            + bg[2] * grad_color[2]
+                            + grad_image[4 * plane + pixel]);
                     Back {
                         grad_color,
                         grad_depth: grad_image[3 * plane + pixel],

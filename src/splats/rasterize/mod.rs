@@ -7,7 +7,7 @@
 //! is `[5, height, width]`: colour `C + T bg` (3), depth `sum(depth alpha T)` (as LucidDreamer's
 //! fork of the Inria rasterizer) and final transmittance `T`.
 //!
-//! Only the CPU kernel ([`cpu`]) exists: a tensor on another device is copied to the CPU, drawn,
+//! Only the CPU kernel (`cpu.rs`) exists: a tensor on another device is copied to the CPU, drawn,
 //! and the image copied back (candle's `to_device` is differentiable), so CUDA is correct but
 //! slow until CUDA kernels are written and tested on a GPU.
 
@@ -102,13 +102,13 @@ impl CustomOp1 for Rasterize {
 
     fn bwd(&self, params: &Tensor, _image: &Tensor, grad_image: &Tensor) -> Result<Option<Tensor>> {
         let forward = lock(&self.forward)?;
-        let forward = forward.as_ref().ok_or_else(|| candle_core::Error::Msg("rasterizer: backward before forward".into()))?;
+        let forward =
+            forward.as_ref().ok_or_else(|| candle_core::Error::Msg("rasterizer: backward before forward".into()))?;
         let values = params.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         let grad_image = grad_image.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         let grads = cpu::backward(&values, &self.settings, forward, &grad_image);
-        lock(&self.footprints)?.mean_grads = Some(
-            grads.chunks(ROW).map(|g| [g[Layout::MEAN], g[Layout::MEAN + 1]]).collect(),
-        );
+        lock(&self.footprints)?.mean_grads =
+            Some(grads.chunks(ROW).map(|g| [g[Layout::MEAN], g[Layout::MEAN + 1]]).collect());
         let grads = Tensor::from_vec(grads, params.shape(), &Device::Cpu)?.to_dtype(params.dtype())?;
         Ok(Some(grads))
     }
