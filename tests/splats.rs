@@ -303,6 +303,11 @@ fn degenerate_cameras_and_sizes_are_refused() {
     assert!(err.contains("parallel to the up vector"), "{err}");
     let err = Camera::look_at([0.0, 3.0, 0.0], [0.0; 3], [0.0, 0.0, 1.0], 0.8, 0, 16).unwrap_err().to_string();
     assert!(err.contains("at least one pixel"), "{err}");
+    let empty = random_cloud(1, 0, 0.1);
+    let empty = Gaussians::from_parts(empty.parts().into_iter().map(|t| t.narrow(0, 0, 0).unwrap()).collect()).unwrap();
+    let camera = Camera::orbit(&orbit(3.0, 0.0, 0.0), 0.8, 8, 8).unwrap();
+    let err = render(&empty, &camera, &RenderOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("no Gaussians"), "{err}");
     let means = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
     let orbit = stableid::splats::Orbit {
         views: 4,

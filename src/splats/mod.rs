@@ -101,6 +101,9 @@ impl Render {
 
 /// Renders `gaussians` seen by `camera`: differentiable with respect to every Gaussian tensor.
 pub fn render(gaussians: &Gaussians, camera: &Camera, options: &RenderOptions) -> Result<Render> {
+    if gaussians.is_empty()? {
+        return Err(crate::Error::Input("nothing to render: the cloud holds no Gaussians".into()));
+    }
     let rows = project(gaussians, camera, options.near)?;
     let settings =
         Settings { width: camera.width, height: camera.height, background: options.background, near: options.near };
