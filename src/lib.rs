@@ -55,6 +55,7 @@ pub mod pipelines;
 pub mod priors;
 pub mod random;
 pub mod schedulers;
+pub mod splats;
 pub mod tokenizer;
 pub mod weights;
 

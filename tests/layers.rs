@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["error"],
     &["random", "io"],
-    &["weights", "tokenizer", "nn", "schedulers"],
+    &["weights", "tokenizer", "nn", "schedulers", "splats"],
     &["models"],
     &["priors"],
     &["identity"],

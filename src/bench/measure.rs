@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -27,6 +27,7 @@ use crate::priors::align::{align, choose_face, FaceDetector, ALIGNED_SIZE};
 use crate::priors::photo::load_upright;
 use crate::random::standard_normal;
 use crate::schedulers::Ddpm;
+use crate::splats::{render, Camera, Gaussians, OrbitPosition, RenderOptions};
 use crate::weights::RandomWeights;
 use crate::{Error, Result};
 
@@ -98,6 +99,9 @@ pub(super) fn build_and_measure(configs: &SdConfigs, options: &BenchOptions) -> 
     if options.measures.contains(&Measure::Align) {
         let photo = options.photo.as_deref().ok_or_else(|| Error::setting("photo", "none", "align needs a photo"))?;
         timings.extend(measure_align(photo, options, &mut memory)?);
+    }
+    if options.measures.contains(&Measure::Splat) {
+        timings.extend(measure_splat(options, &mut memory)?);
     }
     Ok(BenchReport {
         device: device_name(device),
@@ -349,6 +353,60 @@ fn measure_align(photo: &Path, options: &BenchOptions, memory: &mut MemoryProbe)
     let face = choose_face(&faces, None, photo)?;
     let align = measure_op("face_align", options, memory, || align(&image, face, ALIGNED_SIZE).map(drop))?;
     Ok([load, detect, align])
+}
+
+/// Rendering Gaussians, and rendering them with the backward pass of an L1 loss against a grey
+/// image, from `splat_views` cameras around LucidDreamer's initial cloud.
+fn measure_splat(options: &BenchOptions, memory: &mut MemoryProbe) -> Result<[Timing; 2]> {
+    let (n, device) = (options.splats, &options.device);
+    let mut rng = StdRng::seed_from_u64(options.seed);
+    // Uniform in a ball of radius 0.5 (cube root of a uniform radius).
+    let mut means = Vec::with_capacity(3 * n);
+    while means.len() < 3 * n {
+        let p: [f32; 3] = [0, 1, 2].map(|_| rng.random_range(-0.5f32..0.5));
+        if p.iter().map(|v| v * v).sum::<f32>() <= 0.25 {
+            means.extend(p);
+        }
+    }
+    // The mean nearest-neighbour distance of n points in that ball.
+    let spacing = (std::f32::consts::PI / 6.0 / n as f32).cbrt();
+    let quats: Vec<f32> = (0..n).flat_map(|_| [1.0, 0.0, 0.0, 0.0]).collect();
+    let gaussians = Gaussians {
+        means: Tensor::from_vec(means, (n, 3), device)?,
+        log_scales: Tensor::full(spacing.ln(), (n, 3), device)?,
+        rotations: Tensor::from_vec(quats, (n, 4), device)?,
+        opacity_logits: Tensor::full((0.1f32 / 0.9).ln(), n, device)?,
+        sh_dc: uniform((n, 3), -1.7, 1.7, &mut rng, device)?,
+        sh_rest: None,
+    };
+    let side = options.resolution;
+    let cameras = (0..options.splat_views)
+        .map(|view| {
+            let azimuth = 360.0 * view as f64 / options.splat_views as f64;
+            let position =
+                OrbitPosition { target: [0.0; 3], up: [0.0, 0.0, 1.0], radius: 3.5, elevation: 15.0, azimuth };
+            Camera::orbit(&position, 0.55, side, side)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let render_options = RenderOptions::default();
+    let forward = measure_op("splat_forward", options, memory, || {
+        for camera in &cameras {
+            render(&gaussians, camera, &render_options)?;
+        }
+        Ok(())
+    })?;
+    let trainable = Gaussians::from_parts(
+        gaussians.parts().into_iter().map(|t| Ok(Var::from_tensor(t)?.as_tensor().clone())).collect::<Result<_>>()?,
+    )?;
+    let both = measure_op("splat", options, memory, || {
+        for camera in &cameras {
+            let view = render(&trainable, camera, &render_options)?;
+            let loss = (view.color()? - 0.5)?.abs()?.mean_all()?;
+            loss.backward()?;
+        }
+        Ok(device.synchronize()?)
+    })?;
+    Ok([forward, both])
 }
 
 /// Values uniform on [lo, hi) of `shape`, f32 on `device`.

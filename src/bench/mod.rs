@@ -16,7 +16,12 @@
 //! - `video` (only when asked for): one guided denoising step of ModelScope's text-to-video UNet
 //!   (`UNet3DConditionModel`, 1.4B parameters, random weights) on 16 frames at the resolution;
 //! - `align` (with a photo): `photo_load` (decoding, EXIF orientation), `face_detect` (MTCNN) and
-//!   `face_align` (the FFHQ crop of the largest face): how `learn` frames a photo.
+//!   `face_align` (the FFHQ crop of the largest face): how `learn` frames a photo;
+//! - `splat` (on request): `splat_forward`, rendering [`BenchOptions::splats`] Gaussians at the
+//!   benchmark resolution from [`BenchOptions::splat_views`] cameras, and `splat`, the same
+//!   renders with the backward pass of an L1 loss, on LucidDreamer's starting point (Gaussians
+//!   in a ball of radius 0.5, nearest-neighbour sized, opacity 0.1, cameras at 3.5 with a 0.55
+//!   rad field of view).
 //!
 //! `tools/bench/pytorch_bench.py` does the same work with diffusers and transformers at the same
 //! configs; `tools/bench/compare.sh` runs both (docs/benchmarks.md).
@@ -65,6 +70,8 @@ pub enum Measure {
     Align,
     /// One guided denoising step of ModelScope's text-to-video UNet ([`VIDEO_FRAMES`] frames).
     Video,
+    /// Gaussian splatting: renders, and renders with their backward pass.
+    Splat,
 }
 
 impl Measure {
@@ -97,6 +104,10 @@ pub struct BenchOptions {
     pub photo: Option<PathBuf>,
     /// The text-to-video UNet [`Measure::Video`] builds: ModelScope's by default.
     pub video_unet: UNet3DConditionConfig,
+    /// Gaussians of [`Measure::Splat`].
+    pub splats: usize,
+    /// Views per [`Measure::Splat`] run.
+    pub splat_views: usize,
 }
 
 impl BenchOptions {
@@ -113,6 +124,8 @@ impl BenchOptions {
             profile: false,
             photo: None,
             video_unet: UNet3DConditionConfig::default(),
+            splats: 100_000,
+            splat_views: 4,
         }
     }
 
@@ -134,11 +147,14 @@ impl BenchOptions {
             return Err(Error::setting(
                 "measures",
                 "none",
-                "nothing to measure: give at least one of learn, denoise, controlnet, vae, text, align, video",
+                "nothing to measure: give at least one of learn, denoise, controlnet, vae, text, align, video, splat",
             ));
         }
         if self.measures.contains(&Measure::Align) && self.photo.is_none() {
             return Err(Error::setting("photo", "none", "the align measurement needs a photo with a face"));
+        }
+        if self.measures.contains(&Measure::Splat) && (self.splats == 0 || self.splat_views == 0) {
+            return Err(Error::setting("splats", self.splats, "the splat measurement needs Gaussians and views"));
         }
         crate::nn::check_dtype(self.dtype, &self.device)?;
         Ok(())

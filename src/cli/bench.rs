@@ -17,6 +17,7 @@ use super::{DeviceArg, DtypeArg};
     stableid bench --device cuda --dtype f16 --only learn,denoise\n  \
     stableid bench --only align --photo phone.jpg   # face detection + alignment\n  \
     stableid bench --only video --res 256           # a text-to-video denoising step\n  \
+    stableid bench --only splat --splats 100000 --splat-views 4   # Gaussian splatting, 512x512\n  \
     RAYON_NUM_THREADS=4 stableid bench --res 256   # CPU threads\n\n\
     tools/bench/compare.sh runs the same measurements in PyTorch and prints the ratios (docs/benchmarks.md).")]
 pub struct BenchArgs {
@@ -33,6 +34,12 @@ pub struct BenchArgs {
     /// align with --photo].
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Option<Vec<MeasureArg>>,
+    /// Gaussians of the splat measurement.
+    #[arg(long, default_value_t = 100_000)]
+    splats: usize,
+    /// Views per splat measurement run.
+    #[arg(long, default_value_t = 4)]
+    splat_views: usize,
     /// The photo the align measurement reads, detects and aligns.
     #[arg(long)]
     photo: Option<std::path::PathBuf>,
@@ -71,6 +78,8 @@ enum MeasureArg {
     /// One guided denoising step of ModelScope's text-to-video UNet on 16 frames (1.4B parameters:
     /// only when asked for).
     Video,
+    /// Forward, and forward + backward, of --splats Gaussians at --res from --splat-views cameras.
+    Splat,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -89,6 +98,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     MeasureArg::Text => Measure::Text,
                     MeasureArg::Align => Measure::Align,
                     MeasureArg::Video => Measure::Video,
+                    MeasureArg::Splat => Measure::Splat,
                 })
                 .collect(),
             None => Measure::MODELS.into_iter().chain(args.photo.is_some().then_some(Measure::Align)).collect(),
@@ -99,6 +109,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         profile: args.profile,
         photo: args.photo,
         video_unet: Default::default(),
+        splats: args.splats,
+        splat_views: args.splat_views,
     };
     let configs = SdConfigs::sd21_base();
     options.validate(&configs)?;

@@ -8,6 +8,7 @@ mod learn;
 mod masks;
 mod pose;
 mod video;
+mod render;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -39,6 +40,8 @@ enum Command {
     Learn(learn::LearnArgs),
     /// Generate a video from a prompt with a text-to-video model (ModelScope T2V by default), identities included.
     Video(video::VideoArgs),
+    /// Render a 3D Gaussian splatting PLY from an orbit of cameras (or a cameras.json) as PNGs.
+    Render(render::RenderArgs),
     /// Show the face and hair masks the learner will focus on, as PNG overlays.
     Masks(masks::MasksArgs),
     /// Draw the OpenPose body pose of photos, for a pose ControlNet (weights: non-commercial use only).
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Masks(args) => masks::run(args),
         Command::Pose(args) => pose::run(args),
         Command::Video(args) => video::run(args),
+        Command::Render(args) => render::run(args),
         Command::Export(args) => identity_file::export(args),
         Command::Inspect(args) => identity_file::inspect(args),
     }
