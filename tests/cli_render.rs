@@ -6,6 +6,7 @@ mod common;
 use std::process::{Command, Output};
 
 use common::fixture;
+use common::video_files::decode_mp4;
 use stableid::io::read_png_text;
 
 fn stableid(args: &[&str]) -> Output {
@@ -46,6 +47,16 @@ fn render_writes_orbit_views_under_free_names_and_reads_cameras_json() {
     assert!(from_json.status.success(), "{}", String::from_utf8_lossy(&from_json.stderr));
     let again = image::open(out.path().join("gaussian_model-2.view000.png")).unwrap();
     assert_eq!(again.to_rgb8().as_raw().len(), 24 * 16 * 3);
+
+    // A turntable: the views also as an MP4, which decodes to them.
+    let turntable = stableid(&["render", &ply, "--out", dir, "--views", "4", "--size", "32x24", "--turntable", "6"]);
+    assert!(turntable.status.success(), "{}", String::from_utf8_lossy(&turntable.stderr));
+    let (frames, size, fps) = decode_mp4(&out.path().join("gaussian_model-3.turntable.mp4"));
+    assert_eq!((frames.len(), size, fps), (4, (32, 24), 6.0));
+    let first = image::open(out.path().join("gaussian_model-3.view000.png")).unwrap().to_rgb8();
+    let mean_diff = first.as_raw().iter().zip(&frames[0]).map(|(a, b)| f64::from(a.abs_diff(*b))).sum::<f64>()
+        / frames[0].len() as f64;
+    assert!(mean_diff < 20.0, "the first frame is {mean_diff} levels from its PNG on average");
 }
 
 #[test]
@@ -57,6 +68,7 @@ fn render_refuses_bad_input_in_one_line() {
     fails_with(&stableid(&["render", &not_ply, "--out", dir]), "not a PLY file");
     fails_with(&stableid(&["render", &ply, "--out", dir, "--size", "0"]), "--size 0");
     fails_with(&stableid(&["render", &ply, "--out", dir, "--views", "0"]), "--views 0");
+    fails_with(&stableid(&["render", &ply, "--out", dir, "--size", "25", "--turntable", "8"]), "even width and height");
     fails_with(&stableid(&["render", &ply, "--out", dir, "--radius", "0.01"]), "inside the scene");
     fails_with(&stableid(&["render", &ply, "--out", dir, "--up", "0,0,0"]), "--up");
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0, "nothing written");

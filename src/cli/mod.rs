@@ -7,8 +7,8 @@ mod identity_file;
 mod learn;
 mod masks;
 mod pose;
-mod video;
 mod render;
+mod video;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use stableid::io::video::{write_video, VideoFormat};
 use stableid::io::write_png;
 use stableid::splats::{orbit_cameras, read_cameras_json, read_ply, render, Camera, Orbit, RenderOptions};
 
@@ -13,6 +14,7 @@ use super::{check_writable, progress_bar};
 #[command(after_help = "Examples:\n  \
     stableid render head.ply --out turntable\n  \
     stableid render head.ply --views 36 --elevation 10 --fov 30 --size 768 --background 1,1,1\n  \
+    stableid render head.ply --views 72 --turntable 24   # also head.turntable.mp4\n  \
     stableid render scene.ply --camera cameras.json --out views\n\n\
     Writes DIR/STEM.view000.png, ... (STEM: the PLY's name; STEM-1, STEM-2, ... when those exist:\n\
     files are never replaced), each carrying its camera (3DGS cameras.json format) as PNG text.\n\
@@ -52,6 +54,10 @@ pub struct RenderArgs {
     /// Print the written files as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Also write the views as a turntable video, TAG.turntable.mp4 (H.264), at this many frames
+    /// per second (the size must be even).
+    #[arg(long, value_name = "FPS")]
+    pub turntable: Option<u32>,
 }
 
 fn triple(flag: &str, text: &str) -> Result<[f64; 3]> {
@@ -111,25 +117,42 @@ pub fn run(args: RenderArgs) -> Result<()> {
     check_writable(&args.out)?;
     let stem = args.splats.file_stem().map_or_else(|| "splats".into(), |s| s.to_string_lossy().into_owned());
     let name = |tag: &str, view: usize| format!("{tag}.view{view:03}.png");
+    let turntable_name = |tag: &str| format!("{tag}.turntable.mp4");
+    let free = |file: String| std::fs::symlink_metadata(args.out.join(file)).is_err();
     let tag = (0..)
         .map(|k| if k == 0 { stem.clone() } else { format!("{stem}-{k}") })
-        .find(|tag| (0..cameras.len()).all(|view| std::fs::symlink_metadata(args.out.join(name(tag, view))).is_err()))
+        .find(|tag| (0..cameras.len()).all(|view| free(name(tag, view))) && free(turntable_name(tag)))
         .expect("a free name");
+    if let Some(fps) = args.turntable {
+        let odd = cameras.iter().any(|c| c.width % 2 == 1 || c.height % 2 == 1);
+        if fps == 0 || odd {
+            bail!("--turntable {fps}: needs a frame rate of at least 1 and views of even width and height (H.264)");
+        }
+    }
     let options = RenderOptions { background, ..RenderOptions::default() };
     let bar = progress_bar(cameras.len() as u64, "rendering");
     if args.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut written = Vec::new();
+    let mut frames = Vec::new();
     for (view, camera) in cameras.iter().enumerate() {
         let image = render(&gaussians, camera, &options)?.rgb_image()?;
         let path = args.out.join(name(&tag, view));
         let camera_json = serde_json::to_string(&camera.to_json(view, &name(&tag, view)))?;
         write_png(&path, &image, &[("source", args.splats.display().to_string()), ("camera", camera_json)])?;
         written.push(path);
+        if args.turntable.is_some() {
+            frames.push(image);
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if let Some(fps) = args.turntable {
+        let path = args.out.join(turntable_name(&tag));
+        write_video(&path, &frames, fps, VideoFormat::Mp4, &[])?;
+        written.push(path);
+    }
     if args.json {
         println!("{}", serde_json::json!({ "splats": args.splats, "views": written }));
     } else {
