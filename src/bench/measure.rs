@@ -321,7 +321,7 @@ fn measure_video(options: &BenchOptions, memory: &mut MemoryProbe) -> Result<Tim
     let device = &options.device;
     let config = &options.video_unet;
     let unet =
-        UNet3DConditionModel::new(RandomWeights::new(options.seed).into_var_builder(options.dtype, device), &config)?;
+        UNet3DConditionModel::new(RandomWeights::new(options.seed).into_var_builder(options.dtype, device), config)?;
     let mut rng = StdRng::seed_from_u64(options.seed);
     let side = options.resolution / 8;
     let latents = standard_normal((1, config.in_channels, VIDEO_FRAMES, side, side), &mut rng, device)?;

@@ -4,7 +4,7 @@
 //!
 //! Weight names are the checkpoint's: `text_model.*` (the [`ClipTextModel`] of Stable Diffusion),
 //! `vision_model.*` (`embeddings.{class_embedding, patch_embedding, position_embedding}`,
-//! `pre_layrnorm` [sic], the encoder layers the text tower also uses, `post_layernorm`),
+//! `pre_layrnorm` (sic), the encoder layers the text tower also uses, `post_layernorm`),
 //! `visual_projection`, `text_projection`. The features are the projections, not normalised;
 //! `logit_scale` is not used.
 
