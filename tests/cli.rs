@@ -10,7 +10,7 @@ use common::bad_inputs::{
     jpeg_claiming, legacy_checkpoint, png_claiming, state_dict_pickle, write_flat_png, zip_checkpoint, PidField,
     TensorSpec, LEGACY_PID,
 };
-use common::{copy_dir, fixture};
+use common::{assert_fails_with, copy_dir, fixture};
 
 fn stableid(args: &[&str], envs: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stableid"));
@@ -23,17 +23,6 @@ fn stableid(args: &[&str], envs: &[(&str, &Path)]) -> Output {
 
 fn tiny() -> String {
     fixture("tiny-sd").display().to_string()
-}
-
-/// Asserts a failed run with a one-line error containing every `needle`.
-fn assert_fails_with(output: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
-    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
-    }
 }
 
 #[test]

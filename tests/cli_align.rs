@@ -91,13 +91,8 @@ fn a_group_photo_gives_the_face_asked_for() {
 }
 
 /// Asserts a failed run with a one-line error containing every `needle`, and nothing written.
-fn assert_fails_with(output: &Output, out: &Path, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure; stderr: {stderr}");
-    assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1, "{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
-    }
+fn assert_fails_writing_nothing(output: &Output, out: &Path, needles: &[&str]) {
+    common::assert_fails_with(output, needles);
     assert!(!out.exists() || files(out).is_empty(), "{:?}", files(out));
 }
 
@@ -109,11 +104,11 @@ fn no_face_or_no_such_face_is_a_one_line_error_and_writes_nothing() {
     // A photo without a face after one with a face: nothing of either is written.
     let cat = photo("chelsea_300x256.png");
     let output = stableid(&["align", &photo("astronaut_1024x768.jpg"), &cat, "--out", dir]);
-    assert_fails_with(&output, &out, &["no face found in", "chelsea_300x256.png", "clearly visible"]);
+    assert_fails_writing_nothing(&output, &out, &["no face found in", "chelsea_300x256.png", "clearly visible"]);
     let output = stableid(&["align", &photo("faces_3_480x320.png"), "--face", "4", "--out", dir]);
-    assert_fails_with(&output, &out, &["faces_3_480x320.png has 3 face(s)", "no face 4"]);
+    assert_fails_writing_nothing(&output, &out, &["faces_3_480x320.png has 3 face(s)", "no face 4"]);
     let output = stableid(&["align", &photo("faces_3_480x320.png"), "--face", "3", "--out", dir]);
-    assert_fails_with(&output, &out, &["face 3 of", "is too small (31x39 px)", "crop would be 59 px"]);
+    assert_fails_writing_nothing(&output, &out, &["face 3 of", "is too small (31x39 px)", "crop would be 59 px"]);
     let output = stableid(&["align", tmp.path().to_str().unwrap(), "--out", dir]);
-    assert_fails_with(&output, &out, &["photo", "cannot read it"]);
+    assert_fails_writing_nothing(&output, &out, &["photo", "cannot read it"]);
 }

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{copy_dir, fixture};
+use common::{assert_fails_with, copy_dir, fixture};
 
 fn stableid(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_stableid")).args(args).output().expect("the binary runs")
@@ -15,16 +15,6 @@ fn stableid(args: &[&str]) -> Output {
 
 fn path_of(rel: &str) -> String {
     fixture(rel).display().to_string()
-}
-
-fn assert_fails_with(output: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
-    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
-    }
 }
 
 fn pngs_in(dir: &Path) -> usize {

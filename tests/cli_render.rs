@@ -14,10 +14,7 @@ fn stableid(args: &[&str]) -> Output {
 }
 
 fn fails_with(output: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure; stderr: {stderr}");
-    assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1, "one error line: {stderr}");
-    assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
+    common::assert_fails_with(output, &[needle]);
 }
 
 #[test]

@@ -8,21 +8,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::fixture;
 use common::video_files::decode_mp4;
+use common::{assert_fails_with, fixture};
 
 fn stableid(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_stableid")).args(args).output().expect("the binary runs")
-}
-
-fn assert_fails_with(output: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
-    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
-    }
 }
 
 fn write_identity(dir: &Path, width: usize) -> PathBuf {

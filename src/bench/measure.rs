@@ -23,6 +23,7 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::models::unet3d::UNet3DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::nn::profile;
+use crate::pipelines::guide;
 use crate::priors::align::{align, choose_face, FaceDetector, ALIGNED_SIZE};
 use crate::priors::photo::load_upright;
 use crate::random::standard_normal;
@@ -241,9 +242,7 @@ fn measure_denoise(
     measure_op("denoise", options, memory, || {
         let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
         let pred = models.unet.forward(&input, &t, &context)?.to_dtype(DType::F32)?;
-        let uncond = pred.narrow(0, 0, 1)?;
-        let text = pred.narrow(0, 1, 1)?;
-        let _guided = (&uncond + ((text - &uncond)? * GUIDANCE_SCALE)?)?;
+        let _guided = guide(pred, true, GUIDANCE_SCALE)?;
         Ok(device.synchronize()?)
     })
 }
@@ -276,9 +275,7 @@ fn measure_controlnet(
             .unet
             .forward_with_additional_residuals(&input, &t, &context, Some(&residuals))?
             .to_dtype(DType::F32)?;
-        let uncond = pred.narrow(0, 0, 1)?;
-        let text = pred.narrow(0, 1, 1)?;
-        let _guided = (&uncond + ((text - &uncond)? * GUIDANCE_SCALE)?)?;
+        let _guided = guide(pred, true, GUIDANCE_SCALE)?;
         Ok(device.synchronize()?)
     })
 }
@@ -331,9 +328,7 @@ fn measure_video(options: &BenchOptions, memory: &mut MemoryProbe) -> Result<Tim
     measure_op("video", options, memory, || {
         let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
         let pred = unet.forward(&input, &t, &context)?.to_dtype(DType::F32)?;
-        let uncond = pred.narrow(0, 0, 1)?;
-        let text = pred.narrow(0, 1, 1)?;
-        let _guided = (&uncond + ((text - &uncond)? * VIDEO_GUIDANCE_SCALE)?)?;
+        let _guided = guide(pred, true, VIDEO_GUIDANCE_SCALE)?;
         Ok(device.synchronize()?)
     })
 }

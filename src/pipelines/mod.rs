@@ -7,10 +7,12 @@ pub mod control;
 pub mod text_to_image;
 pub mod text_to_video;
 
-use candle_core::Tensor;
+use candle_core::{Device, Shape, Tensor};
+use rand::SeedableRng;
 
 use crate::identity::{token_table_digest, Identity, TOKEN_TABLE_KEY};
 use crate::models::stable_diffusion::PromptEncoder;
+use crate::random::standard_normal;
 use crate::tokenizer::placeholder_token;
 use crate::{Error, Result};
 
@@ -35,6 +37,40 @@ pub fn encode_prompt(model: &impl AsRef<PromptEncoder>, prompt: &str, identities
         return Err(Error::setting("identities", identities.len(), problem));
     }
     sd.encode_ids(&ids, identity_rows(sd, identities)?.as_ref())
+}
+
+/// The text features of a denoising loop: those of `prompt`, preceded, when `guided`, by those of
+/// `negative_prompt` (the unconditional branch of classifier-free guidance), batch 1 or 2.
+pub fn guidance_context(
+    model: &impl AsRef<PromptEncoder>,
+    prompt: &str,
+    negative_prompt: &str,
+    identities: &[Identity],
+    guided: bool,
+) -> Result<Tensor> {
+    let cond = encode_prompt(model, prompt, identities)?;
+    if !guided {
+        return Ok(cond);
+    }
+    let uncond = encode_prompt(model, negative_prompt, identities)?;
+    Ok(Tensor::cat(&[uncond, cond], 0)?)
+}
+
+/// The noise prediction of a step: with guidance, `uncond + scale (text - uncond)` from the batch
+/// of 2 the [`guidance_context`] gave; without, the prediction itself.
+pub fn guide(noise_pred: Tensor, guided: bool, scale: f64) -> Result<Tensor> {
+    if !guided {
+        return Ok(noise_pred);
+    }
+    let uncond = noise_pred.narrow(0, 0, 1)?;
+    let text = noise_pred.narrow(0, 1, 1)?;
+    Ok((&uncond + ((text - &uncond)? * scale)?)?)
+}
+
+/// Standard normal noise of `shape` from `seed`: the same seed gives the same image or video on
+/// any machine.
+pub fn gaussian_noise(shape: impl Into<Shape>, seed: u64, device: &Device) -> Result<Tensor> {
+    standard_normal(shape, &mut rand::rngs::StdRng::seed_from_u64(seed), device)
 }
 
 /// The identities that were learned on a text encoder whose token-embedding table differs from

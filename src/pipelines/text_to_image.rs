@@ -6,14 +6,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
 
 use crate::identity::Identity;
 use crate::io::{read_safetensors, RgbImage, TensorFile, SMALL_FILE_LIMIT};
 use crate::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use crate::pipelines::control::{Control, ControlInputs};
-use crate::pipelines::encode_prompt;
-use crate::random::standard_normal;
+use crate::pipelines::{gaussian_noise, guidance_context, guide};
 use crate::schedulers::Sampler;
 use crate::{Error, Result};
 
@@ -158,13 +156,7 @@ pub fn generate(
 
     // 2. Encode the prompts; the negative prompt is the unconditional branch of guidance.
     let guided = request.guidance > 1.0;
-    let cond = encode_prompt(sd, &request.prompt, identities)?;
-    let context = if guided {
-        let uncond = encode_prompt(sd, &request.negative_prompt, identities)?;
-        Tensor::cat(&[uncond, cond], 0)?
-    } else {
-        cond
-    };
+    let context = guidance_context(sd, &request.prompt, &request.negative_prompt, identities, guided)?;
 
     // 3. The starting noise.
     let latent_shape = sd.configs().latent_shape(request.width, request.height);
@@ -191,13 +183,7 @@ pub fn generate(
             .unet()
             .forward_with_additional_residuals(&model_input, &t_batch, &context, residuals.as_ref())?
             .to_dtype(DType::F32)?;
-        let noise_pred = if guided {
-            let uncond = noise_pred.narrow(0, 0, 1)?;
-            let text = noise_pred.narrow(0, 1, 1)?;
-            (&uncond + ((text - &uncond)? * request.guidance)?)?
-        } else {
-            noise_pred
-        };
+        let noise_pred = guide(noise_pred, guided, request.guidance)?;
         latents = scheduler.step(&noise_pred, t, &latents)?;
         on_step(i + 1, timesteps.len());
     }
@@ -217,11 +203,6 @@ pub fn read_latents(path: &Path) -> Result<Tensor> {
     let latents = tensors.get("latents").or_else(|| tensors.values().next().filter(|_| tensors.len() == 1));
     let latents = latents.ok_or_else(|| bad("expected one tensor named `latents`".into()))?;
     Ok(latents.to_dtype(DType::F32)?)
-}
-
-/// Standard normal noise of `shape` from `seed`: the same seed gives the same image on any machine.
-pub fn gaussian_noise(shape: (usize, usize, usize, usize), seed: u64, device: &Device) -> Result<Tensor> {
-    standard_normal(shape, &mut rand::rngs::StdRng::seed_from_u64(seed), device)
 }
 
 /// Converts images (batch, 3, H, W) in [0, 1] to 8-bit RGB, rounding as diffusers does.

@@ -8,13 +8,11 @@
 //! less memory).
 
 use candle_core::{DType, Tensor};
-use rand::SeedableRng;
 
 use crate::identity::Identity;
 use crate::models::text_to_video::{TextToVideoModel, VideoConfigs};
-use crate::pipelines::encode_prompt;
 use crate::pipelines::text_to_image::MAX_PROMPT_CHARS;
-use crate::random::standard_normal;
+use crate::pipelines::{gaussian_noise, guidance_context, guide};
 use crate::schedulers::Sampler;
 use crate::{Error, Result};
 
@@ -193,20 +191,13 @@ pub fn generate_video(
 
     // 2. Encode the prompts; the negative prompt is the unconditional branch of guidance.
     let guided = request.guidance > 1.0;
-    let cond = encode_prompt(model, &request.prompt, identities)?;
-    let context = if guided {
-        let uncond = encode_prompt(model, &request.negative_prompt, identities)?;
-        Tensor::cat(&[uncond, cond], 0)?
-    } else {
-        cond
-    };
+    let context = guidance_context(model, &request.prompt, &request.negative_prompt, identities, guided)?;
 
     // 3. The starting noise.
     let noise = match &request.initial_latents {
         Some(latents) => latents.to_device(device)?.to_dtype(DType::F32)?,
         None => {
-            let shape = configs.latent_shape(request.frames, request.width, request.height);
-            standard_normal(shape, &mut rand::rngs::StdRng::seed_from_u64(request.seed), device)?
+            gaussian_noise(configs.latent_shape(request.frames, request.width, request.height), request.seed, device)?
         }
     };
 
@@ -220,13 +211,7 @@ pub fn generate_video(
         let model_input = scheduler.scale_model_input(&model_input, t)?.to_dtype(model.dtype())?;
         let t_batch = Tensor::full(unet_timesteps[i] as f32, model_input.dim(0)?, device)?;
         let noise_pred = model.unet().forward(&model_input, &t_batch, &context)?.to_dtype(DType::F32)?;
-        let noise_pred = if guided {
-            let uncond = noise_pred.narrow(0, 0, 1)?;
-            let text = noise_pred.narrow(0, 1, 1)?;
-            (&uncond + ((text - &uncond)? * request.guidance)?)?
-        } else {
-            noise_pred
-        };
+        let noise_pred = guide(noise_pred, guided, request.guidance)?;
         latents = scheduler.step(&noise_pred, t, &latents)?;
         on_step(i + 1, timesteps.len());
     }

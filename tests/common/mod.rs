@@ -81,3 +81,14 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Asserts a failed run with a one-line error containing every `needle`.
+pub fn assert_fails_with(output: &std::process::Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
+    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "error should mention {needle:?}: {stderr}");
+    }
+}

@@ -31,6 +31,21 @@ impl StageSpec {
 
 /// The transformers of `layers` (resnet, transformer) pairs, `transformer_layers[i]` blocks deep;
 /// none when `attention` is `None`.
+/// Input channels of resnet `i` of an up block's `layers`: the previous output (the previous
+/// block's for the first, this block's after) concatenated with its skip connection (the down
+/// block before for the last, this block's width before that), as diffusers' up blocks have it.
+pub(crate) fn up_resnet_in_channels(
+    i: usize,
+    layers: usize,
+    prev_output_channels: usize,
+    skip_in_channels: usize,
+    out_channels: usize,
+) -> usize {
+    let skip = if i == layers - 1 { skip_in_channels } else { out_channels };
+    let previous = if i == 0 { prev_output_channels } else { out_channels };
+    previous + skip
+}
+
 fn transformers(
     vb: &VarBuilder,
     attention: Option<&TransformerSpec>,
@@ -152,9 +167,8 @@ impl UpBlock {
         let n = transformer_layers.len();
         let resnets = (0..n)
             .map(|i| {
-                let skip = if i == n - 1 { skip_in_channels } else { out_channels };
-                let in_c = if i == 0 { prev_output_channels } else { out_channels };
-                stage.resnet(vb.pp(format!("resnets.{i}")), in_c + skip, out_channels)
+                let in_c = up_resnet_in_channels(i, n, prev_output_channels, skip_in_channels, out_channels);
+                stage.resnet(vb.pp(format!("resnets.{i}")), in_c, out_channels)
             })
             .collect::<Result<Vec<_>>>()?;
         let upsampler = if add_upsample { Some(Upsample2D::new(vb.pp("upsamplers.0"), out_channels)?) } else { None };

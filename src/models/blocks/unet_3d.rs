@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use crate::models::blocks::attention::{Transformer2DModel, TransformerSpec};
 use crate::models::blocks::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::models::blocks::temporal::{TemporalConvLayer, TemporalTransformerSpec, TransformerTemporalModel};
-use crate::models::blocks::unet_2d::StageSpec;
+use crate::models::blocks::unet_2d::{up_resnet_in_channels, StageSpec};
 
 /// A resnet followed by its temporal convolution, the unit every 3-D stage repeats.
 #[derive(Debug, Clone)]
@@ -173,9 +173,8 @@ impl UpBlock3D {
     ) -> Result<Self> {
         let resnets = (0..layers)
             .map(|i| {
-                let skip = if i == layers - 1 { skip_in_channels } else { out_channels };
-                let in_c = if i == 0 { prev_output_channels } else { out_channels };
-                ResnetTemporal::new(&vb, i, stage, in_c + skip, out_channels)
+                let in_c = up_resnet_in_channels(i, layers, prev_output_channels, skip_in_channels, out_channels);
+                ResnetTemporal::new(&vb, i, stage, in_c, out_channels)
             })
             .collect::<Result<Vec<_>>>()?;
         let upsampler = if add_upsample { Some(Upsample2D::new(vb.pp("upsamplers.0"), out_channels)?) } else { None };

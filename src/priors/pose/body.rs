@@ -27,7 +27,7 @@ const LIMB_SAMPLES: usize = 10;
 pub const KEYPOINTS: usize = 18;
 
 /// The 19 limbs searched (`limbSeq`, from 0): the 17 drawn and two ear-to-shoulder links.
-const LIMBS: [[usize; 2]; 19] = [
+pub(super) const LIMBS: [[usize; 2]; 19] = [
     [1, 2],
     [1, 5],
     [2, 3],

@@ -6,26 +6,10 @@
 
 use image::{Rgb, RgbImage};
 
-/// The 17 limbs drawn, as pairs of keypoint indices (controlnet_aux's `limbSeq`, from 0).
-pub const LIMBS: [[usize; 2]; 17] = [
-    [1, 2],
-    [1, 5],
-    [2, 3],
-    [3, 4],
-    [5, 6],
-    [6, 7],
-    [1, 8],
-    [8, 9],
-    [9, 10],
-    [1, 11],
-    [11, 12],
-    [12, 13],
-    [1, 0],
-    [0, 14],
-    [14, 16],
-    [0, 15],
-    [15, 17],
-];
+use super::body::LIMBS;
+
+/// Limbs drawn: the first 17 of those searched (the two ear-to-shoulder links are not drawn).
+const DRAWN_LIMBS: usize = 17;
 
 /// Limb `i` and keypoint `i` are drawn in colour `i` (as written into the RGB image).
 pub const COLORS: [[u8; 3]; 18] = [
@@ -58,7 +42,7 @@ const JOINT_RADIUS: i64 = 4;
 /// missing) onto `canvas`, as `draw_bodypose(canvas, keypoints)`.
 pub fn draw_bodypose(canvas: &mut RgbImage, keypoints: &[Option<[f64; 2]>; 18]) {
     let (w, h) = (f64::from(canvas.width()), f64::from(canvas.height()));
-    for (limb, color) in LIMBS.iter().zip(COLORS) {
+    for (limb, color) in LIMBS[..DRAWN_LIMBS].iter().zip(COLORS) {
         let (Some(a), Some(b)) = (keypoints[limb[0]], keypoints[limb[1]]) else { continue };
         // controlnet_aux's names: X holds the rows, Y the columns.
         let (y0, y1) = (a[0] * w, b[0] * w);
