@@ -8,6 +8,7 @@ mod learn;
 mod masks;
 mod pose;
 mod render;
+mod splat_fit;
 mod video;
 
 use anyhow::{bail, Result};
@@ -42,6 +43,8 @@ enum Command {
     Video(video::VideoArgs),
     /// Render a 3D Gaussian splatting PLY from an orbit of cameras (or a cameras.json) as PNGs.
     Render(render::RenderArgs),
+    /// Fit 3D Gaussians to images seen from known cameras (3DGS's L1 loop), as a PLY.
+    SplatFit(splat_fit::SplatFitArgs),
     /// Show the face and hair masks the learner will focus on, as PNG overlays.
     Masks(masks::MasksArgs),
     /// Draw the OpenPose body pose of photos, for a pose ControlNet (weights: non-commercial use only).
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pose(args) => pose::run(args),
         Command::Video(args) => video::run(args),
         Command::Render(args) => render::run(args),
+        Command::SplatFit(args) => splat_fit::run(args),
         Command::Export(args) => identity_file::export(args),
         Command::Inspect(args) => identity_file::inspect(args),
     }

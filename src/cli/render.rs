@@ -60,7 +60,7 @@ pub struct RenderArgs {
     pub turntable: Option<u32>,
 }
 
-fn triple(flag: &str, text: &str) -> Result<[f64; 3]> {
+pub(super) fn triple(flag: &str, text: &str) -> Result<[f64; 3]> {
     let values: Vec<f64> = text
         .split(',')
         .map(|v| v.trim().parse::<f64>())
