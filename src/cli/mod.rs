@@ -9,6 +9,7 @@ mod masks;
 mod pose;
 mod render;
 mod splat_fit;
+mod text_to_3d;
 mod video;
 
 use anyhow::{bail, Result};
@@ -43,6 +44,9 @@ enum Command {
     Video(video::VideoArgs),
     /// Render a 3D Gaussian splatting PLY from an orbit of cameras (or a cameras.json) as PNGs.
     Render(render::RenderArgs),
+    /// Train a 3D head of a prompt (with `v1* v2*` standing for an identity) as 3D Gaussians (LucidDreamer's ISM).
+    #[command(name = "3d")]
+    ThreeD(text_to_3d::Text3dArgs),
     /// Fit 3D Gaussians to images seen from known cameras (3DGS's L1 loop), as a PLY.
     SplatFit(splat_fit::SplatFitArgs),
     /// Show the face and hair masks the learner will focus on, as PNG overlays.
@@ -66,6 +70,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Video(args) => video::run(args),
         Command::Render(args) => render::run(args),
         Command::SplatFit(args) => splat_fit::run(args),
+        Command::ThreeD(args) => text_to_3d::run(args),
         Command::Export(args) => identity_file::export(args),
         Command::Inspect(args) => identity_file::inspect(args),
     }

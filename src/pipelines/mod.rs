@@ -4,6 +4,7 @@
 //! scheduler; none loads a model itself.
 
 pub mod control;
+pub mod text_to_3d;
 pub mod text_to_image;
 pub mod text_to_video;
 

@@ -41,7 +41,7 @@ pub use gaussians::Gaussians;
 pub use ply::{ply_metadata, read_ply, write_ply};
 pub use project::{project, LOW_PASS, SH_C0};
 pub use rasterize::{Footprints, Settings};
-pub use train::{Densifier, DensifyOptions, ExponentialSchedule, LearningRates, SplatAdam};
+pub use train::{Densifier, DensifyOptions, ExponentialSchedule, LearningRates, SplatAdam, SplatAdamState};
 
 use crate::Result;
 
