@@ -261,3 +261,34 @@ fn bad_options_and_inputs_are_refused_with_the_reason() {
     assert!(step.grad_norm.is_finite() && step.grad_norm > 0.0);
     assert_eq!(step.latents_grad.dims(), &[2, 4, 4, 4]);
 }
+
+/// With f16 frozen models (their dtype on a GPU), the casts at the boundaries keep the step
+/// working: the gradients come back in the renders' f32 and close to the f32 models' ones.
+#[test]
+fn half_precision_models_give_f32_gradients_close_to_f32() {
+    let tensors = load_tensors("parity/ism.safetensors");
+    let identity =
+        Identity { embeddings: tensors["identity"].clone(), source: "fixture".into(), metadata: Default::default() };
+    let full = load_tiny();
+    let half = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F16).unwrap();
+    let prompt = "v1* v2* wearing a hat";
+    let ids = std::slice::from_ref(&identity);
+    let full_guidance = IsmGuidance::new(&full, prompt, "blurry", ids, IsmOptions::default()).unwrap();
+    let half_guidance = IsmGuidance::new(&half, prompt, "blurry", ids, IsmOptions::default()).unwrap();
+    let draws = full_guidance.draw(3, (4, 6), 200, &mut rand::rngs::StdRng::seed_from_u64(5)).unwrap();
+    let images = Var::from_tensor(&tensors["perp_neg.images"]).unwrap();
+    let run = |guidance: &IsmGuidance| {
+        let step = guidance.step(images.as_tensor(), &[30.0, -150.0, 95.0], &draws).unwrap();
+        let images_grad = step.loss.backward().unwrap().remove(images.as_tensor()).unwrap();
+        (step, images_grad)
+    };
+    let (full_step, full_grad) = run(&full_guidance);
+    let (half_step, half_grad) = run(&half_guidance);
+    let dtypes = (half_step.loss.dtype(), half_step.latents_grad.dtype(), half_grad.dtype());
+    assert_eq!(dtypes, (DType::F32, DType::F32, DType::F32));
+    let relative = |a: &Tensor, b: &Tensor| common::max_abs_diff(a, b) / common::max_abs(b);
+    let latents = relative(&half_step.latents_grad, &full_step.latents_grad);
+    let renders = relative(&half_grad, &full_grad);
+    eprintln!("f16 vs f32 models: gradient at the latents {latents:.1e}, at the renders {renders:.1e} (of the largest)");
+    assert!(latents < 5e-2 && renders < 5e-2, "f16 models: {latents:e}, {renders:e}");
+}
