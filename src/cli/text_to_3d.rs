@@ -102,9 +102,10 @@ pub fn run(args: Text3dArgs) -> Result<()> {
         bail!("{} already exists: choose another --out (outputs are never overwritten)", splats.display());
     }
     let resume = if args.resume {
-        Some(Text3dCheckpoint::load(&checkpoint).with_context(|| {
-            format!("--resume: no checkpoint to continue in {}", args.out.display())
-        })?)
+        Some(
+            Text3dCheckpoint::load(&checkpoint)
+                .with_context(|| format!("--resume: no checkpoint to continue in {}", args.out.display()))?,
+        )
     } else {
         if checkpoint.exists() {
             bail!(
@@ -173,8 +174,9 @@ pub fn run(args: Text3dArgs) -> Result<()> {
             );
         }
         if args.preview_every > 0 && report.iteration % args.preview_every == 0 {
-            let image = render(gaussians, &preview_camera, &RenderOptions { background: [1.0; 3], ..Default::default() })?
-                .rgb_image()?;
+            let image =
+                render(gaussians, &preview_camera, &RenderOptions { background: [1.0; 3], ..Default::default() })?
+                    .rgb_image()?;
             let path = args.out.join(format!("preview.iter{:05}.png", report.iteration));
             stableid::io::write_png(&path, &image, &[("iteration", report.iteration.to_string())])?;
         }
@@ -201,7 +203,12 @@ pub fn run(args: Text3dArgs) -> Result<()> {
         ("size", args.size.to_string()),
         ("guidance", args.guidance.to_string()),
         ("seed", args.seed.to_string()),
-        ("start", args.init.as_ref().map_or(format!("head ellipsoid of {} Gaussians", args.points), |p| p.display().to_string())),
+        (
+            "start",
+            args.init
+                .as_ref()
+                .map_or(format!("head ellipsoid of {} Gaussians", args.points), |p| p.display().to_string()),
+        ),
     ];
     write_ply(&splats, &gaussians, &metadata)?;
     let cameras = turntable(args.turntable_views, args.size)?;
@@ -221,6 +228,11 @@ fn finish(args: &Text3dArgs, splats: &Path, written: &[PathBuf], count: usize, s
             serde_json::json!({ "splats": splats, "gaussians": count, "views": written, "seconds": seconds })
         );
     } else {
-        eprintln!("wrote {} ({count} Gaussians) and {} views in {}", splats.display(), written.len(), args.out.display());
+        eprintln!(
+            "wrote {} ({count} Gaussians) and {} views in {}",
+            splats.display(),
+            written.len(),
+            args.out.display()
+        );
     }
 }

@@ -123,7 +123,14 @@ impl Jitter {
 
 /// The `size` x `size` camera at `radius`, `polar` and `azimuth` (degrees) looking at the origin,
 /// moved by `offsets`; `fov` in radians.
-pub fn head_camera(radius: f64, polar: f64, azimuth: f64, fov: f64, size: usize, offsets: &CameraOffsets) -> Result<Camera> {
+pub fn head_camera(
+    radius: f64,
+    polar: f64,
+    azimuth: f64,
+    fov: f64,
+    size: usize,
+    offsets: &CameraOffsets,
+) -> Result<Camera> {
     let (theta, phi) = (polar.to_radians(), azimuth.to_radians());
     let eye: Vec3 = [radius * theta.sin() * phi.sin(), radius * theta.sin() * phi.cos(), radius * theta.cos()];
     let eye = [0, 1, 2].map(|i| eye[i] + offsets.eye[i]);
@@ -136,15 +143,18 @@ impl CameraRanges {
     /// shrinks by 0.95, the field of view's bounds move by 0.75 and 1.1, and the angles widen by
     /// 1.5, each clamped to its `max_*` bound.
     pub fn widen(&mut self) {
-        self.fov = [
-            (self.fov[0] * FOV_FACTORS[0]).max(self.max_fov[0]),
-            (self.fov[1] * FOV_FACTORS[1]).min(self.max_fov[1]),
+        self.fov =
+            [(self.fov[0] * FOV_FACTORS[0]).max(self.max_fov[0]), (self.fov[1] * FOV_FACTORS[1]).min(self.max_fov[1])];
+        self.radius = [
+            (self.radius[0] * RADIUS_FACTOR).max(self.max_radius[0]),
+            (self.radius[1] * RADIUS_FACTOR).max(self.max_radius[1]),
         ];
-        self.radius =
-            [(self.radius[0] * RADIUS_FACTOR).max(self.max_radius[0]), (self.radius[1] * RADIUS_FACTOR).max(self.max_radius[1])];
-        self.theta =
-            [(self.theta[0] / ANGLE_FACTOR).max(self.max_theta[0]), (self.theta[1] * ANGLE_FACTOR).min(self.max_theta[1])];
-        self.phi = [(self.phi[0] * ANGLE_FACTOR).max(self.max_phi[0]), (self.phi[1] * ANGLE_FACTOR).min(self.max_phi[1])];
+        self.theta = [
+            (self.theta[0] / ANGLE_FACTOR).max(self.max_theta[0]),
+            (self.theta[1] * ANGLE_FACTOR).min(self.max_theta[1]),
+        ];
+        self.phi =
+            [(self.phi[0] * ANGLE_FACTOR).max(self.max_phi[0]), (self.phi[1] * ANGLE_FACTOR).min(self.max_phi[1])];
     }
 
     /// The ranges in force at `iteration` (1-based, as LucidDreamer counts): widened once at
@@ -191,6 +201,15 @@ pub fn turntable(count: usize, size: usize) -> Result<Vec<Camera>> {
     const DEFAULT_POLAR: f64 = 90.0;
     const DEFAULT_FOV: f64 = 0.55;
     (0..count)
-        .map(|k| head_camera(DEFAULT_RADIUS, DEFAULT_POLAR, 360.0 * k as f64 / count as f64, DEFAULT_FOV, size, &CameraOffsets::default()))
+        .map(|k| {
+            head_camera(
+                DEFAULT_RADIUS,
+                DEFAULT_POLAR,
+                360.0 * k as f64 / count as f64,
+                DEFAULT_FOV,
+                size,
+                &CameraOffsets::default(),
+            )
+        })
         .collect()
 }

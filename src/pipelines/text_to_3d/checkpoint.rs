@@ -70,13 +70,14 @@ impl Text3dCheckpoint {
             ("iteration", self.iteration.to_string()),
             ("adam_step", self.adam.step.to_string()),
             ("fingerprint", self.fingerprint.to_string()),
-            ("stack", serde_json::to_string(&self.stack)?),
+            ("stack", serde_json::to_string(&self.stack).map_err(|e| Error::Internal(e.to_string()))?),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.clone(), v)).collect::<Vec<_>>(), Some(metadata))
-            .map_err(|e| Error::Output { path: path.to_path_buf(), msg: e.to_string() })?;
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(k, v)| (k.clone(), v)).collect::<Vec<_>>(), Some(metadata))
+                .map_err(|e| Error::Output { path: path.to_path_buf(), msg: e.to_string() })?;
         write_atomically(path, |w| std::io::Write::write_all(w, &bytes))
     }
 

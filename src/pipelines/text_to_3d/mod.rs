@@ -70,7 +70,8 @@ pub struct Text3dSettings {
 }
 
 /// StableIdentity's negative prompt for 3D (`configs/stableid.yaml`).
-pub const DEFAULT_NEGATIVE_PROMPT: &str = "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, oversaturation.";
+pub const DEFAULT_NEGATIVE_PROMPT: &str =
+    "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, oversaturation.";
 
 impl Text3dSettings {
     /// `configs/stableid.yaml`: 5000 iterations of 4 views at 512, ISM with Perp-Neg, the head
@@ -117,7 +118,7 @@ impl Text3dSettings {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.size == 0 || self.size % 8 != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(8) {
             return Err(Error::setting("size", self.size, "the image size must be a positive multiple of 8"));
         }
         if self.iterations == 0 {
@@ -196,7 +197,10 @@ pub struct IterationReport {
 pub enum Text3dOutcome {
     Finished(Gaussians),
     /// Stopped on request after `iteration`; the checkpoint holds it.
-    Interrupted { iteration: usize, checkpoint: PathBuf },
+    Interrupted {
+        iteration: usize,
+        checkpoint: PathBuf,
+    },
 }
 
 /// A text-to-3D run on loaded models.
@@ -220,6 +224,10 @@ impl Text3dRun<'_> {
     ) -> Result<Text3dOutcome> {
         let settings = &self.settings;
         settings.validate()?;
+        self.sd
+            .configs()
+            .check_image_size(settings.size, settings.size)
+            .map_err(|problem| Error::setting("size", settings.size, problem))?;
         let fingerprint = settings.fingerprint(self.sd, self.identities);
         let guidance = IsmGuidance::new(
             self.sd,
@@ -253,7 +261,10 @@ impl Text3dRun<'_> {
         for iteration in first..=settings.iterations {
             if stop.load(Ordering::SeqCst) {
                 save(&adam, &densifier, &stack, iteration - 1)?;
-                return Ok(Text3dOutcome::Interrupted { iteration: iteration - 1, checkpoint: self.checkpoint.clone() });
+                return Ok(Text3dOutcome::Interrupted {
+                    iteration: iteration - 1,
+                    checkpoint: self.checkpoint.clone(),
+                });
             }
             if iteration >= settings.widen_from && iteration % settings.widen_every.max(1) == 0 {
                 ranges.widen();

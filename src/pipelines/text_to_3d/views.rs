@@ -77,7 +77,8 @@ pub fn disparity(depth: &Tensor, transmittance: &Tensor, fov_x: f64) -> Result<T
     let raw = (((depth + (transmittance * 10.0)?)? + 1e-5)?.recip()? * focal)?;
     let values = raw.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let coverage = transmittance.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let covered_min = values.iter().zip(&coverage).filter(|(_, t)| **t <= COVERED).map(|(v, _)| *v).fold(f64::INFINITY, f64::min);
+    let covered_min =
+        values.iter().zip(&coverage).filter(|(_, t)| **t <= COVERED).map(|(v, _)| *v).fold(f64::INFINITY, f64::min);
     let min = if covered_min.is_finite() { covered_min } else { values.iter().copied().fold(f64::INFINITY, f64::min) };
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let span = (max - min).max(1e-12);
