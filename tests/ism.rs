@@ -49,7 +49,8 @@ struct Case {
 fn step_matches_lucid_dreamer_with_and_without_perp_neg() {
     let sd = load_tiny();
     let tensors = load_tensors("parity/ism.safetensors");
-    let reference: Fixture = serde_json::from_str(&std::fs::read_to_string(fixture("parity/ism.json")).unwrap()).unwrap();
+    let reference: Fixture =
+        serde_json::from_str(&std::fs::read_to_string(fixture("parity/ism.json")).unwrap()).unwrap();
     let identity =
         Identity { embeddings: tensors["identity"].clone(), source: "fixture".into(), metadata: Default::default() };
     assert_eq!(reference.cases.len(), 3);
@@ -289,6 +290,8 @@ fn half_precision_models_give_f32_gradients_close_to_f32() {
     let relative = |a: &Tensor, b: &Tensor| common::max_abs_diff(a, b) / common::max_abs(b);
     let latents = relative(&half_step.latents_grad, &full_step.latents_grad);
     let renders = relative(&half_grad, &full_grad);
-    eprintln!("f16 vs f32 models: gradient at the latents {latents:.1e}, at the renders {renders:.1e} (of the largest)");
+    eprintln!(
+        "f16 vs f32 models: gradient at the latents {latents:.1e}, at the renders {renders:.1e} (of the largest)"
+    );
     assert!(latents < 5e-2 && renders < 5e-2, "f16 models: {latents:e}, {renders:e}");
 }
