@@ -302,15 +302,14 @@ impl<'a> IsmGuidance<'a> {
         let scheduler = sd.scheduler_config();
         let ddim = Ddim::every_training_timestep(scheduler)?;
         let timesteps = ddim.timesteps().len();
-        options.validate(timesteps, |index| ddim.timesteps()[timesteps - 1 - index])?;
+        options.validate(timesteps, |index| timestep_at(&ddim, index))?;
         let encode = |text: &str| encode_prompt(sd, text, identities);
-        let views = [View::Front, View::Side, View::Back].map(|view| encode(&format!("{prompt}, {}", view.suffix())));
-        let [front, side, back] = views;
+        let view = |view: View| encode(&format!("{prompt}, {}", view.suffix()));
         Ok(Self {
             sd,
             negative: encode(negative_prompt)?,
             inverse: encode(&options.inverse_prompt)?,
-            views: [front?, side?, back?],
+            views: [view(View::Front)?, view(View::Side)?, view(View::Back)?],
             schedule: Ddpm::new(scheduler)?,
             ddim,
             options,
@@ -321,10 +320,9 @@ impl<'a> IsmGuidance<'a> {
         &self.options
     }
 
-    /// The timestep of schedule index `index` (LucidDreamer's `self.timesteps[index]`).
+    /// The timestep of schedule index `index` (below the schedule's length, 1000).
     pub fn timestep(&self, index: usize) -> usize {
-        let timesteps = self.ddim.timesteps();
-        timesteps[timesteps.len() - 1 - index]
+        timestep_at(&self.ddim, index)
     }
 
     /// The random draws of one step at `iteration` for `batch` views of `latent_hw` latents:
@@ -522,6 +520,13 @@ impl<'a> IsmGuidance<'a> {
         let out = self.sd.unet().forward(&x.to_dtype(self.sd.dtype())?, &timesteps, context)?;
         Ok(out.to_dtype(DType::F32)?)
     }
+}
+
+/// LucidDreamer's `self.timesteps[index]`: the DDIM timesteps over every training timestep,
+/// least noisy first.
+fn timestep_at(ddim: &Ddim, index: usize) -> usize {
+    let timesteps = ddim.timesteps();
+    timesteps[timesteps.len() - 1 - index]
 }
 
 /// `x - (<x, y> / max(|y|^2, 1e-6)) y` per sample, over all of a sample's values
