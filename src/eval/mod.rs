@@ -5,6 +5,7 @@
 
 pub mod faces;
 pub mod fid;
+pub mod images;
 pub mod metrics;
 pub mod report;
 pub mod scorer;

@@ -48,8 +48,8 @@ pub struct MetricWeights {
     pub inception: Option<PathBuf>,
 }
 
-/// Seconds spent per stage, in the order the stages first ran.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// Seconds spent per stage, in the order the stages first ran (a JSON object in the report).
+#[derive(Debug, Clone, Default)]
 pub struct Timings(pub Vec<(String, f64)>);
 
 impl Timings {
