@@ -8,7 +8,29 @@ use crate::eval::scorer::EvalImage;
 use crate::identity::Identity;
 use crate::io::read_png_text;
 use crate::priors::photo::{hex_sha256, load_image_with_digest};
+use crate::tokenizer::placeholder_token;
 use crate::{Error, Result};
+
+/// The 40 test prompts of the published StableIdentity test notebook, with their source.
+pub const PUBLISHED_PROMPTS: &str = include_str!("../../assets/eval_prompts.txt");
+
+/// The prompts of a prompts file: one per line, `#` comments and blank lines skipped. An input
+/// error when there is none, or when one lacks the identity's `v1* v2*` (`source` names the file).
+pub fn parse_prompts(text: &str, source: &str) -> Result<Vec<String>> {
+    let pair = format!("{} {}", placeholder_token(0), placeholder_token(1));
+    let prompts: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    if prompts.is_empty() {
+        return Err(Error::Input(format!("{source} holds no prompt (one per line; # starts a comment)")));
+    }
+    if let Some((i, prompt)) = prompts.iter().enumerate().find(|(_, p)| !p.contains(&pair)) {
+        return Err(Error::Input(format!(
+            "prompt {} of {source} ({prompt:?}) has no {pair}: each evaluation prompt shows the identity",
+            i + 1
+        )));
+    }
+    Ok(prompts)
+}
 
 /// The extensions of the image files read from a folder.
 const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
