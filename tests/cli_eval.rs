@@ -160,7 +160,8 @@ fn learn_then_eval_writes_the_report_and_a_second_run_reuses_the_images() {
     assert_eq!(second["identities"][0]["mean"]["clip_t"], me["mean"]["clip_t"]);
 
     // The folder made above, as images made before: their prompts come from their metadata.
-    let folder = ok(eval(&["--images", s(&out.join("me")), "--photo", s(&photo), "--out", s(&dir.path().join("again"))]));
+    let folder =
+        ok(eval(&["--images", s(&out.join("me")), "--photo", s(&photo), "--out", s(&dir.path().join("again"))]));
     assert!(folder.status.success());
     let again = read_json(&dir.path().join("again/report.json"));
     assert_eq!(again["identities"][0]["mean"]["clip_i"], me["mean"]["clip_i"]);
@@ -221,11 +222,27 @@ fn bad_inputs_fail_with_one_line() {
         &["cat.png", "records no prompt"],
     );
     assert_fails_with(
-        &eval(&["--images", s(&fixture("eval/images")), "--photo", s(&fixture("photos/chelsea_300x256.png")), "--out", s(&out)]),
+        &eval(&[
+            "--images",
+            s(&fixture("eval/images")),
+            "--photo",
+            s(&fixture("photos/chelsea_300x256.png")),
+            "--out",
+            s(&out),
+        ]),
         &["no face found in the photo", "chelsea_300x256.png"],
     );
     assert_fails_with(
-        &eval(&["--images", s(&fixture("eval/images")), "--photo", s(&photo), "--out", s(&out), "--fid-reference", s(&empty)]),
+        &eval(&[
+            "--images",
+            s(&fixture("eval/images")),
+            "--photo",
+            s(&photo),
+            "--out",
+            s(&out),
+            "--fid-reference",
+            s(&empty),
+        ]),
         &["FID reference folder", "holds no images"],
     );
     // No FaceNet weights given, none in PyTorch's cache: what to fetch, from where.
@@ -235,7 +252,10 @@ fn bad_inputs_fail_with_one_line() {
         .env("TORCH_HOME", dir.path().join("torch"))
         .output()
         .unwrap();
-    assert_fails_with(&bare, &["--facenet-weights", "20180402-114759-vggface2.pt", "facenet-pytorch", "never downloads"]);
+    assert_fails_with(
+        &bare,
+        &["--facenet-weights", "20180402-114759-vggface2.pt", "facenet-pytorch", "never downloads"],
+    );
     // CLIP neither a folder nor in the hub cache.
     let (_, [facenet, alexnet, _]) = weight_files();
     let no_clip = Command::new(env!("CARGO_BIN_EXE_stableid"))

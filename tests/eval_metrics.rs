@@ -110,7 +110,10 @@ fn metrics_on_fixed_images_equal_the_python_computation() {
     assert_eq!(scored.images.len(), expected.images.len());
     for (ours, theirs) in scored.images.iter().zip(&expected.images) {
         assert_eq!((&ours.file, ours.prompt), (&theirs.file, theirs.prompt));
-        eprintln!("{}: CLIP-I {} / {}, CLIP-T {} / {}, Face Sim {:?} / {:?}", ours.file, ours.clip_i, theirs.clip_i, ours.clip_t, theirs.clip_t, ours.face_sim, theirs.face_sim);
+        eprintln!(
+            "{}: CLIP-I {} / {}, CLIP-T {} / {}, Face Sim {:?} / {:?}",
+            ours.file, ours.clip_i, theirs.clip_i, ours.clip_t, theirs.clip_t, ours.face_sim, theirs.face_sim
+        );
         close(&format!("{} CLIP-I", ours.file), Some(ours.clip_i), Some(theirs.clip_i));
         close(&format!("{} CLIP-T", ours.file), Some(ours.clip_t), Some(theirs.clip_t));
         close(&format!("{} Face Sim", ours.file), ours.face_sim, theirs.face_sim);

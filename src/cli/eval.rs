@@ -10,8 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use stableid::eval::fid::frechet_distance;
 use stableid::eval::images::{
-    file_name, identity_digest, parse_prompts, plan_images, read_generated, read_reference, reusable,
-    PUBLISHED_PROMPTS,
+    file_name, identity_digest, parse_prompts, plan_images, read_generated, read_reference, reusable, PUBLISHED_PROMPTS,
 };
 use stableid::eval::metrics::MetricRow;
 use stableid::eval::report::{contact_sheet, IdentityReport, Report};
@@ -169,7 +168,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let photos = match args.photo.len() {
         1 => vec![args.photo[0].clone(); subjects_count],
         n if n == subjects_count => args.photo.clone(),
-        n => bail!("{n} --photo for {subjects_count} identities: give one photo for all, or one per --identity / --images"),
+        n => bail!(
+            "{n} --photo for {subjects_count} identities: give one photo for all, or one per --identity / --images"
+        ),
     };
     let sources: Vec<(String, Source)> = if args.images.is_empty() {
         args.identity.iter().map(|p| Ok((stem(p), Source::Generate(Identity::load(p)?)))).collect::<Result<_>>()?
@@ -193,15 +194,34 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     let weights = MetricWeights {
         clip: args.clip.clone(),
-        facenet: weights_path(&args.facenet_weights, FACENET_FILE, "FaceNet weights", FACENET_SOURCE, "--facenet-weights")?,
-        alexnet: weights_path(&args.alexnet_weights, ALEXNET_FILE, "AlexNet weights (LPIPS)", ALEXNET_SOURCE, "--alexnet-weights")?,
+        facenet: weights_path(
+            &args.facenet_weights,
+            FACENET_FILE,
+            "FaceNet weights",
+            FACENET_SOURCE,
+            "--facenet-weights",
+        )?,
+        alexnet: weights_path(
+            &args.alexnet_weights,
+            ALEXNET_FILE,
+            "AlexNet weights (LPIPS)",
+            ALEXNET_SOURCE,
+            "--alexnet-weights",
+        )?,
         inception: match &args.fid_reference {
-            Some(_) => Some(weights_path(&args.inception_weights, INCEPTION_FILE, "Inception-v3 weights (FID)", INCEPTION_SOURCE, "--inception-weights")?),
+            Some(_) => Some(weights_path(
+                &args.inception_weights,
+                INCEPTION_FILE,
+                "Inception-v3 weights (FID)",
+                INCEPTION_SOURCE,
+                "--inception-weights",
+            )?),
             None => None,
         },
     };
     let device = args.model.device()?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create output folder {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
     check_writable(&args.out)?;
 
     // 2. The metric models, the photos' faces and the FID reference: a photo without a face stops
@@ -245,7 +265,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             }
         };
         let bar = progress_bar(images.len() as u64, &format!("{}: faces", subject.label));
-        let scored = models.score(photo, &subject_prompts, &images, &mut own, &mut |done, _| bar.set_position(done as u64))?;
+        let scored =
+            models.score(photo, &subject_prompts, &images, &mut own, &mut |done, _| bar.set_position(done as u64))?;
         bar.finish_and_clear();
         let mut mean = scored.mean.clone();
         if let Some(reference) = &reference {
@@ -296,7 +317,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         timings_s: timings,
     };
     let json = serde_json::to_string_pretty(&report)?;
-    let (json_path, md_path) = (args.out.join(format!("report{suffix}.json")), args.out.join(format!("report{suffix}.md")));
+    let (json_path, md_path) =
+        (args.out.join(format!("report{suffix}.json")), args.out.join(format!("report{suffix}.md")));
     write_bytes(&json_path, json.as_bytes())?;
     write_bytes(&md_path, report.markdown().as_bytes())?;
     if args.json {
@@ -357,7 +379,8 @@ impl Generator {
             return Ok(sd);
         }
         let (model, configs) = (self.model.as_ref().expect("generating"), self.configs.clone().expect("generating"));
-        let sd = StableDiffusion::load_with_configs(model, configs, &self.model_args.device()?, self.model_args.dtype())?;
+        let sd =
+            StableDiffusion::load_with_configs(model, configs, &self.model_args.device()?, self.model_args.dtype())?;
         Ok(self.sd.get_or_init(|| sd))
     }
 
@@ -373,7 +396,8 @@ impl Generator {
             let mut request = template.clone();
             request.prompt = self.prompts[planned.prompt].clone();
             request.seed = planned.seed;
-            let mut settings = request.settings(self.model.as_ref().expect("generating").name(), std::slice::from_ref(identity));
+            let mut settings =
+                request.settings(self.model.as_ref().expect("generating").name(), std::slice::from_ref(identity));
             settings.push(("identity_sha256", digest.clone()));
             let path = dir.join(&planned.file);
             let reuse = reusable(&path, &settings)?;
@@ -419,7 +443,10 @@ impl Generator {
                 ("prompts".into(), format!("{} ({} prompts)", prompts_source, self.prompts.len())),
                 ("images per prompt".into(), self.num_images.to_string()),
                 ("seeds".into(), format!("{} + image index, the same for every prompt", self.seed)),
-                ("sampler".into(), format!("{} ({} steps, guidance {})", request.sampler, request.steps, request.guidance)),
+                (
+                    "sampler".into(),
+                    format!("{} ({} steps, guidance {})", request.sampler, request.steps, request.guidance),
+                ),
                 ("negative prompt".into(), format!("{:?}", request.negative_prompt)),
                 ("size".into(), format!("{}x{}", request.width, request.height)),
             ]);

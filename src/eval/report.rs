@@ -43,17 +43,34 @@ pub struct IdentityReport {
 }
 
 impl IdentityReport {
-    pub fn new(label: String, identity: Option<String>, photo: String, images_dir: String, prompts: &[String], scored: &ScoredImages, timings: Timings) -> Self {
+    pub fn new(
+        label: String,
+        identity: Option<String>,
+        photo: String,
+        images_dir: String,
+        prompts: &[String],
+        scored: &ScoredImages,
+        timings: Timings,
+    ) -> Self {
         Self {
             label,
             identity,
             photo,
             images_dir,
             mean: scored.mean.clone(),
-            prompts: prompts.iter().zip(&scored.prompts).map(|(p, row)| PromptRow { prompt: p.clone(), scores: row.clone() }).collect(),
+            prompts: prompts
+                .iter()
+                .zip(&scored.prompts)
+                .map(|(p, row)| PromptRow { prompt: p.clone(), scores: row.clone() })
+                .collect(),
             images: scored.images.clone(),
             pairs: scored.pairs.clone(),
-            images_without_face: scored.images.iter().filter(|i| i.face_sim.is_none()).map(|i| i.file.clone()).collect(),
+            images_without_face: scored
+                .images
+                .iter()
+                .filter(|i| i.face_sim.is_none())
+                .map(|i| i.file.clone())
+                .collect(),
             timings_s: timings,
         }
     }
@@ -77,9 +94,7 @@ fn cell(value: Option<f64>) -> String {
 
 /// The metric cells of a row: CLIP-I, CLIP-T, Face Sim, Face Div, Trusted Div.
 fn metric_cells(row: &MetricRow) -> String {
-    [row.clip_i, row.clip_t, row.face_sim, row.face_div, row.trusted_div]
-        .map(|v| cell(v.map(f64::from)))
-        .join(" | ")
+    [row.clip_i, row.clip_t, row.face_sim, row.face_div, row.trusted_div].map(|v| cell(v.map(f64::from))).join(" | ")
 }
 
 impl Report {
@@ -95,7 +110,8 @@ impl Report {
         let rows = self.identities.iter().map(|i| (i.label.as_str(), &i.mean));
         let all = (self.identities.len() > 1).then_some(("all", &self.all));
         for (label, row) in rows.chain(all) {
-            md += &format!("| {label} | {} | {} | {} | {} |\n", row.images, row.faces, metric_cells(row), cell(row.fid));
+            md +=
+                &format!("| {label} | {} | {} | {} | {} |\n", row.images, row.faces, metric_cells(row), cell(row.fid));
         }
         for identity in &self.identities {
             md += &format!("\n## {}\n\nPhoto {}; images in {}", identity.label, identity.photo, identity.images_dir);
@@ -115,7 +131,12 @@ impl Report {
             md += "|---|---|---|---|---|---|---|---|---|\n";
             for (i, row) in identity.prompts.iter().enumerate() {
                 let prompt = row.prompt.replace('|', "\\|");
-                md += &format!("| {i} | {prompt} | {} | {} | {} |\n", row.scores.images, row.scores.faces, metric_cells(&row.scores));
+                md += &format!(
+                    "| {i} | {prompt} | {} | {} | {} |\n",
+                    row.scores.images,
+                    row.scores.faces,
+                    metric_cells(&row.scores)
+                );
             }
         }
         md += "\n## Time per stage\n\n| stage | seconds |\n|---|---|\n";
@@ -138,7 +159,8 @@ const NO_FACE: Rgb<u8> = Rgb([200, 30, 30]);
 /// The contact sheet of one identity's images: a row per prompt (its number and text above it),
 /// each image fitted in a square with its Face Sim (or "no face"), CLIP-I and CLIP-T under it.
 pub fn contact_sheet(prompts: &[String], images: &[EvalImage], scores: &[ImageScores]) -> RgbImage {
-    let columns = (0..prompts.len()).map(|p| images.iter().filter(|i| i.prompt == p).count()).max().unwrap_or(0).max(1) as u32;
+    let columns =
+        (0..prompts.len()).map(|p| images.iter().filter(|i| i.prompt == p).count()).max().unwrap_or(0).max(1) as u32;
     let line = 8 * SCORE_SCALE + 2;
     let header = 8 + 4;
     let row_height = header + THUMBNAIL + 3 * line + MARGIN;

@@ -123,7 +123,8 @@ impl MetricModels {
     pub fn load(weights: &MetricWeights, device: &Device) -> Result<Self> {
         let clip_dir = resolve_folder(&weights.clip, "config.json", "CLIP model", DEFAULT_CLIP)?;
         let config: ClipConfig = crate::io::read_json(&clip_dir.join("config.json"))?;
-        let clip = transformers_weights(&clip_dir, DType::F32, device, "CLIP")?.0.build(|vb| ClipModel::new(vb, &config))?;
+        let clip =
+            transformers_weights(&clip_dir, DType::F32, device, "CLIP")?.0.build(|vb| ClipModel::new(vb, &config))?;
         let tokenizer = ClipTokenizer::from_dir(&clip_dir)?;
         let checkpoint = |path: &Path, what: &str| {
             if path.is_file() {
@@ -139,7 +140,15 @@ impl MetricModels {
             Some(path) => Some(checkpoint(path, "Inception-v3 weights")?.build(FidInceptionV3::new)?),
             None => None,
         };
-        Ok(Self { clip, tokenizer, facenet, lpips, inception, detector: FaceDetector::shipped(&Device::Cpu)?, device: device.clone() })
+        Ok(Self {
+            clip,
+            tokenizer,
+            facenet,
+            lpips,
+            inception,
+            detector: FaceDetector::shipped(&Device::Cpu)?,
+            device: device.clone(),
+        })
     }
 
     fn clip_image_size(&self) -> u32 {
@@ -149,7 +158,8 @@ impl MetricModels {
     /// CLIP image features (n, dim) of `images`.
     fn clip_images<'a>(&self, images: impl Iterator<Item = &'a RgbImage>) -> Result<Tensor> {
         let size = self.clip_image_size();
-        let pixels = images.map(|image| clip_pixels(image, size, &self.device)).collect::<candle_core::Result<Vec<_>>>()?;
+        let pixels =
+            images.map(|image| clip_pixels(image, size, &self.device)).collect::<candle_core::Result<Vec<_>>>()?;
         batched(&pixels, |batch| self.clip.image_features(batch))
     }
 
@@ -214,7 +224,10 @@ impl MetricModels {
             let texts = self.clip_texts(prompts)?;
             let index = Tensor::from_vec(images.iter().map(|i| i.prompt as u32).collect(), images.len(), &self.device)?;
             let photo = photo.clip.broadcast_as(features.shape())?;
-            Ok((similarity_percent(&features, &photo)?, similarity_percent(&features, &texts.index_select(&index, 0)?)?))
+            Ok((
+                similarity_percent(&features, &photo)?,
+                similarity_percent(&features, &texts.index_select(&index, 0)?)?,
+            ))
         })?;
         let face_sim = timings.time("FaceNet", || -> Result<Vec<Option<f32>>> {
             let crops: Vec<&RgbImage> = faces.iter().flatten().map(|f| &f.crop).collect();
@@ -261,7 +274,8 @@ impl MetricModels {
             .inception
             .as_ref()
             .ok_or_else(|| Error::Internal("FID features asked of metric models loaded without Inception".into()))?;
-        let inputs = images.map(|image| levels_tensor(image, &self.device)? / 255.0).collect::<candle_core::Result<Vec<_>>>()?;
+        let inputs =
+            images.map(|image| levels_tensor(image, &self.device)? / 255.0).collect::<candle_core::Result<Vec<_>>>()?;
         // Images of different sizes: each is resized to 299 inside the network, one at a time.
         let features = inputs.iter().map(|x| inception.forward(x)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&features, 0)?)

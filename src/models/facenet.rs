@@ -45,10 +45,17 @@ impl ResidualBlock {
                 256,
                 vec![
                     Branch::single(vb.pp("branch0"), ConvSpec::square(256, 32, 1, 1, 0))?,
-                    Branch::sequential(vb.pp("branch1"), &[ConvSpec::square(256, 32, 1, 1, 0), ConvSpec::square(32, 32, 3, 1, 1)])?,
+                    Branch::sequential(
+                        vb.pp("branch1"),
+                        &[ConvSpec::square(256, 32, 1, 1, 0), ConvSpec::square(32, 32, 3, 1, 1)],
+                    )?,
                     Branch::sequential(
                         vb.pp("branch2"),
-                        &[ConvSpec::square(256, 32, 1, 1, 0), ConvSpec::square(32, 32, 3, 1, 1), ConvSpec::square(32, 32, 3, 1, 1)],
+                        &[
+                            ConvSpec::square(256, 32, 1, 1, 0),
+                            ConvSpec::square(32, 32, 3, 1, 1),
+                            ConvSpec::square(32, 32, 3, 1, 1),
+                        ],
                     )?,
                 ],
                 96,
@@ -113,7 +120,11 @@ impl Reduction {
                 Branch::single(vb.pp("branch0"), ConvSpec::square(256, 384, 3, 2, 0))?,
                 Branch::sequential(
                     vb.pp("branch1"),
-                    &[ConvSpec::square(256, 192, 1, 1, 0), ConvSpec::square(192, 192, 3, 1, 1), ConvSpec::square(192, 256, 3, 2, 0)],
+                    &[
+                        ConvSpec::square(256, 192, 1, 1, 0),
+                        ConvSpec::square(192, 192, 3, 1, 1),
+                        ConvSpec::square(192, 256, 3, 2, 0),
+                    ],
                 )?,
             ],
         })
@@ -122,11 +133,21 @@ impl Reduction {
     fn mixed_7a(vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             branches: vec![
-                Branch::sequential(vb.pp("branch0"), &[ConvSpec::square(896, 256, 1, 1, 0), ConvSpec::square(256, 384, 3, 2, 0)])?,
-                Branch::sequential(vb.pp("branch1"), &[ConvSpec::square(896, 256, 1, 1, 0), ConvSpec::square(256, 256, 3, 2, 0)])?,
+                Branch::sequential(
+                    vb.pp("branch0"),
+                    &[ConvSpec::square(896, 256, 1, 1, 0), ConvSpec::square(256, 384, 3, 2, 0)],
+                )?,
+                Branch::sequential(
+                    vb.pp("branch1"),
+                    &[ConvSpec::square(896, 256, 1, 1, 0), ConvSpec::square(256, 256, 3, 2, 0)],
+                )?,
                 Branch::sequential(
                     vb.pp("branch2"),
-                    &[ConvSpec::square(896, 256, 1, 1, 0), ConvSpec::square(256, 256, 3, 1, 1), ConvSpec::square(256, 256, 3, 2, 0)],
+                    &[
+                        ConvSpec::square(896, 256, 1, 1, 0),
+                        ConvSpec::square(256, 256, 3, 1, 1),
+                        ConvSpec::square(256, 256, 3, 2, 0),
+                    ],
                 )?,
             ],
         })

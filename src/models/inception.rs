@@ -85,9 +85,7 @@ fn average_pool_3x3_same(x: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let window_sums = (x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.avg_pool2d_with_stride(3, 1)? * 9.0)?;
     // Pixels of the 3-wide window inside a line of `n`, at each position.
-    let inside = |n: usize| -> Vec<f32> {
-        (0..n).map(|i| (i.min(1) + 1 + usize::from(i + 1 < n)) as f32).collect()
-    };
+    let inside = |n: usize| -> Vec<f32> { (0..n).map(|i| (i.min(1) + 1 + usize::from(i + 1 < n)) as f32).collect() };
     let rows = Tensor::from_vec(inside(h), (h, 1), x.device())?;
     let columns = Tensor::from_vec(inside(w), (1, w), x.device())?;
     let counts = rows.broadcast_mul(&columns)?.to_dtype(x.dtype())?;
@@ -170,7 +168,11 @@ impl Mixed {
     fn d(vb: VarBuilder) -> Result<Self> {
         let s = ConvSpec::square;
         Ok(Self(vec![
-            Path::new(&vb, Pool::None, &[("branch3x3_1", s(768, 192, 1, 1, 0)), ("branch3x3_2", s(192, 320, 3, 2, 0))])?,
+            Path::new(
+                &vb,
+                Pool::None,
+                &[("branch3x3_1", s(768, 192, 1, 1, 0)), ("branch3x3_2", s(192, 320, 3, 2, 0))],
+            )?,
             Path::new(
                 &vb,
                 Pool::None,
