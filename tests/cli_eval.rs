@@ -126,6 +126,7 @@ fn learn_then_eval_writes_the_report_and_a_second_run_reuses_the_images() {
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(printed.contains("report.md") && printed.contains("contact_sheet-me.png"), "{printed}");
     let report = read_json(&out.join("report.json"));
+    eprintln!("time per stage (s): {}", report["timings_s"]);
     let me = &report["identities"][0];
     assert_eq!(me["label"], "me");
     assert_eq!(me["mean"]["images"], 4);
@@ -147,6 +148,9 @@ fn learn_then_eval_writes_the_report_and_a_second_run_reuses_the_images() {
     assert!(text.iter().any(|(k, v)| k == "prompt" && v == "v1* v2* wearing a spacesuit"));
     assert!(text.iter().any(|(k, v)| k == "seed" && v == "43"));
     let sheet = image::open(out.join("contact_sheet-me.png")).unwrap();
+    if let Some(keep) = std::env::var_os("STABLEID_KEEP_CONTACT_SHEET") {
+        sheet.save(keep).unwrap();
+    }
     assert!(sheet.width() > 2 * 224 && sheet.height() > 2 * 224);
     let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(markdown.contains("| me | 4 |") && markdown.contains("Time per stage"), "{markdown}");
@@ -191,6 +195,7 @@ fn eval_of_the_fixed_images_reports_the_python_values() {
         "--json",
     ]));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    eprintln!("time per stage (s): {}", report["timings_s"]);
     let ours = &report["identities"][0];
     assert_eq!(ours["label"], "images");
     assert_eq!(ours["images_without_face"], serde_json::json!(["01-1.png"]));
