@@ -124,6 +124,49 @@ pub fn safetensors_var_builder(path: &Path, dtype: DType, device: &Device) -> Re
     Ok(VarBuilder::from_backend(Box::new(file), dtype, device.clone()))
 }
 
+/// The weights in one file: safetensors (by its extension) or a PyTorch checkpoint of either
+/// format, read as `dtype`.
+pub fn weights_file(path: &Path, dtype: DType, device: &Device) -> Result<Weights> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let vb = safetensors_var_builder(path, dtype, device)?;
+        return Ok(Weights { path: path.to_path_buf(), vb });
+    }
+    Ok(open_checkpoint(path, dtype, device)?.0)
+}
+
+/// PyTorch's cache folder, as torch and facenet-pytorch resolve it: `TORCH_HOME`, else
+/// `XDG_CACHE_HOME/torch`, else `~/.cache/torch`.
+pub fn torch_home() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TORCH_HOME") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("HOME").map_or_else(|| PathBuf::from(".cache"), |home| PathBuf::from(home).join(".cache"))
+    });
+    cache.join("torch")
+}
+
+/// A checkpoint a PyTorch package downloaded: `file` in `torch_home()/hub/checkpoints` (where
+/// torch.hub, so torchvision and pytorch-fid, keep theirs) or in `torch_home()/checkpoints`
+/// (facenet-pytorch's). `what` and `source` (where to fetch it from) word the error when it is in
+/// neither.
+pub fn torch_cached_checkpoint(file: &str, what: &str, source: &str) -> Result<PathBuf> {
+    let home = torch_home();
+    let hub = home.join("hub").join("checkpoints").join(file);
+    if let Some(found) = [hub.clone(), home.join("checkpoints").join(file)].into_iter().find(|p| p.is_file()) {
+        return Ok(found);
+    }
+    Err(Error::MissingFile {
+        what: what.to_string(),
+        path: hub,
+        hint: format!(
+            "this tool never downloads weights; fetch {file} from {source} into {} (or set TORCH_HOME), \
+             or give its path",
+            home.join("hub").join("checkpoints").display()
+        ),
+    })
+}
+
 /// A weights file and a builder over it.
 pub struct Weights {
     pub path: PathBuf,

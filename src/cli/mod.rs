@@ -2,6 +2,7 @@
 
 mod align;
 mod bench;
+mod eval;
 mod generate;
 mod identity_file;
 mod learn;
@@ -36,6 +37,8 @@ enum Command {
     Align(align::AlignArgs),
     /// Time the learning step, denoising, VAE and text encoder on SD 2.1-base with random weights.
     Bench(bench::BenchArgs),
+    /// Measure identities as the paper does: CLIP-I, CLIP-T, Face Sim, Face Div, Trusted Div, FID.
+    Eval(eval::EvalArgs),
     /// Generate images from a prompt (with `v1* v2*` standing for an identity).
     Generate(generate::GenerateArgs),
     /// Learn an identity (v1* v2*) from one face photo.
@@ -63,6 +66,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Align(args) => align::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Learn(args) => learn::run(args),
         Command::Masks(args) => masks::run(args),
