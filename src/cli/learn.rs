@@ -14,7 +14,7 @@ use stableid::models::stable_diffusion::StableDiffusion;
 use stableid::priors::align::provenance_of;
 use stableid::priors::celeb_basis::{CelebBasis, CelebNames};
 use stableid::priors::face_feature::{load_face_encoder, DEFAULT_FACE_ENCODER};
-use stableid::weights::ModelDir;
+use stableid::weights::{Hub, ModelDir};
 
 use super::{check_writable, progress_bar, FaceParserArgs, FramingArgs, ModelArgs};
 
@@ -89,7 +89,7 @@ fn parse_loss(s: &str) -> Result<LossKind, String> {
     s.parse()
 }
 
-pub fn run(args: LearnArgs) -> Result<()> {
+pub fn run(args: LearnArgs, hub: &Hub) -> Result<()> {
     let checkpoint = args.checkpoint.clone().unwrap_or_else(|| default_checkpoint(&args.out));
     // The crops learned from, next to the identity: `me.aligned.png`, or `me.aligned.N.png` for
     // photo N of several.
@@ -134,10 +134,10 @@ pub fn run(args: LearnArgs) -> Result<()> {
     let framed = args.framing.frame(&args.photos, args.json)?;
     let names = CelebNames::load(args.celeb_names.as_deref())?;
     let device = args.model.device()?;
-    let model = ModelDir::resolve(&args.model.model)?;
+    let model = ModelDir::resolve(&args.model.model, hub, args.model.dtype())?;
+    let encoder = load_face_encoder(&args.face_encoder, hub, &device)?;
+    let parser = args.parser.load(hub, &device)?;
     let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
-    let encoder = load_face_encoder(&args.face_encoder, &device)?;
-    let parser = args.parser.load(&device)?;
     let prepared = framed
         .iter()
         .zip(&args.photos)
