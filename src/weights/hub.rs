@@ -243,7 +243,7 @@ impl Hub {
             what: format!("{} {spec}", files.what),
             path: self.cache.clone(),
             hint: format!(
-                "offline mode is on (HF_HUB_OFFLINE), and the hub cache does not hold it{missing}; run once online \
+                "offline mode is on (HF_HUB_OFFLINE or the offline option), and the hub cache does not hold it{missing}; run once online \
                  to download it, or fetch it with `huggingface-cli download {spec}` (or set HF_HOME / HF_HUB_CACHE \
                  to where it is), or pass a local folder"
             ),
