@@ -24,7 +24,7 @@ fn identity(recorded: Option<&str>, width: usize) -> Identity {
 #[test]
 fn identities_are_matched_to_their_text_encoder_by_content() {
     let sd = StableDiffusion::load(
-        &ModelDir::resolve(fixture("tiny-sd").to_str().unwrap()).unwrap(),
+        &ModelDir::local(&fixture("tiny-sd")),
         &Device::Cpu,
         DType::F32,
     )

@@ -26,7 +26,7 @@ struct Case {
 }
 
 fn tiny_sd(dtype: DType) -> StableDiffusion {
-    let model = ModelDir::resolve(fixture("tiny-sd").to_str().unwrap()).unwrap();
+    let model = ModelDir::local(&fixture("tiny-sd"));
     StableDiffusion::load(&model, &Device::Cpu, dtype).unwrap()
 }
 
