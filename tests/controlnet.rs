@@ -35,7 +35,8 @@ fn residuals_match_diffusers() {
         (&fx["residuals.sample"], &fx["residuals.timesteps"], &fx["residuals.context"], &fx["residuals.cond"]);
     let mut bgr_config = controlnet.config().clone();
     bgr_config.controlnet_conditioning_channel_order = ChannelOrder::Bgr;
-    let dir = ControlNetDir::resolve(fixture("tiny-controlnet").to_str().unwrap(), &Hub::from_env(), DType::F32).unwrap();
+    let dir =
+        ControlNetDir::resolve(fixture("tiny-controlnet").to_str().unwrap(), &Hub::from_env(), DType::F32).unwrap();
     let bgr = dir.load(&bgr_config, DType::F32, &Device::Cpu).unwrap();
     for (name, model, conditioning_scale, guess_mode) in
         [("plain", &controlnet, 1.0, false), ("guess", &controlnet, 0.7, true), ("bgr", &bgr, 0.5, false)]

@@ -183,5 +183,8 @@ fn wrong_models_are_refused_naming_the_file() {
     }
 
     let missing = tmp.path().join("nothing-here");
-    assert!(matches!(load_face_encoder(missing.to_str().unwrap(), &Hub::from_env(), &Device::Cpu), Err(Error::MissingFile { .. })));
+    assert!(matches!(
+        load_face_encoder(missing.to_str().unwrap(), &Hub::from_env(), &Device::Cpu),
+        Err(Error::MissingFile { .. })
+    ));
 }

@@ -124,9 +124,13 @@ fn bisenet_parser_matches_reference_class_map() {
     let t = load_tensors(PARITY);
     // Folders holding model.pth, and 79999_iter.pth (legacy format) as the original repository has it.
     for folder in ["tiny-bisenet", "tiny-bisenet/legacy"] {
-        let parser =
-            FaceParser::load(FaceParserKind::Bisenet, Some(fixture(folder).to_str().unwrap()), &Hub::from_env(), &Device::Cpu)
-                .unwrap();
+        let parser = FaceParser::load(
+            FaceParserKind::Bisenet,
+            Some(fixture(folder).to_str().unwrap()),
+            &Hub::from_env(),
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(parser.kind(), FaceParserKind::Bisenet);
         assert_eq!(parser.classes().names(), bisenet::CLASSES);
         let logits = parser.logits(&photo(&t)).unwrap();

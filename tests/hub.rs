@@ -52,11 +52,8 @@ fn tiny_hub() -> HubServer {
 fn test_hub(server: &HubServer, home: &Path) -> (Hub, Arc<Mutex<Vec<String>>>) {
     let events = Arc::new(Mutex::new(Vec::new()));
     let log = events.clone();
-    let hub = Hub::from_env()
-        .with_cache(home.join("hub"))
-        .with_endpoint(&server.url)
-        .with_token(None)
-        .with_progress(Arc::new(move |event: &DownloadEvent| {
+    let hub = Hub::from_env().with_cache(home.join("hub")).with_endpoint(&server.url).with_token(None).with_progress(
+        Arc::new(move |event: &DownloadEvent| {
             let line = match *event {
                 DownloadEvent::Start { files, bytes, .. } => format!("start {files} {bytes}"),
                 DownloadEvent::Retry { file, attempt, .. } => format!("retry {file} {attempt}"),
@@ -64,7 +61,8 @@ fn test_hub(server: &HubServer, home: &Path) -> (Hub, Arc<Mutex<Vec<String>>>) {
                 DownloadEvent::Progress { .. } => return,
             };
             log.lock().unwrap().push(line);
-        }));
+        }),
+    );
     (hub, events)
 }
 

@@ -264,8 +264,11 @@ fn previews_show_the_identity_as_learned_so_far_and_the_loss_curve_is_written() 
     let output = ok(learn(dir.path(), "me.safetensors", &["--steps", "4", "--preview-every", "2", "--json"]));
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let losses: Vec<(u64, f64)> =
-        lines.iter().filter(|l| l["loss"].is_number()).map(|l| (l["step"].as_u64().unwrap(), l["loss"].as_f64().unwrap())).collect();
+    let losses: Vec<(u64, f64)> = lines
+        .iter()
+        .filter(|l| l["loss"].is_number())
+        .map(|l| (l["step"].as_u64().unwrap(), l["loss"].as_f64().unwrap()))
+        .collect();
     assert_eq!(losses.len(), 4);
     let previews: Vec<&serde_json::Value> = lines.iter().filter(|l| l["preview"].is_string()).collect();
     assert_eq!(previews.len(), 2, "{lines:?}");

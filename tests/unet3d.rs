@@ -116,8 +116,7 @@ fn bad_requests_are_refused_before_running() {
 
 #[test]
 fn an_image_model_folder_is_named_as_what_it_is() {
-    let err =
-        VideoConfigs::read(&ModelDir::local(&fixture("tiny-sd"))).unwrap_err().to_string();
+    let err = VideoConfigs::read(&ModelDir::local(&fixture("tiny-sd"))).unwrap_err().to_string();
     assert!(err.contains("UNet2DConditionModel") && err.contains("UNet3DConditionModel"), "{err}");
     // A UNet3D config with a key diffusers refuses.
     let dir = tempfile::tempdir().unwrap();

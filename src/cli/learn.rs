@@ -114,7 +114,9 @@ pub fn run(args: LearnArgs, hub: &Hub) -> Result<()> {
     let loss_png = sibling(&args.out, "loss.png");
     let preview_every = args.preview_every.map(|n| n as usize);
     let previews: Vec<PathBuf> = preview_every
-        .map(|every| (every..=args.steps).step_by(every).map(|step| preview_path(&args.out, step, args.steps)).collect())
+        .map(|every| {
+            (every..=args.steps).step_by(every).map(|step| preview_path(&args.out, step, args.steps)).collect()
+        })
         .unwrap_or_default();
     // Refuse early, before anything slow: never overwrite, never silently discard a checkpoint.
     for output in [&args.out, &loss_png].into_iter().chain(&aligned_pngs).chain(&previews) {

@@ -67,7 +67,8 @@ impl LossCurve {
         if !*REGISTERED.get_or_init(|| register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok()) {
             return Err(Error::Internal("the shipped chart font does not load".into()));
         }
-        let (low, high) = finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(_, l)| (lo.min(l), hi.max(l)));
+        let (low, high) =
+            finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &(_, l)| (lo.min(l), hi.max(l)));
         let margin = ((high - low) * 0.05).max(1e-6);
         let steps = first.0..last.0.max(first.0 + 1);
         let mut pixels = vec![0u8; self.width as usize * self.height as usize * 3];

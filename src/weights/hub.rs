@@ -9,10 +9,10 @@
 //!   (default `https://huggingface.co`); the token `HF_TOKEN`, else the token file
 //!   (`HF_TOKEN_PATH`, else `HF_HOME/token`), sent as `Authorization: Bearer` to the endpoint's
 //!   host only; `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) set to 1/ON/YES/TRUE means offline;
-//! - the repository's layout ([`cache`]): `models--owner--name/blobs/<etag>`,
+//! - the repository's layout (`hub/cache.rs`): `models--owner--name/blobs/<etag>`,
 //!   `snapshots/<commit>/<path>` as relative symbolic links to the blobs, `refs/main` holding the
 //!   commit, `.no_exist/<commit>/<path>` for files known to be absent, `.locks/` beside;
-//! - the protocol ([`http`]): the file list with sizes and LFS hashes from
+//! - the protocol (`hub/http.rs`): the file list with sizes and LFS hashes from
 //!   `GET {endpoint}/api/models/{repo}/revision/main?blobs=true`; per file a `HEAD` of
 //!   `{endpoint}/{repo}/resolve/{commit}/{path}` that follows redirects on the same host only and
 //!   reads `X-Repo-Commit`, `X-Linked-Etag` (else `ETag`), `X-Linked-Size` (else
@@ -106,10 +106,12 @@ impl Hub {
             let text = crate::io::read_text_bounded(&token_file, 4096).ok()?;
             Some(text.trim().to_string()).filter(|t| !t.is_empty())
         });
-        let is_true = |name: &str| var(name).is_some_and(|v| ["1", "ON", "YES", "TRUE"].contains(&v.to_uppercase().as_str()));
+        let is_true =
+            |name: &str| var(name).is_some_and(|v| ["1", "ON", "YES", "TRUE"].contains(&v.to_uppercase().as_str()));
         Self {
             cache,
-            endpoint: var("HF_ENDPOINT").map_or_else(|| DEFAULT_ENDPOINT.to_string(), |e| e.trim_end_matches('/').to_string()),
+            endpoint: var("HF_ENDPOINT")
+                .map_or_else(|| DEFAULT_ENDPOINT.to_string(), |e| e.trim_end_matches('/').to_string()),
             token,
             offline: is_true("HF_HUB_OFFLINE") || is_true("TRANSFORMERS_OFFLINE"),
             progress: Arc::new(|_| {}),
@@ -211,7 +213,8 @@ impl Hub {
                 let base = done;
                 let report = |event: http::Transfer| match event {
                     http::Transfer::Bytes(on_disk) => {
-                        let event = DownloadEvent::Progress { repo: name, file: &file.path, done: base + on_disk, bytes };
+                        let event =
+                            DownloadEvent::Progress { repo: name, file: &file.path, done: base + on_disk, bytes };
                         (self.progress)(&event)
                     }
                     http::Transfer::Retry(attempt) => {

@@ -276,7 +276,8 @@ fn answer(request: &Request, state: &Mutex<State>) -> Answer {
                 .map(|f| {
                     // An LFS file's blob id is its pointer's, not a name of the file's bytes.
                     let blob_id = if f.lfs { hex(&Sha1::digest(f.etag().as_bytes())) } else { f.etag() };
-                    let mut sibling = serde_json::json!({ "rfilename": f.path, "size": f.bytes.len(), "blobId": blob_id });
+                    let mut sibling =
+                        serde_json::json!({ "rfilename": f.path, "size": f.bytes.len(), "blobId": blob_id });
                     if f.lfs {
                         let lfs = serde_json::json!({ "sha256": f.etag(), "size": f.bytes.len(), "pointerSize": 134 });
                         sibling["lfs"] = lfs;

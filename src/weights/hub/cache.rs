@@ -77,7 +77,8 @@ impl RepoCache {
         std::fs::create_dir_all(blobs).map_err(io(blobs))?;
         std::fs::create_dir_all(&self.locks).map_err(io(&self.locks))?;
         let lock_path = self.locks.join(format!("{etag}.lock"));
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
         lock.lock().map_err(io(&lock_path))?;
         if blob.is_file() {
             return Ok(());

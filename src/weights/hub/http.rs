@@ -142,7 +142,9 @@ impl<'a> HubClient<'a> {
             let (size, etag) = match (sibling.lfs, sibling.size, sibling.blob_id) {
                 (Some(lfs), _, _) => (lfs.size, lfs.sha256),
                 (None, Some(size), Some(blob_id)) => (size, blob_id),
-                _ => return Err(self.not_a_hub(&format!("its file list gives no size or id for {}", sibling.rfilename))),
+                _ => {
+                    return Err(self.not_a_hub(&format!("its file list gives no size or id for {}", sibling.rfilename)))
+                }
             };
             files.insert(sibling.rfilename, RemoteFile { size, etag });
         }
@@ -157,7 +159,8 @@ impl<'a> HubClient<'a> {
             let response = self.call("HEAD", &url, None, None)?;
             let response = self.expect_success(response, &url, Some(path))?;
             let location = header(&response, "Location").map(|l| join_url(&url, &l));
-            if let Some(target) = location.as_ref().filter(|t| response.status().is_redirection() && same_origin(&url, t))
+            if let Some(target) =
+                location.as_ref().filter(|t| response.status().is_redirection() && same_origin(&url, t))
             {
                 url = target.clone();
                 continue;
@@ -256,7 +259,9 @@ impl<'a> HubClient<'a> {
             }
         }
         let response = response.ok_or_else(|| {
-            Stopped::Failed(RemoteFailure::Refused(self.error(format!("more than {MAX_REDIRECTS} redirects for {}", file.path))))
+            Stopped::Failed(RemoteFailure::Refused(
+                self.error(format!("more than {MAX_REDIRECTS} redirects for {}", file.path)),
+            ))
         })?;
         let stored = |e: std::io::Error| {
             Stopped::Failed(RemoteFailure::Refused(Error::Output { path: path.to_path_buf(), msg: e.to_string() }))
@@ -361,7 +366,9 @@ impl<'a> HubClient<'a> {
             (403, Some("GatedRepo")) => "the repository is gated (403): accept its conditions on its hub page with \
                 your account, then set HF_TOKEN to an access token of that account"
                 .to_string(),
-            (403, _) => "access denied (403): set HF_TOKEN to an access token that can read this repository".to_string(),
+            (403, _) => {
+                "access denied (403): set HF_TOKEN to an access token that can read this repository".to_string()
+            }
             (404, Some("EntryNotFound")) => {
                 format!("it has no file {} (404)", file.unwrap_or("?"))
             }
@@ -374,7 +381,12 @@ impl<'a> HubClient<'a> {
     }
 
     fn not_a_hub(&self, problem: &str) -> RemoteFailure {
-        RemoteFailure::Refused(self.error(format!("{} does not answer as a Hugging Face hub: {problem} (check HF_ENDPOINT)", self.endpoint)))
+        RemoteFailure::Refused(
+            self.error(format!(
+                "{} does not answer as a Hugging Face hub: {problem} (check HF_ENDPOINT)",
+                self.endpoint
+            )),
+        )
     }
 
     fn error(&self, msg: String) -> Error {
