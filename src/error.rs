@@ -20,6 +20,10 @@ pub enum Error {
     #[error("cannot read config {file}: {msg}")]
     Config { file: PathBuf, msg: String },
 
+    /// A model could not be fetched from the Hugging Face hub: the message says why and what to do.
+    #[error("cannot download {repo}: {msg}")]
+    Download { repo: String, msg: String },
+
     /// A model of another kind than the one the tool expects (e.g. v-prediction SD 2.1-768).
     #[error("unsupported model: {0}")]
     UnsupportedModel(String),
@@ -81,9 +85,11 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Setting { .. } | Self::Input(_) | Self::Face(_) => ErrorKind::Input,
-            Self::MissingFile { .. } | Self::Weights { .. } | Self::Config { .. } | Self::UnsupportedModel(_) => {
-                ErrorKind::Model
-            }
+            Self::MissingFile { .. }
+            | Self::Download { .. }
+            | Self::Weights { .. }
+            | Self::Config { .. }
+            | Self::UnsupportedModel(_) => ErrorKind::Model,
             Self::Numeric(_) => ErrorKind::Numeric,
             Self::Output { .. } | Self::Io(_) => ErrorKind::Storage,
             Self::Internal(_) | Self::Candle(_) => ErrorKind::Internal,

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
 
+pub mod chart;
 pub mod video;
 
 /// The most a small file read whole may hold: configs, vocabularies, names lists, identity files,

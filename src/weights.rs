@@ -1,9 +1,9 @@
 //! Finding and reading model weights, or making them up ([`RandomWeights`]).
 //!
 //! A model is a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`,
-//! each with its config) given as a local path, or a Hugging Face hub id resolved through the
-//! standard hub cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`), as
-//! people already keep them. This tool never downloads: weights are the user's.
+//! each with its config) given as a local path, or a Hugging Face hub id found in the standard
+//! hub cache and fetched into it on first use ([`hub`]: only the files the loaders read, which
+//! each loader declares as [`ModelFiles`] beside itself).
 
 use std::path::{Path, PathBuf};
 
@@ -13,16 +13,21 @@ use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
 
+pub mod hub;
 mod pytorch;
 mod random;
 mod safetensors_file;
 
+pub use hub::{DownloadEvent, DownloadProgress, Hub, ModelFiles};
 pub use pytorch::open_checkpoint;
 pub use random::RandomWeights;
 pub use safetensors_file::SafetensorsFile;
 
 /// The base model StableIdentity is defined on.
 pub const DEFAULT_MODEL: &str = "stabilityai/stable-diffusion-2-1-base";
+
+/// The weights files of a transformers model folder, in the order they are looked for.
+pub const TRANSFORMERS_WEIGHTS: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
 
 /// A resolved diffusers model folder.
 #[derive(Debug, Clone)]
@@ -32,10 +37,38 @@ pub struct ModelDir {
 }
 
 impl ModelDir {
-    /// Resolves `spec`: an existing local folder, or a hub id (`owner/name`) found in the hub cache.
-    pub fn resolve(spec: &str) -> Result<Self> {
-        let root = resolve_folder(spec, "model_index.json", "model folder", DEFAULT_MODEL)?;
+    /// Resolves `spec`: an existing local folder, or a hub id (`owner/name`) found in the hub
+    /// cache or fetched into it (the files [`ModelDir::files`] lists for `dtype`).
+    pub fn resolve(spec: &str, hub: &Hub, dtype: DType) -> Result<Self> {
+        let root = hub.resolve(spec, &Self::files(dtype))?;
         Ok(Self { root, name: spec.to_string() })
+    }
+
+    /// A local diffusers folder, named by its path.
+    pub fn local(root: &Path) -> Self {
+        Self { root: root.to_path_buf(), name: root.display().to_string() }
+    }
+
+    /// What the text-to-image and text-to-video pipelines read of a diffusers folder: its
+    /// configs, the tokenizer, and the text encoder's, UNet's and VAE's weights, in the form
+    /// [`ModelDir::weights`] prefers for `dtype`.
+    pub fn files(dtype: DType) -> ModelFiles {
+        let weights = |component: &str, stem: &str| -> Vec<String> {
+            weights_files(stem, dtype).map(|f| format!("{component}/{f}")).collect()
+        };
+        ModelFiles::new("diffusers model", DEFAULT_MODEL)
+            .file("model_index.json")
+            .file("scheduler/scheduler_config.json")
+            .file("text_encoder/config.json")
+            .file("tokenizer/vocab.json")
+            .file("tokenizer/merges.txt")
+            .optional("tokenizer/tokenizer_config.json")
+            .optional("tokenizer/special_tokens_map.json")
+            .file("unet/config.json")
+            .file("vae/config.json")
+            .weights(weights("text_encoder", "model"))
+            .weights(weights("unet", "diffusion_pytorch_model"))
+            .weights(weights("vae", "diffusion_pytorch_model"))
     }
 
     /// The folder itself.
@@ -67,39 +100,46 @@ impl ModelDir {
         crate::io::read_json(&self.component(component)?.join(file))
     }
 
-    /// The weights of `component`: `stem.safetensors`, else `stem.fp16.safetensors`,
-    /// else a PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for the stem `model`);
-    /// tensors are converted to `dtype` as they are read.
+    /// The weights of `component` ([`folder_weights`]), read as `dtype`.
     pub fn weights(&self, component: &str, stem: &str, dtype: DType, device: &Device) -> Result<Weights> {
         folder_weights(&self.component(component)?, stem, dtype, device, &format!("{component} weights"))
     }
 }
 
-/// The weights in `dir`: `stem.safetensors`, else `stem.fp16.safetensors`, else a
-/// PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for the stem `model`), read
-/// as `dtype`; `what` names them in errors.
-pub fn folder_weights(dir: &Path, stem: &str, dtype: DType, device: &Device, what: &str) -> Result<Weights> {
-    let safetensors = [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")];
-    if let Some(path) = safetensors.iter().map(|f| dir.join(f)).find(|p| p.is_file()) {
-        let vb = safetensors_var_builder(&path, dtype, device)?;
-        return Ok(Weights { path, vb });
-    }
+/// The weights files of `stem` in a diffusers folder, in the order they are looked for:
+/// `stem.safetensors`, `stem.fp16.safetensors` (first when `dtype` is f16: the same numbers,
+/// half the bytes), then a PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for
+/// the stem `model`).
+pub fn weights_files(stem: &str, dtype: DType) -> impl Iterator<Item = String> {
+    let (full, half) = (format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors"));
+    let safetensors = if dtype == DType::F16 { [half, full] } else { [full, half] };
     let pytorch = if stem == "model" { "pytorch_model.bin".to_string() } else { format!("{stem}.bin") };
-    if dir.join(&pytorch).is_file() {
-        return Ok(open_checkpoint(&dir.join(&pytorch), dtype, device)?.0);
+    safetensors.into_iter().chain(std::iter::once(pytorch))
+}
+
+/// The weights of `stem` in `dir`: the first of [`weights_files`] there, read as `dtype`;
+/// `what` names them in errors.
+pub fn folder_weights(dir: &Path, stem: &str, dtype: DType, device: &Device, what: &str) -> Result<Weights> {
+    let names: Vec<String> = weights_files(stem, dtype).collect();
+    let Some(path) = names.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
+        return Err(Error::MissingFile {
+            what: what.to_string(),
+            path: dir.join(&names[0]),
+            hint: format!("expected {}", names.join(", ")),
+        });
+    };
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let vb = safetensors_var_builder(&path, dtype, device)?;
+        Ok(Weights { path, vb })
+    } else {
+        Ok(open_checkpoint(&path, dtype, device)?.0)
     }
-    Err(Error::MissingFile {
-        what: what.to_string(),
-        path: dir.join(&safetensors[0]),
-        hint: format!("expected {}, {} or {pytorch}", safetensors[0], safetensors[1]),
-    })
 }
 
 /// The weights of a transformers model folder: `model.safetensors`, else
 /// `pytorch_model.bin`, read as `dtype`, with their tensor names; `what` names the model in errors.
 pub fn transformers_weights(dir: &Path, dtype: DType, device: &Device, what: &str) -> Result<(Weights, Vec<String>)> {
-    let safetensors = dir.join("model.safetensors");
-    let pytorch = dir.join("pytorch_model.bin");
+    let [safetensors, pytorch] = TRANSFORMERS_WEIGHTS.map(|f| dir.join(f));
     if safetensors.is_file() {
         let file = SafetensorsFile::open(&safetensors)
             .map_err(|msg| Error::Weights { file: safetensors.clone(), msg: format!("cannot read it: {msg}") })?;
@@ -180,42 +220,4 @@ impl Weights {
         let file = self.path;
         build(self.vb).map_err(|e| Error::Weights { file, msg: format!("{e} (is this the right model?)") })
     }
-}
-
-/// Resolves a model given as a local folder or as a hub id (`owner/name`) found in the hub
-/// cache, whose snapshot holds `marker` (e.g. `model_index.json`, `config.json`). `what` and
-/// `example` word the error.
-pub fn resolve_folder(spec: &str, marker: &str, what: &str, example: &str) -> Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !path.is_absolute();
-    if !looks_like_hub_id {
-        return Err(Error::MissingFile {
-            what: what.to_string(),
-            path: path.to_path_buf(),
-            hint: format!("pass a local folder or a Hugging Face hub id such as {example}"),
-        });
-    }
-    let cache = hub_cache_dir();
-    match hf_hub::Cache::new(cache.clone()).model(spec.to_string()).get(marker) {
-        Some(file) => Ok(file.parent().expect("a file in a snapshot has a parent").to_path_buf()),
-        None => Err(Error::MissingFile {
-            what: format!("{what} {spec}"),
-            path: cache,
-            hint: format!(
-                "this tool never downloads weights; fetch them once with `huggingface-cli download {spec}` \
-                 (or set HF_HOME / HF_HUB_CACHE to where they are), or pass a local folder"
-            ),
-        }),
-    }
-}
-
-/// The hub cache folder, as huggingface_hub resolves it.
-fn hub_cache_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("HF_HUB_CACHE") {
-        return PathBuf::from(dir);
-    }
-    hf_hub::Cache::from_env().path().clone()
 }

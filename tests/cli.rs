@@ -126,7 +126,7 @@ fn hub_ids_resolve_through_the_hub_cache() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 
     let missing = stableid(
-        &["generate", "a cat", "--model", "someone/absent", "--out", out.to_str().unwrap()],
+        &["generate", "a cat", "--model", "someone/absent", "--out", out.to_str().unwrap(), "--offline"],
         &[("HF_HUB_CACHE", cache.path())],
     );
     assert_fails_with(&missing, &["someone/absent", "huggingface-cli download"]);

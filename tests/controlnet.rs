@@ -15,14 +15,14 @@ use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use stableid::pipelines::control::{Control, ControlImage};
 use stableid::pipelines::{generate, GenerateRequest};
 use stableid::schedulers::Sampler;
-use stableid::weights::ModelDir;
+use stableid::weights::{Hub, ModelDir};
 
 fn tiny_model() -> ModelDir {
-    ModelDir::resolve(fixture("tiny-sd").to_str().unwrap()).unwrap()
+    ModelDir::local(&fixture("tiny-sd"))
 }
 
 fn load_controlnet(folder: &str) -> ControlNetModel {
-    let dir = ControlNetDir::resolve(fixture(folder).to_str().unwrap()).unwrap();
+    let dir = ControlNetDir::resolve(fixture(folder).to_str().unwrap(), &Hub::from_env(), DType::F32).unwrap();
     dir.load(&dir.config().unwrap(), DType::F32, &Device::Cpu).unwrap()
 }
 
@@ -35,7 +35,8 @@ fn residuals_match_diffusers() {
         (&fx["residuals.sample"], &fx["residuals.timesteps"], &fx["residuals.context"], &fx["residuals.cond"]);
     let mut bgr_config = controlnet.config().clone();
     bgr_config.controlnet_conditioning_channel_order = ChannelOrder::Bgr;
-    let dir = ControlNetDir::resolve(fixture("tiny-controlnet").to_str().unwrap()).unwrap();
+    let dir =
+        ControlNetDir::resolve(fixture("tiny-controlnet").to_str().unwrap(), &Hub::from_env(), DType::F32).unwrap();
     let bgr = dir.load(&bgr_config, DType::F32, &Device::Cpu).unwrap();
     for (name, model, conditioning_scale, guess_mode) in
         [("plain", &controlnet, 1.0, false), ("guess", &controlnet, 0.7, true), ("bgr", &bgr, 0.5, false)]
@@ -139,7 +140,7 @@ fn altered_controlnet(dir: &std::path::Path, from: &str, to: &str) -> ControlNet
     let config = std::fs::read_to_string(&path).unwrap();
     assert!(config.contains(from), "{from} in {config}");
     std::fs::write(&path, config.replace(from, to)).unwrap();
-    ControlNetDir::resolve(dir.to_str().unwrap()).unwrap()
+    ControlNetDir::resolve(dir.to_str().unwrap(), &Hub::from_env(), DType::F32).unwrap()
 }
 
 #[test]
@@ -163,8 +164,8 @@ fn controlnets_for_another_base_model_are_refused_naming_both() {
     let msg = order.config().unwrap_err().to_string();
     assert!(msg.contains("config.json") && msg.contains("grb"), "{msg}");
 
-    let msg = ControlNetDir::resolve("/no/such/controlnet").unwrap_err().to_string();
-    assert!(msg.contains("/no/such/controlnet") && msg.contains("huggingface-cli download"), "{msg}");
+    let msg = ControlNetDir::resolve("/no/such/controlnet", &Hub::from_env(), DType::F32).unwrap_err().to_string();
+    assert!(msg.contains("/no/such/controlnet") && msg.contains("hub id such as thibaud/"), "{msg}");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use common::{assert_close, copy_dir, fixture, load_tensors};
 use sha2::{Digest, Sha256};
 use stableid::priors::face_feature::{load_face_encoder, preprocess, preprocess_with, vit_input_image, FaceEncoder};
 use stableid::priors::photo::{load_photo, Photo, Weights};
+use stableid::weights::Hub;
 use stableid::Error;
 
 const PARITY: &str = "parity/face_feature.safetensors";
@@ -26,7 +27,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn encoder(rel: &str) -> FaceEncoder {
-    load_face_encoder(fixture(rel).to_str().unwrap(), &Device::Cpu).unwrap()
+    load_face_encoder(fixture(rel).to_str().unwrap(), &Hub::from_env(), &Device::Cpu).unwrap()
 }
 
 fn parity_photo(meta: &HashMap<String, String>) -> Photo {
@@ -122,12 +123,12 @@ fn hub_ids_resolve_through_the_hub_cache() {
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();
     copy_dir(&fixture("tiny-vit/hub-classifier"), &repo.join("snapshots").join(commit));
-    // Only this test reads the variable: the others pass local folders, which resolve first.
-    std::env::set_var("HF_HUB_CACHE", cache.path());
-    let encoder = load_face_encoder("someone/tiny-face-vit", &Device::Cpu).unwrap();
+    // Offline: the cache alone (downloads are tests/hub.rs's).
+    let hub = Hub::from_env().with_cache(cache.path()).offline(true);
+    let encoder = load_face_encoder("someone/tiny-face-vit", &hub, &Device::Cpu).unwrap();
     assert_eq!(encoder.hidden_size(), 32);
-    match load_face_encoder("someone/not-downloaded", &Device::Cpu) {
-        Err(Error::MissingFile { hint, .. }) => assert!(hint.contains("never downloads"), "{hint}"),
+    match load_face_encoder("someone/not-downloaded", &hub, &Device::Cpu) {
+        Err(Error::MissingFile { hint, .. }) => assert!(hint.contains("huggingface-cli download"), "{hint}"),
         other => panic!("expected a missing-model error, got {:?}", other.map(|_| ())),
     }
 }
@@ -147,7 +148,7 @@ fn wrong_models_are_refused_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();
 
     let dir = altered_model(&tmp.path().join("clip"), |c| c["model_type"] = "clip_vision_model".into());
-    match load_face_encoder(&dir, &Device::Cpu) {
+    match load_face_encoder(&dir, &Hub::from_env(), &Device::Cpu) {
         Err(Error::UnsupportedModel(msg)) => {
             assert!(msg.contains("config.json") && msg.contains("not a ViT"), "{msg}")
         }
@@ -155,7 +156,7 @@ fn wrong_models_are_refused_naming_the_file() {
     }
 
     let dir = altered_model(&tmp.path().join("wide"), |c| c["hidden_size"] = 64.into());
-    match load_face_encoder(&dir, &Device::Cpu) {
+    match load_face_encoder(&dir, &Hub::from_env(), &Device::Cpu) {
         Err(Error::Weights { file, msg }) => {
             assert!(file.ends_with("wide/model.safetensors"), "{}", file.display());
             assert!(msg.contains("shape"), "{msg}");
@@ -164,7 +165,7 @@ fn wrong_models_are_refused_naming_the_file() {
     }
 
     let dir = altered_model(&tmp.path().join("quick"), |c| c["hidden_act"] = "quick_gelu".into());
-    match load_face_encoder(&dir, &Device::Cpu) {
+    match load_face_encoder(&dir, &Hub::from_env(), &Device::Cpu) {
         Err(Error::UnsupportedModel(msg)) => assert!(msg.contains("hidden_act"), "{msg}"),
         other => panic!("expected an unsupported-model error, got {:?}", other.map(|_| ())),
     }
@@ -173,7 +174,7 @@ fn wrong_models_are_refused_naming_the_file() {
     let dir = altered_model(&tmp.path().join("other"), |_| {});
     std::fs::copy(fixture("tiny-sd/text_encoder/model.safetensors"), Path::new(&dir).join("model.safetensors"))
         .unwrap();
-    match load_face_encoder(&dir, &Device::Cpu) {
+    match load_face_encoder(&dir, &Hub::from_env(), &Device::Cpu) {
         Err(Error::Weights { file, msg }) => {
             assert!(file.ends_with("other/model.safetensors"), "{}", file.display());
             assert!(msg.contains("cls_token"), "{msg}");
@@ -182,5 +183,8 @@ fn wrong_models_are_refused_naming_the_file() {
     }
 
     let missing = tmp.path().join("nothing-here");
-    assert!(matches!(load_face_encoder(missing.to_str().unwrap(), &Device::Cpu), Err(Error::MissingFile { .. })));
+    assert!(matches!(
+        load_face_encoder(missing.to_str().unwrap(), &Hub::from_env(), &Device::Cpu),
+        Err(Error::MissingFile { .. })
+    ));
 }

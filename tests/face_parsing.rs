@@ -9,7 +9,7 @@ use common::{assert_close, fixture, load_config, load_tensors, var_builder};
 use stableid::models::face_parsing::bisenet::{self, BiSeNet};
 use stableid::models::face_parsing::segformer::{SegformerConfig, SegformerForSemanticSegmentation};
 use stableid::priors::masks::{FaceClasses, FaceParser, FaceParserKind, SIZE};
-use stableid::weights::open_checkpoint;
+use stableid::weights::{open_checkpoint, Hub};
 use stableid::Error;
 
 const PARITY: &str = "parity/face_parsing.safetensors";
@@ -124,8 +124,13 @@ fn bisenet_parser_matches_reference_class_map() {
     let t = load_tensors(PARITY);
     // Folders holding model.pth, and 79999_iter.pth (legacy format) as the original repository has it.
     for folder in ["tiny-bisenet", "tiny-bisenet/legacy"] {
-        let parser =
-            FaceParser::load(FaceParserKind::Bisenet, Some(fixture(folder).to_str().unwrap()), &Device::Cpu).unwrap();
+        let parser = FaceParser::load(
+            FaceParserKind::Bisenet,
+            Some(fixture(folder).to_str().unwrap()),
+            &Hub::from_env(),
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(parser.kind(), FaceParserKind::Bisenet);
         assert_eq!(parser.classes().names(), bisenet::CLASSES);
         let logits = parser.logits(&photo(&t)).unwrap();
@@ -229,11 +234,12 @@ fn wrong_checkpoints_give_clear_errors() {
     assert!(matches!(err, Error::MissingFile { .. }), "{err:?}");
     assert!(err.to_string().contains("config.json"), "{err}");
     // BiSeNet weights are not on the hub: they must be given.
-    let err = FaceParser::load(FaceParserKind::Bisenet, None, &Device::Cpu).unwrap_err();
+    let offline = Hub::from_env().offline(true);
+    let err = FaceParser::load(FaceParserKind::Bisenet, None, &offline, &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("79999_iter.pth"), "{err}");
-    // A hub id that is not in the local cache: never downloaded, the message says how to get it.
-    let err =
-        FaceParser::load(FaceParserKind::Segformer, Some("nobody/no-such-face-parser"), &Device::Cpu).unwrap_err();
+    // A hub id that is not in the cache, offline: the message says how to get it.
+    let err = FaceParser::load(FaceParserKind::Segformer, Some("nobody/no-such-face-parser"), &offline, &Device::Cpu)
+        .unwrap_err();
     assert!(err.to_string().contains("huggingface-cli download nobody/no-such-face-parser"), "{err}");
 }
 

@@ -23,12 +23,7 @@ fn identity(recorded: Option<&str>, width: usize) -> Identity {
 
 #[test]
 fn identities_are_matched_to_their_text_encoder_by_content() {
-    let sd = StableDiffusion::load(
-        &ModelDir::resolve(fixture("tiny-sd").to_str().unwrap()).unwrap(),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
+    let sd = StableDiffusion::load(&ModelDir::local(&fixture("tiny-sd")), &Device::Cpu, DType::F32).unwrap();
     let table = sd.text_encoder().token_embedding();
     let digest = token_table_digest(table).unwrap();
     // An fp16 copy of the encoder has the same digest; a table one level off somewhere has not.

@@ -257,3 +257,47 @@ fn several_photos_of_one_person_make_one_identity() {
     ok(learn_from(dir.path(), &photos, "split.safetensors", &["--steps", "3", "--resume"]));
     assert_eq!(identity_tensor(&dir.path().join("split.safetensors")), several);
 }
+
+#[test]
+fn previews_show_the_identity_as_learned_so_far_and_the_loss_curve_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = ok(learn(dir.path(), "me.safetensors", &["--steps", "4", "--preview-every", "2", "--json"]));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let losses: Vec<(u64, f64)> = lines
+        .iter()
+        .filter(|l| l["loss"].is_number())
+        .map(|l| (l["step"].as_u64().unwrap(), l["loss"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(losses.len(), 4);
+    let previews: Vec<&serde_json::Value> = lines.iter().filter(|l| l["preview"].is_string()).collect();
+    assert_eq!(previews.len(), 2, "{lines:?}");
+    let text = |path: &Path| -> std::collections::HashMap<String, String> {
+        stableid::io::read_png_text(path).unwrap().into_iter().collect()
+    };
+    for (preview, step) in previews.iter().zip(["2", "4"]) {
+        let path = dir.path().join(format!("me.preview-{step}.png"));
+        assert_eq!(preview["preview"].as_str().unwrap(), path.to_str().unwrap());
+        let meta = text(&path);
+        assert_eq!(meta["learning_step"], step);
+        assert_eq!(meta["prompt"], "a photo of v1* v2*, facing to camera, best quality, ultra high res");
+        assert_eq!((meta["seed"].as_str(), meta["steps"].as_str()), ("42", "25"));
+    }
+
+    // The last preview is the image `generate` makes with the finished identity, same settings.
+    let out = dir.path().join("generated");
+    let identity = dir.path().join("me.safetensors");
+    let model = fixture("tiny-sd");
+    let prompt = "a photo of v1* v2*, facing to camera, best quality, ultra high res";
+    let args = ["generate", prompt, "--identity", identity.to_str().unwrap(), "--model", model.to_str().unwrap()];
+    ok(stableid(&[&args[..], &["--seed", "42", "--steps", "25", "--out", out.to_str().unwrap()]].concat()));
+    let pixels = |path: &Path| image::open(path).unwrap().to_rgb8().into_raw();
+    assert_eq!(pixels(&dir.path().join("me.preview-4.png")), pixels(&out.join("00000-42.png")));
+
+    // The loss curve: a chart with this run's losses in its metadata.
+    let curve = dir.path().join("me.loss.png");
+    assert_eq!(image::image_dimensions(&curve).unwrap(), (800, 480));
+    let recorded: Vec<(u64, f64)> = serde_json::from_str(&text(&curve)["losses"]).unwrap();
+    assert_eq!(recorded, losses);
+    assert_eq!(lines.last().unwrap()["loss_curve"].as_str().unwrap(), curve.to_str().unwrap());
+}

@@ -14,7 +14,7 @@ use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
 
 fn tiny_model() -> ModelDir {
-    ModelDir::resolve(fixture("tiny-sd").to_str().unwrap()).unwrap()
+    ModelDir::local(&fixture("tiny-sd"))
 }
 
 #[derive(serde::Deserialize)]
@@ -145,7 +145,7 @@ fn v_prediction_models_are_refused_with_the_reason() {
     let config_path = dir.path().join("scheduler/scheduler_config.json");
     let config = std::fs::read_to_string(&config_path).unwrap().replace("\"epsilon\"", "\"v_prediction\"");
     std::fs::write(&config_path, config).unwrap();
-    let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();
+    let model = ModelDir::local(dir.path());
     let err = StableDiffusion::load(&model, &Device::Cpu, DType::F32).err().unwrap().to_string();
     assert!(err.contains("v_prediction") && err.contains("stable-diffusion-2-1-base"), "{err}");
 }
@@ -155,7 +155,7 @@ fn missing_and_mismatched_weights_name_the_file_and_tensor() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture("tiny-sd"), dir.path());
     std::fs::remove_file(dir.path().join("vae/diffusion_pytorch_model.safetensors")).unwrap();
-    let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();
+    let model = ModelDir::local(dir.path());
     let err = StableDiffusion::load(&model, &Device::Cpu, DType::F32).err().unwrap().to_string();
     assert!(err.contains("vae") && err.contains("diffusion_pytorch_model.safetensors"), "{err}");
 
@@ -164,7 +164,7 @@ fn missing_and_mismatched_weights_name_the_file_and_tensor() {
     let config_path = dir.path().join("unet/config.json");
     let config = std::fs::read_to_string(&config_path).unwrap().replace("\"in_channels\": 4", "\"in_channels\": 5");
     std::fs::write(&config_path, config).unwrap();
-    let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();
+    let model = ModelDir::local(dir.path());
     let err = StableDiffusion::load(&model, &Device::Cpu, DType::F32).err().unwrap().to_string();
     assert!(err.contains("unet") && err.contains("conv_in.weight") && err.contains("shape"), "{err}");
 }
@@ -214,7 +214,7 @@ fn fp16_variant_weights_load_and_upcast() {
             .unwrap();
         std::fs::remove_file(f32_file).unwrap();
     }
-    let model = ModelDir::resolve(dir.path().to_str().unwrap()).unwrap();
+    let model = ModelDir::local(dir.path());
     let half = StableDiffusion::load(&model, &Device::Cpu, DType::F32).unwrap();
     let full = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
     let mut request = GenerateRequest::new("a lighthouse", 64, 64);

@@ -15,7 +15,7 @@ use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
 
 fn tiny_video_dir() -> ModelDir {
-    ModelDir::resolve(fixture("tiny-video").to_str().unwrap()).unwrap()
+    ModelDir::local(&fixture("tiny-video"))
 }
 
 fn tiny_video() -> TextToVideoModel {
@@ -116,8 +116,7 @@ fn bad_requests_are_refused_before_running() {
 
 #[test]
 fn an_image_model_folder_is_named_as_what_it_is() {
-    let err =
-        VideoConfigs::read(&ModelDir::resolve(fixture("tiny-sd").to_str().unwrap()).unwrap()).unwrap_err().to_string();
+    let err = VideoConfigs::read(&ModelDir::local(&fixture("tiny-sd"))).unwrap_err().to_string();
     assert!(err.contains("UNet2DConditionModel") && err.contains("UNet3DConditionModel"), "{err}");
     // A UNet3D config with a key diffusers refuses.
     let dir = tempfile::tempdir().unwrap();
@@ -126,6 +125,6 @@ fn an_image_model_folder_is_named_as_what_it_is() {
     let text =
         std::fs::read_to_string(&config).unwrap().replace("\"time_cond_proj_dim\": null", "\"time_cond_proj_dim\": 8");
     std::fs::write(&config, text).unwrap();
-    let err = VideoConfigs::read(&ModelDir::resolve(dir.path().to_str().unwrap()).unwrap()).unwrap_err().to_string();
+    let err = VideoConfigs::read(&ModelDir::local(dir.path())).unwrap_err().to_string();
     assert!(err.contains("time_cond_proj_dim"), "{err}");
 }

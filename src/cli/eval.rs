@@ -25,7 +25,7 @@ use stableid::pipelines::text_to_image::to_rgb_images;
 use stableid::pipelines::{generate, GenerateRequest};
 use stableid::priors::photo::{load_image_with_digest, load_upright};
 use stableid::schedulers::Sampler;
-use stableid::weights::{torch_cached_checkpoint, ModelDir};
+use stableid::weights::{torch_cached_checkpoint, Hub, ModelDir};
 
 use super::{check_writable, progress_bar, ModelArgs};
 
@@ -78,7 +78,7 @@ pub struct EvalArgs {
     pub negative_prompt: String,
     #[arg(long, default_value = "dpm++", value_parser = parse_sampler, help = format!("Sampler: one of {}", Sampler::NAMES.join(", ")))]
     pub sampler: Sampler,
-    /// CLIP for CLIP-I and CLIP-T: a transformers CLIPModel folder or a hub id in the hub cache.
+    /// CLIP for CLIP-I and CLIP-T: a transformers CLIPModel folder or a hub id (in the hub cache, or downloaded).
     #[arg(long, default_value = DEFAULT_CLIP)]
     pub clip: String,
     /// FaceNet weights (facenet-pytorch's 20180402-114759-vggface2.pt, or .safetensors) [default: in PyTorch's cache].
@@ -154,7 +154,7 @@ fn free_suffix(out: &Path, labels: &[String]) -> String {
     (1..).map(|n| if n == 1 { String::new() } else { format!("-{n}") }).find(|s| !taken(s)).expect("a free name")
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
+pub fn run(args: EvalArgs, hub: &Hub) -> Result<()> {
     let start = Instant::now();
     let mut timings = Timings::default();
     // 1. Cheap checks, before any model loads.
@@ -226,7 +226,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
     // 2. The metric models, the photos' faces and the FID reference: a photo without a face stops
     // the run before any image is generated.
-    let models = timings.time("load metric models", || MetricModels::load(&weights, &device))?;
+    let models = timings.time("load metric models", || MetricModels::load(&weights, hub, &device))?;
     let photo_features = timings.time("photos", || {
         subjects
             .iter()
@@ -248,7 +248,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
 
     // 3. The images: generated (or reused), or read.
-    let generator = Generator::new(&args, &subjects, &prompts)?;
+    let generator = Generator::new(&args, &subjects, &prompts, hub)?;
     let mut identities = Vec::with_capacity(subjects.len());
     let mut all_features = Vec::new();
     for (subject, photo) in subjects.iter().zip(&photo_features) {
@@ -345,10 +345,10 @@ struct Generator {
 }
 
 impl Generator {
-    fn new(args: &EvalArgs, subjects: &[Subject], prompts: &[String]) -> Result<Self> {
+    fn new(args: &EvalArgs, subjects: &[Subject], prompts: &[String], hub: &Hub) -> Result<Self> {
         let generating = subjects.iter().any(|s| matches!(s.source, Source::Generate(_)));
         let (model, configs, request) = if generating {
-            let model = ModelDir::resolve(&args.model.model)?;
+            let model = ModelDir::resolve(&args.model.model, hub, args.model.dtype())?;
             let configs = SdConfigs::read(&model)?;
             let (width, height) = configs.default_size();
             let mut request = GenerateRequest::new(&prompts[0], width, height);

@@ -17,7 +17,7 @@ use stableid::pipelines::{generate, read_latents, GenerateRequest};
 use stableid::priors::photo::load_upright_with_digest;
 use stableid::priors::pose::{pose_map, PoseEstimator, PoseSettings, WEIGHTS_HINT};
 use stableid::schedulers::Sampler;
-use stableid::weights::ModelDir;
+use stableid::weights::{Hub, ModelDir};
 
 use super::{check_writable, progress_bar, warn_other_encoders, ModelArgs};
 
@@ -32,7 +32,7 @@ use super::{check_writable, progress_bar, warn_other_encoders, ModelArgs};
     stableid generate \"v1* v2* on a stage\" --identity me.safetensors --controlnet pose-cn --control-image pose.png \\\n      \
     --control-scale 0.8 --controlnet depth-cn --control-image depth.png --control-scale 0.5 --guess-mode\n  \
     stableid generate \"v1* v2* dancing, best quality\" --identity me.safetensors --pose-from dancer.jpg\n\n\
-ControlNets: each --controlnet (a diffusers ControlNet folder or hub id in the local hub cache) takes\n\
+ControlNets: each --controlnet (a diffusers ControlNet folder or hub id, downloaded if need be) takes\n\
 the --control-image in the same position; --control-scale, --control-start, --control-end and\n\
 --control-channel-order are given once for all or once per ControlNet. Without --width/--height the\n\
 image takes the first control image's size (rounded down to a multiple of 8). Pose maps drawn as\n\
@@ -75,7 +75,7 @@ pub struct GenerateArgs {
     /// Start from these latents (a safetensors file with one tensor of shape 1 x 4 x H/8 x W/8) instead of seeded noise.
     #[arg(long)]
     pub initial_latents: Option<PathBuf>,
-    /// ControlNet to steer the image with: a diffusers ControlNet folder or a hub id in the local hub cache
+    /// ControlNet to steer the image with: a diffusers ControlNet folder or a hub id (in the hub cache, or downloaded)
     /// (e.g. thibaud/controlnet-sd21-openpose-diffusers); repeat for several.
     #[arg(long)]
     pub controlnet: Vec<String>,
@@ -88,7 +88,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub pose_from: Option<PathBuf>,
     /// The OpenPose body weights for --pose-from (non-commercial research use only, CMU's licence)
-    /// [default: body_pose_model.pth of lllyasviel/Annotators in the hub cache].
+    /// [default: body_pose_model.pth of lllyasviel/Annotators, from the hub].
     #[arg(long, requires = "pose_from")]
     pub pose_model: Option<PathBuf>,
     /// How strongly each ControlNet steers (usually 0 to 2) [default: 1.0]; once for all or once per ControlNet.
@@ -152,7 +152,7 @@ struct ControlPlan {
 }
 
 impl ControlPlan {
-    fn read(args: &GenerateArgs, configs: &SdConfigs, model: &str) -> Result<Self> {
+    fn read(args: &GenerateArgs, configs: &SdConfigs, model: &str, hub: &Hub) -> Result<Self> {
         // --pose-from gives the first ControlNet's image (thibaud's pose ControlNet by default).
         let controlnets = match (&args.pose_from, args.controlnet.is_empty()) {
             (Some(_), true) => vec![OPENPOSE_CONTROLNET.to_string()],
@@ -199,7 +199,9 @@ impl ControlPlan {
                 eprintln!("warning: --control-scale {scale} is outside [0, 2], where ControlNets are usually used");
             }
         }
-        let dirs = controlnets.iter().map(|spec| ControlNetDir::resolve(spec)).collect::<Result<Vec<_>, _>>()?;
+        let dtype = args.model.dtype();
+        let dirs =
+            controlnets.iter().map(|spec| ControlNetDir::resolve(spec, hub, dtype)).collect::<Result<Vec<_>, _>>()?;
         let mut controlnet_configs = Vec::with_capacity(count);
         for dir in &dirs {
             let config = dir.config()?;
@@ -208,7 +210,7 @@ impl ControlPlan {
         }
         let mut images = args.control_image.iter().map(|p| ControlImage::read(p)).collect::<Result<Vec<_>, _>>()?;
         if let Some(photo) = &args.pose_from {
-            images.insert(0, pose_control_image(photo, args.pose_model.as_deref())?);
+            images.insert(0, pose_control_image(photo, args.pose_model.as_deref(), hub)?);
         }
         Ok(Self { dirs, configs: controlnet_configs, images, settings })
     }
@@ -236,12 +238,11 @@ const OPENPOSE_CONTROLNET: &str = "thibaud/controlnet-sd21-openpose-diffusers";
 
 /// The pose map of the person in `photo` (OpenPose, controlnet_aux's default resolutions) as a
 /// control image; an error when nobody is found.
-fn pose_control_image(photo: &Path, weights: Option<&Path>) -> Result<ControlImage> {
+fn pose_control_image(photo: &Path, weights: Option<&Path>, hub: &Hub) -> Result<ControlImage> {
     let weights = match weights {
         Some(path) => path.to_path_buf(),
-        None => PoseEstimator::cached_weights().with_context(|| {
-            format!("OpenPose body weights not found in the hub cache: pass --pose-model FILE; {WEIGHTS_HINT}")
-        })?,
+        None => PoseEstimator::hub_weights(hub)
+            .with_context(|| format!("OpenPose body weights: pass --pose-model FILE, or {WEIGHTS_HINT}"))?,
     };
     let estimator = PoseEstimator::load(&weights, &Device::Cpu)?;
     let (rgb, sha256) = load_upright_with_digest(photo)?;
@@ -250,7 +251,7 @@ fn pose_control_image(photo: &Path, weights: Option<&Path>) -> Result<ControlIma
     Ok(ControlImage { rgb: map.image, source: format!("pose of {}", photo.display()), sha256 })
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(args: GenerateArgs, hub: &Hub) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images must be at least 1");
     }
@@ -258,9 +259,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // folder fail before any weights load.
     let identities = args.identity.iter().map(|p| Identity::load(p)).collect::<Result<Vec<_>, _>>()?;
     let device = args.model.device()?;
-    let model = ModelDir::resolve(&args.model.model)?;
+    let model = ModelDir::resolve(&args.model.model, hub, args.model.dtype())?;
     let configs = SdConfigs::read(&model)?;
-    let control_plan = ControlPlan::read(&args, &configs, model.name())?;
+    let control_plan = ControlPlan::read(&args, &configs, model.name(), hub)?;
     // As diffusers: without a size, the first control image's, rounded down to a multiple of 8.
     let (default_width, default_height) = match control_plan.images.first() {
         Some(image) => image.default_size(configs.latent_factor()),

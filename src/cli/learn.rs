@@ -1,4 +1,5 @@
-//! `stableid learn`: one face photo in, an identity file out.
+//! `stableid learn`: one face photo in, an identity file out; on the way, sample images made with
+//! the identity as learned so far (`--preview-every N`), and the loss curve at the end.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,12 +10,16 @@ use anyhow::{bail, Context, Result};
 use stableid::identity::loss::LossKind;
 use stableid::identity::run::{LearnOutcome, LearnRun, LearnSettings, PreparedPhoto};
 use stableid::identity::step::Basis;
+use stableid::identity::Identity;
+use stableid::io::chart::LossCurve;
 use stableid::io::{write_png, RgbImage};
 use stableid::models::stable_diffusion::StableDiffusion;
+use stableid::pipelines::text_to_image::to_rgb_images;
+use stableid::pipelines::{generate, GenerateRequest};
 use stableid::priors::align::provenance_of;
 use stableid::priors::celeb_basis::{CelebBasis, CelebNames};
 use stableid::priors::face_feature::{load_face_encoder, DEFAULT_FACE_ENCODER};
-use stableid::weights::ModelDir;
+use stableid::weights::{Hub, ModelDir};
 
 use super::{check_writable, progress_bar, FaceParserArgs, FramingArgs, ModelArgs};
 
@@ -25,7 +30,12 @@ use super::{check_writable, progress_bar, FaceParserArgs, FramingArgs, ModelArgs
     stableid learn group.jpg --face 2 --out me.safetensors  # the second largest face (see `stableid align`)\n  \
     stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors\n  \
     stableid learn me.jpg --out me.safetensors --resume          # continue after Ctrl-C or a crash\n  \
-    stableid learn me.jpg --out me.safetensors --loss noise --json  # the paper's ablation, JSON log lines")]
+    stableid learn me.jpg --out me.safetensors --loss noise --json  # the paper's ablation, JSON log lines\n  \
+    stableid learn me.jpg --out me.safetensors --preview-every 50   # me.preview-050.png, ... while it learns\n\n\
+Next to the identity (me.safetensors) go the aligned crop (me.aligned.png), the loss curve of the run\n\
+(me.loss.png: each step's loss and their running mean; the losses are in its metadata) and, with\n\
+--preview-every N, a sample image every N steps (me.preview-STEP.png): \"a photo of v1* v2*, facing to\n\
+camera, best quality, ultra high res\", seed 42, 25 DPM-Solver++ steps, guidance 8.5, at the model's size.")]
 pub struct LearnArgs {
     /// A photo of the person, or several (each step learns from one of them): the face is detected
     /// and aligned (FFHQ-style) unless --no-align.
@@ -78,7 +88,11 @@ pub struct LearnArgs {
     /// Celebrity names for the basis, one two-word name per line [default: the shipped list].
     #[arg(long)]
     pub celeb_names: Option<PathBuf>,
-    /// Print one JSON line per step and a JSON summary on stdout.
+    /// Every N steps, generate a sample image with the identity as learned so far, next to the
+    /// output (fixed prompt and seed: see below); each takes 25 denoising steps.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub preview_every: Option<u64>,
+    /// Print one JSON line per step (and per preview) and a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -89,7 +103,7 @@ fn parse_loss(s: &str) -> Result<LossKind, String> {
     s.parse()
 }
 
-pub fn run(args: LearnArgs) -> Result<()> {
+pub fn run(args: LearnArgs, hub: &Hub) -> Result<()> {
     let checkpoint = args.checkpoint.clone().unwrap_or_else(|| default_checkpoint(&args.out));
     // The crops learned from, next to the identity: `me.aligned.png`, or `me.aligned.N.png` for
     // photo N of several.
@@ -97,8 +111,15 @@ pub fn run(args: LearnArgs) -> Result<()> {
         1 => vec![sibling(&args.out, "aligned.png")],
         n => (1..=n).map(|i| sibling(&args.out, &format!("aligned.{i}.png"))).collect(),
     };
+    let loss_png = sibling(&args.out, "loss.png");
+    let preview_every = args.preview_every.map(|n| n as usize);
+    let previews: Vec<PathBuf> = preview_every
+        .map(|every| {
+            (every..=args.steps).step_by(every).map(|step| preview_path(&args.out, step, args.steps)).collect()
+        })
+        .unwrap_or_default();
     // Refuse early, before anything slow: never overwrite, never silently discard a checkpoint.
-    for output in std::iter::once(&args.out).chain(&aligned_pngs) {
+    for output in [&args.out, &loss_png].into_iter().chain(&aligned_pngs).chain(&previews) {
         if output.exists() && !args.force && !args.resume {
             bail!("{} already exists: pass --force to overwrite it, or choose another --out", output.display());
         }
@@ -134,10 +155,10 @@ pub fn run(args: LearnArgs) -> Result<()> {
     let framed = args.framing.frame(&args.photos, args.json)?;
     let names = CelebNames::load(args.celeb_names.as_deref())?;
     let device = args.model.device()?;
-    let model = ModelDir::resolve(&args.model.model)?;
+    let model = ModelDir::resolve(&args.model.model, hub, args.model.dtype())?;
+    let encoder = load_face_encoder(&args.face_encoder, hub, &device)?;
+    let parser = args.parser.load(hub, &device)?;
     let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
-    let encoder = load_face_encoder(&args.face_encoder, &device)?;
-    let parser = args.parser.load(&device)?;
     let prepared = framed
         .iter()
         .zip(&args.photos)
@@ -193,13 +214,21 @@ pub fn run(args: LearnArgs) -> Result<()> {
 
     let bar = progress_bar(args.steps as u64, "learning");
     let json = args.json;
-    let outcome = run.run(&stop, &mut |done, _total, report| {
-        bar.set_position(done as u64);
-        bar.set_message(format!("learning, loss {:.4}", report.loss));
-        if json {
-            println!("{}", serde_json::json!({ "step": done, "loss": report.loss, "grad_norm": report.grad_norm }));
-        }
-    });
+    let mut losses = Vec::new();
+    let preview = Preview { sd: &sd, out: &args.out, total: args.steps, bar: &bar, json };
+    let outcome = run.run_with_previews(
+        &stop,
+        preview_every,
+        &mut |done, _total, report| {
+            bar.set_position(done as u64);
+            bar.set_message(format!("learning, loss {:.4}", report.loss));
+            losses.push((done, report.loss));
+            if json {
+                println!("{}", serde_json::json!({ "step": done, "loss": report.loss, "grad_norm": report.grad_norm }));
+            }
+        },
+        &mut |done, identity| preview.write(done, identity),
+    );
     bar.finish_and_clear();
     match outcome? {
         LearnOutcome::Interrupted { step, checkpoint } => {
@@ -211,16 +240,79 @@ pub fn run(args: LearnArgs) -> Result<()> {
         }
         LearnOutcome::Finished(identity) => {
             identity.save(&args.out)?;
+            write_loss_curve(&loss_png, &args, losses)?;
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({ "identity": args.out, "steps": args.steps, "metadata": identity.metadata })
+                    serde_json::json!({
+                        "identity": args.out,
+                        "loss_curve": loss_png,
+                        "steps": args.steps,
+                        "metadata": identity.metadata,
+                    })
                 );
             } else {
                 println!("{}", args.out.display());
             }
         }
     }
+    Ok(())
+}
+
+/// The sample images `--preview-every` makes, each with the identity as learned so far.
+struct Preview<'a> {
+    sd: &'a StableDiffusion,
+    out: &'a Path,
+    total: usize,
+    bar: &'a indicatif::ProgressBar,
+    json: bool,
+}
+
+/// The preview's prompt, seed and denoising steps (stated in `learn --help`).
+const PREVIEW_PROMPT: &str = "a photo of v1* v2*, facing to camera, best quality, ultra high res";
+const PREVIEW_SEED: u64 = 42;
+const PREVIEW_STEPS: usize = 25;
+
+impl Preview<'_> {
+    /// Generates and writes the preview of step `done`; a failure is said and learning goes on.
+    fn write(&self, done: usize, identity: Identity) {
+        let path = preview_path(self.out, done, self.total);
+        self.bar.set_message(format!("preview at step {done}"));
+        let (width, height) = self.sd.configs().default_size();
+        let mut request = GenerateRequest::new(PREVIEW_PROMPT, width, height);
+        request.seed = PREVIEW_SEED;
+        request.steps = PREVIEW_STEPS;
+        let written = generate(self.sd, &request, &[identity], &mut |_, _| {}).and_then(|generated| {
+            let mut text = generated.settings;
+            text.push(("learning_step", done.to_string()));
+            text.push(("identity", self.out.display().to_string()));
+            write_png(&path, &to_rgb_images(&generated.image)?.remove(0), &text)
+        });
+        match written {
+            Ok(()) if self.json => println!("{}", serde_json::json!({ "step": done, "preview": path })),
+            Ok(()) => self.bar.println(format!("preview at step {done}: {}", path.display())),
+            Err(e) => self.bar.println(format!("warning: no preview at step {done}: {e}")),
+        }
+    }
+}
+
+/// `me.safetensors` -> `me.preview-STEP.png`, the step padded to the digits of `total`.
+fn preview_path(out: &Path, step: usize, total: usize) -> PathBuf {
+    let digits = total.to_string().len();
+    sibling(out, &format!("preview-{step:0digits$}.png"))
+}
+
+/// Writes the chart of this run's losses (with the losses in its metadata).
+fn write_loss_curve(path: &Path, args: &LearnArgs, losses: Vec<(usize, f64)>) -> Result<()> {
+    let (Some(&(first, _)), Some(&(last, _))) = (losses.first(), losses.last()) else { return Ok(()) };
+    let name = args.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let curve = LossCurve::new(losses, format!("{name}: loss at steps {first} to {last} (seed {})", args.seed));
+    let text = [
+        ("identity", args.out.display().to_string()),
+        ("running_mean_window", curve.window().to_string()),
+        ("losses", serde_json::to_string(&curve.points)?),
+    ];
+    write_png(path, &curve.draw()?, &text)?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use stableid::io::{write_atomically, write_png, RgbImage};
 use stableid::priors::masks::SIZE;
+use stableid::weights::Hub;
 
 use super::{DeviceArg, FaceParserArgs, FramingArgs};
 
@@ -35,14 +36,14 @@ pub struct MasksArgs {
     pub json: bool,
 }
 
-pub fn run(args: MasksArgs) -> Result<()> {
+pub fn run(args: MasksArgs, hub: &Hub) -> Result<()> {
     // Cheap checks first: an unreadable photo or folder fails before the parser loads.
     let framed = args.framing.frame(std::slice::from_ref(&args.photo), args.json)?.remove(0);
     let photo = &framed.photo;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
     let device = args.device.open()?;
-    let parser = args.parser.load(&device)?;
+    let parser = args.parser.load(hub, &device)?;
     let rgb = photo.rgb().as_raw();
     let masks = parser.masks(rgb)?;
 

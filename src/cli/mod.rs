@@ -18,6 +18,7 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use stableid::priors::align::{frame_photo, FaceDetector, FramedPhoto, Framing};
 use stableid::priors::masks::{FaceParser, FaceParserKind, DEFAULT_SEGFORMER};
+use stableid::weights::{DownloadEvent, Hub};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +30,10 @@ use stableid::priors::masks::{FaceParser, FaceParserKind, DEFAULT_SEGFORMER};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Never use the network: models come from local folders and the Hugging Face hub cache only
+    /// (as HF_HUB_OFFLINE=1). Without it, a model missing from the cache is downloaded into it.
+    #[arg(long, global = true)]
+    offline: bool,
 }
 
 #[derive(Subcommand)]
@@ -63,27 +68,80 @@ enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    let hub = hub(cli.offline);
     match cli.command {
         Command::Align(args) => align::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Eval(args) => eval::run(args),
-        Command::Generate(args) => generate::run(args),
-        Command::Learn(args) => learn::run(args),
-        Command::Masks(args) => masks::run(args),
-        Command::Pose(args) => pose::run(args),
-        Command::Video(args) => video::run(args),
+        Command::Eval(args) => eval::run(args, &hub),
+        Command::Generate(args) => generate::run(args, &hub),
+        Command::Learn(args) => learn::run(args, &hub),
+        Command::Masks(args) => masks::run(args, &hub),
+        Command::Pose(args) => pose::run(args, &hub),
+        Command::Video(args) => video::run(args, &hub),
         Command::Render(args) => render::run(args),
         Command::SplatFit(args) => splat_fit::run(args),
-        Command::ThreeD(args) => text_to_3d::run(args),
+        Command::ThreeD(args) => text_to_3d::run(args, &hub),
         Command::Export(args) => identity_file::export(args),
         Command::Inspect(args) => identity_file::inspect(args),
     }
 }
 
+/// Where every command finds its models: the hub cache and endpoint of the environment
+/// (HF_HUB_CACHE, HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE), offline also when `offline`;
+/// downloads are announced with their size and shown as a progress bar on stderr.
+fn hub(offline: bool) -> Hub {
+    let hub = Hub::from_env().offline(offline);
+    let cache = hub.cache_dir().to_path_buf();
+    let bar: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+    hub.with_progress(std::sync::Arc::new(move |event: &DownloadEvent| {
+        let mut bar = bar.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match *event {
+            DownloadEvent::Start { repo, files, bytes, notice } => {
+                eprintln!(
+                    "downloading {files} file{} of {repo} ({}) into {}",
+                    if files == 1 { "" } else { "s" },
+                    indicatif::HumanBytes(bytes),
+                    cache.display()
+                );
+                if let Some(notice) = notice {
+                    eprintln!("note: {repo}: {notice}");
+                }
+                let new_bar = indicatif::ProgressBar::new(bytes);
+                new_bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} elapsed {elapsed} eta {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                *bar = Some(new_bar);
+            }
+            DownloadEvent::Progress { file, done, .. } => {
+                if let Some(bar) = bar.as_ref() {
+                    bar.set_message(file.to_string());
+                    bar.set_position(done);
+                }
+            }
+            DownloadEvent::Retry { file, attempt, .. } => {
+                let line = format!("connection lost; resuming {file} (retry {attempt})");
+                match bar.as_ref() {
+                    Some(bar) => bar.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+            DownloadEvent::Finish { .. } => {
+                if let Some(bar) = bar.take() {
+                    bar.finish_and_clear();
+                }
+            }
+        }
+    }))
+}
+
 /// Flags every model-loading command shares.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// Diffusers model folder, or a Hugging Face hub id found in the local hub cache.
+    /// Diffusers model folder, or a Hugging Face hub id (found in the hub cache, or downloaded into it).
     #[arg(long, default_value = stableid::weights::DEFAULT_MODEL)]
     pub model: String,
     /// Where the models run.
@@ -157,7 +215,7 @@ impl DeviceArg {
 // would take a doc comment here for the `about` of every command that flattens these flags.)
 #[derive(clap::Args, Clone)]
 pub struct FaceParserArgs {
-    /// Face parser: segformer (jonathandinu/face-parsing from the hub cache) or bisenet (the paper's
+    /// Face parser: segformer (jonathandinu/face-parsing from the hub) or bisenet (the paper's
     /// face-parsing.PyTorch model, 79999_iter.pth).
     #[arg(long, value_enum, default_value_t = FaceParserArg::Segformer)]
     pub face_parser: FaceParserArg,
@@ -189,8 +247,8 @@ impl FaceParserArgs {
         }
     }
 
-    pub fn load(&self, device: &Device) -> Result<FaceParser> {
-        Ok(FaceParser::load(self.kind(), self.weights(), device)?)
+    pub fn load(&self, hub: &Hub, device: &Device) -> Result<FaceParser> {
+        Ok(FaceParser::load(self.kind(), self.weights(), hub, device)?)
     }
 }
 

@@ -8,6 +8,7 @@ use candle_core::Device;
 use stableid::io::write_png;
 use stableid::priors::photo::load_upright_with_digest;
 use stableid::priors::pose::{pose_map, PoseEstimator, PoseMap, PoseSettings, KEYPOINT_NAMES, WEIGHTS_HINT};
+use stableid::weights::Hub;
 
 use super::check_writable;
 
@@ -19,8 +20,8 @@ use super::check_writable;
     of radius 4, black background). With one photo and an --out ending in .png, that file; otherwise\n\
     DIR/STEM.pose.png. Existing files are never replaced: NAME-1.png, NAME-2.png, ... are used instead.\n\n\
     Weights: the OpenPose body model, body_pose_model.pth from https://huggingface.co/lllyasviel/Annotators\n\
-    (`huggingface-cli download lllyasviel/Annotators body_pose_model.pth`; found in the hub cache without\n\
-    --pose-model). CMU's OpenPose licence allows NON-COMMERCIAL RESEARCH USE ONLY.")]
+    (without --pose-model it is taken from the hub cache, or downloaded into it: that one file, 200 MB).\n\
+    CMU's OpenPose licence allows NON-COMMERCIAL RESEARCH USE ONLY.")]
 pub struct PoseArgs {
     /// The photos (JPEG, PNG, ...; a JPEG's EXIF orientation is applied).
     #[arg(required = true)]
@@ -28,7 +29,7 @@ pub struct PoseArgs {
     /// The PNG to write (one photo), or a folder for STEM.pose.png files (created if missing).
     #[arg(long, default_value = "poses")]
     pub out: PathBuf,
-    /// body_pose_model.pth (or a safetensors conversion) [default: lllyasviel/Annotators in the hub cache].
+    /// body_pose_model.pth (or a safetensors conversion) [default: that of lllyasviel/Annotators, from the hub].
     #[arg(long)]
     pub pose_model: Option<PathBuf>,
     /// The photo's short side for detection (rounded, with the long side, to multiples of 64).
@@ -42,13 +43,12 @@ pub struct PoseArgs {
     pub json: bool,
 }
 
-pub fn run(args: PoseArgs) -> Result<()> {
+pub fn run(args: PoseArgs, hub: &Hub) -> Result<()> {
     let settings = PoseSettings { detect_resolution: args.detect_resolution, image_resolution: args.image_resolution };
     let weights = match &args.pose_model {
         Some(path) => path.clone(),
-        None => PoseEstimator::cached_weights().with_context(|| {
-            format!("OpenPose body weights not found in the hub cache: pass --pose-model FILE; {WEIGHTS_HINT}")
-        })?,
+        None => PoseEstimator::hub_weights(hub)
+            .with_context(|| format!("OpenPose body weights: pass --pose-model FILE, or {WEIGHTS_HINT}"))?,
     };
     let estimator = PoseEstimator::load(&weights, &Device::Cpu)?;
     // Every photo is read and its pose found before anything is written: a bad photo writes

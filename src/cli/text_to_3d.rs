@@ -13,7 +13,7 @@ use stableid::pipelines::text_to_3d::{
     head_cloud, turntable, Start, Text3dCheckpoint, Text3dOutcome, Text3dRun, Text3dSettings, DEFAULT_NEGATIVE_PROMPT,
 };
 use stableid::splats::{read_ply, render, write_ply, RenderOptions};
-use stableid::weights::ModelDir;
+use stableid::weights::{Hub, ModelDir};
 
 use super::render::{write_views, ViewFiles};
 use super::{check_writable, progress_bar, warn_other_encoders, ModelArgs};
@@ -85,7 +85,7 @@ pub struct Text3dArgs {
     pub model: ModelArgs,
 }
 
-pub fn run(args: Text3dArgs) -> Result<()> {
+pub fn run(args: Text3dArgs, hub: &Hub) -> Result<()> {
     let mut settings = Text3dSettings::new(&args.prompt).with_iterations(args.iterations);
     settings.negative_prompt = args.negative_prompt.clone();
     settings.size = args.size;
@@ -121,7 +121,7 @@ pub fn run(args: Text3dArgs) -> Result<()> {
         (None, None) => Some(head_cloud(args.points, args.seed, &Device::Cpu)?),
     };
     let device = args.model.device()?;
-    let model = ModelDir::resolve(&args.model.model)?;
+    let model = ModelDir::resolve(&args.model.model, hub, args.model.dtype())?;
     let configs = SdConfigs::read(&model)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     check_writable(&args.out)?;

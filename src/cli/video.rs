@@ -11,7 +11,7 @@ use stableid::models::text_to_video::{TextToVideoModel, VideoConfigs, DEFAULT_VI
 use stableid::pipelines::text_to_image::to_rgb_images;
 use stableid::pipelines::{generate_video, read_latents, VideoRequest};
 use stableid::schedulers::Sampler;
-use stableid::weights::ModelDir;
+use stableid::weights::{Hub, ModelDir};
 
 use super::{check_writable, progress_bar, warn_other_encoders, DeviceArg, DtypeArg, ModelArgs};
 
@@ -25,7 +25,7 @@ const MAX_FPS: u32 = 120;
     stableid video \"a dog running on a beach\" --frames 24 --fps 12 --steps 25 --json\n  \
     stableid video \"v1* v2* surfing\" --identity me.safetensors --model cerspense/zeroscope_v2_576w --width 576 --height 320 --frames 24\n\n\
 The model is a diffusers text-to-video folder (TextToVideoSDPipeline layout: ModelScope T2V, Zeroscope) or\n\
-a hub id in the local hub cache; identities learned on SD 2.1 work in it unchanged. Each video gets a\n\
+a hub id (in the hub cache, or downloaded); identities learned on SD 2.1 work in it unchanged. Each video gets a\n\
 sidecar NAME.json with its prompt, seed and settings.")]
 pub struct VideoArgs {
     /// The prompt; `v1* v2*` stand for the first --identity, `v3* v4*` for the second, ...
@@ -75,7 +75,7 @@ pub struct VideoArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Diffusers text-to-video folder, or a Hugging Face hub id found in the local hub cache.
+    /// Diffusers text-to-video folder, or a Hugging Face hub id (found in the hub cache, or downloaded into it).
     #[arg(long, default_value = DEFAULT_VIDEO_MODEL)]
     pub model: String,
     /// Where the models run.
@@ -94,7 +94,7 @@ fn parse_format(s: &str) -> Result<VideoFormat, String> {
     s.parse::<VideoFormat>()
 }
 
-pub fn run(args: VideoArgs) -> Result<()> {
+pub fn run(args: VideoArgs, hub: &Hub) -> Result<()> {
     if args.num_videos == 0 {
         bail!("--num-videos must be at least 1");
     }
@@ -106,7 +106,7 @@ pub fn run(args: VideoArgs) -> Result<()> {
     let identities = args.identity.iter().map(|p| Identity::load(p)).collect::<Result<Vec<_>, _>>()?;
     let model_args = ModelArgs { model: args.model.clone(), device: args.device, dtype: args.dtype };
     let device = model_args.device()?;
-    let model_dir = ModelDir::resolve(&args.model)?;
+    let model_dir = ModelDir::resolve(&args.model, hub, model_args.dtype())?;
     let configs = VideoConfigs::read(&model_dir)?;
     for identity in &identities {
         if identity.width() != configs.text_encoder.hidden_size {

@@ -16,7 +16,7 @@ use crate::models::inception::FidInceptionV3;
 use crate::models::lpips::Lpips;
 use crate::priors::align::FaceDetector;
 use crate::tokenizer::{placeholder_token, ClipTokenizer};
-use crate::weights::{resolve_folder, transformers_weights, weights_file};
+use crate::weights::{transformers_weights, weights_file, Hub, ModelFiles, TRANSFORMERS_WEIGHTS};
 use crate::{Error, Result};
 
 /// CLIP the DreamBooth protocol (and so the paper's tables) uses.
@@ -119,9 +119,17 @@ pub struct ScoredImages {
 const BATCH: usize = 8;
 
 impl MetricModels {
-    /// Loads the models (f32) on `device`; the detector runs on the CPU.
-    pub fn load(weights: &MetricWeights, device: &Device) -> Result<Self> {
-        let clip_dir = resolve_folder(&weights.clip, "config.json", "CLIP model", DEFAULT_CLIP)?;
+    /// Loads the models (f32) on `device`, CLIP from a folder or through `hub`; the detector runs
+    /// on the CPU.
+    pub fn load(weights: &MetricWeights, hub: &Hub, device: &Device) -> Result<Self> {
+        let clip_files = ModelFiles::new("CLIP model", DEFAULT_CLIP)
+            .file("config.json")
+            .file("vocab.json")
+            .file("merges.txt")
+            .optional("tokenizer_config.json")
+            .optional("special_tokens_map.json")
+            .weights(TRANSFORMERS_WEIGHTS.map(String::from));
+        let clip_dir = hub.resolve(&weights.clip, &clip_files)?;
         let config: ClipConfig = crate::io::read_json(&clip_dir.join("config.json"))?;
         let clip =
             transformers_weights(&clip_dir, DType::F32, device, "CLIP")?.0.build(|vb| ClipModel::new(vb, &config))?;

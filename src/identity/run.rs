@@ -244,13 +244,28 @@ impl LearnRun<'_> {
         stop: &AtomicBool,
         on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
     ) -> Result<LearnOutcome> {
-        on_training_stack("learner", || self.run_here(stop, on_step))?
+        self.run_with_previews(stop, None, on_step, &mut |_, _| {})
+    }
+
+    /// [`LearnRun::run`], handing the identity as learned so far to `on_preview(done, identity)`
+    /// after every `preview_every` steps (on the learning thread, which waits for it: e.g. to
+    /// generate a sample image with it). Previews change nothing of the run.
+    pub fn run_with_previews(
+        &self,
+        stop: &AtomicBool,
+        preview_every: Option<usize>,
+        on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
+        on_preview: &mut (dyn FnMut(usize, Identity) + Send),
+    ) -> Result<LearnOutcome> {
+        on_training_stack("learner", || self.run_here(stop, preview_every, on_step, on_preview))?
     }
 
     fn run_here(
         &self,
         stop: &AtomicBool,
+        preview_every: Option<usize>,
         on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
+        on_preview: &mut (dyn FnMut(usize, Identity) + Send),
     ) -> Result<LearnOutcome> {
         let s = &self.settings;
         s.validate()?;
@@ -284,25 +299,40 @@ impl LearnRun<'_> {
             fingerprint,
         };
         let total = s.steps;
-        let outcome =
-            train(&mut learner, &source, &options, start, stop, &mut |done, report| on_step(done, total, report))?;
+        let mut preview_error = None;
+        let outcome = train(&mut learner, &source, &options, start, stop, &mut |done, report, learner| {
+            on_step(done, total, report);
+            if preview_every.is_some_and(|every| every > 0 && done % every == 0) && preview_error.is_none() {
+                match self.identity_of(learner, &final_feature, &options.fingerprint, done) {
+                    Ok(identity) => on_preview(done, identity),
+                    Err(e) => preview_error = Some(e),
+                }
+            }
+        })?;
+        if let Some(error) = preview_error {
+            return Err(error);
+        }
         match outcome {
             Outcome::Interrupted { step } => {
                 Ok(LearnOutcome::Interrupted { step, checkpoint: self.checkpoint.clone() })
             }
             Outcome::Finished => {
-                let embeddings = learner.identity(&final_feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
-                let mut metadata = self.metadata(&options.fingerprint);
-                let table = token_table_digest(self.sd.text_encoder().token_embedding())?;
-                metadata.insert(TOKEN_TABLE_KEY.to_string(), table);
-                Ok(LearnOutcome::Finished(Identity { embeddings, source: PathBuf::new(), metadata }))
+                Ok(LearnOutcome::Finished(self.identity_of(&learner, &final_feature, &options.fingerprint, total)?))
             }
         }
     }
 
-    /// What the identity file records about how it was made.
-    fn metadata(&self, fingerprint: &Value) -> HashMap<String, String> {
-        let s = &self.settings;
+    /// The identity `learner` gives for `feature` after `steps` steps, with its metadata.
+    fn identity_of(&self, learner: &Learner, feature: &Tensor, fingerprint: &Value, steps: usize) -> Result<Identity> {
+        let embeddings = learner.identity(feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
+        let mut metadata = self.metadata(fingerprint, steps);
+        let table = token_table_digest(self.sd.text_encoder().token_embedding())?;
+        metadata.insert(TOKEN_TABLE_KEY.to_string(), table);
+        Ok(Identity { embeddings, source: PathBuf::new(), metadata })
+    }
+
+    /// What the identity file records about how it was made, after `steps` steps.
+    fn metadata(&self, fingerprint: &Value, steps: usize) -> HashMap<String, String> {
         let mut m: HashMap<String, String> = self.provenance.clone();
         let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
         for key in
@@ -310,7 +340,7 @@ impl LearnRun<'_> {
         {
             m.insert(key.to_string(), text(&fingerprint[key]));
         }
-        m.insert("steps".into(), s.steps.to_string());
+        m.insert("steps".into(), steps.to_string());
         m.insert("tool_version".into(), env!("CARGO_PKG_VERSION").to_string());
         m
     }

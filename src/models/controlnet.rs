@@ -24,7 +24,7 @@ use crate::models::config::ConfigChecks;
 use crate::models::stable_diffusion::SdConfigs;
 use crate::models::unet::{AdditionalResiduals, PerBlock, UNet2DConditionConfig};
 use crate::nn::{silu, Conv2d, Conv2dConfig};
-use crate::weights::{folder_weights, resolve_folder};
+use crate::weights::{folder_weights, weights_files, Hub, ModelFiles};
 
 /// The SD 2.1 OpenPose ControlNet StableIdentity's notebook uses: an example in messages.
 pub const OPENPOSE_SD21: &str = "thibaud/controlnet-sd21-openpose-diffusers";
@@ -442,17 +442,18 @@ pub struct ControlNetDir {
 }
 
 impl ControlNetDir {
-    /// Resolves `spec`, a folder or a hub id; the error says how to get a missing one.
-    pub fn resolve(spec: &str) -> crate::Result<Self> {
-        let root = resolve_folder(spec, "config.json", "ControlNet folder", OPENPOSE_SD21).map_err(|e| match e {
-            crate::Error::MissingFile { what, path, hint } => crate::Error::MissingFile {
-                what,
-                path,
-                hint: format!("{hint} (e.g. `huggingface-cli download {OPENPOSE_SD21}`)"),
-            },
-            e => e,
-        })?;
+    /// Resolves `spec`, a folder or a hub id (found in the hub cache or fetched into it, the
+    /// weights in the form [`ControlNetDir::load`] prefers for `dtype`).
+    pub fn resolve(spec: &str, hub: &Hub, dtype: DType) -> crate::Result<Self> {
+        let root = hub.resolve(spec, &Self::files(dtype))?;
         Ok(Self { root, name: spec.to_string() })
+    }
+
+    /// What [`ControlNetDir::config`] and [`ControlNetDir::load`] read.
+    pub fn files(dtype: DType) -> ModelFiles {
+        ModelFiles::new("ControlNet", OPENPOSE_SD21)
+            .file("config.json")
+            .weights(weights_files("diffusion_pytorch_model", dtype))
     }
 
     /// What the user called it (hub id or path), for metadata and messages.

@@ -18,7 +18,7 @@ use image::RgbImage;
 use crate::io::read_json;
 use crate::models::vit::{ViTConfig, ViTModel};
 use crate::priors::photo::{resize, rgb_to_tensor, Filter, Photo, Weights};
-use crate::weights::transformers_weights;
+use crate::weights::{transformers_weights, Hub, ModelFiles, TRANSFORMERS_WEIGHTS};
 use crate::{Error, Result};
 
 /// The face region StableIdentity crops from the 512 photo: left, top, right, bottom.
@@ -83,12 +83,19 @@ impl FaceEncoder {
 /// The face-recognition ViT StableIdentity uses.
 pub const DEFAULT_FACE_ENCODER: &str = "jayanta/vit-base-patch16-224-in21k-face-recognition";
 
+/// What [`load_face_encoder`] reads of a transformers folder.
+pub fn face_encoder_files() -> ModelFiles {
+    ModelFiles::new("face-recognition model", DEFAULT_FACE_ENCODER)
+        .file("config.json")
+        .weights(TRANSFORMERS_WEIGHTS.map(String::from))
+}
+
 /// Loads the face-recognition ViT from a transformers folder (config.json and model.safetensors
 /// or pytorch_model.bin, names with or without the `vit.` prefix of
-/// `ViTForImageClassification`) given as a local path or a hub id in the hub cache.
-pub fn load_face_encoder(dir_or_hub_id: &str, device: &Device) -> Result<FaceEncoder> {
-    let dir =
-        crate::weights::resolve_folder(dir_or_hub_id, "config.json", "face-recognition model", DEFAULT_FACE_ENCODER)?;
+/// `ViTForImageClassification`) given as a local path or a hub id (found in the hub cache or
+/// fetched into it).
+pub fn load_face_encoder(dir_or_hub_id: &str, hub: &Hub, device: &Device) -> Result<FaceEncoder> {
+    let dir = hub.resolve(dir_or_hub_id, &face_encoder_files())?;
     let config_path = dir.join("config.json");
     let config: ViTConfig = read_json(&config_path)?;
     let unsupported = |msg: String| Error::UnsupportedModel(format!("{}: {msg}", config_path.display()));

@@ -17,7 +17,7 @@ use crate::models::face_parsing::bisenet::{self, BiSeNet};
 use crate::models::face_parsing::segformer::{
     SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor,
 };
-use crate::weights::{resolve_folder, transformers_weights, weights_file, Weights};
+use crate::weights::{transformers_weights, weights_file, Hub, ModelFiles, Weights, TRANSFORMERS_WEIGHTS};
 use crate::{Error, Result};
 
 /// Side of the (square) photo the parsers see and the masks cover.
@@ -194,14 +194,13 @@ struct Normalization {
 
 impl FaceParser {
     /// Loads a parser. `weights`: for SegFormer a transformers model folder (config.json,
-    /// model.safetensors) or a hub id found in the local hub cache, by default
+    /// model.safetensors) or a hub id found in the hub cache or fetched into it, by default
     /// [`DEFAULT_SEGFORMER`]; for BiSeNet a checkpoint file (zip-format `.pth` or `.safetensors`)
     /// or a folder holding `model.safetensors`, `model.pth` or `79999_iter.pth`.
-    pub fn load(kind: FaceParserKind, weights: Option<&str>, device: &Device) -> Result<Self> {
+    pub fn load(kind: FaceParserKind, weights: Option<&str>, hub: &Hub, device: &Device) -> Result<Self> {
         match (kind, weights) {
             (FaceParserKind::Segformer, spec) => {
-                let spec = spec.unwrap_or(DEFAULT_SEGFORMER);
-                Self::segformer(&resolve_folder(spec, "config.json", "face parser", DEFAULT_SEGFORMER)?, device)
+                Self::segformer(&hub.resolve(spec.unwrap_or(DEFAULT_SEGFORMER), &Self::segformer_files())?, device)
             }
             (FaceParserKind::Bisenet, Some(spec)) => Self::bisenet(Path::new(spec), device),
             (FaceParserKind::Bisenet, None) => Err(Error::Input(
@@ -210,6 +209,14 @@ impl FaceParser {
                     .into(),
             )),
         }
+    }
+
+    /// What [`FaceParser::segformer`] reads of a transformers folder.
+    pub fn segformer_files() -> ModelFiles {
+        ModelFiles::new("face parser", DEFAULT_SEGFORMER)
+            .file("config.json")
+            .optional("preprocessor_config.json")
+            .weights(TRANSFORMERS_WEIGHTS.map(String::from))
     }
 
     /// Loads a SegFormer parser from a transformers folder (config.json, model.safetensors,

@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 pub mod bad_inputs;
 pub mod formula_weights;
+pub mod hub_server;
 pub mod pose_weights;
 pub mod video_files;
 

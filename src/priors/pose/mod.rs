@@ -26,6 +26,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use crate::models::openpose::BodyPoseModel;
+use crate::weights::{Hub, ModelFiles};
 use crate::{Error, Result};
 use body::{find_people, network_input, upsample, BodyDetection, KEYPOINTS};
 use opencv::{resize_u8, Image, Interpolation};
@@ -90,9 +91,13 @@ impl PoseEstimator {
         Ok(Self { model, device: device.clone(), weights: path.to_path_buf() })
     }
 
-    /// The weights in the hub cache (`lllyasviel/Annotators`), when they are there.
-    pub fn cached_weights() -> Option<PathBuf> {
-        crate::weights::resolve_folder(WEIGHTS_REPO, WEIGHTS_FILE, "", "").ok().map(|dir| dir.join(WEIGHTS_FILE))
+    /// The weights of `lllyasviel/Annotators`, found in the hub cache or fetched into it (that
+    /// file alone).
+    pub fn hub_weights(hub: &Hub) -> Result<PathBuf> {
+        let files = ModelFiles::new("OpenPose body weights", WEIGHTS_REPO)
+            .file(WEIGHTS_FILE)
+            .notice("CMU's OpenPose licence: non-commercial research use only");
+        Ok(hub.resolve(WEIGHTS_REPO, &files)?.join(WEIGHTS_FILE))
     }
 
     /// `Body.__call__` on a photo: the network's maps upsampled, the peaks and the people.
