@@ -244,13 +244,28 @@ impl LearnRun<'_> {
         stop: &AtomicBool,
         on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
     ) -> Result<LearnOutcome> {
-        on_training_stack("learner", || self.run_here(stop, on_step))?
+        self.run_with_previews(stop, None, on_step, &mut |_, _| Ok(()))
+    }
+
+    /// [`LearnRun::run`], also handing `on_preview(done, identity)` the identity as learned so far
+    /// after every `preview_every` steps but the last (whose identity is the run's result), e.g. to
+    /// draw a sample image with it; an error it returns ends the run.
+    pub fn run_with_previews(
+        &self,
+        stop: &AtomicBool,
+        preview_every: Option<usize>,
+        on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
+        on_preview: &mut (dyn FnMut(usize, Identity) -> Result<()> + Send),
+    ) -> Result<LearnOutcome> {
+        on_training_stack("learner", || self.run_here(stop, preview_every, on_step, on_preview))?
     }
 
     fn run_here(
         &self,
         stop: &AtomicBool,
+        preview_every: Option<usize>,
         on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
+        on_preview: &mut (dyn FnMut(usize, Identity) -> Result<()> + Send),
     ) -> Result<LearnOutcome> {
         let s = &self.settings;
         s.validate()?;
@@ -284,25 +299,45 @@ impl LearnRun<'_> {
             fingerprint,
         };
         let total = s.steps;
-        let outcome =
-            train(&mut learner, &source, &options, start, stop, &mut |done, report| on_step(done, total, report))?;
-        match outcome {
+        let fingerprint = &options.fingerprint;
+        let table = token_table_digest(self.sd.text_encoder().token_embedding())?;
+        let mut after_step = |done: usize, report: &StepReport, learner: &Learner| {
+            on_step(done, total, report);
+            match preview_every {
+                Some(every) if every > 0 && done % every == 0 && done < total => {
+                    on_preview(done, self.identity(learner, &final_feature, done, fingerprint, &table)?)
+                }
+                _ => Ok(()),
+            }
+        };
+        match train(&mut learner, &source, &options, start, stop, &mut after_step)? {
             Outcome::Interrupted { step } => {
                 Ok(LearnOutcome::Interrupted { step, checkpoint: self.checkpoint.clone() })
             }
             Outcome::Finished => {
-                let embeddings = learner.identity(&final_feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
-                let mut metadata = self.metadata(&options.fingerprint);
-                let table = token_table_digest(self.sd.text_encoder().token_embedding())?;
-                metadata.insert(TOKEN_TABLE_KEY.to_string(), table);
-                Ok(LearnOutcome::Finished(Identity { embeddings, source: PathBuf::new(), metadata }))
+                Ok(LearnOutcome::Finished(self.identity(&learner, &final_feature, total, fingerprint, &table)?))
             }
         }
     }
 
+    /// The identity `learner` gives for `feature` after `steps` steps, with its metadata
+    /// (`table`: the text encoder's [`token_table_digest`]).
+    fn identity(
+        &self,
+        learner: &Learner,
+        feature: &Tensor,
+        steps: usize,
+        fingerprint: &Value,
+        table: &str,
+    ) -> Result<Identity> {
+        let embeddings = learner.identity(feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
+        let mut metadata = self.metadata(fingerprint, steps);
+        metadata.insert(TOKEN_TABLE_KEY.to_string(), table.to_string());
+        Ok(Identity { embeddings, source: PathBuf::new(), metadata })
+    }
+
     /// What the identity file records about how it was made.
-    fn metadata(&self, fingerprint: &Value) -> HashMap<String, String> {
-        let s = &self.settings;
+    fn metadata(&self, fingerprint: &Value, steps: usize) -> HashMap<String, String> {
         let mut m: HashMap<String, String> = self.provenance.clone();
         let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
         for key in
@@ -310,7 +345,7 @@ impl LearnRun<'_> {
         {
             m.insert(key.to_string(), text(&fingerprint[key]));
         }
-        m.insert("steps".into(), s.steps.to_string());
+        m.insert("steps".into(), steps.to_string());
         m.insert("tool_version".into(), env!("CARGO_PKG_VERSION").to_string());
         m
     }

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 pub mod bad_inputs;
 pub mod formula_weights;
 pub mod pose_weights;
+pub mod server;
 pub mod video_files;
 
 /// Path of a file or folder under `tests/fixtures/`.
