@@ -380,7 +380,8 @@ fn the_event_stream_sends_the_board_at_once_and_on_every_change() {
             break;
         }
     }
-    assert_eq!(states.first().unwrap().0, "queued", "{states:?}");
+    // (A change seen late is folded into the next board: the queued state may be skipped.)
+    assert!(["queued", "running"].contains(&states.first().unwrap().0.as_str()), "{states:?}");
     assert!(states.iter().any(|(state, step)| state == "running" && *step > 0), "step progress is sent: {states:?}");
     assert_eq!(states.last().unwrap(), &("done".to_string(), 3));
 }
@@ -415,7 +416,7 @@ fn other_hosts_need_a_token_and_loopback_needs_a_loopback_host_name() {
     args.push(dir.path().join("open").to_str().unwrap().into());
     args.extend(tiny_model_args(dir.path()));
     let output = Command::new(env!("CARGO_BIN_EXE_stableid")).args(&args).output().unwrap();
-    common::assert_fails_with(&output, &["--token", "0.0.0.0"]);
+    common::assert_fails_with(&output, &["--bind 0.0.0.0:0", "token"]);
     assert!(!dir.path().join("open").exists(), "nothing is created");
 
     let server = Server::start(&dir.path().join("data"), &["--token", "s3cret"]);

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use stableid::priors::face_feature::DEFAULT_FACE_ENCODER;
 use stableid::server::{ModelChoice, Server, ServerSettings, DEFAULT_BIND};
 
@@ -52,7 +52,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         celeb_names: args.celeb_names,
     };
     let settings = ServerSettings { bind: args.bind, token: args.token, data: args.data.clone(), models };
-    let server = Server::bind(settings).with_context(|| format!("cannot serve on {}", args.bind))?;
+    let server = Server::bind(settings)?;
     println!("{}", server.url()?);
     eprintln!("data folder: {}; Ctrl-C stops the server", args.data.display());
     server.run()?;
