@@ -236,7 +236,8 @@ fn bad_requests_get_4xx_and_a_failing_job_leaves_the_server_running() {
     assert_eq!(status, 422);
     let (status, _) = post_raw("/api/images", "text/plain", "{\"prompt\": \"x\"}");
     assert_eq!(status, 415, "JSON routes take only JSON (no cross-site form posts)");
-    let (status, _) = post_raw("/api/images", "application/json", &format!("{{\"prompt\": \"{}\"}}", "a".repeat(70_000)));
+    let (status, _) =
+        post_raw("/api/images", "application/json", &format!("{{\"prompt\": \"{}\"}}", "a".repeat(70_000)));
     assert_eq!(status, 413);
     let (status, error) = server.post_json("/api/images", &json!({ "prompt": "x", "bogus": 1 }));
     assert_eq!(status, 422, "unknown fields are refused: {error}");
@@ -282,7 +283,10 @@ fn bad_requests_get_4xx_and_a_failing_job_leaves_the_server_running() {
         ("DELETE", "/api/images/0123456789abcdef", 404),
         ("PUT", "/api/images", 405),
     ] {
-        let answer = server.raw(format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").as_bytes());
+        let answer = server.raw(
+            format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        );
         assert!(answer.starts_with(&format!("HTTP/1.1 {expected}")), "{method} {path}: {answer}");
     }
 
@@ -326,7 +330,8 @@ fn two_clients_queue_their_jobs_and_can_cancel_them() {
 
     // A long learning run, a generation queued behind it: cancelling the queued job drops it at
     // once, cancelling the running one stops it at its next step, and nothing is stored.
-    let (_, long) = server.post_json("/api/identities", &json!({ "name": "Long", "photos": [photo_id], "steps": 100000 }));
+    let (_, long) =
+        server.post_json("/api/identities", &json!({ "name": "Long", "photos": [photo_id], "steps": 100000 }));
     let long_id = long["id"].as_str().unwrap();
     let (_, queued) = server.post_json("/api/images", &json!({ "prompt": "queued", "steps": 1 }));
     let queued_id = queued["id"].as_str().unwrap();
@@ -348,7 +353,10 @@ fn two_clients_queue_their_jobs_and_can_cancel_them() {
     assert_eq!(ended["state"], "cancelled", "{ended}");
     assert!(ended["identity"].is_null());
     assert!(server.get_json("/api/identities").as_array().unwrap().is_empty());
-    assert!(files_in(&server.data.join("work")).iter().all(|f| !f.ends_with(".ckpt.safetensors")), "no checkpoint left");
+    assert!(
+        files_in(&server.data.join("work")).iter().all(|f| !f.ends_with(".ckpt.safetensors")),
+        "no checkpoint left"
+    );
     assert_eq!(server.get_json(&format!("/api/jobs/{queued_id}"))["state"], "cancelled", "a cancelled job never runs");
 }
 
@@ -429,7 +437,10 @@ fn other_hosts_need_a_token_and_loopback_needs_a_loopback_host_name() {
     assert!(request("Cookie: stableid_token=s3cret\r\n").starts_with("HTTP/1.1 200"));
     let page = server.raw(b"GET /?token=s3cret HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
-    assert!(page.to_lowercase().contains("set-cookie: stableid_token=s3cret; path=/; httponly; samesite=strict"), "{page}");
+    assert!(
+        page.to_lowercase().contains("set-cookie: stableid_token=s3cret; path=/; httponly; samesite=strict"),
+        "{page}"
+    );
     assert_eq!(server.get_json("/api/photos"), json!([]), "the test client sends the token");
 
     // DNS rebinding: a loopback server refuses other host names.

@@ -304,7 +304,7 @@ impl LearnRun<'_> {
         let mut after_step = |done: usize, report: &StepReport, learner: &Learner| {
             on_step(done, total, report);
             match preview_every {
-                Some(every) if every > 0 && done % every == 0 && done < total => {
+                Some(every) if done.is_multiple_of(every) && done < total => {
                     on_preview(done, self.identity(learner, &final_feature, done, fingerprint, &table)?)
                 }
                 _ => Ok(()),

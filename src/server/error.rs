@@ -24,7 +24,10 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str, id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, format!("no {what} {id:?} in this data folder: list them with GET /api/{what}s"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            format!("no {what} {id:?} in this data folder: list them with GET /api/{what}s"),
+        )
     }
 
     pub fn conflict(message: impl Into<String>) -> Self {

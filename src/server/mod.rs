@@ -106,7 +106,10 @@ impl Server {
         work::start_worker(jobs.clone(), store.clone(), settings.models.clone())?;
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind(settings.bind)).map_err(|e| {
-            Error::Input(format!("cannot listen on {}: {e} (is another server using the port? pick another)", settings.bind))
+            Error::Input(format!(
+                "cannot listen on {}: {e} (is another server using the port? pick another)",
+                settings.bind
+            ))
         })?;
         let analyzer = work::PhotoAnalyzer::new(settings.models.clone());
         Ok(Self { listener, runtime, state: Arc::new(AppState { settings, store, jobs, analyzer }) })

@@ -144,8 +144,10 @@ impl Store {
         let mut records = HashMap::new();
         for kind in Kind::ALL {
             let folder = root.join(kind.folder());
-            std::fs::create_dir_all(&folder)
-                .map_err(|e| Error::Output { path: folder.clone(), msg: format!("cannot create the data folder: {e}") })?;
+            std::fs::create_dir_all(&folder).map_err(|e| Error::Output {
+                path: folder.clone(),
+                msg: format!("cannot create the data folder: {e}"),
+            })?;
             records.insert(kind, read_records(&folder)?);
         }
         let work = root.join("work");
@@ -177,7 +179,9 @@ impl Store {
     pub fn list<T: DeserializeOwned>(&self, kind: Kind) -> Vec<T> {
         let records = self.records.lock().expect("records lock");
         let mut values: Vec<&serde_json::Value> = records[&kind].values().collect();
-        values.sort_by_key(|v| (std::cmp::Reverse(v["created"].as_u64().unwrap_or(0)), v["id"].as_str().map(String::from)));
+        values.sort_by_key(|v| {
+            (std::cmp::Reverse(v["created"].as_u64().unwrap_or(0)), v["id"].as_str().map(String::from))
+        });
         values.into_iter().filter_map(|v| serde_json::from_value(v.clone()).ok()).collect()
     }
 

@@ -88,10 +88,14 @@ impl LearnJob {
     pub fn check(&self, store: &Store) -> ApiResult<()> {
         let chars = self.name.trim().chars().count();
         if chars == 0 || chars > MAX_NAME_CHARS {
-            return Err(ApiError::bad_request(format!("name: give the identity a name of 1 to {MAX_NAME_CHARS} characters")));
+            return Err(ApiError::bad_request(format!(
+                "name: give the identity a name of 1 to {MAX_NAME_CHARS} characters"
+            )));
         }
         if self.photos.is_empty() {
-            return Err(ApiError::bad_request("photos: give at least one uploaded photo's id (POST /api/photos first)"));
+            return Err(ApiError::bad_request(
+                "photos: give at least one uploaded photo's id (POST /api/photos first)",
+            ));
         }
         for id in &self.photos {
             if store.get::<PhotoRecord>(Kind::Photo, id).is_none() {
@@ -196,10 +200,18 @@ impl PhotoAnalyzer {
     /// Stores an uploaded photo under a new id, frames it (face `face` of it, or `as_is`) and
     /// makes its masks; on any failure nothing of it is kept. `name` (the browser's file name)
     /// stands for the photo in messages.
-    pub fn analyse(&self, store: &Store, bytes: &[u8], name: &str, face: Option<usize>, as_is: bool) -> ApiResult<PhotoRecord> {
+    pub fn analyse(
+        &self,
+        store: &Store,
+        bytes: &[u8],
+        name: &str,
+        face: Option<usize>,
+        as_is: bool,
+    ) -> ApiResult<PhotoRecord> {
         let id = new_id();
         let upload = store.path(Kind::Photo, &id, "upload");
-        let analysed = crate::io::write_bytes(&upload, bytes).and_then(|()| self.analyse_stored(store, &id, name, face, as_is));
+        let analysed =
+            crate::io::write_bytes(&upload, bytes).and_then(|()| self.analyse_stored(store, &id, name, face, as_is));
         analysed.map_err(|error| {
             let _ = store.remove_files(Kind::Photo, &id);
             let mut api = ApiError::from(error);
@@ -209,10 +221,18 @@ impl PhotoAnalyzer {
         })
     }
 
-    fn analyse_stored(&self, store: &Store, id: &str, name: &str, face: Option<usize>, as_is: bool) -> Result<PhotoRecord> {
+    fn analyse_stored(
+        &self,
+        store: &Store,
+        id: &str,
+        name: &str,
+        face: Option<usize>,
+        as_is: bool,
+    ) -> Result<PhotoRecord> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if loaded.is_none() {
-            let parser = FaceParser::load(self.models.face_parser, self.models.face_parser_weights.as_deref(), &Device::Cpu)?;
+            let parser =
+                FaceParser::load(self.models.face_parser, self.models.face_parser_weights.as_deref(), &Device::Cpu)?;
             *loaded = Some((FaceDetector::shipped(&Device::Cpu)?, parser));
         }
         let (detector, parser) = loaded.as_ref().expect("loaded above");
@@ -427,8 +447,14 @@ impl JobContext<'_> {
         };
         let id = new_id();
         self.write_image(&self.store.path(Kind::Preview, &id, "png"), &generated)?;
-        let record =
-            PreviewRecord { id: id.clone(), created: now(), job: self.id.to_string(), step, prompt: request.prompt.clone(), seed: request.seed };
+        let record = PreviewRecord {
+            id: id.clone(),
+            created: now(),
+            job: self.id.to_string(),
+            step,
+            prompt: request.prompt.clone(),
+            seed: request.seed,
+        };
         self.store.put(Kind::Preview, &id, &record)?;
         self.jobs.update(self.id, |view| {
             view.previews.push(id);

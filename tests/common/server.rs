@@ -163,6 +163,10 @@ fn read(response: ureq::http::Response<ureq::Body>) -> (u16, Vec<u8>) {
 
 fn json_answer(response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
     let (status, body) = read(response);
-    let value = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body))) };
+    let value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)))
+    };
     (status, value)
 }

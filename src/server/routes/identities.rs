@@ -60,7 +60,8 @@ pub async fn export(
 ) -> ApiResult<Response> {
     let identity: IdentityRecord = record(&state, Kind::Identity, "identity", &id)?;
     let Query(query) = query?;
-    let format: ExportFormat = query.format.parse().map_err(|e: String| ApiError::bad_request(format!("format: {e}")))?;
+    let format: ExportFormat =
+        query.format.parse().map_err(|e: String| ApiError::bad_request(format!("format: {e}")))?;
     let tag = match format {
         ExportFormat::A1111 => "a1111",
         ExportFormat::Diffusers => "diffusers",
@@ -91,8 +92,11 @@ pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
 
 /// A download's file name from an identity's name: letters, digits, `-` and `_` kept, the rest `_`.
 fn file_name(name: &str) -> String {
-    let safe: String =
-        name.chars().take(60).map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let safe: String = name
+        .chars()
+        .take(60)
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
     if safe.trim_matches('_').is_empty() {
         "identity".into()
     } else {

@@ -40,10 +40,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/jobs", get(jobs::list))
         .route("/api/jobs/{id}", get(jobs::show))
         .route("/api/jobs/{id}/cancel", post(jobs::cancel))
-        .route(
-            "/api/photos",
-            get(photos::list).post(photos::upload).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
-        )
+        .route("/api/photos", get(photos::list).post(photos::upload).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)))
         .route("/api/photos/{id}", get(photos::show).delete(photos::delete))
         .route("/api/photos/{id}/{file}", get(photos::file))
         .route("/api/identities", get(identities::list).post(identities::learn))
@@ -61,7 +58,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn not_found(request: Request) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no route {} {}: see docs/api.md", request.method(), request.uri().path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route {} {}: see docs/api.md", request.method(), request.uri().path()),
+    )
 }
 
 /// What the page needs to know: the models, the defaults of each form, the limits.
@@ -136,8 +136,7 @@ fn loopback_host(headers: &HeaderMap) -> bool {
         Some(v6) => v6.split(']').next().unwrap_or_default(),
         None => host.split(':').next().unwrap_or_default(),
     };
-    name.eq_ignore_ascii_case("localhost")
-        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<String> {
@@ -196,7 +195,11 @@ fn record<T: serde::de::DeserializeOwned>(state: &AppState, kind: Kind, what: &s
 
 /// A file of the store as the answer, with its content type (and as a download named
 /// `download`, when given).
-async fn file_response(path: std::path::PathBuf, content_type: &'static str, download: Option<String>) -> ApiResult<Response> {
+async fn file_response(
+    path: std::path::PathBuf,
+    content_type: &'static str,
+    download: Option<String>,
+) -> ApiResult<Response> {
     let bytes = blocking(move || Ok(crate::io::read_bounded(&path, u64::MAX)?)).await?;
     let mut response = (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], bytes).into_response();
     if let Some(name) = download {

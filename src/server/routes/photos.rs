@@ -43,7 +43,9 @@ pub async fn upload(
     if !(content_type.starts_with("image/") || content_type == "application/octet-stream") {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("Content-Type {content_type:?}: send the photo file itself as the body, as image/jpeg, image/png, ..."),
+            format!(
+                "Content-Type {content_type:?}: send the photo file itself as the body, as image/jpeg, image/png, ..."
+            ),
         ));
     }
     let body = body?;
@@ -55,7 +57,8 @@ pub async fn upload(
     }
     let name: String = query.name.unwrap_or_else(|| "photo".into()).chars().take(MAX_FILE_NAME_CHARS).collect();
     let analysis = state.clone();
-    let photo = blocking(move || analysis.analyzer.analyse(&analysis.store, &body, &name, query.face, query.as_is)).await?;
+    let photo =
+        blocking(move || analysis.analyzer.analyse(&analysis.store, &body, &name, query.face, query.as_is)).await?;
     state.jobs.records_changed();
     Ok((StatusCode::CREATED, Json(photo)).into_response())
 }
@@ -74,7 +77,12 @@ pub async fn file(State(state): State<Arc<AppState>>, Path((id, file)): Path<(St
     let suffix = match file.as_str() {
         "crop.png" => "crop.png",
         "overlay.png" => "overlay.png",
-        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, format!("photo {id} has crop.png and overlay.png, not {file:?}"))),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("photo {id} has crop.png and overlay.png, not {file:?}"),
+            ))
+        }
     };
     file_response(state.store.path(Kind::Photo, &id, suffix), "image/png", None).await
 }
