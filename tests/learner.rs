@@ -225,7 +225,7 @@ fn training_stops_on_nan_and_keeps_the_last_checkpoint() {
         Learner::new(FrozenModels::of(&sd).unwrap(), basis, mlp, AdamWConfig::default(), LossConfig::default(), 1.0)
             .unwrap();
     let source = PoisonAt { sd: &sd, tensors: &tensors, case: &case, calls: 0.into(), poison_at: 2 };
-    let err = train(&mut learner, &source, &options, 0, &AtomicBool::new(false), &mut |_, _, _| Ok(())).unwrap_err();
+    let err = train(&mut learner, &source, &options, 0, &AtomicBool::new(false), &mut |_, _, _| {}).unwrap_err();
     let message = err.to_string();
     assert!(message.contains("step 3") && message.contains("after step 2") && message.contains("NaN"), "{message}");
     let saved = Checkpoint::load(&checkpoint).unwrap();
@@ -238,7 +238,7 @@ fn training_stops_on_nan_and_keeps_the_last_checkpoint() {
     // The stop flag: a checkpoint at the current step and a clean Interrupted outcome.
     let stop = AtomicBool::new(true);
     let source = PoisonAt { sd: &sd, tensors: &tensors, case: &case, calls: 0.into(), poison_at: usize::MAX };
-    let outcome = train(&mut learner, &source, &options, 2, &stop, &mut |_, _, _| Ok(())).unwrap();
+    let outcome = train(&mut learner, &source, &options, 2, &stop, &mut |_, _, _| {}).unwrap();
     assert_eq!(outcome, Outcome::Interrupted { step: 2 });
     assert_eq!(Checkpoint::load(&checkpoint).unwrap().step, 2);
 }

@@ -244,18 +244,18 @@ impl LearnRun<'_> {
         stop: &AtomicBool,
         on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
     ) -> Result<LearnOutcome> {
-        self.run_with_previews(stop, None, on_step, &mut |_, _| Ok(()))
+        self.run_with_previews(stop, None, on_step, &mut |_, _| {})
     }
 
-    /// [`LearnRun::run`], also handing `on_preview(done, identity)` the identity as learned so far
-    /// after every `preview_every` steps but the last (whose identity is the run's result), e.g. to
-    /// draw a sample image with it; an error it returns ends the run.
+    /// [`LearnRun::run`], handing the identity as learned so far to `on_preview(done, identity)`
+    /// after every `preview_every` steps (on the learning thread, which waits for it: e.g. to
+    /// generate a sample image with it). Previews change nothing of the run.
     pub fn run_with_previews(
         &self,
         stop: &AtomicBool,
         preview_every: Option<usize>,
         on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
-        on_preview: &mut (dyn FnMut(usize, Identity) -> Result<()> + Send),
+        on_preview: &mut (dyn FnMut(usize, Identity) + Send),
     ) -> Result<LearnOutcome> {
         on_training_stack("learner", || self.run_here(stop, preview_every, on_step, on_preview))?
     }
@@ -265,7 +265,7 @@ impl LearnRun<'_> {
         stop: &AtomicBool,
         preview_every: Option<usize>,
         on_step: &mut (dyn FnMut(usize, usize, &StepReport) + Send),
-        on_preview: &mut (dyn FnMut(usize, Identity) -> Result<()> + Send),
+        on_preview: &mut (dyn FnMut(usize, Identity) + Send),
     ) -> Result<LearnOutcome> {
         let s = &self.settings;
         s.validate()?;
@@ -299,44 +299,39 @@ impl LearnRun<'_> {
             fingerprint,
         };
         let total = s.steps;
-        let fingerprint = &options.fingerprint;
-        let table = token_table_digest(self.sd.text_encoder().token_embedding())?;
-        let mut after_step = |done: usize, report: &StepReport, learner: &Learner| {
+        let mut preview_error = None;
+        let outcome = train(&mut learner, &source, &options, start, stop, &mut |done, report, learner| {
             on_step(done, total, report);
-            match preview_every {
-                Some(every) if done.is_multiple_of(every) && done < total => {
-                    on_preview(done, self.identity(learner, &final_feature, done, fingerprint, &table)?)
+            if preview_every.is_some_and(|every| every > 0 && done % every == 0) && preview_error.is_none() {
+                match self.identity_of(learner, &final_feature, &options.fingerprint, done) {
+                    Ok(identity) => on_preview(done, identity),
+                    Err(e) => preview_error = Some(e),
                 }
-                _ => Ok(()),
             }
-        };
-        match train(&mut learner, &source, &options, start, stop, &mut after_step)? {
+        })?;
+        if let Some(error) = preview_error {
+            return Err(error);
+        }
+        match outcome {
             Outcome::Interrupted { step } => {
                 Ok(LearnOutcome::Interrupted { step, checkpoint: self.checkpoint.clone() })
             }
             Outcome::Finished => {
-                Ok(LearnOutcome::Finished(self.identity(&learner, &final_feature, total, fingerprint, &table)?))
+                Ok(LearnOutcome::Finished(self.identity_of(&learner, &final_feature, &options.fingerprint, total)?))
             }
         }
     }
 
-    /// The identity `learner` gives for `feature` after `steps` steps, with its metadata
-    /// (`table`: the text encoder's [`token_table_digest`]).
-    fn identity(
-        &self,
-        learner: &Learner,
-        feature: &Tensor,
-        steps: usize,
-        fingerprint: &Value,
-        table: &str,
-    ) -> Result<Identity> {
+    /// The identity `learner` gives for `feature` after `steps` steps, with its metadata.
+    fn identity_of(&self, learner: &Learner, feature: &Tensor, fingerprint: &Value, steps: usize) -> Result<Identity> {
         let embeddings = learner.identity(feature)?.squeeze(0)?.to_device(&Device::Cpu)?;
         let mut metadata = self.metadata(fingerprint, steps);
-        metadata.insert(TOKEN_TABLE_KEY.to_string(), table.to_string());
+        let table = token_table_digest(self.sd.text_encoder().token_embedding())?;
+        metadata.insert(TOKEN_TABLE_KEY.to_string(), table);
         Ok(Identity { embeddings, source: PathBuf::new(), metadata })
     }
 
-    /// What the identity file records about how it was made.
+    /// What the identity file records about how it was made, after `steps` steps.
     fn metadata(&self, fingerprint: &Value, steps: usize) -> HashMap<String, String> {
         let mut m: HashMap<String, String> = self.provenance.clone();
         let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);

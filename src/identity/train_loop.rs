@@ -50,8 +50,7 @@ pub enum Outcome {
 }
 
 /// Trains from `start_step` (0, or a checkpoint's step) to `options.steps`.
-/// `on_step(done, report, learner)` is called after every step; an error it returns (a preview
-/// that cannot be made) ends the run.
+/// `on_step(done, report, learner)` is called after every step, with the learner as it is then.
 ///
 /// Each step's inputs are drawn on a second thread while the step before runs (augmenting a
 /// 512 x 512 photo takes about 25 ms of one core, a fifth of a GPU step, whose launching keeps
@@ -63,7 +62,7 @@ pub fn train(
     options: &TrainOptions,
     start_step: usize,
     stop: &AtomicBool,
-    on_step: &mut dyn FnMut(usize, &StepReport, &Learner) -> Result<()>,
+    on_step: &mut dyn FnMut(usize, &StepReport, &Learner),
 ) -> Result<Outcome> {
     std::thread::scope(|scope| {
         // One step drawn ahead; the drawing thread ends when this one drops `drawn` or on an error.
@@ -86,7 +85,7 @@ pub fn train(
             let inputs = drawn.recv().map_err(|_| Error::Internal("the step-drawing thread stopped".into()))??;
             let report =
                 learner.step(&inputs).map_err(|e| non_finite_error(e, step, last_saved, &options.checkpoint))?;
-            on_step(step + 1, &report, learner)?;
+            on_step(step + 1, &report, learner);
             if options.save_every.is_some_and(|every| every > 0 && (step + 1) % every == 0) {
                 save(learner, step + 1, options)?;
                 last_saved = Some(step + 1);

@@ -21,7 +21,7 @@ use crate::{Error, Result};
 pub const MAX_PROMPT_CHARS: usize = 10_000;
 
 /// The prompt of [`GenerateRequest::preview`].
-pub const PREVIEW_PROMPT: &str = "a photo of v1* v2*, facing to camera, best quality";
+pub const PREVIEW_PROMPT: &str = "a photo of v1* v2*, facing to camera, best quality, ultra high res";
 
 /// What to generate. Defaults are the paper's sampling settings.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ impl GenerateRequest {
     /// prompt ([`PREVIEW_PROMPT`]), seed and settings, so that the samples differ only by the
     /// identity; 25 denoising steps to keep it quick.
     pub fn preview(width: usize, height: usize) -> Self {
-        Self { steps: 25, seed: 1, ..Self::new(PREVIEW_PROMPT, width, height) }
+        Self { steps: 25, seed: 42, ..Self::new(PREVIEW_PROMPT, width, height) }
     }
 
     /// Checks every setting against the model's configs, before anything is loaded or run.

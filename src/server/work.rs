@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::Device;
@@ -394,6 +394,8 @@ impl JobContext<'_> {
         let losses = Mutex::new(Vec::with_capacity(job.steps));
         let (width, height) = sd.configs().default_size();
         let preview_request = GenerateRequest::preview(width, height);
+        // A preview that fails stops the run, which then fails with its error.
+        let preview_error = Mutex::new(None);
         let outcome = run.run_with_previews(
             self.stop,
             (job.preview_every > 0).then_some(job.preview_every),
@@ -402,9 +404,21 @@ impl JobContext<'_> {
                 self.jobs.update(self.id, |view| view.losses.push(report.loss));
                 self.jobs.step(self.id, done);
             },
-            &mut |done, identity| self.preview(sd, &preview_request, identity, done),
+            &mut |done, identity| {
+                // After the last step the identity itself is the result: no preview of it.
+                if done == job.steps {
+                    return;
+                }
+                if let Err(error) = self.preview(sd, &preview_request, identity, done) {
+                    *preview_error.lock().expect("preview error lock") = Some(error);
+                    self.stop.store(true, Ordering::SeqCst);
+                }
+            },
         );
         let _ = std::fs::remove_file(&checkpoint);
+        if let Some(error) = preview_error.into_inner().expect("preview error lock") {
+            return Err(error);
+        }
         let identity = match outcome? {
             LearnOutcome::Finished(identity) => identity,
             LearnOutcome::Interrupted { .. } => return Ok(()),

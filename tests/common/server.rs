@@ -131,11 +131,37 @@ impl Server {
         let address = self.base.trim_start_matches("http://");
         let mut stream = std::net::TcpStream::connect(address).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        // The server may answer (and close) before the whole body is sent.
-        let _ = stream.write_all(request);
+        // The server may answer and close before the whole body is sent (a body over its limit):
+        // the answer is read while the request is written, before the connection is reset.
+        let mut writer = stream.try_clone().unwrap();
+        let request = request.to_vec();
+        let written = std::thread::spawn(move || {
+            let _ = writer.write_all(&request);
+        });
         let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer);
+        let mut buffer = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut buffer) {
+            answer.extend_from_slice(&buffer[..n]);
+        }
+        written.join().unwrap();
         String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// POST `body` with `content_type` as a raw request: the status of the answer.
+    pub fn raw_post_status(&self, path: &str, content_type: &str, body: &[u8]) -> u16 {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        let answer = self.raw(&request);
+        answer
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP answer: {answer:?}"))
     }
 
     /// Stops the server (as a crash would: nothing is flushed on purpose).
