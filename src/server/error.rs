@@ -23,11 +23,16 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
+    /// No `what` (photo, identity, image, preview, job) of id `id`.
     pub fn not_found(what: &str, id: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            format!("no {what} {id:?} in this data folder: list them with GET /api/{what}s"),
-        )
+        let list = match what {
+            "identity" => "GET /api/identities",
+            "preview" => "the previews of GET /api/jobs",
+            "photo" => "GET /api/photos",
+            "image" => "GET /api/images",
+            _ => "GET /api/jobs",
+        };
+        Self::new(StatusCode::NOT_FOUND, format!("no {what} {id:?} here: see {list}"))
     }
 
     pub fn conflict(message: impl Into<String>) -> Self {

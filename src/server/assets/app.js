@@ -256,9 +256,13 @@ function renderBoard(board) {
     $("eta-text").textContent = shown.eta_seconds != null && shown.state === "running" ? `ETA ${formatSeconds(shown.eta_seconds)}` : "";
     $("cancel-button").hidden = !(shown.state === "running" || shown.state === "queued");
     drawLosses(shown.kind === "learn" ? shown.losses : []);
-    $("previews").replaceChildren(
-      ...shown.previews.map((id) => el("img", { src: `/api/previews/${id}/image.png`, alt: "preview", title: "preview" })),
-    );
+    // Only new previews are added: the images already shown are not fetched again.
+    if ($("previews").dataset.ids !== shown.previews.join()) {
+      $("previews").dataset.ids = shown.previews.join();
+      $("previews").replaceChildren(
+        ...shown.previews.map((id) => el("img", { src: `/api/previews/${id}/image.png`, alt: "preview", title: "preview" })),
+      );
+    }
   }
   $("job-list").replaceChildren(
     ...board.jobs.map((job) => {
