@@ -19,6 +19,8 @@
 //!   checkpoints) and the identity file (`v1*`, `v2*`).
 //! - [`pipelines`]: text-to-image generation, identities in the prompt.
 //! - [`bench`](mod@bench): timings of the real SD 2.1-base architecture against the PyTorch reference.
+//! - `server` (feature `server`, on by default): the web app of `stableid serve`, its HTTP API
+//!   and job queue.
 //!
 //! ## Aligning photos
 //!
@@ -55,6 +57,8 @@ pub mod pipelines;
 pub mod priors;
 pub mod random;
 pub mod schedulers;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod splats;
 pub mod tokenizer;
 pub mod weights;

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 ///   model;
 /// - `models` holds the networks and the Stable Diffusion components that bundle them;
 /// - `priors` prepares a photo, `identity` learns from it, `pipelines` use identities, the
-///   benchmark measures the learner and the models, and `eval` the identities. The command line sits in the binary, above all.
+///   benchmark measures the learner and the models, and `eval` the identities; the web app's `server` uses them all. The command line sits in the
+///   binary, above all.
 const LAYERS: &[&[&str]] = &[
     &["error"],
     &["random", "io"],
@@ -22,6 +23,7 @@ const LAYERS: &[&[&str]] = &[
     &["identity"],
     &["pipelines"],
     &["bench", "eval"],
+    &["server"],
 ];
 
 /// Items the crate root re-exports, and the module they come from.

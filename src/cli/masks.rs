@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use stableid::io::{write_atomically, write_png, RgbImage};
+use stableid::io::{write_atomically, write_png};
 use stableid::priors::masks::SIZE;
 use stableid::weights::Hub;
 
@@ -62,7 +62,7 @@ pub fn run(args: MasksArgs, hub: &Hub) -> Result<()> {
         ("photo_sha256", photo.sha256().to_string()),
     ];
     text.extend(framed.provenance());
-    write_png(&paths[0], &overlay(rgb, &face, &hair), &text)?;
+    write_png(&paths[0], &masks.overlay(rgb)?, &text)?;
     write_gray_png(&paths[1], &face)?;
     write_gray_png(&paths[2], &hair)?;
 
@@ -91,26 +91,6 @@ pub fn run(args: MasksArgs, hub: &Hub) -> Result<()> {
 /// A `(512, 512)` mask as row-major values in {0, 1}.
 fn mask_values(mask: &Tensor) -> Result<Vec<f32>> {
     Ok(mask.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// The photo with face pixels blended half-way to green and hair pixels to blue.
-fn overlay(rgb: &[u8], face: &[f32], hair: &[f32]) -> RgbImage {
-    const GREEN: [f32; 3] = [0.0, 255.0, 0.0];
-    const BLUE: [f32; 3] = [0.0, 0.0, 255.0];
-    let mut pixels = rgb.to_vec();
-    for (i, px) in pixels.chunks_exact_mut(3).enumerate() {
-        let tint = if face[i] > 0.5 {
-            GREEN
-        } else if hair[i] > 0.5 {
-            BLUE
-        } else {
-            continue;
-        };
-        for (v, t) in px.iter_mut().zip(tint) {
-            *v = ((f32::from(*v) + t) / 2.0).round() as u8;
-        }
-    }
-    RgbImage { width: SIZE as u32, height: SIZE as u32, pixels }
 }
 
 /// Writes a mask as an 8-bit grayscale PNG (255 inside, 0 outside), atomically.

@@ -9,6 +9,8 @@ mod learn;
 mod masks;
 mod pose;
 mod render;
+#[cfg(feature = "server")]
+mod serve;
 mod splat_fit;
 mod text_to_3d;
 mod video;
@@ -25,7 +27,7 @@ use stableid::weights::{DownloadEvent, Hub};
     name = "stableid",
     version,
     about = "StableIdentity: learn a face identity from one photo, then put that person anywhere with Stable Diffusion 2.1",
-    after_help = "Examples:\n  stableid align me.jpg --out aligned\n  stableid learn aligned/me.aligned.png --out me.safetensors\n  stableid generate \"a photo of an astronaut riding a horse\" --seed 7\n  stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors --num-images 4"
+    after_help = "Examples:\n  stableid align me.jpg --out aligned\n  stableid learn aligned/me.aligned.png --out me.safetensors\n  stableid generate \"a photo of an astronaut riding a horse\" --seed 7\n  stableid generate \"v1* v2* as an astronaut, facing to camera, best quality, ultra high res\" --identity me.safetensors --num-images 4\n  stableid serve   # the web app, at http://127.0.0.1:7860/"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -65,6 +67,9 @@ enum Command {
     Export(identity_file::ExportArgs),
     /// Print what an identity file holds (shape, norms, how it was learned).
     Inspect(identity_file::InspectArgs),
+    /// Run the web app: upload photos, learn identities, generate images in the browser.
+    #[cfg(feature = "server")]
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -83,6 +88,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::ThreeD(args) => text_to_3d::run(args, &hub),
         Command::Export(args) => identity_file::export(args),
         Command::Inspect(args) => identity_file::inspect(args),
+        #[cfg(feature = "server")]
+        Command::Serve(args) => serve::run(args, &hub),
     }
 }
 

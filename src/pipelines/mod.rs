@@ -18,7 +18,7 @@ use crate::random::standard_normal;
 use crate::tokenizer::placeholder_token;
 use crate::{Error, Result};
 
-pub use text_to_image::{generate, read_latents, GenerateRequest, Generated};
+pub use text_to_image::{generate, generate_unless_stopped, read_latents, GenerateRequest, Generated};
 pub use text_to_video::{generate_video, GeneratedVideo, VideoRequest};
 
 /// Text-encoder features (1, 77, hidden) of `prompt`: in it, `v1* v2*` stand for the first

@@ -4,6 +4,7 @@
 //! when the request has [`controls`](GenerateRequest::controls) ([`crate::pipelines::control`]).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -18,6 +19,9 @@ use crate::{Error, Result};
 /// The longest prompt (and negative prompt) taken, in characters: the text encoder reads only
 /// the first 75 tokens of a prompt, a few hundred characters.
 pub const MAX_PROMPT_CHARS: usize = 10_000;
+
+/// The prompt of [`GenerateRequest::preview`].
+pub const PREVIEW_PROMPT: &str = "a photo of v1* v2*, facing to camera, best quality, ultra high res";
 
 /// What to generate. Defaults are the paper's sampling settings.
 #[derive(Debug, Clone)]
@@ -56,6 +60,13 @@ impl GenerateRequest {
             controls: Vec::new(),
             guess_mode: false,
         }
+    }
+
+    /// The sample image of an identity while it is learned, to watch it come: always the same
+    /// prompt ([`PREVIEW_PROMPT`]), seed and settings, so that the samples differ only by the
+    /// identity; 25 denoising steps to keep it quick.
+    pub fn preview(width: usize, height: usize) -> Self {
+        Self { steps: 25, seed: 42, ..Self::new(PREVIEW_PROMPT, width, height) }
     }
 
     /// Checks every setting against the model's configs, before anything is loaded or run.
@@ -150,6 +161,19 @@ pub fn generate(
     identities: &[Identity],
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Generated> {
+    let never = AtomicBool::new(false);
+    Ok(generate_unless_stopped(sd, request, identities, &never, on_step)?.expect("never stopped"))
+}
+
+/// [`generate`], stopping between two denoising steps once `stop` is set (a server's cancel
+/// button): `Ok(None)` then.
+pub fn generate_unless_stopped(
+    sd: &StableDiffusion,
+    request: &GenerateRequest,
+    identities: &[Identity],
+    stop: &AtomicBool,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Option<Generated>> {
     // 1. Check the request against the model.
     request.validate(sd.configs())?;
     let device = sd.device();
@@ -174,6 +198,9 @@ pub fn generate(
     let unet_timesteps = scheduler.unet_timesteps();
     let controls = ControlInputs::new(&request.controls, request.guess_mode, guided, device, sd.dtype())?;
     for (i, &t) in timesteps.iter().enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
         let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let model_input = scheduler.scale_model_input(&model_input, t)?.to_dtype(sd.dtype())?;
         let batch = model_input.dim(0)?;
@@ -192,7 +219,7 @@ pub fn generate(
     let scaled = (latents / sd.vae().config().scaling_factor)?.to_dtype(sd.dtype())?;
     let image = sd.vae().decode(&scaled)?.to_dtype(DType::F32)?;
     let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-    Ok(Generated { image, settings: request.settings(sd.model_name(), identities) })
+    Ok(Some(Generated { image, settings: request.settings(sd.model_name(), identities) }))
 }
 
 /// Reads starting latents for [`GenerateRequest::initial_latents`] from a safetensors file of at

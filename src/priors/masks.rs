@@ -12,7 +12,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::io::read_json;
+use crate::io::{read_json, RgbImage};
 use crate::models::face_parsing::bisenet::{self, BiSeNet};
 use crate::models::face_parsing::segformer::{
     SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor,
@@ -78,6 +78,36 @@ impl Masks {
     /// Fraction of the image covered by the hair mask.
     pub fn hair_fraction(&self) -> Result<f64> {
         Ok(self.hair.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
+    }
+
+    /// The 512x512 RGB photo (row-major bytes) the masks were made from, with face pixels blended
+    /// half-way to green and hair pixels to blue: what the learner looks at, for a person to check.
+    pub fn overlay(&self, rgb512: &[u8]) -> Result<RgbImage> {
+        const GREEN: [f32; 3] = [0.0, 255.0, 0.0];
+        const BLUE: [f32; 3] = [0.0, 0.0, 255.0];
+        let face = self.face.flatten_all()?.to_vec1::<f32>()?;
+        let hair = self.hair.flatten_all()?.to_vec1::<f32>()?;
+        if rgb512.len() != face.len() * 3 {
+            return Err(Error::Input(format!(
+                "an overlay of {}-pixel masks needs as many RGB pixels, got {} bytes",
+                face.len(),
+                rgb512.len()
+            )));
+        }
+        let mut pixels = rgb512.to_vec();
+        for (i, px) in pixels.chunks_exact_mut(3).enumerate() {
+            let tint = if face[i] > 0.5 {
+                GREEN
+            } else if hair[i] > 0.5 {
+                BLUE
+            } else {
+                continue;
+            };
+            for (v, t) in px.iter_mut().zip(tint) {
+                *v = ((f32::from(*v) + t) / 2.0).round() as u8;
+            }
+        }
+        Ok(RgbImage { width: SIZE as u32, height: SIZE as u32, pixels })
     }
 }
 

@@ -12,6 +12,7 @@ pub mod bad_inputs;
 pub mod formula_weights;
 pub mod hub_server;
 pub mod pose_weights;
+pub mod server;
 pub mod video_files;
 
 /// Path of a file or folder under `tests/fixtures/`.

@@ -1,0 +1,62 @@
+//! `stableid serve`: the web app (`stableid::server`) on the models the other commands take.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use stableid::priors::face_feature::DEFAULT_FACE_ENCODER;
+use stableid::server::{ModelChoice, Server, ServerSettings, DEFAULT_BIND};
+use stableid::weights::Hub;
+
+use super::{FaceParserArgs, ModelArgs};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    stableid serve                                   # then open http://127.0.0.1:7860/\n  \
+    stableid serve --data ~/stableid-data --device cuda --dtype f16\n  \
+    stableid serve --bind 0.0.0.0:7860 --token \"$(openssl rand -hex 16)\"   # reachable from other machines\n\n\
+Upload photos, see their aligned crops and face/hair masks, learn identities while the loss curve\n\
+and preview images come in, download or export them, and generate images into a gallery that keeps\n\
+each image's settings. One job runs at a time; the others wait. Everything is kept in the --data\n\
+folder and is there again after a restart. The page uses the JSON API of docs/api.md, which scripts\n\
+can use too.")]
+pub struct ServeArgs {
+    /// Address and port to listen on. Any address but a loopback one (127.0.0.1, ::1) needs --token.
+    #[arg(long, default_value = DEFAULT_BIND)]
+    pub bind: SocketAddr,
+    /// A secret every request must carry (Authorization: Bearer TOKEN, or the page's URL as printed).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Folder for uploads, identities and images (created if missing; kept across restarts).
+    #[arg(long, default_value = "stableid-data")]
+    pub data: PathBuf,
+    /// Face-recognition ViT: a transformers folder or hub id.
+    #[arg(long, default_value = DEFAULT_FACE_ENCODER)]
+    pub face_encoder: String,
+    #[command(flatten)]
+    pub parser: FaceParserArgs,
+    /// Celebrity names for the basis, one two-word name per line [default: the shipped list].
+    #[arg(long)]
+    pub celeb_names: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+pub fn run(args: ServeArgs, hub: &Hub) -> Result<()> {
+    let models = ModelChoice {
+        model: args.model.model.clone(),
+        device: args.model.device()?,
+        dtype: args.model.dtype(),
+        face_encoder: args.face_encoder,
+        face_parser: args.parser.kind(),
+        face_parser_weights: args.parser.weights().map(str::to_string),
+        celeb_names: args.celeb_names,
+        hub: hub.clone(),
+    };
+    let settings = ServerSettings { bind: args.bind, token: args.token, data: args.data.clone(), models };
+    let server = Server::bind(settings)?;
+    println!("{}", server.url()?);
+    eprintln!("data folder: {}; Ctrl-C stops the server", args.data.display());
+    server.run()?;
+    Ok(())
+}
