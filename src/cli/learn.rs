@@ -268,20 +268,14 @@ struct Preview<'a> {
     json: bool,
 }
 
-/// The preview's prompt, seed and denoising steps (stated in `learn --help`).
-const PREVIEW_PROMPT: &str = "a photo of v1* v2*, facing to camera, best quality, ultra high res";
-const PREVIEW_SEED: u64 = 42;
-const PREVIEW_STEPS: usize = 25;
-
 impl Preview<'_> {
     /// Generates and writes the preview of step `done`; a failure is said and learning goes on.
     fn write(&self, done: usize, identity: Identity) {
         let path = preview_path(self.out, done, self.total);
         self.bar.set_message(format!("preview at step {done}"));
         let (width, height) = self.sd.configs().default_size();
-        let mut request = GenerateRequest::new(PREVIEW_PROMPT, width, height);
-        request.seed = PREVIEW_SEED;
-        request.steps = PREVIEW_STEPS;
+        // The same sample as the web app's previews (stated in `learn --help`).
+        let request = GenerateRequest::preview(width, height);
         let written = generate(self.sd, &request, &[identity], &mut |_, _| {}).and_then(|generated| {
             let mut text = generated.settings;
             text.push(("learning_step", done.to_string()));
