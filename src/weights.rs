@@ -54,7 +54,7 @@ impl ModelDir {
     /// [`ModelDir::weights`] prefers for `dtype`.
     pub fn files(dtype: DType) -> ModelFiles {
         let weights = |component: &str, stem: &str| -> Vec<String> {
-            weights_files(stem, dtype).map(|f| format!("{component}/{f}")).collect()
+            weights_file_names(stem, dtype).map(|f| format!("{component}/{f}")).collect()
         };
         ModelFiles::new("diffusers model", DEFAULT_MODEL)
             .file("model_index.json")
@@ -110,17 +110,17 @@ impl ModelDir {
 /// `stem.safetensors`, `stem.fp16.safetensors` (first when `dtype` is f16: the same numbers,
 /// half the bytes), then a PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for
 /// the stem `model`).
-pub fn weights_files(stem: &str, dtype: DType) -> impl Iterator<Item = String> {
+pub fn weights_file_names(stem: &str, dtype: DType) -> impl Iterator<Item = String> {
     let (full, half) = (format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors"));
     let safetensors = if dtype == DType::F16 { [half, full] } else { [full, half] };
     let pytorch = if stem == "model" { "pytorch_model.bin".to_string() } else { format!("{stem}.bin") };
     safetensors.into_iter().chain(std::iter::once(pytorch))
 }
 
-/// The weights of `stem` in `dir`: the first of [`weights_files`] there, read as `dtype`;
+/// The weights of `stem` in `dir`: the first of [`weights_file_names`] there, read as `dtype`;
 /// `what` names them in errors.
 pub fn folder_weights(dir: &Path, stem: &str, dtype: DType, device: &Device, what: &str) -> Result<Weights> {
-    let names: Vec<String> = weights_files(stem, dtype).collect();
+    let names: Vec<String> = weights_file_names(stem, dtype).collect();
     let Some(path) = names.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
         return Err(Error::MissingFile {
             what: what.to_string(),
@@ -162,6 +162,49 @@ pub fn transformers_weights(dir: &Path, dtype: DType, device: &Device, what: &st
 pub fn safetensors_var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     let file = SafetensorsFile::open(path).map_err(|msg| Error::Weights { file: path.to_path_buf(), msg })?;
     Ok(VarBuilder::from_backend(Box::new(file), dtype, device.clone()))
+}
+
+/// The weights in one file: safetensors (by its extension) or a PyTorch checkpoint of either
+/// format, read as `dtype`.
+pub fn weights_file(path: &Path, dtype: DType, device: &Device) -> Result<Weights> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let vb = safetensors_var_builder(path, dtype, device)?;
+        return Ok(Weights { path: path.to_path_buf(), vb });
+    }
+    Ok(open_checkpoint(path, dtype, device)?.0)
+}
+
+/// PyTorch's cache folder, as torch and facenet-pytorch resolve it: `TORCH_HOME`, else
+/// `XDG_CACHE_HOME/torch`, else `~/.cache/torch`.
+pub fn torch_home() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TORCH_HOME") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("HOME").map_or_else(|| PathBuf::from(".cache"), |home| PathBuf::from(home).join(".cache"))
+    });
+    cache.join("torch")
+}
+
+/// A checkpoint a PyTorch package downloaded: `file` in `torch_home()/hub/checkpoints` (where
+/// torch.hub, so torchvision and pytorch-fid, keep theirs) or in `torch_home()/checkpoints`
+/// (facenet-pytorch's). `what` and `source` (where to fetch it from) word the error when it is in
+/// neither.
+pub fn torch_cached_checkpoint(file: &str, what: &str, source: &str) -> Result<PathBuf> {
+    let home = torch_home();
+    let hub = home.join("hub").join("checkpoints").join(file);
+    if let Some(found) = [hub.clone(), home.join("checkpoints").join(file)].into_iter().find(|p| p.is_file()) {
+        return Ok(found);
+    }
+    Err(Error::MissingFile {
+        what: what.to_string(),
+        path: hub,
+        hint: format!(
+            "this tool never downloads weights; fetch {file} from {source} into {} (or set TORCH_HOME), \
+             or give its path",
+            home.join("hub").join("checkpoints").display()
+        ),
+    })
 }
 
 /// A weights file and a builder over it.

@@ -230,7 +230,7 @@ fn ply_round_trip_is_exact() {
     let (_, _, gaussians, _, _) = scene("sh3", DType::F32);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cloud.ply");
-    write_ply(&path, &gaussians).unwrap();
+    write_ply(&path, &gaussians, &[]).unwrap();
     let back = read_ply(&path, &Device::Cpu).unwrap();
     for (a, b) in gaussians.parts().into_iter().zip(back.parts()) {
         assert_eq!(a.dims(), b.dims());
@@ -334,4 +334,68 @@ fn a_camera_survives_the_3dgs_json_format() {
         }
     }
     assert!((camera.fov_x - back.fov_x).abs() < 1e-12 && (camera.fov_y - back.fov_y).abs() < 1e-12);
+}
+
+#[test]
+fn starting_clouds_follow_3dgs() {
+    use rand::{Rng, SeedableRng};
+    use stableid::splats::init;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    // Clustered and spread points, so that the grid search meets empty and crowded cells.
+    let mut points: Vec<[f64; 3]> = (0..400).map(|_| [0, 1, 2].map(|_| rng.random_range(-1.0..1.0))).collect();
+    points.extend((0..200).map(|_| [0, 1, 2].map(|_| rng.random_range(0.3..0.35))));
+    points.push([9.0, 9.0, 9.0]);
+    let grid = init::mean_squared_neighbour_distances(&points);
+    for (i, p) in points.iter().enumerate() {
+        let mut d2: Vec<f64> = points
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, q)| (0..3).map(|k| (p[k] - q[k]).powi(2)).sum())
+            .collect();
+        d2.sort_by(f64::total_cmp);
+        let brute = d2[..3].iter().sum::<f64>() / 3.0;
+        assert!((grid[i] - brute).abs() <= 1e-12 * brute.max(1.0), "point {i}: grid {} brute force {brute}", grid[i]);
+    }
+    let colors = vec![[0.2, 0.5, 0.9]; points.len()];
+    let gaussians = init::from_points(&points, &colors, &Device::Cpu).unwrap();
+    let log_scales = gaussians.log_scales.to_vec2::<f32>().unwrap();
+    assert!((f64::from(log_scales[7][2]) - 0.5 * grid[7].ln()).abs() < 1e-5);
+    let opacity = gaussians.opacity_logits.to_vec1::<f32>().unwrap()[0];
+    assert!((1.0 / (1.0 + (-opacity).exp()) - 0.1).abs() < 1e-6, "3DGS starts at opacity 0.1");
+    let dc = gaussians.sh_dc.to_vec2::<f32>().unwrap();
+    assert!((f64::from(dc[0][2]) * stableid::splats::SH_C0 + 0.5 - 0.9).abs() < 1e-6);
+
+    let ball = init::random_ball(500, [1.0, 2.0, 3.0], 0.5, 1, &Device::Cpu).unwrap();
+    let means = ball.means.to_vec2::<f32>().unwrap();
+    let distance = |m: &Vec<f32>| ((m[0] - 1.0).powi(2) + (m[1] - 2.0).powi(2) + (m[2] - 3.0).powi(2)).sqrt();
+    assert!(means.iter().all(|m| distance(m) <= 0.5 + 1e-6));
+    // Uniform in volume: the inner half-radius ball holds about an eighth.
+    let inner = means.iter().filter(|m| distance(m) < 0.25).count();
+    assert!((35..=95).contains(&inner), "{inner} of 500 in the inner ball");
+    assert!(init::random_ball(0, [0.0; 3], 1.0, 1, &Device::Cpu).is_err());
+    assert!(init::from_points(&[[f64::NAN, 0.0, 0.0]], &[[0.5; 3]], &Device::Cpu).is_err());
+}
+
+#[test]
+fn cameras_on_an_orbit_look_at_its_centre() {
+    use stableid::splats::{cameras_extent, common_target};
+    let centre = [0.3, -0.2, 0.5];
+    let cameras: Vec<Camera> = (0..5)
+        .map(|k| {
+            let position = OrbitPosition {
+                target: centre,
+                up: [0.0, 0.0, 1.0],
+                radius: 4.0,
+                elevation: 10.0 * k as f64,
+                azimuth: 70.0 * k as f64,
+            };
+            Camera::orbit(&position, 0.7, 16, 16).unwrap()
+        })
+        .collect();
+    let target = common_target(&cameras).unwrap();
+    assert!((0..3).all(|i| (target[i] - centre[i]).abs() < 1e-9), "{target:?}");
+    let extent = cameras_extent(&cameras);
+    assert!(extent > 0.0 && extent <= 1.1 * 8.0, "{extent}");
+    assert!(common_target(&cameras[..1]).is_err(), "one camera has no point to look at");
 }

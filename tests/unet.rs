@@ -9,20 +9,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use stableid::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 
-use common::{assert_close, fixture, load_config, load_tensors, max_abs, max_abs_diff, var_builder};
+use common::{assert_parity, fixture, load_config, load_tensors, max_abs_diff, var_builder};
 
 /// Loads a diffusers UNet folder under `tests/fixtures/`.
 fn load_unet(folder: &str, dtype: DType) -> UNet2DConditionModel {
     let vb = var_builder(&fixture(folder).join("diffusion_pytorch_model.safetensors"), dtype);
     UNet2DConditionModel::new(vb, &load_config(&format!("{folder}/config.json"))).unwrap()
-}
-
-/// `assert_close` at 1e-4, and also within 1e-4 of the largest expected value: the tiny SD
-/// UNet's outputs are ~0.06, where an absolute 1e-4 alone would hide errors in the timestep path.
-fn assert_parity(actual: &Tensor, expected: &Tensor, what: &str) {
-    assert_close(actual, expected, 1e-4, what);
-    let (diff, scale) = (max_abs_diff(actual, expected), max_abs(expected));
-    assert!(diff <= 1e-4 * scale, "{what}: max abs diff {diff:e} exceeds 1e-4 x {scale}");
 }
 
 fn check_case(unet: &UNet2DConditionModel, fx: &HashMap<String, Tensor>, case: &str) {

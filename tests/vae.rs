@@ -99,3 +99,54 @@ fn config_defaults_and_rejections() {
     let err = AutoencoderKL::new(vb(), &gelu).unwrap_err().to_string();
     assert!(err.contains("vae config: `act_fn` = \"gelu\""), "{err}");
 }
+
+/// d/d image of `sum(w * sample(encode(2 image - 1), noise))` by autograd and by central
+/// differences, in f64, through every part of the encoder (convolutions, the stride-2
+/// downsamplers with their one-sided padding, group norms, SiLU, the mid-block attention,
+/// `quant_conv`, the clamped log-variance) and the posterior sample: the path ISM sends the
+/// renders' gradient along. A graph cut anywhere on it makes the two disagree.
+#[test]
+fn encoder_gradient_matches_finite_differences() {
+    let device = Device::Cpu;
+    let vae = AutoencoderKL::new(var_builder(&fixture(WEIGHTS), DType::F64), &config()).unwrap();
+    // Batch 2, 16 x 24 pixels: 2 x 3 latents.
+    let image = Tensor::rand(0f64, 1.0, (2, 3, 16, 24), &device).unwrap();
+    let noise = Tensor::randn(0f64, 1.0, (2, 4, 2, 3), &device).unwrap();
+    let weights = Tensor::randn(0f64, 1.0, (2, 4, 2, 3), &device).unwrap();
+    let objective = |image: &Tensor| -> Tensor {
+        let posterior = vae.encode(&((image * 2.0).unwrap() - 1.0).unwrap()).unwrap();
+        (posterior.sample(&noise).unwrap() * &weights).unwrap().sum_all().unwrap()
+    };
+    let value = |image: &Tensor| objective(image).to_scalar::<f64>().unwrap();
+
+    let var = candle_core::Var::from_tensor(&image).unwrap();
+    let grads = objective(var.as_tensor()).backward().unwrap();
+    let grad = grads.get(var.as_tensor()).expect("the image receives a gradient");
+    assert!(common::max_abs(grad) > 1e-6, "the image's gradient is zero");
+
+    let h = 1e-5;
+    for seed in 0..3u64 {
+        let direction = Tensor::randn(0f64, 1.0, image.dims(), &device).unwrap();
+        let moved = |delta: f64| value(&(&image + (&direction * delta).unwrap()).unwrap());
+        let numeric = (moved(h) - moved(-h)) / (2.0 * h);
+        let exact = (grad * &direction).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let rel = (numeric - exact).abs() / exact.abs().max(1e-12);
+        eprintln!("direction {seed}: autograd {exact:.10e}, finite difference {numeric:.10e}, rel {rel:.1e}");
+        assert!(rel < 1e-6, "direction {seed}: autograd {exact} vs finite difference {numeric}");
+    }
+    // Single pixels: one in a corner (where the downsamplers pad) and one inside.
+    let pixels = image.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let grad_values = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for index in [0, 16 * 24 - 1, 3 * 16 * 24 + 7 * 24 + 11] {
+        let moved = |delta: f64| {
+            let mut values = pixels.clone();
+            values[index] += delta;
+            value(&Tensor::from_vec(values, image.dims(), &device).unwrap())
+        };
+        let numeric = (moved(h) - moved(-h)) / (2.0 * h);
+        let exact = grad_values[index];
+        let rel = (numeric - exact).abs() / numeric.abs().max(exact.abs()).max(1e-9);
+        eprintln!("pixel {index}: autograd {exact:.10e}, finite difference {numeric:.10e}, rel {rel:.1e}");
+        assert!(rel < 1e-5, "pixel {index}: autograd {exact} vs finite difference {numeric}");
+    }
+}

@@ -2,12 +2,15 @@
 
 mod align;
 mod bench;
+mod eval;
 mod generate;
 mod identity_file;
 mod learn;
 mod masks;
 mod pose;
 mod render;
+mod splat_fit;
+mod text_to_3d;
 mod video;
 
 use anyhow::{bail, Result};
@@ -39,6 +42,8 @@ enum Command {
     Align(align::AlignArgs),
     /// Time the learning step, denoising, VAE and text encoder on SD 2.1-base with random weights.
     Bench(bench::BenchArgs),
+    /// Measure identities as the paper does: CLIP-I, CLIP-T, Face Sim, Face Div, Trusted Div, FID.
+    Eval(eval::EvalArgs),
     /// Generate images from a prompt (with `v1* v2*` standing for an identity).
     Generate(generate::GenerateArgs),
     /// Learn an identity (v1* v2*) from one face photo.
@@ -47,6 +52,11 @@ enum Command {
     Video(video::VideoArgs),
     /// Render a 3D Gaussian splatting PLY from an orbit of cameras (or a cameras.json) as PNGs.
     Render(render::RenderArgs),
+    /// Train a 3D head of a prompt (with `v1* v2*` standing for an identity) as 3D Gaussians (LucidDreamer's ISM).
+    #[command(name = "3d")]
+    ThreeD(text_to_3d::Text3dArgs),
+    /// Fit 3D Gaussians to images seen from known cameras (3DGS's L1 loop), as a PLY.
+    SplatFit(splat_fit::SplatFitArgs),
     /// Show the face and hair masks the learner will focus on, as PNG overlays.
     Masks(masks::MasksArgs),
     /// Draw the OpenPose body pose of photos, for a pose ControlNet (weights: non-commercial use only).
@@ -62,12 +72,15 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Align(args) => align::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args, &hub),
         Command::Generate(args) => generate::run(args, &hub),
         Command::Learn(args) => learn::run(args, &hub),
         Command::Masks(args) => masks::run(args, &hub),
         Command::Pose(args) => pose::run(args, &hub),
         Command::Video(args) => video::run(args, &hub),
         Command::Render(args) => render::run(args),
+        Command::SplatFit(args) => splat_fit::run(args),
+        Command::ThreeD(args) => text_to_3d::run(args, &hub),
         Command::Export(args) => identity_file::export(args),
         Command::Inspect(args) => identity_file::inspect(args),
     }

@@ -1,12 +1,12 @@
 //! `stableid render`: views of a 3DGS PLY on an orbit, or from a 3DGS `cameras.json`, as PNGs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use stableid::io::video::{write_video, VideoFormat};
 use stableid::io::write_png;
-use stableid::splats::{orbit_cameras, read_cameras_json, read_ply, render, Camera, Orbit, RenderOptions};
+use stableid::splats::{orbit_cameras, read_cameras_json, read_ply, render, Camera, Gaussians, Orbit, RenderOptions};
 
 use super::{check_writable, progress_bar};
 
@@ -60,7 +60,7 @@ pub struct RenderArgs {
     pub turntable: Option<u32>,
 }
 
-fn triple(flag: &str, text: &str) -> Result<[f64; 3]> {
+pub(super) fn triple(flag: &str, text: &str) -> Result<[f64; 3]> {
     let values: Vec<f64> = text
         .split(',')
         .map(|v| v.trim().parse::<f64>())
@@ -116,12 +116,10 @@ pub fn run(args: RenderArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     check_writable(&args.out)?;
     let stem = args.splats.file_stem().map_or_else(|| "splats".into(), |s| s.to_string_lossy().into_owned());
-    let name = |tag: &str, view: usize| format!("{tag}.view{view:03}.png");
-    let turntable_name = |tag: &str| format!("{tag}.turntable.mp4");
     let free = |file: String| std::fs::symlink_metadata(args.out.join(file)).is_err();
     let tag = (0..)
         .map(|k| if k == 0 { stem.clone() } else { format!("{stem}-{k}") })
-        .find(|tag| (0..cameras.len()).all(|view| free(name(tag, view))) && free(turntable_name(tag)))
+        .find(|tag| (0..cameras.len()).all(|view| free(view_name(tag, view))) && free(turntable_name(tag)))
         .expect("a free name");
     if let Some(fps) = args.turntable {
         let odd = cameras.iter().any(|c| c.width % 2 == 1 || c.height % 2 == 1);
@@ -130,33 +128,65 @@ pub fn run(args: RenderArgs) -> Result<()> {
         }
     }
     let options = RenderOptions { background, ..RenderOptions::default() };
-    let bar = progress_bar(cameras.len() as u64, "rendering");
-    if args.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let mut written = Vec::new();
-    let mut frames = Vec::new();
-    for (view, camera) in cameras.iter().enumerate() {
-        let image = render(&gaussians, camera, &options)?.rgb_image()?;
-        let path = args.out.join(name(&tag, view));
-        let camera_json = serde_json::to_string(&camera.to_json(view, &name(&tag, view)))?;
-        write_png(&path, &image, &[("source", args.splats.display().to_string()), ("camera", camera_json)])?;
-        written.push(path);
-        if args.turntable.is_some() {
-            frames.push(image);
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    if let Some(fps) = args.turntable {
-        let path = args.out.join(turntable_name(&tag));
-        write_video(&path, &frames, fps, VideoFormat::Mp4, &[])?;
-        written.push(path);
-    }
+    let source = args.splats.display().to_string();
+    let files = ViewFiles { dir: &args.out, tag: &tag, source: &source, turntable: args.turntable };
+    let written = write_views(&gaussians, &cameras, &options, &files, !args.json)?;
     if args.json {
         println!("{}", serde_json::json!({ "splats": args.splats, "views": written }));
     } else {
         eprintln!("wrote {} views to {}", written.len(), args.out.display());
     }
     Ok(())
+}
+
+fn view_name(tag: &str, view: usize) -> String {
+    format!("{tag}.view{view:03}.png")
+}
+
+fn turntable_name(tag: &str) -> String {
+    format!("{tag}.turntable.mp4")
+}
+
+/// Where [`write_views`] writes: DIR/TAG.viewNNN.png (each carrying its camera and `source` as
+/// PNG text) and, with `turntable` frames per second, DIR/TAG.turntable.mp4.
+pub(super) struct ViewFiles<'a> {
+    pub dir: &'a Path,
+    pub tag: &'a str,
+    pub source: &'a str,
+    pub turntable: Option<u32>,
+}
+
+/// Renders `gaussians` from each camera into `files`; returns the files written.
+pub(super) fn write_views(
+    gaussians: &Gaussians,
+    cameras: &[Camera],
+    options: &RenderOptions,
+    files: &ViewFiles,
+    show_progress: bool,
+) -> Result<Vec<PathBuf>> {
+    let ViewFiles { dir: out, tag, source, turntable } = *files;
+    let bar = progress_bar(cameras.len() as u64, "rendering");
+    if !show_progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut written = Vec::new();
+    let mut frames = Vec::new();
+    for (view, camera) in cameras.iter().enumerate() {
+        let image = render(gaussians, camera, options)?.rgb_image()?;
+        let path = out.join(view_name(tag, view));
+        let camera_json = serde_json::to_string(&camera.to_json(view, &view_name(tag, view)))?;
+        write_png(&path, &image, &[("source", source.to_string()), ("camera", camera_json)])?;
+        written.push(path);
+        if turntable.is_some() {
+            frames.push(image);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if let Some(fps) = turntable {
+        let path = out.join(turntable_name(tag));
+        write_video(&path, &frames, fps, VideoFormat::Mp4, &[])?;
+        written.push(path);
+    }
+    Ok(written)
 }

@@ -1,5 +1,14 @@
-//! The identity metrics of the paper's Table 1 (definitions and choices: docs/eval.md), as pure
-//! functions of model outputs, and the preprocessing of each metric model.
+//! The identity metrics of the paper's Table 1 (definitions and choices: docs/eval.md): the
+//! preprocessing of each metric model (CLIP's here, FaceNet's face crops in [`faces`]), the
+//! metrics as functions of the models' outputs ([`metrics`], [`fid`]), the models together
+//! ([`scorer`]) and the report ([`report`]).
+
+pub mod faces;
+pub mod fid;
+pub mod images;
+pub mod metrics;
+pub mod report;
+pub mod scorer;
 
 use candle_core::{Device, Result, Tensor};
 use image::RgbImage;

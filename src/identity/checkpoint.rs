@@ -77,24 +77,13 @@ impl Checkpoint {
 
     /// Refuses to resume a run whose settings differ, naming the first difference.
     pub fn check_compatible(&self, fingerprint: &Value, path: &Path) -> Result<()> {
-        let (Some(saved), Some(current)) = (self.fingerprint.as_object(), fingerprint.as_object()) else {
-            return Err(Error::Input(format!("checkpoint {}: malformed fingerprint", path.display())));
-        };
-        let mut keys: Vec<&String> = saved.keys().chain(current.keys()).collect();
-        keys.sort();
-        keys.dedup();
-        for key in keys {
-            let (a, b) = (saved.get(key), current.get(key));
-            if a != b {
-                return Err(Error::Input(format!(
-                    "checkpoint {} was made with {key} = {}, this run has {key} = {}: resume it with the same settings, or start a new run",
-                    path.display(),
-                    a.map_or("(none)".into(), Value::to_string),
-                    b.map_or("(none)".into(), Value::to_string),
-                )));
-            }
+        match first_difference(&self.fingerprint, fingerprint) {
+            Some(difference) => Err(Error::Input(format!(
+                "checkpoint {} was made with {difference}: resume it with the same settings, or start a new run",
+                path.display()
+            ))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Puts the saved MLP and optimizer state into `learner`.
@@ -114,4 +103,25 @@ impl Checkpoint {
         learner.optimizer.step = self.step;
         Ok(())
     }
+}
+
+/// The first setting (in key order) on which two run fingerprints (JSON objects) differ, as
+/// `KEY = SAVED, this run has KEY = CURRENT`.
+pub fn first_difference(saved: &Value, current: &Value) -> Option<String> {
+    let (Some(saved), Some(current)) = (saved.as_object(), current.as_object()) else {
+        return Some("a malformed fingerprint".into());
+    };
+    let mut keys: Vec<&String> = saved.keys().chain(current.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter().find_map(|key| {
+        let (a, b) = (saved.get(key), current.get(key));
+        (a != b).then(|| {
+            format!(
+                "{key} = {}, this run has {key} = {}",
+                a.map_or("(none)".into(), Value::to_string),
+                b.map_or("(none)".into(), Value::to_string)
+            )
+        })
+    })
 }

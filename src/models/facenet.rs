@@ -10,72 +10,11 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{BatchNorm, ModuleT, VarBuilder};
 
-use crate::nn::{conv2d, Conv2d, Conv2dConfig};
+use crate::models::blocks::basic_conv::{Branch, ConvSpec};
+use crate::nn::{Conv2d, Conv2dConfig};
 
-/// facenet-pytorch's batch-norm epsilon (TensorFlow's value).
+/// The batch norm after `last_linear` (TensorFlow's epsilon, as in the blocks).
 const BATCH_NORM_EPS: f64 = 1e-3;
-
-/// One convolution of a `BasicConv2d`: kernel, stride and padding per axis (rows, columns).
-#[derive(Debug, Clone, Copy)]
-struct ConvSpec {
-    c_in: usize,
-    c_out: usize,
-    kernel: (usize, usize),
-    stride: usize,
-    padding: (usize, usize),
-}
-
-/// `ConvSpec` of a square kernel.
-const fn square(c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> ConvSpec {
-    ConvSpec { c_in, c_out, kernel: (kernel, kernel), stride, padding: (padding, padding) }
-}
-
-/// `conv` (no bias), `bn`, ReLU.
-#[derive(Debug, Clone)]
-struct BasicConv2d {
-    weight: Tensor,
-    bn: BatchNorm,
-    spec: ConvSpec,
-}
-
-impl BasicConv2d {
-    fn new(vb: VarBuilder, spec: ConvSpec) -> Result<Self> {
-        let (kh, kw) = spec.kernel;
-        Ok(Self {
-            weight: vb.get((spec.c_out, spec.c_in, kh, kw), "conv.weight")?,
-            bn: candle_nn::batch_norm(spec.c_out, BATCH_NORM_EPS, vb.pp("bn"))?,
-            spec,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (ph, pw) = self.spec.padding;
-        // The project's convolution pads both axes alike: the (1, 7) and (7, 1) kernels' one-axis
-        // padding is added here.
-        let (x, padding) =
-            if ph == pw { (x.clone(), ph) } else { (x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?, 0) };
-        let y = conv2d(&x, &self.weight, None, Conv2dConfig { padding, stride: self.spec.stride })?;
-        self.bn.forward_t(&y, false)?.relu()
-    }
-}
-
-/// `BasicConv2d`s applied in turn (an `nn.Sequential` of them, or a single one at `vb`).
-#[derive(Debug, Clone)]
-struct Branch(Vec<BasicConv2d>);
-
-impl Branch {
-    fn sequential(vb: VarBuilder, specs: &[ConvSpec]) -> Result<Self> {
-        specs.iter().enumerate().map(|(i, &spec)| BasicConv2d::new(vb.pp(i), spec)).collect::<Result<_>>().map(Self)
-    }
-
-    fn single(vb: VarBuilder, spec: ConvSpec) -> Result<Self> {
-        Ok(Self(vec![BasicConv2d::new(vb, spec)?]))
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.0.iter().try_fold(x.clone(), |x, conv| conv.forward(&x))
-    }
-}
 
 fn max_pool_3x3_stride_2(x: &Tensor) -> Result<Tensor> {
     x.max_pool2d_with_stride(3, 2)
@@ -105,11 +44,18 @@ impl ResidualBlock {
             BlockKind::Block35 => (
                 256,
                 vec![
-                    Branch::single(vb.pp("branch0"), square(256, 32, 1, 1, 0))?,
-                    Branch::sequential(vb.pp("branch1"), &[square(256, 32, 1, 1, 0), square(32, 32, 3, 1, 1)])?,
+                    Branch::single(vb.pp("branch0"), ConvSpec::square(256, 32, 1, 1, 0))?,
+                    Branch::sequential(
+                        vb.pp("branch1"),
+                        &[ConvSpec::square(256, 32, 1, 1, 0), ConvSpec::square(32, 32, 3, 1, 1)],
+                    )?,
                     Branch::sequential(
                         vb.pp("branch2"),
-                        &[square(256, 32, 1, 1, 0), square(32, 32, 3, 1, 1), square(32, 32, 3, 1, 1)],
+                        &[
+                            ConvSpec::square(256, 32, 1, 1, 0),
+                            ConvSpec::square(32, 32, 3, 1, 1),
+                            ConvSpec::square(32, 32, 3, 1, 1),
+                        ],
                     )?,
                 ],
                 96,
@@ -117,13 +63,13 @@ impl ResidualBlock {
             BlockKind::Block17 => (
                 896,
                 vec![
-                    Branch::single(vb.pp("branch0"), square(896, 128, 1, 1, 0))?,
+                    Branch::single(vb.pp("branch0"), ConvSpec::square(896, 128, 1, 1, 0))?,
                     Branch::sequential(
                         vb.pp("branch1"),
                         &[
-                            square(896, 128, 1, 1, 0),
-                            ConvSpec { c_in: 128, c_out: 128, kernel: (1, 7), stride: 1, padding: (0, 3) },
-                            ConvSpec { c_in: 128, c_out: 128, kernel: (7, 1), stride: 1, padding: (3, 0) },
+                            ConvSpec::square(896, 128, 1, 1, 0),
+                            ConvSpec::wide(128, 128, 7),
+                            ConvSpec::tall(128, 128, 7),
                         ],
                     )?,
                 ],
@@ -132,13 +78,13 @@ impl ResidualBlock {
             BlockKind::Block8 => (
                 1792,
                 vec![
-                    Branch::single(vb.pp("branch0"), square(1792, 192, 1, 1, 0))?,
+                    Branch::single(vb.pp("branch0"), ConvSpec::square(1792, 192, 1, 1, 0))?,
                     Branch::sequential(
                         vb.pp("branch1"),
                         &[
-                            square(1792, 192, 1, 1, 0),
-                            ConvSpec { c_in: 192, c_out: 192, kernel: (1, 3), stride: 1, padding: (0, 1) },
-                            ConvSpec { c_in: 192, c_out: 192, kernel: (3, 1), stride: 1, padding: (1, 0) },
+                            ConvSpec::square(1792, 192, 1, 1, 0),
+                            ConvSpec::wide(192, 192, 3),
+                            ConvSpec::tall(192, 192, 3),
                         ],
                     )?,
                 ],
@@ -171,10 +117,14 @@ impl Reduction {
     fn mixed_6a(vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             branches: vec![
-                Branch::single(vb.pp("branch0"), square(256, 384, 3, 2, 0))?,
+                Branch::single(vb.pp("branch0"), ConvSpec::square(256, 384, 3, 2, 0))?,
                 Branch::sequential(
                     vb.pp("branch1"),
-                    &[square(256, 192, 1, 1, 0), square(192, 192, 3, 1, 1), square(192, 256, 3, 2, 0)],
+                    &[
+                        ConvSpec::square(256, 192, 1, 1, 0),
+                        ConvSpec::square(192, 192, 3, 1, 1),
+                        ConvSpec::square(192, 256, 3, 2, 0),
+                    ],
                 )?,
             ],
         })
@@ -183,11 +133,21 @@ impl Reduction {
     fn mixed_7a(vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             branches: vec![
-                Branch::sequential(vb.pp("branch0"), &[square(896, 256, 1, 1, 0), square(256, 384, 3, 2, 0)])?,
-                Branch::sequential(vb.pp("branch1"), &[square(896, 256, 1, 1, 0), square(256, 256, 3, 2, 0)])?,
+                Branch::sequential(
+                    vb.pp("branch0"),
+                    &[ConvSpec::square(896, 256, 1, 1, 0), ConvSpec::square(256, 384, 3, 2, 0)],
+                )?,
+                Branch::sequential(
+                    vb.pp("branch1"),
+                    &[ConvSpec::square(896, 256, 1, 1, 0), ConvSpec::square(256, 256, 3, 2, 0)],
+                )?,
                 Branch::sequential(
                     vb.pp("branch2"),
-                    &[square(896, 256, 1, 1, 0), square(256, 256, 3, 1, 1), square(256, 256, 3, 2, 0)],
+                    &[
+                        ConvSpec::square(896, 256, 1, 1, 0),
+                        ConvSpec::square(256, 256, 3, 1, 1),
+                        ConvSpec::square(256, 256, 3, 2, 0),
+                    ],
                 )?,
             ],
         })
@@ -221,23 +181,23 @@ pub const FACENET_INPUT_SIZE: usize = 160;
 
 impl InceptionResnetV1 {
     pub fn new(vb: VarBuilder) -> Result<Self> {
-        let conv = |name: &str, spec| BasicConv2d::new(vb.pp(name), spec);
+        let stem = |convs: &[(&str, ConvSpec)]| Branch::named(&vb, convs);
         let blocks = |name: &str, kind, count: usize, scale| {
             (0..count).map(|i| ResidualBlock::new(vb.pp(name).pp(i), kind, scale, true)).collect::<Result<Vec<_>>>()
         };
         let mut repeat_3 = blocks("repeat_3", BlockKind::Block8, 5, 0.2)?;
         repeat_3.push(ResidualBlock::new(vb.pp("block8"), BlockKind::Block8, 1.0, false)?);
         Ok(Self {
-            stem_before_pool: Branch(vec![
-                conv("conv2d_1a", square(3, 32, 3, 2, 0))?,
-                conv("conv2d_2a", square(32, 32, 3, 1, 0))?,
-                conv("conv2d_2b", square(32, 64, 3, 1, 1))?,
-            ]),
-            stem_after_pool: Branch(vec![
-                conv("conv2d_3b", square(64, 80, 1, 1, 0))?,
-                conv("conv2d_4a", square(80, 192, 3, 1, 0))?,
-                conv("conv2d_4b", square(192, 256, 3, 2, 0))?,
-            ]),
+            stem_before_pool: stem(&[
+                ("conv2d_1a", ConvSpec::square(3, 32, 3, 2, 0)),
+                ("conv2d_2a", ConvSpec::square(32, 32, 3, 1, 0)),
+                ("conv2d_2b", ConvSpec::square(32, 64, 3, 1, 1)),
+            ])?,
+            stem_after_pool: stem(&[
+                ("conv2d_3b", ConvSpec::square(64, 80, 1, 1, 0)),
+                ("conv2d_4a", ConvSpec::square(80, 192, 3, 1, 0)),
+                ("conv2d_4b", ConvSpec::square(192, 256, 3, 2, 0)),
+            ])?,
             repeat_1: blocks("repeat_1", BlockKind::Block35, 5, 0.17)?,
             mixed_6a: Reduction::mixed_6a(vb.pp("mixed_6a"))?,
             repeat_2: blocks("repeat_2", BlockKind::Block17, 10, 0.10)?,

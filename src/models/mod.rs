@@ -8,6 +8,7 @@ mod config;
 pub mod controlnet;
 pub mod face_parsing;
 pub mod facenet;
+pub mod inception;
 pub mod lpips;
 pub mod mtcnn;
 pub mod openpose;

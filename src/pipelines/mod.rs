@@ -1,9 +1,11 @@
 //! Pipelines: what the frozen models produce for a user, with identities in the prompt
-//! (text-to-image, steered by ControlNets or not; text-to-video; later 3D). Each composes the shared
-//! components ([`crate::models::stable_diffusion`], [`crate::models::text_to_video`]) with a
-//! scheduler; none loads a model itself.
+//! (text-to-image, steered by ControlNets or not; text-to-video; text-to-3D with its ISM guidance).
+//! Each composes the shared components ([`crate::models::stable_diffusion`],
+//! [`crate::models::text_to_video`]) with a scheduler; none loads a model itself.
 
 pub mod control;
+pub mod ism;
+pub mod text_to_3d;
 pub mod text_to_image;
 pub mod text_to_video;
 

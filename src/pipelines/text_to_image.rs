@@ -1,7 +1,7 @@
 //! Text-to-image with Stable Diffusion, as diffusers' `StableDiffusionPipeline` does it, with
 //! identity placeholders: in a prompt, `v1* v2*` stand for the first identity, `v3* v4*` for the
-//! second, and so on ([`encode_prompt`]); ControlNets steer it when the request has
-//! [`controls`](GenerateRequest::controls) ([`crate::pipelines::control`]).
+//! second, and so on ([`encode_prompt`](crate::pipelines::encode_prompt)); ControlNets steer it
+//! when the request has [`controls`](GenerateRequest::controls) ([`crate::pipelines::control`]).
 
 use std::path::Path;
 

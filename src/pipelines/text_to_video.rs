@@ -1,8 +1,8 @@
 //! Text-to-video, as diffusers' `TextToVideoSDPipeline`
 //! (`pipelines/text_to_video_synthesis/pipeline_text_to_video_synth.py`) does it with ModelScope
-//! T2V, with identity placeholders in the prompt as for images ([`encode_prompt`]): StableIdentity's
-//! claim is that an identity learned on SD 2.1 works unchanged in this model, whose text encoder is
-//! SD 2.1's.
+//! T2V, with identity placeholders in the prompt as for images
+//! ([`encode_prompt`](crate::pipelines::encode_prompt)): StableIdentity's claim is that an identity
+//! learned on SD 2.1 works unchanged in this model, whose text encoder is SD 2.1's.
 //!
 //! Deviation: the VAE decodes the frames a few at a time rather than all at once (the same values,
 //! less memory).

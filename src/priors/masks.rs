@@ -17,9 +17,7 @@ use crate::models::face_parsing::bisenet::{self, BiSeNet};
 use crate::models::face_parsing::segformer::{
     SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor,
 };
-use crate::weights::{
-    open_checkpoint, safetensors_var_builder, transformers_weights, Hub, ModelFiles, Weights, TRANSFORMERS_WEIGHTS,
-};
+use crate::weights::{transformers_weights, weights_file, Hub, ModelFiles, Weights, TRANSFORMERS_WEIGHTS};
 use crate::{Error, Result};
 
 /// Side of the (square) photo the parsers see and the masks cover.
@@ -338,9 +336,5 @@ fn open_bisenet_checkpoint(spec: &Path, device: &Device) -> Result<Weights> {
             hint: "pass face-parsing.PyTorch's 79999_iter.pth (or the same weights as .safetensors)".into(),
         });
     };
-    if path.extension().is_some_and(|e| e == "safetensors") {
-        let vb = safetensors_var_builder(&path, DType::F32, device)?;
-        return Ok(Weights { path, vb });
-    }
-    Ok(open_checkpoint(&path, DType::F32, device)?.0)
+    weights_file(&path, DType::F32, device)
 }

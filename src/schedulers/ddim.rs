@@ -1,4 +1,6 @@
-//! DDIM with eta 0 (deterministic), as diffusers' `DDIMScheduler` (arXiv 2010.02502, eq. 12).
+//! DDIM with eta 0 (deterministic), as diffusers' `DDIMScheduler` (arXiv 2010.02502, eq. 12), and
+//! [`Ddim::step_to`], the same move between any two timesteps, forward or inverted, as
+//! LucidDreamer's `guidance/sd_step.py::ddim_step` (used by [`crate::pipelines::ism`]).
 
 use candle_core::{DType, Tensor};
 
@@ -20,6 +22,21 @@ pub struct Ddim {
 impl Ddim {
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> crate::Result<Self> {
         cfg.check_sampling("ddim", steps, false)?;
+        let ddim = Self::with_steps(cfg, steps);
+        cfg.check_timesteps(&ddim.timesteps)?;
+        Ok(ddim)
+    }
+
+    /// DDIM over every training timestep, as `DDIMScheduler.set_timesteps(num_train_timesteps)`
+    /// (LucidDreamer's guidance, [`crate::pipelines::ism`]). With "leading" spacing the timesteps
+    /// are shifted by `steps_offset` (1..=1000 for Stable Diffusion), the noisiest one past the
+    /// schedule, which diffusers leaves unchecked: [`Ddim::step_to`] refuses it.
+    pub fn every_training_timestep(cfg: &SchedulerConfig) -> crate::Result<Self> {
+        cfg.ensure_supported()?;
+        Ok(Self::with_steps(cfg, cfg.num_train_timesteps))
+    }
+
+    fn with_steps(cfg: &SchedulerConfig, steps: usize) -> Self {
         let t = cfg.num_train_timesteps;
         let timesteps: Vec<usize> = match cfg.timestep_spacing.unwrap_or(TimestepSpacing::Leading) {
             TimestepSpacing::Linspace => {
@@ -28,30 +45,35 @@ impl Ddim {
             TimestepSpacing::Leading => (0..steps).rev().map(|i| i * (t / steps) + cfg.steps_offset).collect(),
             TimestepSpacing::Trailing => trailing_timesteps(t, steps),
         };
-        cfg.check_timesteps(&timesteps)?;
         let alphas_cumprod = cfg.alphas_cumprod();
-        Ok(Self {
+        Self {
             final_alpha_cumprod: if cfg.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] },
             alphas_cumprod,
             timesteps,
             step_ratio: t / steps,
             prediction_type: cfg.prediction_type,
             clip_sample_range: cfg.clip_sample.then_some(cfg.clip_sample_range as f32),
-        })
-    }
-}
-
-impl Scheduler for Ddim {
-    fn timesteps(&self) -> &[usize] {
-        &self.timesteps
+        }
     }
 
-    fn step(&mut self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> candle_core::Result<Tensor> {
-        let Some(&alpha_prod_t) = self.alphas_cumprod.get(timestep) else {
-            candle_core::bail!("DDIM: timestep {timestep} is past the training schedule")
+    /// The eta-0 DDIM move of `sample` from `timestep` to `target` (`None`: one step past
+    /// timestep 0), eq. 12 of the DDIM paper with any gap: a denoising step when `target` is
+    /// less noisy, a DDIM inversion step when it is noisier (LucidDreamer's `ddim_step` with
+    /// `delta_timestep = timestep - target`, negative to invert).
+    pub fn step_to(
+        &self,
+        model_output: &Tensor,
+        timestep: usize,
+        target: Option<usize>,
+        sample: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let alpha = |t: usize| match self.alphas_cumprod.get(t) {
+            Some(&alpha) => Ok(alpha),
+            None => candle_core::bail!("DDIM: timestep {t} is past the training schedule"),
         };
-        let alpha_prod_t_prev = match timestep.checked_sub(self.step_ratio) {
-            Some(prev) => self.alphas_cumprod[prev],
+        let alpha_prod_t = alpha(timestep)?;
+        let alpha_prod_t_prev = match target {
+            Some(target) => alpha(target)?,
             None => self.final_alpha_cumprod,
         };
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
@@ -75,5 +97,15 @@ impl Scheduler for Ddim {
         // eta = 0: no noise, the whole remaining variance points along the predicted noise.
         let prev = axpby(alpha_prod_t_prev.sqrt(), &pred_original, (1.0 - alpha_prod_t_prev).sqrt(), &pred_epsilon)?;
         prev.to_dtype(model_output.dtype())
+    }
+}
+
+impl Scheduler for Ddim {
+    fn timesteps(&self) -> &[usize] {
+        &self.timesteps
+    }
+
+    fn step(&mut self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> candle_core::Result<Tensor> {
+        self.step_to(model_output, timestep, timestep.checked_sub(self.step_ratio), sample)
     }
 }

@@ -183,8 +183,9 @@ pub struct CameraJson {
     pub fy: f64,
 }
 
-/// The cameras of a 3DGS `cameras.json` (a list of entries, or a single one).
-pub fn read_cameras_json(path: &Path) -> Result<Vec<Camera>> {
+/// The entries of a 3DGS `cameras.json` (a list of entries, or a single one), each checked to
+/// make a camera.
+pub fn read_camera_entries(path: &Path) -> Result<Vec<CameraJson>> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
@@ -202,7 +203,15 @@ pub fn read_cameras_json(path: &Path) -> Result<Vec<Camera>> {
     if entries.is_empty() {
         return Err(Error::Input(format!("{}: no cameras in the file", path.display())));
     }
-    entries.iter().map(Camera::from_json).collect()
+    for entry in &entries {
+        Camera::from_json(entry)?;
+    }
+    Ok(entries)
+}
+
+/// The cameras of a 3DGS `cameras.json` (a list of entries, or a single one).
+pub fn read_cameras_json(path: &Path) -> Result<Vec<Camera>> {
+    read_camera_entries(path)?.iter().map(Camera::from_json).collect()
 }
 
 /// Where an orbit of views looks and how far it is: the per-axis median of the Gaussians'
@@ -266,4 +275,53 @@ pub fn orbit_cameras(means: &[[f64; 3]], orbit: &Orbit) -> Result<Vec<Camera>> {
             Camera::orbit(&position, orbit.fov.to_radians(), orbit.width, orbit.height)
         })
         .collect()
+}
+
+/// The point nearest to every camera's viewing axis (least squares): where views of one object
+/// look. Refused when the axes are (nearly) parallel, as with a single camera.
+pub fn common_target(cameras: &[Camera]) -> Result<Vec3> {
+    // Sum over cameras of (I - d d^T) x = (I - d d^T) c, with d the viewing direction, c the centre.
+    let mut matrix = [[0.0; 3]; 3];
+    let mut rhs = [0.0; 3];
+    for camera in cameras {
+        let d = camera.rotation[2];
+        let c = camera.position();
+        for i in 0..3 {
+            for j in 0..3 {
+                let projector = f64::from(i == j) - d[i] * d[j];
+                matrix[i][j] += projector;
+                rhs[i] += projector * c[j];
+            }
+        }
+    }
+    let det = dot(matrix[0], cross(matrix[1], matrix[2]));
+    let scale = (0..3).map(|i| matrix[i][i]).sum::<f64>().max(1e-12);
+    if cameras.len() < 2 || det.abs() < 1e-6 * scale.powi(3) {
+        return Err(Error::Input(
+            "the cameras' viewing axes do not meet (fewer than two cameras, or all looking the same way): \
+             pass a starting cloud"
+                .into(),
+        ));
+    }
+    // Cramer's rule on the symmetric 3 x 3 system.
+    let column = |k: usize| -> f64 {
+        let mut m = matrix;
+        for (row, value) in m.iter_mut().zip(rhs) {
+            row[k] = value;
+        }
+        dot(m[0], cross(m[1], m[2])) / det
+    };
+    Ok([column(0), column(1), column(2)])
+}
+
+/// The scene extent 3DGS derives from its cameras (`getNerfppNorm`): 1.1 times the largest
+/// distance of a camera centre from their mean. It scales the position learning rate and the
+/// densification thresholds.
+pub fn cameras_extent(cameras: &[Camera]) -> f64 {
+    let centres: Vec<Vec3> = cameras.iter().map(Camera::position).collect();
+    let mean = scale(
+        centres.iter().fold([0.0; 3], |acc, c| [acc[0] + c[0], acc[1] + c[1], acc[2] + c[2]]),
+        1.0 / centres.len().max(1) as f64,
+    );
+    1.1 * centres.iter().map(|c| dot(sub(*c, mean), sub(*c, mean)).sqrt()).fold(0.0, f64::max)
 }

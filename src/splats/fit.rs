@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::camera::Camera;
+use super::camera::{common_target, Camera};
 use super::gaussians::Gaussians;
 use super::train::{Densifier, DensifyOptions, LearningRates, SplatAdam};
 use super::{render, RenderOptions};
@@ -27,7 +27,8 @@ pub struct FitOptions {
 
 impl FitOptions {
     /// 3DGS's schedule scaled to `iterations` (its defaults: 30,000 iterations, densification
-    /// from 500 to 15,000 every 100, opacity reset every 3,000).
+    /// from 500 to 15,000 every 100, opacity reset every 3,000); short runs densify no more often
+    /// than every 10 iterations, so that the Gaussians move between two densifications.
     pub fn new(iterations: usize, extent: f64) -> Self {
         Self {
             iterations,
@@ -36,7 +37,7 @@ impl FitOptions {
             densify: Some(DensifyOptions::gaussian_splatting(extent)),
             densify_from: iterations / 60,
             densify_until: iterations / 2,
-            densify_every: (iterations / 300).max(1),
+            densify_every: (iterations / 300).max(10),
             opacity_reset_every: (iterations / 10).max(1),
             seed: 0,
         }
@@ -117,4 +118,20 @@ pub fn fit(
         Gaussians::from_parts(gaussians.parts().into_iter().map(|t| t.detach()).collect())?,
         FitReport { losses, count },
     ))
+}
+
+/// A random starting cloud for fitting views of one object: `count` Gaussians uniform in the
+/// largest ball around the point the cameras look at ([`common_target`]) that every camera sees
+/// whole.
+pub fn random_start(cameras: &[Camera], count: usize, seed: u64, device: &candle_core::Device) -> Result<Gaussians> {
+    let target = common_target(cameras)?;
+    let radius = cameras
+        .iter()
+        .map(|camera| {
+            let position = camera.position();
+            let distance = (0..3).map(|i| (position[i] - target[i]).powi(2)).sum::<f64>().sqrt();
+            distance * (camera.fov_x.min(camera.fov_y) / 2.0).sin()
+        })
+        .fold(f64::INFINITY, f64::min);
+    super::init::random_ball(count, target, radius, seed, device)
 }

@@ -24,6 +24,7 @@
 mod camera;
 mod fit;
 mod gaussians;
+pub mod init;
 mod ply;
 mod project;
 pub mod rasterize;
@@ -31,13 +32,16 @@ mod train;
 
 use candle_core::Tensor;
 
-pub use camera::{orbit_cameras, read_cameras_json, scene_bounds, Camera, CameraJson, Orbit, OrbitPosition, Vec3};
-pub use fit::{fit, psnr, FitOptions, FitReport};
+pub use camera::{
+    cameras_extent, common_target, orbit_cameras, read_camera_entries, read_cameras_json, scene_bounds, Camera,
+    CameraJson, Orbit, OrbitPosition, Vec3,
+};
+pub use fit::{fit, psnr, random_start, FitOptions, FitReport};
 pub use gaussians::Gaussians;
-pub use ply::{read_ply, write_ply};
+pub use ply::{ply_metadata, read_ply, write_ply};
 pub use project::{project, LOW_PASS, SH_C0};
 pub use rasterize::{Footprints, Settings};
-pub use train::{Densifier, DensifyOptions, ExponentialSchedule, LearningRates, SplatAdam};
+pub use train::{Densifier, DensifyOptions, ExponentialSchedule, LearningRates, SplatAdam, SplatAdamState};
 
 use crate::Result;
 

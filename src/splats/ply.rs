@@ -28,8 +28,9 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?)
 }
 
-/// Writes `gaussians` as a 3DGS PLY (f32), atomically.
-pub fn write_ply(path: &Path, gaussians: &Gaussians) -> Result<()> {
+/// Writes `gaussians` as a 3DGS PLY (f32), atomically, with `metadata` as header comments
+/// (`comment KEY: VALUE`, one line each), which PLY readers skip.
+pub fn write_ply(path: &Path, gaussians: &Gaussians, metadata: &[(&str, String)]) -> Result<()> {
     let n = gaussians.len()?;
     let k = gaussians.sh_rest.as_ref().map_or(0, |rest| rest.dims()[1]);
     let means = rows(&gaussians.means)?;
@@ -43,7 +44,12 @@ pub fn write_ply(path: &Path, gaussians: &Gaussians) -> Result<()> {
         None => vec![Vec::new(); n],
     };
     let names = property_names(k);
-    let mut header = format!("ply\nformat binary_little_endian 1.0\nelement vertex {n}\n");
+    let mut header = "ply\nformat binary_little_endian 1.0\n".to_string();
+    for (key, value) in metadata {
+        let one_line = |text: &str| text.replace(['\n', '\r'], " ");
+        header.push_str(&format!("comment {}: {}\n", one_line(key), one_line(value)));
+    }
+    header.push_str(&format!("element vertex {n}\n"));
     for name in &names {
         header.push_str(&format!("property float {name}\n"));
     }
@@ -65,6 +71,22 @@ pub fn write_ply(path: &Path, gaussians: &Gaussians) -> Result<()> {
 enum Scalar {
     F32,
     F64,
+}
+
+/// The `comment KEY: VALUE` lines of a PLY's header, as [`write_ply`] writes them.
+pub fn ply_metadata(path: &Path) -> Result<Vec<(String, String)>> {
+    use std::io::Read;
+    // The header comes first and is short: read no more than its share.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(1 << 20).read_to_end(&mut bytes))
+        .map_err(|e| Error::Input(format!("{}: cannot read the PLY: {e}", path.display())))?;
+    let end = bytes.windows(11).position(|w| w == b"end_header\n").unwrap_or(bytes.len());
+    Ok(String::from_utf8_lossy(&bytes[..end])
+        .lines()
+        .filter_map(|line| line.strip_prefix("comment ")?.split_once(": "))
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect())
 }
 
 /// Reads a 3DGS PLY into f32 Gaussians on `device`, refusing files that are not 3DGS PLYs (naming

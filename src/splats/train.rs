@@ -99,6 +99,30 @@ impl SplatAdam {
         self.step
     }
 
+    /// Everything a checkpoint needs to continue exactly where this optimiser is.
+    pub fn state(&self) -> SplatAdamState {
+        SplatAdamState {
+            values: self.vars.iter().map(|v| v.as_tensor().detach()).collect(),
+            first: self.first.clone(),
+            second: self.second.clone(),
+            step: self.step,
+        }
+    }
+
+    /// The optimiser of a [`Self::state`], with `rates`.
+    pub fn from_state(state: SplatAdamState, rates: LearningRates) -> Result<Self> {
+        let gaussians = Gaussians::from_parts(state.values)?;
+        let count = gaussians.parts().len();
+        let fits = |moments: &[Tensor]| {
+            moments.len() == count && moments.iter().zip(gaussians.parts()).all(|(m, v)| m.dims() == v.dims())
+        };
+        if !fits(&state.first) || !fits(&state.second) {
+            return Err(Error::Input("optimiser state: the moments do not match the Gaussians".into()));
+        }
+        let vars = gaussians.parts().into_iter().map(Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { vars, first: state.first, second: state.second, step: state.step, rates })
+    }
+
     /// One Adam step on the gradients in `grads`; groups without a gradient stay as they are.
     pub fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
         self.step += 1;
@@ -152,6 +176,15 @@ impl SplatAdam {
     }
 }
 
+/// What [`SplatAdam::state`] captures: per group (in the order of [`Gaussians::parts`]) the
+/// values and Adam's two moments, and the steps taken.
+pub struct SplatAdamState {
+    pub values: Vec<Tensor>,
+    pub first: Vec<Tensor>,
+    pub second: Vec<Tensor>,
+    pub step: usize,
+}
+
 /// 3DGS's densification settings (`OptimizationParams`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DensifyOptions {
@@ -193,6 +226,28 @@ impl Densifier {
             max_radius: vec![0.0; count],
             rng: StdRng::seed_from_u64(seed),
         }
+    }
+
+    /// The accumulated statistics, per Gaussian: summed 2D gradient norms, views counted, largest
+    /// screen radius (for a checkpoint).
+    pub fn statistics(&self) -> [&[f64]; 3] {
+        [&self.grad_sum, &self.views, &self.max_radius]
+    }
+
+    /// Puts back statistics of [`Self::statistics`].
+    pub fn restore_statistics(&mut self, statistics: [Vec<f64>; 3]) -> Result<()> {
+        let [grad_sum, views, max_radius] = statistics;
+        if grad_sum.len() != views.len() || views.len() != max_radius.len() {
+            return Err(Error::Input("densification statistics of different lengths".into()));
+        }
+        (self.grad_sum, self.views, self.max_radius) = (grad_sum, views, max_radius);
+        Ok(())
+    }
+
+    /// Restarts the random samples of splits from `seed` (a resumable run reseeds before each
+    /// densification, so that its samples do not depend on where it was interrupted).
+    pub fn reseed(&mut self, seed: u64) {
+        self.rng = StdRng::seed_from_u64(seed);
     }
 
     /// Adds one back-propagated view: the norm of each drawn Gaussian's 2D gradient, in Inria's

@@ -2,6 +2,10 @@
 //! reference code (FaceNet, AlexNet) and too large to store as fixtures:
 //! tools/reference/eval_models.py (`formula_tensor`) computes the same values bit for bit.
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -40,7 +44,10 @@ fn values(name: &str, shape: &Shape) -> Vec<f32> {
     uniform(name, n).map(|u| map(u) as f32).collect()
 }
 
-struct FormulaWeights;
+/// The formula's weights, each tensor also recorded in `asked` when there is one.
+struct FormulaWeights {
+    asked: Option<Arc<Mutex<HashMap<String, Tensor>>>>,
+}
 
 impl SimpleBackend for FormulaWeights {
     fn get(
@@ -52,7 +59,11 @@ impl SimpleBackend for FormulaWeights {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let values = values(name, &shape);
-        Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        if let Some(asked) = &self.asked {
+            asked.lock().unwrap().insert(name.to_string(), tensor.clone());
+        }
+        tensor.to_dtype(dtype)?.to_device(device)
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -66,5 +77,15 @@ impl SimpleBackend for FormulaWeights {
 
 /// A CPU f32 `VarBuilder` over the formula's weights.
 pub fn var_builder() -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(FormulaWeights), DType::F32, Device::Cpu)
+    VarBuilder::from_backend(Box::new(FormulaWeights { asked: None }), DType::F32, Device::Cpu)
+}
+
+/// Writes the formula's weights of the model `build` makes (the tensors it asks for) as a
+/// safetensors file at `path`: a weights file for the command line.
+pub fn write_safetensors<M>(path: &Path, build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>) {
+    let asked = Arc::new(Mutex::new(HashMap::new()));
+    let vb = VarBuilder::from_backend(Box::new(FormulaWeights { asked: Some(asked.clone()) }), DType::F32, Device::Cpu);
+    build(vb).unwrap();
+    let tensors = std::mem::take(&mut *asked.lock().unwrap());
+    candle_core::safetensors::save(&tensors, path).unwrap();
 }

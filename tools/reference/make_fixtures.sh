@@ -26,7 +26,7 @@ if ! "$venv/bin/python" -c "import lpips" 2>/dev/null; then
 fi
 cd "$here"
 # The tiny model folder first: the component and pipeline fixtures are computed on its weights.
-for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline controlnet unet3d celeb_basis face_feature face_parsing checkpoints augment learner_step convert_mtcnn mtcnn align openpose eval_models splat; do
+for script in tiny_models tokenizer_cases clip_text_vae unet schedulers pipeline controlnet unet3d celeb_basis face_feature face_parsing checkpoints augment learner_step ism convert_mtcnn mtcnn align openpose eval_models eval_metrics splat; do
   echo "== $script"
   "$venv/bin/python" "$script.py"
 done

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use crate::models::openpose::BodyPoseModel;
-use crate::weights::{open_checkpoint, Hub, ModelFiles};
+use crate::weights::{Hub, ModelFiles};
 use crate::{Error, Result};
 use body::{find_people, network_input, upsample, BodyDetection, KEYPOINTS};
 use opencv::{resize_u8, Image, Interpolation};
@@ -87,13 +87,7 @@ impl PoseEstimator {
                 hint: WEIGHTS_HINT.into(),
             });
         }
-        let weights = if path.extension().is_some_and(|e| e == "safetensors") {
-            let vb = crate::weights::safetensors_var_builder(path, DType::F32, device)?;
-            crate::weights::Weights { path: path.to_path_buf(), vb }
-        } else {
-            open_checkpoint(path, DType::F32, device)?.0
-        };
-        let model = weights.build(BodyPoseModel::new)?;
+        let model = crate::weights::weights_file(path, DType::F32, device)?.build(BodyPoseModel::new)?;
         Ok(Self { model, device: device.clone(), weights: path.to_path_buf() })
     }
 
