@@ -38,9 +38,9 @@ use super::{check_writable, progress_bar, ModelArgs};
     stableid eval --images outputs --photo me.jpg --out eval-outputs --fid-reference celebs/\n\n\
 Writes OUT/report.md, OUT/report.json and OUT/contact_sheet-NAME.png (numbered when they exist), the\n\
 generated images in OUT/NAME/ (NAME: the identity file's name). Images already there with the same\n\
-settings are reused, so an interrupted run resumes. Metric models: CLIP from a folder or the Hugging\n\
-Face hub (its cache, downloaded into it if missing); FaceNet (20180402-114759-vggface2.pt), AlexNet\n\
-(alexnet-owt-7be5be79.pth) and Inception (pt_inception-2015-12-05-6726825d.pth) from PyTorch's cache ($TORCH_HOME/hub/checkpoints or\n\
+settings are reused, so an interrupted run resumes. The metric models' weights are never downloaded:\n\
+CLIP from the hub cache or a folder; FaceNet (20180402-114759-vggface2.pt), AlexNet (alexnet-owt-7be5be79.pth)\n\
+and Inception (pt_inception-2015-12-05-6726825d.pth) from PyTorch's cache ($TORCH_HOME/hub/checkpoints or\n\
 $TORCH_HOME/checkpoints), where facenet-pytorch, torchvision and pytorch-fid keep them, or the files given.\n\
 Definitions of the metrics: docs/eval.md.")]
 pub struct EvalArgs {
@@ -78,7 +78,7 @@ pub struct EvalArgs {
     pub negative_prompt: String,
     #[arg(long, default_value = "dpm++", value_parser = parse_sampler, help = format!("Sampler: one of {}", Sampler::NAMES.join(", ")))]
     pub sampler: Sampler,
-    /// CLIP for CLIP-I and CLIP-T: a transformers CLIPModel folder or a hub id (from the hub cache, downloaded if missing).
+    /// CLIP for CLIP-I and CLIP-T: a transformers CLIPModel folder or a hub id (in the hub cache, or downloaded).
     #[arg(long, default_value = DEFAULT_CLIP)]
     pub clip: String,
     /// FaceNet weights (facenet-pytorch's 20180402-114759-vggface2.pt, or .safetensors) [default: in PyTorch's cache].

@@ -40,8 +40,7 @@ pub fn clip_t_text(prompt: &str) -> String {
 /// Where the metric models' weights are.
 #[derive(Debug, Clone)]
 pub struct MetricWeights {
-    /// A transformers `CLIPModel` folder (with its tokenizer files), or a hub id (found in the hub
-    /// cache or fetched into it).
+    /// A transformers `CLIPModel` folder (with its tokenizer files), or a hub id in the hub cache.
     pub clip: String,
     pub facenet: PathBuf,
     pub alexnet: PathBuf,
@@ -120,20 +119,17 @@ pub struct ScoredImages {
 const BATCH: usize = 8;
 
 impl MetricModels {
-    /// What [`MetricModels::load`] reads of a transformers `CLIPModel` folder.
-    pub fn clip_files() -> ModelFiles {
-        ModelFiles::new("CLIP model", DEFAULT_CLIP)
+    /// Loads the models (f32) on `device`, CLIP from a folder or through `hub`; the detector runs
+    /// on the CPU.
+    pub fn load(weights: &MetricWeights, hub: &Hub, device: &Device) -> Result<Self> {
+        let clip_files = ModelFiles::new("CLIP model", DEFAULT_CLIP)
             .file("config.json")
             .file("vocab.json")
             .file("merges.txt")
             .optional("tokenizer_config.json")
             .optional("special_tokens_map.json")
-            .weights(TRANSFORMERS_WEIGHTS.map(String::from))
-    }
-
-    /// Loads the models (f32) on `device`, CLIP through `hub`; the detector runs on the CPU.
-    pub fn load(weights: &MetricWeights, hub: &Hub, device: &Device) -> Result<Self> {
-        let clip_dir = hub.resolve(&weights.clip, &Self::clip_files())?;
+            .weights(TRANSFORMERS_WEIGHTS.map(String::from));
+        let clip_dir = hub.resolve(&weights.clip, &clip_files)?;
         let config: ClipConfig = crate::io::read_json(&clip_dir.join("config.json"))?;
         let clip =
             transformers_weights(&clip_dir, DType::F32, device, "CLIP")?.0.build(|vb| ClipModel::new(vb, &config))?;
