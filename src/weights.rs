@@ -54,7 +54,7 @@ impl ModelDir {
     /// [`ModelDir::weights`] prefers for `dtype`.
     pub fn files(dtype: DType) -> ModelFiles {
         let weights = |component: &str, stem: &str| -> Vec<String> {
-            weights_files(stem, dtype).map(|f| format!("{component}/{f}")).collect()
+            weights_file_names(stem, dtype).map(|f| format!("{component}/{f}")).collect()
         };
         ModelFiles::new("diffusers model", DEFAULT_MODEL)
             .file("model_index.json")
@@ -110,17 +110,17 @@ impl ModelDir {
 /// `stem.safetensors`, `stem.fp16.safetensors` (first when `dtype` is f16: the same numbers,
 /// half the bytes), then a PyTorch checkpoint (`stem.bin`; transformers' `pytorch_model.bin` for
 /// the stem `model`).
-pub fn weights_files(stem: &str, dtype: DType) -> impl Iterator<Item = String> {
+pub fn weights_file_names(stem: &str, dtype: DType) -> impl Iterator<Item = String> {
     let (full, half) = (format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors"));
     let safetensors = if dtype == DType::F16 { [half, full] } else { [full, half] };
     let pytorch = if stem == "model" { "pytorch_model.bin".to_string() } else { format!("{stem}.bin") };
     safetensors.into_iter().chain(std::iter::once(pytorch))
 }
 
-/// The weights of `stem` in `dir`: the first of [`weights_files`] there, read as `dtype`;
+/// The weights of `stem` in `dir`: the first of [`weights_file_names`] there, read as `dtype`;
 /// `what` names them in errors.
 pub fn folder_weights(dir: &Path, stem: &str, dtype: DType, device: &Device, what: &str) -> Result<Weights> {
-    let names: Vec<String> = weights_files(stem, dtype).collect();
+    let names: Vec<String> = weights_file_names(stem, dtype).collect();
     let Some(path) = names.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
         return Err(Error::MissingFile {
             what: what.to_string(),

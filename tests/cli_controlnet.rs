@@ -121,7 +121,7 @@ fn bad_controlnet_input_gets_one_line_errors_and_no_png() {
     );
     assert_fails_with(
         &run(&["--controlnet", "/no/such/controlnet", "--control-image", &pose]),
-        &["/no/such/controlnet", "huggingface-cli download"],
+        &["/no/such/controlnet", "hub id such as thibaud/controlnet-sd21-openpose-diffusers"],
     );
 
     let wide = out.path().join("wide");

@@ -261,12 +261,13 @@ fn bad_inputs_fail_with_one_line() {
         &bare,
         &["--facenet-weights", "20180402-114759-vggface2.pt", "facenet-pytorch", "never downloads"],
     );
-    // CLIP neither a folder nor in the hub cache.
+    // CLIP neither a folder nor in the hub cache, offline (downloads are tests/hub.rs's).
     let (_, [facenet, alexnet, _]) = weight_files();
     let no_clip = Command::new(env!("CARGO_BIN_EXE_stableid"))
         .args(["eval", "--images", s(&fixture("eval/images")), "--photo", s(&photo), "--out", s(&out)])
         .args(["--facenet-weights", s(facenet), "--alexnet-weights", s(alexnet)])
         .env("HF_HUB_CACHE", dir.path().join("hub"))
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     assert_fails_with(&no_clip, &["openai/clip-vit-base-patch32", "huggingface-cli download"]);

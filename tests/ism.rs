@@ -12,10 +12,10 @@ use stableid::identity::Identity;
 use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use stableid::pipelines::ism::{view_blend, IsmDraws, IsmGuidance, IsmOptions, PerpNeg, View, ViewBlend};
 use stableid::schedulers::PredictionType;
-use stableid::weights::{Hub, ModelDir};
+use stableid::weights::ModelDir;
 
 fn tiny_model() -> ModelDir {
-    ModelDir::resolve(fixture("tiny-sd").to_str().unwrap(), &Hub::from_env(), DType::F32).unwrap()
+    ModelDir::local(&fixture("tiny-sd"))
 }
 
 fn load_tiny() -> StableDiffusion {

@@ -17,7 +17,8 @@ use stableid::pipelines::text_to_3d::{
     head_cloud, turntable, CameraRanges, Start, Text3dCheckpoint, Text3dOutcome, Text3dRun, Text3dSettings,
 };
 use stableid::splats::Gaussians;
-use stableid::weights::{Hub, ModelDir};
+use stableid::weights::ModelDir;
+use std::path::Path;
 
 fn tiny() -> String {
     fixture("tiny-sd").display().to_string()
@@ -164,7 +165,7 @@ fn parts(gaussians: &Gaussians) -> Vec<Vec<f32>> {
 
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one_and_the_scales_shrink() {
-    let sd = StableDiffusion::load(&ModelDir::resolve(&tiny(), &Hub::from_env(), DType::F32).unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let sd = StableDiffusion::load(&ModelDir::local(Path::new(&tiny())), &Device::Cpu, DType::F32).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let settings = short_settings(10);
     let start = || Start::Cloud(head_cloud(150, 1, &Device::Cpu).unwrap());

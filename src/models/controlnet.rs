@@ -24,7 +24,7 @@ use crate::models::config::ConfigChecks;
 use crate::models::stable_diffusion::SdConfigs;
 use crate::models::unet::{AdditionalResiduals, PerBlock, UNet2DConditionConfig};
 use crate::nn::{silu, Conv2d, Conv2dConfig};
-use crate::weights::{folder_weights, weights_files, Hub, ModelFiles};
+use crate::weights::{folder_weights, weights_file_names, Hub, ModelFiles};
 
 /// The SD 2.1 OpenPose ControlNet StableIdentity's notebook uses: an example in messages.
 pub const OPENPOSE_SD21: &str = "thibaud/controlnet-sd21-openpose-diffusers";
@@ -453,7 +453,7 @@ impl ControlNetDir {
     pub fn files(dtype: DType) -> ModelFiles {
         ModelFiles::new("ControlNet", OPENPOSE_SD21)
             .file("config.json")
-            .weights(weights_files("diffusion_pytorch_model", dtype))
+            .weights(weights_file_names("diffusion_pytorch_model", dtype))
     }
 
     /// What the user called it (hub id or path), for metadata and messages.

@@ -153,10 +153,6 @@ impl Hub {
         &self.cache
     }
 
-    pub fn is_offline(&self) -> bool {
-        self.offline
-    }
-
     /// The folder of the model `spec`: a local folder as it is, or a hub id (`owner/name`) whose
     /// `files` are in the cache, fetched first when some are missing (unless offline).
     pub fn resolve(&self, spec: &str, files: &ModelFiles) -> Result<PathBuf> {
