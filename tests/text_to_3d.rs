@@ -198,6 +198,20 @@ fn a_resumed_run_equals_an_uninterrupted_one_and_the_scales_shrink() {
     );
     let message = refused.err().expect("refused").to_string();
     assert!(message.contains("prompt"), "{message}");
+
+    // Broken numbers stop the run with a message, before any step is taken on them.
+    let mut broken = head_cloud(150, 1, &Device::Cpu).unwrap();
+    broken.log_scales = (broken.log_scales * f64::NAN).unwrap();
+    let stopped = Text3dRun {
+        sd: &sd,
+        identities: &[],
+        settings: settings.clone(),
+        checkpoint: dir.path().join("c.safetensors"),
+        checkpoint_every: 0,
+    }
+    .run(Start::Cloud(broken), &AtomicBool::new(false), &mut |_, _| Ok(()));
+    let message = stopped.err().expect("stopped").to_string();
+    assert!(message.contains("NaN or infinite at iteration 1"), "{message}");
 }
 
 fn stableid(args: &[&str]) -> Output {

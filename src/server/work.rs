@@ -231,8 +231,12 @@ impl PhotoAnalyzer {
     ) -> Result<PhotoRecord> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if loaded.is_none() {
-            let parser =
-                FaceParser::load(self.models.face_parser, self.models.face_parser_weights.as_deref(), &self.models.hub, &Device::Cpu)?;
+            let parser = FaceParser::load(
+                self.models.face_parser,
+                self.models.face_parser_weights.as_deref(),
+                &self.models.hub,
+                &Device::Cpu,
+            )?;
             *loaded = Some((FaceDetector::shipped(&Device::Cpu)?, parser));
         }
         let (detector, parser) = loaded.as_ref().expect("loaded above");
@@ -279,7 +283,11 @@ struct LearningModels {
 impl Loaded {
     fn sd(&mut self, models: &ModelChoice) -> Result<&StableDiffusion> {
         if self.sd.is_none() {
-            self.sd = Some(StableDiffusion::load(&ModelDir::resolve(&models.model, &models.hub, models.dtype)?, &models.device, models.dtype)?);
+            self.sd = Some(StableDiffusion::load(
+                &ModelDir::resolve(&models.model, &models.hub, models.dtype)?,
+                &models.device,
+                models.dtype,
+            )?);
         }
         Ok(self.sd.as_ref().expect("loaded above"))
     }
@@ -291,7 +299,12 @@ impl Loaded {
             self.learning = Some(LearningModels {
                 detector: FaceDetector::shipped(&Device::Cpu)?,
                 encoder: load_face_encoder(&models.face_encoder, &models.hub, &models.device)?,
-                parser: FaceParser::load(models.face_parser, models.face_parser_weights.as_deref(), &models.hub, &models.device)?,
+                parser: FaceParser::load(
+                    models.face_parser,
+                    models.face_parser_weights.as_deref(),
+                    &models.hub,
+                    &models.device,
+                )?,
                 names: CelebNames::load(models.celeb_names.as_deref())?,
             });
         }

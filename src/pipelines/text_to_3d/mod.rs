@@ -297,16 +297,15 @@ impl Text3dRun<'_> {
             let tv_value = scalar(&tv)?;
             let scale_value = scalar(&scale)?;
             if !(ism.grad_norm.is_finite() && tv_value.is_finite() && scale_value.is_finite()) {
-                return Err(Error::Numeric(format!(
-                    "the loss became NaN or infinite at iteration {iteration}; the last checkpoint ({}) is kept: \
-                     resume from it with other settings (a smaller --guidance or another --seed)",
-                    self.checkpoint.display()
-                )));
+                return Err(self.not_finite("the loss", iteration));
             }
             let loss = ((ism.loss.to_device(&Device::Cpu)?.to_dtype(DType::F32)? + (tv * settings.tv_weight)?)?
                 + (scale * settings.scale_weight)?)?;
             let grads = loss.backward()?;
             adam.step(&grads)?;
+            if !all_finite(&adam.gaussians()?)? {
+                return Err(self.not_finite("the Gaussians", iteration));
+            }
             if iteration < settings.densify_until {
                 let last = renders.last().expect("at least one view");
                 densifier.record(&last.render.footprints(), settings.size, settings.size)?;
@@ -337,6 +336,27 @@ impl Text3dRun<'_> {
         let gaussians = adam.gaussians()?;
         Ok(Text3dOutcome::Finished(Gaussians::from_parts(gaussians.parts().into_iter().map(|t| t.detach()).collect())?))
     }
+}
+
+impl Text3dRun<'_> {
+    /// The error that stops a run whose numbers broke; the last checkpoint stays as it was.
+    fn not_finite(&self, what: &str, iteration: usize) -> Error {
+        Error::Numeric(format!(
+            "{what} became NaN or infinite at iteration {iteration}; the last checkpoint ({}) is kept: \
+             resume from it with other settings (a smaller --guidance or another --seed)",
+            self.checkpoint.display()
+        ))
+    }
+}
+
+/// Whether every parameter of `gaussians` is finite (a NaN or an infinity makes its sum so).
+fn all_finite(gaussians: &Gaussians) -> Result<bool> {
+    for part in gaussians.parts() {
+        if !scalar(&part.sum_all()?)?.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
