@@ -13,7 +13,7 @@
 //!   non-zero eigenvalues are those of `S_a S_b`, and it is only `min(n_a, n_b)` wide;
 //! - otherwise of `sqrt(S_a) S_b sqrt(S_a)`.
 //!
-//! No `eps` is ever needed; both agree with scipy's result to about 1e-9 relative
+//! No `eps` is ever needed; both agree with scipy's result to about 1e-8 relative
 //! (tests/eval_models.rs).
 
 use candle_core::{DType, Tensor};
