@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use stableid::identity::loss::LossKind;
@@ -21,7 +19,7 @@ use stableid::priors::celeb_basis::{CelebBasis, CelebNames};
 use stableid::priors::face_feature::{load_face_encoder, DEFAULT_FACE_ENCODER};
 use stableid::weights::{Hub, ModelDir};
 
-use super::{check_writable, progress_bar, FaceParserArgs, FramingArgs, ModelArgs};
+use super::{check_writable, progress_bar, stop_on_ctrl_c, FaceParserArgs, FramingArgs, ModelArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -207,10 +205,7 @@ pub fn run(args: LearnArgs, hub: &Hub) -> Result<()> {
         provenance,
     };
 
-    // Ctrl-C: finish the current step, save a checkpoint, exit cleanly.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("cannot install the Ctrl-C handler")?;
+    let stop = stop_on_ctrl_c()?;
 
     let bar = progress_bar(args.steps as u64, "learning");
     let json = args.json;

@@ -362,6 +362,16 @@ fn flag(field: &str) -> String {
     }
 }
 
+/// A flag Ctrl-C sets: long runs finish their current step, save a checkpoint and exit cleanly.
+pub fn stop_on_ctrl_c() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use anyhow::Context;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, std::sync::atomic::Ordering::SeqCst))
+        .context("cannot install the Ctrl-C handler")?;
+    Ok(stop)
+}
+
 /// Proves `dir` writable before any slow work starts, so a long run cannot fail at its end.
 pub fn check_writable(dir: &std::path::Path) -> Result<()> {
     use anyhow::Context;

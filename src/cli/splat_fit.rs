@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use stableid::io::read_png_text;
-use stableid::priors::photo::load_image_with_digest;
+use stableid::priors::photo::{load_image_with_digest, rgb_to_tensor};
 use stableid::splats::{
     cameras_extent, fit, psnr, random_start, read_camera_entries, read_ply, render, write_ply, Camera, CameraJson,
     FitOptions, RenderOptions,
@@ -92,8 +92,7 @@ fn target_of(image: &std::path::Path, camera: &Camera) -> Result<Tensor> {
             camera.height
         );
     }
-    let pixels = Tensor::from_vec(rgb.into_raw(), (camera.height, camera.width, 3), &Device::Cpu)?;
-    Ok((pixels.permute((2, 0, 1))?.to_dtype(DType::F32)? / 255.0)?)
+    Ok(rgb_to_tensor(&rgb, |level| f32::from(level) / 255.0)?.squeeze(0)?)
 }
 
 pub fn run(args: SplatFitArgs) -> Result<()> {

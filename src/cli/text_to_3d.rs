@@ -2,8 +2,6 @@
 //! Interval Score Matching as LucidDreamer does for StableIdentity.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -16,7 +14,7 @@ use stableid::splats::{read_ply, render, write_ply, RenderOptions};
 use stableid::weights::{Hub, ModelDir};
 
 use super::render::{write_views, ViewFiles};
-use super::{check_writable, progress_bar, warn_other_encoders, ModelArgs};
+use super::{check_writable, progress_bar, stop_on_ctrl_c, warn_other_encoders, ModelArgs};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -115,10 +113,10 @@ pub fn run(args: Text3dArgs, hub: &Hub) -> Result<()> {
         }
         None
     };
-    let start_cloud = match (&resume, &args.init) {
-        (Some(_), _) => None,
-        (None, Some(path)) => Some(read_ply(path, &Device::Cpu)?),
-        (None, None) => Some(head_cloud(args.points, args.seed, &Device::Cpu)?),
+    let start = match (resume, &args.init) {
+        (Some(saved), _) => Start::Resume(Box::new(saved)),
+        (None, Some(path)) => Start::Cloud(read_ply(path, &Device::Cpu)?),
+        (None, None) => Start::Cloud(head_cloud(args.points, args.seed, &Device::Cpu)?),
     };
     let device = args.model.device()?;
     let model = ModelDir::resolve(&args.model.model, hub, args.model.dtype())?;
@@ -138,16 +136,8 @@ pub fn run(args: Text3dArgs, hub: &Hub) -> Result<()> {
         checkpoint: checkpoint.clone(),
         checkpoint_every: args.checkpoint_every,
     };
-    let start = match (resume, start_cloud) {
-        (Some(saved), _) => Start::Resume(Box::new(saved)),
-        (None, Some(cloud)) => Start::Cloud(cloud),
-        (None, None) => unreachable!("a start is chosen above"),
-    };
 
-    // Ctrl-C: finish the current iteration, save a checkpoint, exit cleanly.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("cannot install the Ctrl-C handler")?;
+    let stop = stop_on_ctrl_c()?;
 
     let bar = progress_bar(args.iterations as u64, "3d");
     if args.json {

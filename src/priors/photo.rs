@@ -82,7 +82,7 @@ impl Photo {
 }
 
 /// `(1, 3, h, w)` f32 tensor of `f(level)` for every sample of `image`.
-pub(crate) fn rgb_to_tensor(image: &RgbImage, f: impl Fn(u8) -> f32) -> candle_core::Result<Tensor> {
+pub fn rgb_to_tensor(image: &RgbImage, f: impl Fn(u8) -> f32) -> candle_core::Result<Tensor> {
     let (w, h) = (image.width() as usize, image.height() as usize);
     let mut planar = vec![0f32; 3 * h * w];
     for (i, px) in image.as_raw().chunks_exact(3).enumerate() {

@@ -157,11 +157,17 @@ impl CameraRanges {
             [(self.phi[0] * ANGLE_FACTOR).max(self.max_phi[0]), (self.phi[1] * ANGLE_FACTOR).min(self.max_phi[1])];
     }
 
-    /// The ranges in force at `iteration` (1-based, as LucidDreamer counts): widened once at
-    /// each multiple of `every` from `from` on.
+    /// Whether the ranges widen at `iteration` (1-based, as LucidDreamer counts): at each
+    /// multiple of `every` from `from` on.
+    pub fn widens_at(iteration: usize, from: usize, every: usize) -> bool {
+        iteration >= from && iteration.is_multiple_of(every.max(1))
+    }
+
+    /// The ranges in force at `iteration`: widened at every iteration up to it where
+    /// [`Self::widens_at`].
     pub fn at_iteration(&self, iteration: usize, from: usize, every: usize) -> Self {
         let mut ranges = self.clone();
-        let widenings = (1..=iteration).filter(|i| *i >= from && i % every.max(1) == 0).count();
+        let widenings = (1..=iteration).filter(|&i| Self::widens_at(i, from, every)).count();
         for _ in 0..widenings {
             ranges.widen();
         }

@@ -266,7 +266,7 @@ impl Text3dRun<'_> {
                     checkpoint: self.checkpoint.clone(),
                 });
             }
-            if iteration >= settings.widen_from && iteration % settings.widen_every.max(1) == 0 {
+            if CameraRanges::widens_at(iteration, settings.widen_from, settings.widen_every) {
                 ranges.widen();
             }
             let mut rng = step_rng(settings.seed, iteration);
@@ -318,6 +318,7 @@ impl Text3dRun<'_> {
                     adam.reset_opacity(0.01)?;
                 }
             }
+            let current = adam.gaussians()?;
             let report = IterationReport {
                 iteration,
                 ism_grad_norm: ism.grad_norm,
@@ -326,9 +327,9 @@ impl Text3dRun<'_> {
                 t: ism.t,
                 s: ism.s,
                 as_latent,
-                gaussians: adam.gaussians()?.len()?,
+                gaussians: current.len()?,
             };
-            progress(&report, &adam.gaussians()?)?;
+            progress(&report, &current)?;
             if self.checkpoint_every > 0 && iteration % self.checkpoint_every == 0 && iteration < settings.iterations {
                 save(&adam, &densifier, &stack, iteration)?;
             }
