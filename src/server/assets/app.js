@@ -19,6 +19,15 @@ function el(tag, attributes = {}, ...children) {
   return node;
 }
 
+// Rebuilds a list only when its records changed: a rebuild of the same records would reload
+// their images and replace elements the user may be about to click.
+function showList(container, records, build) {
+  const key = JSON.stringify(records);
+  if (container.dataset.shown === key) return;
+  container.dataset.shown = key;
+  container.replaceChildren(...records.map(build));
+}
+
 function showMessage(text) {
   $("message").textContent = text;
   $("message").hidden = !text;
@@ -58,31 +67,29 @@ async function uploadPhotos(files) {
   }
   $("upload-status").textContent = "";
   $("photo-input").value = "";
-  await loadPhotos();
+  await loadAll();
 }
 
 async function loadPhotos() {
   const photos = await api("GET", "/api/photos");
   const ticked = new Set([...document.querySelectorAll(".photo input:checked")].map((box) => box.value));
   const fresh = recordsVersion === null || ticked.size === 0;
-  $("photo-list").replaceChildren(
-    ...photos.map((photo) => {
-      const box = el("input", { type: "checkbox", value: photo.id });
-      box.checked = fresh || ticked.has(photo.id);
-      const notes = [`face ${Math.round(photo.face_fraction * 100)}%, hair ${Math.round(photo.hair_fraction * 100)}%`];
-      if (photo.faces_found > 1) notes.push(`face ${photo.face} of ${photo.faces_found}`);
-      if (photo.padded) notes.push("cut by the border: filled by reflection");
-      return el(
-        "div",
-        { class: "card photo", "data-id": photo.id },
-        el("img", { class: "crop", src: `/api/photos/${photo.id}/crop.png`, alt: "aligned crop" }),
-        el("img", { class: "overlay", src: `/api/photos/${photo.id}/overlay.png`, alt: "face and hair masks" }),
-        el("label", {}, el("span", { text: photo.name }), box),
-        el("div", { class: "settings", text: notes.join("; ") }),
-        el("div", { class: "actions" }, el("button", { type: "button", text: "Delete", onclick: () => remove(`/api/photos/${photo.id}`) })),
-      );
-    }),
-  );
+  showList($("photo-list"), photos, (photo) => {
+    const box = el("input", { type: "checkbox", value: photo.id });
+    box.checked = fresh || ticked.has(photo.id);
+    const notes = [`face ${Math.round(photo.face_fraction * 100)}%, hair ${Math.round(photo.hair_fraction * 100)}%`];
+    if (photo.faces_found > 1) notes.push(`face ${photo.face} of ${photo.faces_found}`);
+    if (photo.padded) notes.push("cut by the border: filled by reflection");
+    return el(
+      "div",
+      { class: "card photo", "data-id": photo.id },
+      el("img", { class: "crop", src: `/api/photos/${photo.id}/crop.png`, alt: "aligned crop" }),
+      el("img", { class: "overlay", src: `/api/photos/${photo.id}/overlay.png`, alt: "face and hair masks" }),
+      el("label", {}, el("span", { text: photo.name }), box),
+      el("div", { class: "settings", text: notes.join("; ") }),
+      el("div", { class: "actions" }, el("button", { type: "button", text: "Delete", onclick: () => remove(`/api/photos/${photo.id}`) })),
+    );
+  });
 }
 
 async function remove(path) {
@@ -120,27 +127,25 @@ async function startLearning(event) {
 async function loadIdentities() {
   identities = await api("GET", "/api/identities");
   const ticked = new Set([...document.querySelectorAll(".identity input:checked")].map((box) => box.value));
-  $("identity-list").replaceChildren(
-    ...identities.map((identity) => {
-      const box = el("input", { type: "checkbox", value: identity.id });
-      box.checked = ticked.has(identity.id);
-      const last = identity.losses.length ? identity.losses[identity.losses.length - 1].toFixed(4) : "-";
-      return el(
+  showList($("identity-list"), identities, (identity) => {
+    const box = el("input", { type: "checkbox", value: identity.id });
+    box.checked = ticked.has(identity.id);
+    const last = identity.losses.length ? identity.losses[identity.losses.length - 1].toFixed(4) : "-";
+    return el(
+      "div",
+      { class: "card identity", "data-id": identity.id },
+      el("label", {}, el("strong", { text: identity.name }), box),
+      el("div", { class: "settings", text: `${identity.steps} steps, seed ${identity.seed}, last loss ${last}` }),
+      el(
         "div",
-        { class: "card identity", "data-id": identity.id },
-        el("label", {}, el("strong", { text: identity.name }), box),
-        el("div", { class: "settings", text: `${identity.steps} steps, seed ${identity.seed}, last loss ${last}` }),
-        el(
-          "div",
-          { class: "actions" },
-          el("a", { class: "download", href: `/api/identities/${identity.id}/file`, download: "", text: "Download" }),
-          el("a", { class: "export", href: `/api/identities/${identity.id}/export?format=a1111`, download: "", text: "Export A1111/ComfyUI" }),
-          el("a", { class: "export", href: `/api/identities/${identity.id}/export?format=diffusers`, download: "", text: "Export diffusers" }),
-          el("button", { type: "button", text: "Delete", onclick: () => remove(`/api/identities/${identity.id}`) }),
-        ),
-      );
-    }),
-  );
+        { class: "actions" },
+        el("a", { class: "download", href: `/api/identities/${identity.id}/file`, download: "", text: "Download" }),
+        el("a", { class: "export", href: `/api/identities/${identity.id}/export?format=a1111`, download: "", text: "Export A1111/ComfyUI" }),
+        el("a", { class: "export", href: `/api/identities/${identity.id}/export?format=diffusers`, download: "", text: "Export diffusers" }),
+        el("button", { type: "button", text: "Delete", onclick: () => remove(`/api/identities/${identity.id}`) }),
+      ),
+    );
+  });
 }
 
 // ---- generation and gallery ----
@@ -192,25 +197,23 @@ function reuse(image) {
 
 async function loadGallery() {
   const images = await api("GET", "/api/images");
-  $("gallery").replaceChildren(
-    ...images.map((image) => {
-      const settings = image.settings.filter(([key]) => key !== "Software" && key !== "identity").map(([key, value]) => `${key}: ${value}`);
-      if (image.identities.length) settings.push(`identities: ${image.identities.map((i) => i.name).join(", ")}`);
-      return el(
+  showList($("gallery"), images, (image) => {
+    const settings = image.settings.filter(([key]) => key !== "Software" && key !== "identity").map(([key, value]) => `${key}: ${value}`);
+    if (image.identities.length) settings.push(`identities: ${image.identities.map((i) => i.name).join(", ")}`);
+    return el(
+      "div",
+      { class: "card image", "data-id": image.id },
+      el("img", { src: `/api/images/${image.id}/image.png`, alt: image.request.prompt }),
+      el("div", { class: "settings", text: settings.join(" · ") }),
+      el(
         "div",
-        { class: "card image", "data-id": image.id },
-        el("img", { src: `/api/images/${image.id}/image.png`, alt: image.request.prompt }),
-        el("div", { class: "settings", text: settings.join(" · ") }),
-        el(
-          "div",
-          { class: "actions" },
-          el("button", { type: "button", class: "reuse", text: "Reuse settings", onclick: () => reuse(image) }),
-          el("a", { href: `/api/images/${image.id}/image.png`, download: "", text: "Download" }),
-          el("button", { type: "button", text: "Delete", onclick: () => remove(`/api/images/${image.id}`) }),
-        ),
-      );
-    }),
-  );
+        { class: "actions" },
+        el("button", { type: "button", class: "reuse", text: "Reuse settings", onclick: () => reuse(image) }),
+        el("a", { href: `/api/images/${image.id}/image.png`, download: "", text: "Download" }),
+        el("button", { type: "button", text: "Delete", onclick: () => remove(`/api/images/${image.id}`) }),
+      ),
+    );
+  });
 }
 
 // ---- jobs ----
@@ -290,12 +293,25 @@ async function cancel(id) {
   }
 }
 
+// One reload at a time, repeated while the records keep changing: answers to overlapping
+// reloads could otherwise arrive out of order and show an older list over a newer one.
+let reloading = false;
+let reloadAgain = false;
 async function loadAll() {
-  try {
-    await Promise.all([loadPhotos(), loadIdentities(), loadGallery()]);
-  } catch (error) {
-    showMessage(error.message);
+  if (reloading) {
+    reloadAgain = true;
+    return;
   }
+  reloading = true;
+  do {
+    reloadAgain = false;
+    try {
+      await Promise.all([loadPhotos(), loadIdentities(), loadGallery()]);
+    } catch (error) {
+      showMessage(error.message);
+    }
+  } while (reloadAgain);
+  reloading = false;
 }
 
 async function start() {
