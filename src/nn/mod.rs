@@ -40,6 +40,7 @@ mod cpu;
 mod linear;
 mod node;
 mod norm;
+mod packed;
 pub mod profile;
 mod resize;
 #[cfg(test)]
@@ -56,6 +57,7 @@ pub use conv::{conv2d, Conv2d, Conv2dConfig};
 pub(crate) use cpu::simd_fn;
 pub use linear::{linear, Linear};
 pub use norm::{group_norm, layer_norm, normalize_last_dim, GroupNorm, LayerNorm};
+pub use packed::{load_matrices_as, MatrixFormat, Precision, Q8_BLOCK};
 pub(crate) use resize::resize_nearest;
 
 static TF32: AtomicBool = AtomicBool::new(false);

@@ -23,8 +23,9 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::ConvShape;
-use crate::nn::cpu::gemm::{matmul, Strided, Threads};
+use crate::nn::cpu::gemm::{matmul, matmul_packed_lhs, Strided, Threads};
 use crate::nn::cpu::Element;
+use crate::nn::packed::PackedMatrix;
 
 /// The largest column matrix (one tile of output rows) built at once: the UNet's are whole at
 /// 256x256 images (the largest, 320 channels at 32x32, is 11.25 MiB); smaller tiles measured no
@@ -46,7 +47,33 @@ const GRADIENT_BLOCK_ROWS: usize = 720;
 /// `y = conv(x, kernel)`: `x` contiguous (batch, c_in, h, w), `kernel` contiguous
 /// (c_out, c_in, kh, kw); returns contiguous (batch, c_out, out_h, out_w).
 pub(super) fn forward<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape) -> Vec<T> {
+    assert_eq!(kernel.len(), shape.c_out * shape.c_in * shape.kh * shape.kw, "conv2d: kernel size");
+    forward_tiled(x, Strided::row_major(kernel, shape.c_out, kernel.len() / shape.c_out.max(1)), shape, COLUMN_BUDGET_BYTES)
+}
+
+/// [`forward`] in f32 with a packed kernel, (c_out, c_in * kh * kw).
+pub(super) fn forward_packed(x: &[f32], kernel: &PackedMatrix, shape: &ConvShape) -> Vec<f32> {
+    assert_eq!((kernel.rows, kernel.cols), (shape.c_out, shape.c_in * shape.kh * shape.kw), "conv2d: kernel size");
     forward_tiled(x, kernel, shape, COLUMN_BUDGET_BYTES)
+}
+
+/// The kernel matrix (c_out, c_in * kh * kw) of a forward, as values or packed: what it
+/// multiplies a column matrix with.
+trait KernelMatrix<T>: Copy + Sync {
+    /// `y = kernel * rhs`, `y` row-major with rows `y_row_stride` apart.
+    fn times(self, y: &mut [T], y_row_stride: usize, rhs: Strided<T>, threads: Threads);
+}
+
+impl<T: Element> KernelMatrix<T> for Strided<'_, T> {
+    fn times(self, y: &mut [T], y_row_stride: usize, rhs: Strided<T>, threads: Threads) {
+        matmul(y, y_row_stride, false, self, rhs, threads)
+    }
+}
+
+impl KernelMatrix<f32> for &PackedMatrix {
+    fn times(self, y: &mut [f32], y_row_stride: usize, rhs: Strided<f32>, threads: Threads) {
+        matmul_packed_lhs(y, (y_row_stride, 1), false, self, rhs, threads)
+    }
 }
 
 /// The gradient with respect to `x` of [`forward`] from the gradient `dy` of its output:
@@ -56,20 +83,18 @@ pub(super) fn input_grad<T: Element>(dy: &[T], kernel: &[T], shape: &ConvShape) 
 }
 
 /// [`forward`] with column matrices of at most `budget` bytes (at least one output row).
-fn forward_tiled<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape, budget: usize) -> Vec<T> {
+fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &ConvShape, budget: usize) -> Vec<T> {
     let geometry = Geometry::new(shape);
     let Geometry { plane_in, plane_out, depth, taps, out_w, .. } = geometry;
     let ConvShape { batch, c_in, c_out, .. } = *shape;
     assert_eq!(x.len(), batch * c_in * plane_in, "conv2d: input size");
-    assert_eq!(kernel.len(), c_out * depth, "conv2d: kernel size");
     let mut y = vec![T::ZERO; batch * c_out * plane_out];
     if y.is_empty() || depth == 0 {
         return y;
     }
-    let kernel_matrix = Strided::row_major(kernel, c_out, depth);
     if geometry.is_pointwise() {
         for (y, x) in y.chunks_exact_mut(c_out * plane_out).zip(x.chunks_exact(c_in * plane_in)) {
-            matmul(y, plane_out, false, kernel_matrix, Strided::row_major(x, c_in, plane_in), Threads::All);
+            kernel.times(y, plane_out, Strided::row_major(x, c_in, plane_in), Threads::All);
         }
         return y;
     }
@@ -81,7 +106,7 @@ fn forward_tiled<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape, budget: u
                 for (col, plane) in col.chunks_exact_mut(taps * plane_out).zip(x.chunks_exact(plane_in)) {
                     geometry.im2col(plane, 0..geometry.out_h, col);
                 }
-                matmul(y, plane_out, false, kernel_matrix, Strided::row_major(col, depth, plane_out), Threads::One);
+                kernel.times(y, plane_out, Strided::row_major(col, depth, plane_out), Threads::One);
             },
         );
         return y;
@@ -96,7 +121,7 @@ fn forward_tiled<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape, budget: u
                 .zip(x.par_chunks(plane_in))
                 .for_each(|(col, plane)| geometry.im2col(plane, rows.clone(), col));
             let y = &mut y[rows.start * out_w..];
-            matmul(y, plane_out, false, kernel_matrix, Strided::row_major(col, depth, pixels), Threads::All);
+            kernel.times(y, plane_out, Strided::row_major(col, depth, pixels), Threads::All);
         }
     }
     y
@@ -300,7 +325,7 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::super::ConvShape;
-    use super::{forward, forward_tiled, input_grad, input_grad_tiled};
+    use super::{forward, forward_tiled, input_grad, input_grad_tiled, Strided};
     use crate::nn::test_values::spread;
 
     fn shape(
@@ -359,7 +384,7 @@ mod tests {
         let x = values(s.batch * s.c_in * s.h * s.w, 1);
         let kernel = values(s.c_out * s.c_in * s.kh * s.kw, 2);
         let dy = values(s.batch * s.c_out * s.out_h() * s.out_w(), 3);
-        let y = forward_tiled(&x, &kernel, s, budget);
+        let y = forward_tiled(&x, Strided::row_major(&kernel, s.c_out, kernel.len() / s.c_out), s, budget);
         let dx = input_grad_tiled(&dy, &kernel, s, budget);
         let (lhs, rhs) = (dot(&y, &dy), dot(&x, &dx));
         assert!((lhs - rhs).abs() <= 1e-10 * lhs.abs().max(1.0), "{s:?}: {lhs} vs {rhs}");
@@ -379,7 +404,8 @@ mod tests {
             let whole = input_grad(&dy, &kernel, &s);
             for tile_rows in [1, 2, 3] {
                 let budget = tile_rows * row_bytes;
-                assert!(max_diff(&forward_tiled(&x, &kernel, &s, budget), &expected) < 1e-12, "{tile_rows} rows");
+                let kernel_matrix = Strided::row_major(&kernel, s.c_out, kernel.len() / s.c_out);
+                assert!(max_diff(&forward_tiled(&x, kernel_matrix, &s, budget), &expected) < 1e-12, "{tile_rows} rows");
                 assert!(max_diff(&input_grad_tiled(&dy, &kernel, &s, budget), &whole) < 1e-12, "{tile_rows} rows");
                 assert_adjoint(&s, budget);
             }

@@ -19,13 +19,16 @@ mod cpu;
 #[cfg(feature = "cudnn")]
 mod cudnn;
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use super::compute_dtype;
 use super::node::{frozen, InputGrad, Node};
+use super::packed::{MatrixWeight, PackedMatrix};
 use super::profile;
-use crate::nn::cpu::Element;
+use crate::nn::cpu::{cpu_tensor, with_values, Element};
 
 /// The settings of a convolution, as candle-nn's `Conv2dConfig` without what these convolutions
 /// do not have (dilation, groups): the same `padding` and `stride` on both axes.
@@ -45,9 +48,9 @@ impl Default for Conv2dConfig {
 /// 2-D convolution with square kernels, as `torch.nn.Conv2d`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    config: Conv2dConfig,
+    pub(in crate::nn) weight: MatrixWeight,
+    pub(in crate::nn) bias: Option<Tensor>,
+    pub(in crate::nn) config: Conv2dConfig,
 }
 
 impl Conv2d {
@@ -58,14 +61,49 @@ impl Conv2d {
         kernel: usize,
         config: Conv2dConfig,
     ) -> Result<Self> {
-        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let weight = MatrixWeight::load(&vb, (out_channels, in_channels, kernel, kernel), "weight")?;
         let bias = Some(vb.get(out_channels, "bias")?);
         Ok(Self { weight, bias, config })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(x, &self.weight, self.bias.as_ref(), self.config)
+        match &self.weight {
+            MatrixWeight::Tensor(weight) => conv2d(x, weight, self.bias.as_ref(), self.config),
+            MatrixWeight::Packed(weight) => packed_conv2d(x, weight, self.bias.as_ref(), self.config),
+        }
     }
+}
+
+/// [`conv2d`] with a packed kernel, for f32 CPU inputs; the input gradient widens the kernel.
+fn packed_conv2d(x: &Tensor, kernel: &Arc<PackedMatrix>, bias: Option<&Tensor>, config: Conv2dConfig) -> Result<Tensor> {
+    profile::timed("conv2d", x.device(), || {
+        let dims = x.dims4()?;
+        let (c_out, depth) = (kernel.rows, kernel.cols);
+        let side = (depth / dims.1.max(1)).isqrt();
+        if !x.device().is_cpu() || x.dtype() != DType::F32 || dims.1 * side * side != depth {
+            candle_core::bail!(
+                "conv2d: a packed kernel of {c_out} x {depth} convolves f32 CPU inputs, not {:?} {:?} of shape {:?}",
+                x.dtype(),
+                x.device().location(),
+                x.shape()
+            )
+        }
+        if !frozen([bias]) {
+            candle_core::bail!("conv2d: packed kernels are for frozen models; this bias is trained")
+        }
+        let shape = ConvShape::from_dims(dims, (c_out, dims.1, side, side), config)?;
+        let y = with_values::<f32, _>(&[&x.detach()], |v| cpu::forward_packed(v[0], kernel, &shape))?;
+        let y = cpu_tensor(CpuStorage::F32(y), shape.output_dims())?;
+        let bias = bias.map(|b| b.reshape((c_out, 1, 1))).transpose()?;
+        if !x.track_op() {
+            return match bias {
+                Some(b) => y.broadcast_add(&b),
+                None => Ok(y),
+            };
+        }
+        let grad = Conv2dGrad { weight: MatrixWeight::Packed(kernel.clone()), config, input_size: (dims.2, dims.3) };
+        x.apply_op1(Node::new(y, bias, grad))
+    })
 }
 
 /// `torch.nn.functional.conv2d` with square padding and stride, no dilation, one group;
@@ -89,13 +127,14 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, config: Conv2d
             };
         }
         let (_, _, h, w) = x.dims4()?;
-        let grad = Conv2dGrad { weight: weight.clone(), config, input_size: (h, w) };
+        let grad = Conv2dGrad { weight: MatrixWeight::Tensor(weight.clone()), config, input_size: (h, w) };
         x.apply_op1(Node::new(y, bias, grad))
     })
 }
 
 struct Conv2dGrad {
-    weight: Tensor,
+    /// Packed kernels are widened only when the gradient is computed, one layer at a time.
+    weight: MatrixWeight,
     config: Conv2dConfig,
     input_size: (usize, usize),
 }
@@ -105,7 +144,7 @@ impl InputGrad for Conv2dGrad {
     const BACKWARD: &'static str = "conv2d backward";
 
     fn input_grad(&self, _: &Tensor, grad: &Tensor) -> Result<Tensor> {
-        input_grad(grad, &self.weight, self.input_size, self.config)
+        input_grad(grad, &self.weight.tensor()?, self.input_size, self.config)
     }
 }
 
@@ -126,9 +165,18 @@ pub(crate) struct ConvShape {
 
 impl ConvShape {
     fn new(input: (usize, usize, usize, usize), kernel: &Tensor, config: Conv2dConfig) -> Result<Self> {
+        Self::from_dims(input, kernel.dims4()?, config)
+    }
+
+    /// As [`ConvShape::new`], from the kernel's dims (c_out, c_in, kh, kw).
+    fn from_dims(
+        input: (usize, usize, usize, usize),
+        kernel: (usize, usize, usize, usize),
+        config: Conv2dConfig,
+    ) -> Result<Self> {
         let (batch, c_in, h, w) = input;
         let Conv2dConfig { padding, stride } = config;
-        let (c_out, kernel_c_in, kh, kw) = kernel.dims4()?;
+        let (c_out, kernel_c_in, kh, kw) = kernel;
         if kernel_c_in != c_in {
             candle_core::bail!("conv2d: input has {c_in} channels, the kernel {kernel_c_in}")
         }

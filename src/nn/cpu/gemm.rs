@@ -6,6 +6,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{Disjoint, Element};
+use crate::nn::packed::PackedMatrix;
 
 /// Output columns each thread's block of a [`Threads::ColumnBlocks`] product has at least;
 /// narrower products run on gemm's own threads.
@@ -172,4 +173,62 @@ unsafe fn product_into<T: Element>(
         false,
         parallelism,
     )
+}
+
+/// Rows of a packed matrix widened at once: about this many bytes of f32, so that a panel stays
+/// in the cache while gemm reads it.
+const PANEL_BYTES: usize = 1 << 20;
+
+/// `dst (m, n) [+]= lhs (m, k) * rhs (k, n)` for a packed `lhs`, entry `(i, j)` of `dst` at
+/// `i * row_stride + j * col_stride` (a row-major or a transposed block): `lhs` is widened a
+/// panel of rows at a time into a buffer (about [`PANEL_BYTES`]), and each panel's rows of `dst`
+/// are one gemm product. With threads, the panels (at least one per thread) run side by side,
+/// each product single-threaded.
+pub(in crate::nn) fn matmul_packed_lhs(
+    dst: &mut [f32],
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: &PackedMatrix,
+    rhs: Strided<f32>,
+    threads: Threads,
+) {
+    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
+    assert_eq!(rhs.rows, k, "matmul: inner dimensions");
+    assert!(dst_rs >= n * dst_cs || dst_cs >= m * dst_rs, "matmul: destination entries overlap");
+    assert!(dst.len() >= extent(m, n, dst_rs, dst_cs) && rhs.values.len() >= rhs.extent(), "matmul: operand sizes");
+    if m * n == 0 {
+        return;
+    }
+    let threads = match threads {
+        Threads::One => 1,
+        Threads::All | Threads::ColumnBlocks => candle_core::utils::get_num_threads().max(1),
+    };
+    let panel = (PANEL_BYTES / (4 * k.max(1))).clamp(16, m.div_ceil(threads).max(16)).min(m);
+    let dst = Disjoint(dst.as_mut_ptr());
+    let run = |p: usize, widened: &mut Vec<f32>| {
+        let rows = p * panel..((p + 1) * panel).min(m);
+        widened.resize(rows.len() * k, 0.0);
+        lhs.widen_rows(rows.clone(), widened);
+        // SAFETY: the asserts above keep every entry of dst's rows `rows` (within `0..m`) inside
+        // dst and distinct; panels write disjoint rows; dst, a `&mut`, aliases neither operand;
+        // the widened buffer holds exactly the panel's `rows x k` values.
+        unsafe {
+            product_into(
+                (rows.len(), n, k),
+                (dst.at(rows.start * dst_rs), dst_rs, dst_cs),
+                accumulate,
+                (widened.as_ptr(), k, 1),
+                (rhs.values.as_ptr(), rhs.row_stride, rhs.col_stride),
+                1.0,
+                Parallelism::None,
+            )
+        }
+    };
+    let panels = m.div_ceil(panel);
+    if threads == 1 || panels == 1 {
+        let mut widened = Vec::new();
+        (0..panels).for_each(|p| run(p, &mut widened));
+    } else {
+        (0..panels).into_par_iter().for_each_init(Vec::new, |widened, p| run(p, widened));
+    }
 }

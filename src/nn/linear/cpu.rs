@@ -5,7 +5,8 @@
 
 use candle_core::{CpuStorage, DType, Result, Tensor};
 
-use crate::nn::cpu::gemm::{matmul, Strided, Threads};
+use crate::nn::cpu::gemm::{matmul, matmul_packed_lhs, Strided, Threads};
+use crate::nn::packed::PackedMatrix;
 use crate::nn::cpu::{cpu_dtype, with_values, Element};
 
 /// `x W^T + b` for `x` (rows, in), `weight` (out, in), `bias` (out) by [`matmul`]: `W^T` is
@@ -37,6 +38,26 @@ fn forward_typed<T: Element>(values: &[&[T]], rows: usize, in_dim: usize, out_di
     let rhs = Strided { values: weight, rows: in_dim, cols: out_dim, row_stride: 1, col_stride: in_dim };
     matmul(&mut out, out_dim, add, Strided::row_major(x, rows, in_dim), rhs, Threads::ColumnBlocks);
     T::storage(out)
+}
+
+/// [`forward`] with a packed weight (out, in) for an f32 `x` (rows, in): computed as
+/// `y^T = W x^T` ([`matmul_packed_lhs`] widens `W` panel by panel), written through `y`'s
+/// transposed strides.
+pub(super) fn forward_packed(x: &Tensor, weight: &PackedMatrix, bias: Option<&Tensor>) -> Result<CpuStorage> {
+    let (rows, in_dim) = x.dims2()?;
+    let out_dim = weight.rows;
+    let mut tensors = vec![x];
+    tensors.extend(bias);
+    with_values::<f32, _>(&tensors, |v| {
+        let (mut y, add) = match v.get(1) {
+            Some(bias) => (bias.repeat(rows), true),
+            None => (vec![0f32; rows * out_dim], false),
+        };
+        // x^T (in_dim, rows): row stride 1, column stride in_dim.
+        let x_t = Strided { values: v[0], rows: in_dim, cols: rows, row_stride: 1, col_stride: in_dim };
+        matmul_packed_lhs(&mut y, (1, out_dim), add, weight, x_t, Threads::ColumnBlocks);
+        CpuStorage::F32(y)
+    })
 }
 
 /// The input gradient of [`forward`], `dy W` for `dy` (rows, out) and `weight` (out, in); `None`
