@@ -9,6 +9,7 @@ use common::{assert_close, copy_dir, fixture, load_tensors};
 use stableid::error::ErrorKind;
 use stableid::identity::Identity;
 use stableid::models::stable_diffusion::StableDiffusion;
+use stableid::nn::Precision;
 use stableid::pipelines::{encode_prompt, generate, GenerateRequest};
 use stableid::schedulers::Sampler;
 use stableid::weights::ModelDir;
@@ -223,4 +224,39 @@ fn fp16_variant_weights_load_and_upcast() {
     let b = generate(&full, &request, &[], &mut |_, _| {}).unwrap().image;
     let diff = common::max_abs_diff(&a, &b);
     assert!(diff < 2e-2, "fp16 weights upcast to f32 should give nearly the same image (max diff {diff})");
+}
+
+/// PSNR in dB of `a` against `b`, images with values in [0, 1].
+fn psnr(a: &Tensor, b: &Tensor) -> f64 {
+    let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    10.0 * (1.0 / mse).log10()
+}
+
+/// f16 and 8-bit weight matrices on the CPU (packed, f32 activations) make nearly the f32 image:
+/// on the tiny model, without and with an identity, f16 reached 80.4 and 78.4 dB PSNR against
+/// the f32 image, q8 54.1 and 52.0 dB.
+#[test]
+fn packed_weights_make_nearly_the_f32_image() {
+    let full = StableDiffusion::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
+    let identity = Identity {
+        embeddings: Tensor::randn(0f32, 1.0, (2, 32), &Device::Cpu).unwrap(),
+        source: "a".into(),
+        metadata: Default::default(),
+    };
+    for (precision, min_psnr) in [(Precision::f16_on(&Device::Cpu), 65.0), (Precision::q8_on(&Device::Cpu).unwrap(), 45.0)] {
+        let packed = StableDiffusion::load(&tiny_model(), &Device::Cpu, precision).unwrap();
+        assert_eq!(packed.dtype(), DType::F32, "activations stay f32");
+        for identities in [vec![], vec![identity.clone()]] {
+            let mut request = GenerateRequest::new("a photo of v1* v2* in a lighthouse", 64, 64);
+            request.steps = 4;
+            if identities.is_empty() {
+                request.prompt = "a lighthouse".into();
+            }
+            let a = generate(&packed, &request, &identities, &mut |_, _| {}).unwrap().image;
+            let b = generate(&full, &request, &identities, &mut |_, _| {}).unwrap().image;
+            let db = psnr(&a, &b);
+            eprintln!("{}: {db:.1} dB against f32", precision.name());
+            assert!(db > min_psnr, "{}: {db:.1} dB against f32", precision.name());
+        }
+    }
 }

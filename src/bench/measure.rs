@@ -29,6 +29,7 @@ use crate::priors::photo::load_upright;
 use crate::random::standard_normal;
 use crate::schedulers::Ddpm;
 use crate::splats::{render, Camera, Gaussians, OrbitPosition, RenderOptions};
+use crate::nn::load_matrices_as;
 use crate::weights::RandomWeights;
 use crate::{Error, Result};
 
@@ -58,7 +59,7 @@ impl Models {
     fn build(configs: &SdConfigs, options: &BenchOptions) -> Result<Self> {
         let weights = RandomWeights::new(options.seed);
         let counter = weights.counter();
-        let vb = weights.into_var_builder(options.dtype, &options.device);
+        let vb = weights.into_var_builder(options.precision.dtype, &options.device);
         let mut count_since = {
             let mut last = 0;
             move || {
@@ -68,11 +69,12 @@ impl Models {
                 added
             }
         };
-        let text_encoder = ClipTextModel::new(vb.clone(), &configs.text_encoder)?;
+        let matrices = options.precision.matrices;
+        let text_encoder = load_matrices_as(matrices, || ClipTextModel::new(vb.clone(), &configs.text_encoder))?;
         let text_encoder_count = count_since();
-        let unet = UNet2DConditionModel::new(vb.clone(), &configs.unet)?;
+        let unet = load_matrices_as(matrices, || UNet2DConditionModel::new(vb.clone(), &configs.unet))?;
         let unet_count = count_since();
-        let vae = AutoencoderKL::new(vb, &configs.vae)?;
+        let vae = load_matrices_as(matrices, || AutoencoderKL::new(vb, &configs.vae))?;
         let vae_count = count_since();
         Ok(Self {
             text_encoder,
@@ -106,7 +108,7 @@ pub(super) fn build_and_measure(configs: &SdConfigs, options: &BenchOptions) -> 
     }
     Ok(BenchReport {
         device: device_name(device),
-        dtype: options.dtype,
+        precision: options.precision,
         tf32: device.is_cuda() && crate::nn::tf32(),
         threads: candle_core::utils::get_num_threads(),
         resolution: options.resolution,
@@ -237,10 +239,10 @@ fn measure_denoise(
     let device = &options.device;
     let width = models.text_encoder.config().hidden_size;
     let latents = standard_normal(inputs.latent_shape, rng, device)?;
-    let context = standard_normal((2, PROMPT_TOKENS, width), rng, device)?.to_dtype(options.dtype)?;
+    let context = standard_normal((2, PROMPT_TOKENS, width), rng, device)?.to_dtype(options.precision.dtype)?;
     let t = Tensor::full(DENOISE_TIMESTEP, 2, device)?;
     measure_op("denoise", options, memory, || {
-        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
+        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.precision.dtype)?;
         let pred = models.unet.forward(&input, &t, &context)?.to_dtype(DType::F32)?;
         let _guided = guide(pred, true, GUIDANCE_SCALE)?;
         Ok(device.synchronize()?)
@@ -259,17 +261,18 @@ fn measure_controlnet(
     memory: &mut MemoryProbe,
 ) -> Result<Timing> {
     let device = &options.device;
-    let vb = RandomWeights::new(options.seed + 1).into_var_builder(options.dtype, device);
-    let controlnet = ControlNetModel::new(vb, &ControlNetConfig::from_unet(&configs.unet))?;
+    let vb = RandomWeights::new(options.seed + 1).into_var_builder(options.precision.dtype, device);
+    let controlnet =
+        load_matrices_as(options.precision.matrices, || ControlNetModel::new(vb, &ControlNetConfig::from_unet(&configs.unet)))?;
     let width = models.text_encoder.config().hidden_size;
     let latents = standard_normal(inputs.latent_shape, rng, device)?;
-    let context = standard_normal((2, PROMPT_TOKENS, width), rng, device)?.to_dtype(options.dtype)?;
-    let control_image = ((&inputs.image + 1.0)? / 2.0)?.to_dtype(options.dtype)?;
+    let context = standard_normal((2, PROMPT_TOKENS, width), rng, device)?.to_dtype(options.precision.dtype)?;
+    let control_image = ((&inputs.image + 1.0)? / 2.0)?.to_dtype(options.precision.dtype)?;
     let control_image = Tensor::cat(&[&control_image, &control_image], 0)?;
     let t = Tensor::full(DENOISE_TIMESTEP, 2, device)?;
     let scale = ControlScale { conditioning_scale: 1.0, guess_mode: false };
     measure_op("controlnet", options, memory, || {
-        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
+        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.precision.dtype)?;
         let residuals = controlnet.forward(&input, &t, &context, &control_image, scale)?;
         let pred = models
             .unet
@@ -289,12 +292,12 @@ fn measure_vae(
     memory: &mut MemoryProbe,
 ) -> Result<[Timing; 2]> {
     let device = &options.device;
-    let image = inputs.image.to_dtype(options.dtype)?;
+    let image = inputs.image.to_dtype(options.precision.dtype)?;
     let encode = measure_op("vae_encode", options, memory, || {
         let _posterior = models.vae.encode(&image)?;
         Ok(device.synchronize()?)
     })?;
-    let latents = standard_normal(inputs.latent_shape, rng, device)?.to_dtype(options.dtype)?;
+    let latents = standard_normal(inputs.latent_shape, rng, device)?.to_dtype(options.precision.dtype)?;
     let decode = measure_op("vae_decode", options, memory, || {
         let _image = models.vae.decode(&latents)?;
         Ok(device.synchronize()?)
@@ -304,7 +307,7 @@ fn measure_vae(
 
 /// One prompt with an identity through the text encoder.
 fn measure_text(models: &Models, options: &BenchOptions, inputs: &Inputs, memory: &mut MemoryProbe) -> Result<Timing> {
-    let identity = inputs.basis.mean.to_dtype(options.dtype)?;
+    let identity = inputs.basis.mean.to_dtype(options.precision.dtype)?;
     measure_op("text", options, memory, || {
         let _features = models.text_encoder.forward(&inputs.caption_ids, Some(&identity))?;
         Ok(options.device.synchronize()?)
@@ -318,15 +321,17 @@ fn measure_video(options: &BenchOptions, memory: &mut MemoryProbe) -> Result<Tim
     let device = &options.device;
     let config = &options.video_unet;
     let unet =
-        UNet3DConditionModel::new(RandomWeights::new(options.seed).into_var_builder(options.dtype, device), config)?;
+        load_matrices_as(options.precision.matrices, || {
+            UNet3DConditionModel::new(RandomWeights::new(options.seed).into_var_builder(options.precision.dtype, device), config)
+        })?;
     let mut rng = StdRng::seed_from_u64(options.seed);
     let side = options.resolution / 8;
     let latents = standard_normal((1, config.in_channels, VIDEO_FRAMES, side, side), &mut rng, device)?;
     let context =
-        standard_normal((2, PROMPT_TOKENS, config.cross_attention_dim), &mut rng, device)?.to_dtype(options.dtype)?;
+        standard_normal((2, PROMPT_TOKENS, config.cross_attention_dim), &mut rng, device)?.to_dtype(options.precision.dtype)?;
     let t = Tensor::full(DENOISE_TIMESTEP, 2, device)?;
     measure_op("video", options, memory, || {
-        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.dtype)?;
+        let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.precision.dtype)?;
         let pred = unet.forward(&input, &t, &context)?.to_dtype(DType::F32)?;
         let _guided = guide(pred, true, VIDEO_GUIDANCE_SCALE)?;
         Ok(device.synchronize()?)

@@ -36,13 +36,14 @@ use crate::models::unet3d::UNet3DConditionConfig;
 
 use crate::identity::step::on_training_stack;
 use crate::models::stable_diffusion::SdConfigs;
+use crate::nn::Precision;
 use crate::{Error, Result};
 
 mod measure;
 mod memory;
 mod report;
 
-pub use report::{dtype_name, BenchReport, BuiltModels, ParameterCounts, Timing};
+pub use report::{BenchReport, BuiltModels, ParameterCounts, Timing};
 
 /// The learning step's timestep: in the reconstruction phase (t <= 600), the costlier branch.
 pub const LEARN_TIMESTEP: usize = 500;
@@ -94,8 +95,8 @@ pub struct BenchOptions {
     pub repeats: usize,
     pub measures: Vec<Measure>,
     pub device: Device,
-    /// The frozen models' dtype (the MLP and the loss stay f32).
-    pub dtype: DType,
+    /// The frozen models' precision (the MLP and the loss stay f32).
+    pub precision: Precision,
     pub seed: u64,
     /// After the timed runs, one more run of each measurement with op timing on
     /// ([`crate::nn::profile`]).
@@ -119,7 +120,7 @@ impl BenchOptions {
             repeats: 3,
             measures: Measure::MODELS.to_vec(),
             device: Device::Cpu,
-            dtype: DType::F32,
+            precision: DType::F32.into(),
             seed: 0,
             profile: false,
             photo: None,
@@ -156,7 +157,7 @@ impl BenchOptions {
         if self.measures.contains(&Measure::Splat) && (self.splats == 0 || self.splat_views == 0) {
             return Err(Error::setting("splats", self.splats, "the splat measurement needs Gaussians and views"));
         }
-        crate::nn::check_dtype(self.dtype, &self.device)?;
+        crate::nn::check_dtype(self.precision.dtype, &self.device)?;
         Ok(())
     }
 }

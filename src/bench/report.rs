@@ -1,11 +1,12 @@
 //! What a benchmark run measured, and its two forms: JSON (the keys tools/bench/pytorch_bench.py
 //! writes) and a table for people, with the op-by-op profiles of `--profile`.
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde_json::{json, Value};
 
 use super::{GUIDANCE_SCALE, LEARN_TIMESTEP};
 use crate::nn::profile::Profile;
+use crate::nn::Precision;
 
 /// The times and memory of one measured operation.
 #[derive(Debug, Clone)]
@@ -67,7 +68,7 @@ pub struct BuiltModels {
 pub struct BenchReport {
     /// `cpu` or `cuda:N`.
     pub device: String,
-    pub dtype: DType,
+    pub precision: Precision,
     /// Whether f32 products ran on TF32 tensor cores ([`crate::nn::set_tf32`]; CUDA only).
     pub tf32: bool,
     /// CPU threads candle uses (`RAYON_NUM_THREADS`, else all cores).
@@ -123,7 +124,7 @@ impl BenchReport {
             "implementation": "stableid",
             "version": env!("CARGO_PKG_VERSION"),
             "device": self.device,
-            "dtype": dtype_name(self.dtype),
+            "dtype": self.precision.name(),
             "tf32_matmul": self.tf32,
             "threads": self.threads,
             "resolution": self.resolution,
@@ -149,7 +150,7 @@ impl BenchReport {
         let mut out = format!(
             "device {}, dtype {}{}, {} threads, warm-up {}, repeats {}\nmemory: {}\n",
             self.device,
-            dtype_name(self.dtype),
+            self.precision.name(),
             if self.tf32 { " (TF32 products)" } else { "" },
             self.threads,
             self.warmup,
@@ -226,17 +227,6 @@ fn profile_table(name: &str, profile: &Profile) -> String {
         );
     }
     out
-}
-
-/// The dtype as the benchmarks' JSON and flags name it.
-pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::F64 => "f64",
-        _ => "other",
-    }
 }
 
 /// The device as the report names it.

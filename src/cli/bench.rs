@@ -83,6 +83,7 @@ enum MeasureArg {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    let device = args.device.open()?;
     let options = BenchOptions {
         resolution: args.res,
         warmup: args.warmup,
@@ -103,8 +104,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .collect(),
             None => Measure::MODELS.into_iter().chain(args.photo.is_some().then_some(Measure::Align)).collect(),
         },
-        device: args.device.open()?,
-        dtype: args.dtype.dtype(),
+        device: device.clone(),
+        precision: args.dtype.precision(&device)?,
         seed: args.seed,
         profile: args.profile,
         photo: args.photo,

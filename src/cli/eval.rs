@@ -379,8 +379,8 @@ impl Generator {
             return Ok(sd);
         }
         let (model, configs) = (self.model.as_ref().expect("generating"), self.configs.clone().expect("generating"));
-        let sd =
-            StableDiffusion::load_with_configs(model, configs, &self.model_args.device()?, self.model_args.dtype())?;
+        let device = self.model_args.device()?;
+        let sd = StableDiffusion::load_with_configs(model, configs, &device, self.model_args.precision(&device)?)?;
         Ok(self.sd.get_or_init(|| sd))
     }
 

@@ -221,7 +221,7 @@ impl ControlPlan {
         for ((dir, config), (image, settings)) in
             self.dirs.iter().zip(&self.configs).zip(self.images.iter().zip(&self.settings))
         {
-            let controlnet = Arc::new(dir.load(config, sd.dtype(), sd.device())?);
+            let controlnet = Arc::new(dir.load(config, sd.precision(), sd.device())?);
             let mut control = Control::new(controlnet, dir.name(), image, width, height)?;
             control.scale = settings.scale;
             control.start = settings.start;
@@ -289,7 +289,7 @@ pub fn run(args: GenerateArgs, hub: &Hub) -> Result<()> {
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
     check_writable(&args.out)?;
 
-    let sd = StableDiffusion::load_with_configs(&model, configs, &device, args.model.dtype())?;
+    let sd = StableDiffusion::load_with_configs(&model, configs, &device, args.model.precision(&device)?)?;
     warn_other_encoders(&sd, &identities, model.name())?;
     request.controls = control_plan.controls(&sd, request.width, request.height)?;
     if sd.prompt_ids(&args.prompt)?.truncated {

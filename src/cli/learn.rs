@@ -156,7 +156,7 @@ pub fn run(args: LearnArgs, hub: &Hub) -> Result<()> {
     let model = ModelDir::resolve(&args.model.model, hub, args.model.dtype())?;
     let encoder = load_face_encoder(&args.face_encoder, hub, &device)?;
     let parser = args.parser.load(hub, &device)?;
-    let sd = StableDiffusion::load(&model, &device, args.model.dtype())?;
+    let sd = StableDiffusion::load(&model, &device, args.model.precision(&device)?)?;
     let prepared = framed
         .iter()
         .zip(&args.photos)

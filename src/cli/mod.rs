@@ -17,6 +17,7 @@ mod video;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
+use stableid::nn::Precision;
 use clap::{Parser, Subcommand, ValueEnum};
 use stableid::priors::align::{frame_photo, FaceDetector, FramedPhoto, Framing};
 use stableid::priors::masks::{FaceParser, FaceParserKind, DEFAULT_SEGFORMER};
@@ -169,30 +170,57 @@ pub enum DeviceArg {
 #[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
 pub enum DtypeArg {
     F32,
+    /// Half the weights' memory. On the CPU the linear and convolution weights are kept in f16 and
+    /// widened as they are multiplied (activations f32); on CUDA everything runs in f16.
     F16,
+    /// CUDA only.
     Bf16,
+    /// 8-bit linear and convolution weights with a scale per block of 32 (ggml's q8_0), about a
+    /// quarter of f32's memory; CPU only.
+    Q8,
 }
 
 impl ModelArgs {
     /// The device, checked to run the models in `--dtype`.
     pub fn device(&self) -> Result<Device> {
         let device = self.device.open()?;
-        stableid::nn::check_dtype(self.dtype.dtype(), &device)?;
+        self.dtype.precision(&device)?;
         Ok(device)
     }
 
+    /// The dtype whose weights files are fetched and preferred (the fp16 variant for f16 and q8).
     pub fn dtype(&self) -> DType {
         self.dtype.dtype()
+    }
+
+    /// How the Stable Diffusion models load on `device`.
+    pub fn precision(&self, device: &Device) -> Result<Precision> {
+        self.dtype.precision(device)
     }
 }
 
 impl DtypeArg {
+    /// The dtype whose weights files are fetched and preferred (the fp16 variant for f16 and q8),
+    /// and in which models without packed weights run.
     pub fn dtype(self) -> DType {
         match self {
             DtypeArg::F32 => DType::F32,
-            DtypeArg::F16 => DType::F16,
+            DtypeArg::F16 | DtypeArg::Q8 => DType::F16,
             DtypeArg::Bf16 => DType::BF16,
         }
+    }
+
+    /// What the models load as on `device`: f16 and q8 on the CPU keep packed weight matrices
+    /// and compute in f32.
+    pub fn precision(self, device: &Device) -> Result<Precision> {
+        let precision = match self {
+            DtypeArg::F32 => DType::F32.into(),
+            DtypeArg::F16 => Precision::f16_on(device),
+            DtypeArg::Bf16 => DType::BF16.into(),
+            DtypeArg::Q8 => Precision::q8_on(device)?,
+        };
+        stableid::nn::check_dtype(precision.dtype, device)?;
+        Ok(precision)
     }
 }
 

@@ -124,7 +124,7 @@ pub fn run(args: Text3dArgs, hub: &Hub) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     check_writable(&args.out)?;
 
-    let sd = StableDiffusion::load_with_configs(&model, configs, &device, args.model.dtype())?;
+    let sd = StableDiffusion::load_with_configs(&model, configs, &device, args.model.precision(&device)?)?;
     warn_other_encoders(&sd, &identities, model.name())?;
     if !identities.is_empty() && sd.prompt_ids(&args.prompt)?.identities_used == 0 {
         eprintln!("warning: --identity is given but the prompt has no v1* v2*: the identity is not used");

@@ -141,7 +141,7 @@ pub fn run(args: VideoArgs, hub: &Hub) -> Result<()> {
         .with_context(|| format!("cannot create output folder {}", args.out.display()))?;
     check_writable(&args.out)?;
 
-    let model = TextToVideoModel::load(&model_dir, configs, &device, args.dtype.dtype())?;
+    let model = TextToVideoModel::load(&model_dir, configs, &device, args.dtype.precision(&device)?)?;
     warn_other_encoders(&model, &identities, model_dir.name())?;
     if model.prompt_encoder().prompt_ids(&args.prompt)?.truncated {
         eprintln!(

@@ -481,9 +481,17 @@ impl ControlNetDir {
         }
     }
 
-    /// Loads the weights in `dtype` on `device`.
-    pub fn load(&self, config: &ControlNetConfig, dtype: DType, device: &Device) -> crate::Result<ControlNetModel> {
-        folder_weights(&self.root, "diffusion_pytorch_model", dtype, device, "ControlNet weights")?
-            .build(|vb| ControlNetModel::new(vb, config))
+    /// Loads the weights in `precision` (that of the Stable Diffusion it guides) on `device`.
+    pub fn load(
+        &self,
+        config: &ControlNetConfig,
+        precision: impl Into<crate::nn::Precision>,
+        device: &Device,
+    ) -> crate::Result<ControlNetModel> {
+        let crate::nn::Precision { dtype, matrices } = precision.into();
+        crate::nn::load_matrices_as(matrices, || {
+            folder_weights(&self.root, "diffusion_pytorch_model", dtype, device, "ControlNet weights")?
+                .build(|vb| ControlNetModel::new(vb, config))
+        })
     }
 }

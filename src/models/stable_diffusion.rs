@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::nn::{load_matrices_as, Precision};
 use crate::models::unet::{PerBlock, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedulers::{PredictionType, SchedulerConfig};
@@ -237,9 +238,10 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
-    /// Loads `tokenizer/` and `text_encoder/` of a diffusers folder, the text encoder in `dtype` on
-    /// `device`; `config` is its `text_encoder/config.json`.
-    pub fn load(model: &ModelDir, config: ClipTextConfig, device: &Device, dtype: DType) -> Result<Self> {
+    /// Loads `tokenizer/` and `text_encoder/` of a diffusers folder, the text encoder in
+    /// `precision` on `device`; `config` is its `text_encoder/config.json`.
+    pub fn load(model: &ModelDir, config: ClipTextConfig, device: &Device, precision: impl Into<Precision>) -> Result<Self> {
+        let Precision { dtype, matrices } = precision.into();
         let tokenizer_dir = model.component("tokenizer")?;
         let mut tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
         let positions = config.max_position_embeddings;
@@ -258,7 +260,7 @@ impl PromptEncoder {
         let placeholder_ids = tokenizer.add_placeholder_tokens(&placeholder_refs)?;
         let text_encoder_weights = model.weights("text_encoder", "model", dtype, device)?;
         let text_encoder_file = text_encoder_weights.path.clone();
-        let text_encoder = text_encoder_weights.build(|vb| ClipTextModel::new(vb, &config))?;
+        let text_encoder = load_matrices_as(matrices, || text_encoder_weights.build(|vb| ClipTextModel::new(vb, &config)))?;
         Ok(Self { config, tokenizer, placeholder_ids, text_encoder, text_encoder_file, device: device.clone(), dtype })
     }
 
@@ -326,7 +328,7 @@ pub struct StableDiffusion {
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
     device: Device,
-    dtype: DType,
+    precision: Precision,
 }
 
 impl AsRef<PromptEncoder> for StableDiffusion {
@@ -337,22 +339,32 @@ impl AsRef<PromptEncoder> for StableDiffusion {
 
 impl StableDiffusion {
     /// Loads tokenizer, text encoder, UNet and VAE from a diffusers folder (its configs checked by
-    /// [`SdConfigs::read`]), the frozen weights in `dtype` on `device`.
-    pub fn load(model: &ModelDir, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load_with_configs(model, SdConfigs::read(model)?, device, dtype)
+    /// [`SdConfigs::read`]), the frozen weights in `precision` (a dtype, or packed weight
+    /// matrices: [`Precision`]) on `device`.
+    pub fn load(model: &ModelDir, device: &Device, precision: impl Into<Precision>) -> Result<Self> {
+        Self::load_with_configs(model, SdConfigs::read(model)?, device, precision)
     }
 
     /// [`load`](Self::load) with the folder's configs already read by [`SdConfigs::read`] (to
     /// check a request against them before the weights load).
-    pub fn load_with_configs(model: &ModelDir, configs: SdConfigs, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load_with_configs(
+        model: &ModelDir,
+        configs: SdConfigs,
+        device: &Device,
+        precision: impl Into<Precision>,
+    ) -> Result<Self> {
+        let precision = precision.into();
+        let Precision { dtype, matrices } = precision;
         crate::nn::check_dtype(dtype, device)?;
-        let prompt_encoder = PromptEncoder::load(model, configs.text_encoder.clone(), device, dtype)?;
-        let unet = model
-            .weights("unet", "diffusion_pytorch_model", dtype, device)?
-            .build(|vb| UNet2DConditionModel::new(vb, &configs.unet))?;
-        let vae = model
-            .weights("vae", "diffusion_pytorch_model", dtype, device)?
-            .build(|vb| AutoencoderKL::new(vb, &configs.vae))?;
+        let prompt_encoder = PromptEncoder::load(model, configs.text_encoder.clone(), device, precision)?;
+        let unet = load_matrices_as(matrices, || {
+            model
+                .weights("unet", "diffusion_pytorch_model", dtype, device)?
+                .build(|vb| UNet2DConditionModel::new(vb, &configs.unet))
+        })?;
+        let vae = load_matrices_as(matrices, || {
+            model.weights("vae", "diffusion_pytorch_model", dtype, device)?.build(|vb| AutoencoderKL::new(vb, &configs.vae))
+        })?;
         Ok(Self {
             model_name: model.name().to_string(),
             configs,
@@ -360,7 +372,7 @@ impl StableDiffusion {
             unet,
             vae,
             device: device.clone(),
-            dtype,
+            precision,
         })
     }
 
@@ -377,9 +389,14 @@ impl StableDiffusion {
         &self.device
     }
 
-    /// Precision of the frozen models.
+    /// The dtype of the frozen models' activations (and of their weights kept as tensors).
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.precision.dtype
+    }
+
+    /// How the frozen models were loaded (what a ControlNet that guides them loads as).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {

@@ -11,6 +11,7 @@ use crate::models::stable_diffusion::PromptEncoder;
 use crate::models::unet::PerBlock;
 use crate::models::unet3d::{UNet3DConditionConfig, UNet3DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::nn::{load_matrices_as, Precision};
 use crate::schedulers::{PredictionType, SchedulerConfig};
 use crate::weights::ModelDir;
 use crate::{Error, Result};
@@ -107,17 +108,21 @@ impl AsRef<PromptEncoder> for TextToVideoModel {
 
 impl TextToVideoModel {
     /// Loads tokenizer, text encoder, video UNet and VAE from a diffusers folder whose configs
-    /// [`VideoConfigs::read`] accepted, the weights in `dtype` on `device` (fp16 files are
+    /// [`VideoConfigs::read`] accepted, the weights in `precision` on `device` (fp16 files are
     /// converted as they are read).
-    pub fn load(model: &ModelDir, configs: VideoConfigs, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load(model: &ModelDir, configs: VideoConfigs, device: &Device, precision: impl Into<Precision>) -> Result<Self> {
+        let precision = precision.into();
+        let Precision { dtype, matrices } = precision;
         crate::nn::check_dtype(dtype, device)?;
-        let prompt_encoder = PromptEncoder::load(model, configs.text_encoder.clone(), device, dtype)?;
-        let unet = model
-            .weights("unet", "diffusion_pytorch_model", dtype, device)?
-            .build(|vb| UNet3DConditionModel::new(vb, &configs.unet))?;
-        let vae = model
-            .weights("vae", "diffusion_pytorch_model", dtype, device)?
-            .build(|vb| AutoencoderKL::new(vb, &configs.vae))?;
+        let prompt_encoder = PromptEncoder::load(model, configs.text_encoder.clone(), device, precision)?;
+        let unet = load_matrices_as(matrices, || {
+            model
+                .weights("unet", "diffusion_pytorch_model", dtype, device)?
+                .build(|vb| UNet3DConditionModel::new(vb, &configs.unet))
+        })?;
+        let vae = load_matrices_as(matrices, || {
+            model.weights("vae", "diffusion_pytorch_model", dtype, device)?.build(|vb| AutoencoderKL::new(vb, &configs.vae))
+        })?;
         Ok(Self {
             model_name: model.name().to_string(),
             configs,

@@ -205,16 +205,34 @@ impl PackedMatrix {
         Self { rows, cols, shape, values: PackedValues::Q8 { scales, quants } }
     }
 
-    /// Widens `rows` (all columns) into `out`, row-major, `rows.len() * cols` long.
-    pub fn widen_rows(&self, rows: Range<usize>, out: &mut [f32]) {
-        let cols = self.cols;
-        assert!(rows.end <= self.rows && out.len() == rows.len() * cols, "packed matrix: rows out of range");
+    /// Widens the block `rows x cols` into `out`, row-major, `rows.len() * cols.len()` long;
+    /// `cols` starts at a multiple of [`Q8_BLOCK`] and ends at one or at the last column.
+    pub fn widen(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
+        let width = cols.len();
+        assert!(
+            rows.end <= self.rows
+                && cols.end <= self.cols
+                && cols.start % Q8_BLOCK == 0
+                && (cols.end % Q8_BLOCK == 0 || cols.end == self.cols)
+                && out.len() == rows.len() * width,
+            "packed matrix: block out of range"
+        );
+        let starts = rows.map(|r| r * self.cols + cols.start);
         match &self.values {
-            PackedValues::F16(values) => values[rows.start * cols..rows.end * cols].convert_to_f32_slice(out),
+            PackedValues::F16(values) => {
+                for (start, out) in starts.zip(out.chunks_exact_mut(width.max(1))) {
+                    values[start..start + width].convert_to_f32_slice(out);
+                }
+            }
             PackedValues::Q8 { scales, quants } => {
-                let blocks_per_row = cols.div_ceil(Q8_BLOCK);
-                let scales = &scales[rows.start * blocks_per_row..rows.end * blocks_per_row];
-                widen_q8(&quants[rows.start * cols..rows.end * cols], scales, cols, out);
+                for (start, out) in starts.zip(out.chunks_exact_mut(width.max(1))) {
+                    // Rows hold whole blocks (the last may be short), so the block index of a
+                    // row's column c is row * blocks_per_row + c / Q8_BLOCK.
+                    let (row, col) = (start / self.cols, start % self.cols);
+                    let first_block = row * self.cols.div_ceil(Q8_BLOCK) + col / Q8_BLOCK;
+                    let scales = &scales[first_block..first_block + width.div_ceil(Q8_BLOCK)];
+                    widen_q8(&quants[start..start + width], scales, out);
+                }
             }
         }
     }
@@ -222,25 +240,18 @@ impl PackedMatrix {
     /// The whole matrix as an f32 tensor of the shape it was loaded as.
     pub fn to_tensor(&self) -> Result<Tensor> {
         let mut values = vec![0f32; self.rows * self.cols];
-        self.widen_rows(0..self.rows, &mut values);
+        self.widen(0..self.rows, 0..self.cols, &mut values);
         Tensor::from_vec(values, self.shape.clone(), &Device::Cpu)
     }
 }
 
 simd_fn! {
-    /// `out = scale * q` block by block, for rows of `cols` values with one scale per block.
-    fn widen_q8(quants: &[i8], scales: &[f16], cols: usize, out: &mut [f32]) {
-        let blocks_per_row = cols.div_ceil(Q8_BLOCK);
-        for ((quant_row, out_row), row_scales) in
-            quants.chunks_exact(cols).zip(out.chunks_exact_mut(cols)).zip(scales.chunks_exact(blocks_per_row))
-        {
-            for ((quant_block, out_block), scale) in
-                quant_row.chunks(Q8_BLOCK).zip(out_row.chunks_mut(Q8_BLOCK)).zip(row_scales)
-            {
-                let scale = scale.to_f32();
-                for (o, &q) in out_block.iter_mut().zip(quant_block) {
-                    *o = scale * q as f32;
-                }
+    /// `out = scale * q` for one row's values, block by block with one scale per block.
+    fn widen_q8(quants: &[i8], scales: &[f16], out: &mut [f32]) {
+        for ((quant_block, out_block), scale) in quants.chunks(Q8_BLOCK).zip(out.chunks_mut(Q8_BLOCK)).zip(scales) {
+            let scale = scale.to_f32();
+            for (o, &q) in out_block.iter_mut().zip(quant_block) {
+                *o = scale * q as f32;
             }
         }
     }
@@ -261,8 +272,11 @@ mod tests {
         let v = values(rows * cols);
         let packed = PackedMatrix::q8(&v, rows, cols, Shape::from((rows, cols)));
         let mut out = vec![0f32; 2 * cols];
-        packed.widen_rows(2..4, &mut out);
+        packed.widen(2..4, 0..cols, &mut out);
+        let mut tail = vec![0f32; 2 * (cols - Q8_BLOCK)];
+        packed.widen(2..4, Q8_BLOCK..cols, &mut tail);
         for (r, (row, widened)) in v[2 * cols..4 * cols].chunks(cols).zip(out.chunks(cols)).enumerate() {
+            assert_eq!(&widened[Q8_BLOCK..], &tail[r * (cols - Q8_BLOCK)..(r + 1) * (cols - Q8_BLOCK)]);
             for (block, widened) in row.chunks(Q8_BLOCK).zip(widened.chunks(Q8_BLOCK)) {
                 let step = block.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
                 for (a, b) in block.iter().zip(widened) {
@@ -285,8 +299,8 @@ mod tests {
     }
 
     /// A linear and a convolution layer in each packed format equal the f32 layers built from
-    /// their widened weights (forward, and the input gradient through the graph); the products
-    /// take several panels, side by side and (the convolution's small images) in turn.
+    /// their widened weights (forward, and the input gradient through the graph), on one thread
+    /// (the convolution's small images, one task each) and on all.
     #[test]
     fn packed_layers_equal_dense_layers_on_the_widened_weights() {
         use crate::nn::{Conv2d, Conv2dConfig, Linear};
@@ -294,8 +308,9 @@ mod tests {
         use candle_core::Var;
         use std::collections::HashMap;
 
-        // Widths that are not multiples of the q8 block; 300 x 1100 spans two panels.
-        let (in_dim, out_dim) = (1100, 300);
+        // Widths that are not multiples of the q8 block; on two threads each half of the 600 x 1100
+        // matrix is widened in two panels of columns, the second ending at a short block.
+        let (in_dim, out_dim) = (1100, 600);
         let (c_in, c_out) = (13, 40);
         let tensors = HashMap::from([
             ("lin.weight".to_string(), spread_tensor((out_dim, in_dim), 1, -0.1, 0.2, DType::F32)),

@@ -58,21 +58,24 @@ pub(super) fn forward_packed(x: &[f32], kernel: &PackedMatrix, shape: &ConvShape
 }
 
 /// The kernel matrix (c_out, c_in * kh * kw) of a forward, as values or packed: what it
-/// multiplies a column matrix with.
+/// multiplies column matrices with.
 trait KernelMatrix<T>: Copy + Sync {
-    /// `y = kernel * rhs`, `y` row-major with rows `y_row_stride` apart.
-    fn times(self, y: &mut [T], y_row_stride: usize, rhs: Strided<T>, threads: Threads);
+    /// `y = kernel * rhs` for each `(y, rhs)` (the images of a batch), `y` row-major with rows
+    /// `y_row_stride` apart.
+    fn times_each(self, products: &mut [(&mut [T], Strided<T>)], y_row_stride: usize, threads: Threads);
 }
 
 impl<T: Element> KernelMatrix<T> for Strided<'_, T> {
-    fn times(self, y: &mut [T], y_row_stride: usize, rhs: Strided<T>, threads: Threads) {
-        matmul(y, y_row_stride, false, self, rhs, threads)
+    fn times_each(self, products: &mut [(&mut [T], Strided<T>)], y_row_stride: usize, threads: Threads) {
+        for (y, rhs) in products {
+            matmul(y, y_row_stride, false, self, *rhs, threads)
+        }
     }
 }
 
 impl KernelMatrix<f32> for &PackedMatrix {
-    fn times(self, y: &mut [f32], y_row_stride: usize, rhs: Strided<f32>, threads: Threads) {
-        matmul_packed_lhs(y, (y_row_stride, 1), false, self, rhs, threads)
+    fn times_each(self, products: &mut [(&mut [f32], Strided<f32>)], y_row_stride: usize, threads: Threads) {
+        matmul_packed_lhs(products, (y_row_stride, 1), false, self, threads)
     }
 }
 
@@ -93,9 +96,12 @@ fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &Conv
         return y;
     }
     if geometry.is_pointwise() {
-        for (y, x) in y.chunks_exact_mut(c_out * plane_out).zip(x.chunks_exact(c_in * plane_in)) {
-            kernel.times(y, plane_out, Strided::row_major(x, c_in, plane_in), Threads::All);
-        }
+        let mut products: Vec<_> = y
+            .chunks_exact_mut(c_out * plane_out)
+            .zip(x.chunks_exact(c_in * plane_in))
+            .map(|(y, x)| (y, Strided::row_major(x, c_in, plane_in)))
+            .collect();
+        kernel.times_each(&mut products, plane_out, Threads::All);
         return y;
     }
     if batch > 1 && depth * plane_out * c_out <= SMALL_IMAGE_WORK {
@@ -106,9 +112,22 @@ fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &Conv
                 for (col, plane) in col.chunks_exact_mut(taps * plane_out).zip(x.chunks_exact(plane_in)) {
                     geometry.im2col(plane, 0..geometry.out_h, col);
                 }
-                kernel.times(y, plane_out, Strided::row_major(col, depth, plane_out), Threads::One);
+                kernel.times_each(&mut [(y, Strided::row_major(col, depth, plane_out))], plane_out, Threads::One);
             },
         );
+        return y;
+    }
+    if batch > 1 && batch * depth * plane_out * size_of::<T>() <= budget {
+        // The whole batch's column matrices at once (the deep, low-resolution layers): the kernel
+        // is read once for all images, and a packed kernel widened once.
+        let mut cols = vec![T::ZERO; batch * depth * plane_out];
+        // Planes in x and blocks of rows in cols both run (image, channel).
+        cols.par_chunks_mut(taps * plane_out)
+            .zip(x.par_chunks(plane_in))
+            .for_each(|(col, plane)| geometry.im2col(plane, 0..geometry.out_h, col));
+        let mut products: Vec<_> =
+            y.chunks_exact_mut(c_out * plane_out).zip(cols.chunks_exact(depth * plane_out)).map(|(y, col)| (y, Strided::row_major(col, depth, plane_out))).collect();
+        kernel.times_each(&mut products, plane_out, Threads::All);
         return y;
     }
     let tile_rows = geometry.tile_rows::<T>(budget);
@@ -121,7 +140,7 @@ fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &Conv
                 .zip(x.par_chunks(plane_in))
                 .for_each(|(col, plane)| geometry.im2col(plane, rows.clone(), col));
             let y = &mut y[rows.start * out_w..];
-            kernel.times(y, plane_out, Strided::row_major(col, depth, pixels), Threads::All);
+            kernel.times_each(&mut [(y, Strided::row_major(col, depth, pixels))], plane_out, Threads::All);
         }
     }
     y

@@ -6,7 +6,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{Disjoint, Element};
-use crate::nn::packed::PackedMatrix;
+use crate::nn::packed::{PackedMatrix, Q8_BLOCK};
 
 /// Output columns each thread's block of a [`Threads::ColumnBlocks`] product has at least;
 /// narrower products run on gemm's own threads.
@@ -175,60 +175,77 @@ unsafe fn product_into<T: Element>(
     )
 }
 
-/// Rows of a packed matrix widened at once: about this many bytes of f32, so that a panel stays
-/// in the cache while gemm reads it.
+/// The widened block of a packed matrix that one product reads: about this many bytes of f32,
+/// so that it stays in the cache between being written and being read.
 const PANEL_BYTES: usize = 1 << 20;
 
-/// `dst (m, n) [+]= lhs (m, k) * rhs (k, n)` for a packed `lhs`, entry `(i, j)` of `dst` at
-/// `i * row_stride + j * col_stride` (a row-major or a transposed block): `lhs` is widened a
-/// panel of rows at a time into a buffer (about [`PANEL_BYTES`]), and each panel's rows of `dst`
-/// are one gemm product. With threads, the panels (at least one per thread) run side by side,
-/// each product single-threaded.
+/// `dst (m, n) [+]= lhs (m, k) * rhs (k, n)` for a packed `lhs` and each `(dst, rhs)` of
+/// `products` (the images of a batch), entry `(i, j)` of a `dst` at `i * row_stride + j *
+/// col_stride` (a row-major or a transposed block).
+///
+/// The rows of `lhs` are split over the threads (one block each), and each thread walks its
+/// block in panels of columns (a multiple of [`Q8_BLOCK`], about [`PANEL_BYTES`] widened): a
+/// panel is widened into a buffer and multiplied by the matching rows of each `rhs`, summing into
+/// `dst`. gemm thus packs each part of `rhs` once per thread, as one product over the whole
+/// matrix would, while the widened values never leave the cache.
 pub(in crate::nn) fn matmul_packed_lhs(
-    dst: &mut [f32],
+    products: &mut [(&mut [f32], Strided<f32>)],
     (dst_rs, dst_cs): (usize, usize),
     accumulate: bool,
     lhs: &PackedMatrix,
-    rhs: Strided<f32>,
     threads: Threads,
 ) {
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-    assert_eq!(rhs.rows, k, "matmul: inner dimensions");
-    assert!(dst_rs >= n * dst_cs || dst_cs >= m * dst_rs, "matmul: destination entries overlap");
-    assert!(dst.len() >= extent(m, n, dst_rs, dst_cs) && rhs.values.len() >= rhs.extent(), "matmul: operand sizes");
-    if m * n == 0 {
+    let (m, k) = (lhs.rows, lhs.cols);
+    let products: Vec<(Disjoint<f32>, Strided<f32>)> = products
+        .iter_mut()
+        .map(|(dst, rhs)| {
+            let n = rhs.cols;
+            assert_eq!(rhs.rows, k, "matmul: inner dimensions");
+            assert!(dst_rs >= n * dst_cs || dst_cs >= m * dst_rs, "matmul: destination entries overlap");
+            assert!(
+                dst.len() >= extent(m, n, dst_rs, dst_cs) && rhs.values.len() >= rhs.extent(),
+                "matmul: operand sizes"
+            );
+            (Disjoint(dst.as_mut_ptr()), *rhs)
+        })
+        .collect();
+    if m == 0 || products.is_empty() {
         return;
     }
     let threads = match threads {
         Threads::One => 1,
-        Threads::All | Threads::ColumnBlocks => candle_core::utils::get_num_threads().max(1),
+        Threads::All | Threads::ColumnBlocks => candle_core::utils::get_num_threads().clamp(1, m),
     };
-    let panel = (PANEL_BYTES / (4 * k.max(1))).clamp(16, m.div_ceil(threads).max(16)).min(m);
-    let dst = Disjoint(dst.as_mut_ptr());
-    let run = |p: usize, widened: &mut Vec<f32>| {
-        let rows = p * panel..((p + 1) * panel).min(m);
-        widened.resize(rows.len() * k, 0.0);
-        lhs.widen_rows(rows.clone(), widened);
-        // SAFETY: the asserts above keep every entry of dst's rows `rows` (within `0..m`) inside
-        // dst and distinct; panels write disjoint rows; dst, a `&mut`, aliases neither operand;
-        // the widened buffer holds exactly the panel's `rows x k` values.
-        unsafe {
-            product_into(
-                (rows.len(), n, k),
-                (dst.at(rows.start * dst_rs), dst_rs, dst_cs),
-                accumulate,
-                (widened.as_ptr(), k, 1),
-                (rhs.values.as_ptr(), rhs.row_stride, rhs.col_stride),
-                1.0,
-                Parallelism::None,
-            )
+    let block_rows = m.div_ceil(threads);
+    let panel_cols = (PANEL_BYTES / (4 * block_rows)).next_multiple_of(Q8_BLOCK).min(k.max(1));
+    let run = |block: usize, widened: &mut Vec<f32>| {
+        let rows = block * block_rows..((block + 1) * block_rows).min(m);
+        for start in (0..k).step_by(panel_cols) {
+            let cols = start..(start + panel_cols).min(k);
+            widened.resize(rows.len() * cols.len(), 0.0);
+            lhs.widen(rows.clone(), cols.clone(), widened);
+            for (dst, rhs) in &products {
+                // SAFETY: the asserts above keep every entry of a dst's rows `rows` (within
+                // `0..m`) inside it and distinct, and every entry of rhs's rows `cols` inside
+                // rhs; blocks write disjoint rows; each dst, a `&mut`, aliases no operand; the
+                // widened buffer holds exactly the panel's `rows x cols` values.
+                unsafe {
+                    product_into(
+                        (rows.len(), rhs.cols, cols.len()),
+                        (dst.at(rows.start * dst_rs), dst_rs, dst_cs),
+                        accumulate || start > 0,
+                        (widened.as_ptr(), cols.len(), 1),
+                        (rhs.values.as_ptr().add(start * rhs.row_stride), rhs.row_stride, rhs.col_stride),
+                        1.0,
+                        Parallelism::None,
+                    )
+                }
+            }
         }
     };
-    let panels = m.div_ceil(panel);
-    if threads == 1 || panels == 1 {
-        let mut widened = Vec::new();
-        (0..panels).for_each(|p| run(p, &mut widened));
+    if threads == 1 {
+        run(0, &mut Vec::new());
     } else {
-        (0..panels).into_par_iter().for_each_init(Vec::new, |widened, p| run(p, widened));
+        (0..m.div_ceil(block_rows)).into_par_iter().for_each_init(Vec::new, |widened, block| run(block, widened));
     }
 }

@@ -55,7 +55,7 @@ pub(super) fn forward_packed(x: &Tensor, weight: &PackedMatrix, bias: Option<&Te
         };
         // x^T (in_dim, rows): row stride 1, column stride in_dim.
         let x_t = Strided { values: v[0], rows: in_dim, cols: rows, row_stride: 1, col_stride: in_dim };
-        matmul_packed_lhs(&mut y, (1, out_dim), add, weight, x_t, Threads::ColumnBlocks);
+        matmul_packed_lhs(&mut [(&mut y, x_t)], (1, out_dim), add, weight, Threads::ColumnBlocks);
         CpuStorage::F32(y)
     })
 }
