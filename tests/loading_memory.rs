@@ -3,7 +3,10 @@
 //! margin, for a file of the wanted dtype and for an f16 file read as f32. (candle's
 //! memory-mapped reader, for comparison, keeps the mapped file resident next to the copies.)
 //!
-//! One test in its own binary: the peak is the process's.
+//! Layers whose weight matrices are packed (f16, q8) load from an f32 file without ever holding
+//! the model in f32.
+//!
+//! The tests take turns (a lock): the peak is the process's.
 
 #![cfg(target_os = "linux")]
 
@@ -12,6 +15,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use stableid::nn::{load_matrices_as, Linear, MatrixFormat};
 use stableid::weights::folder_weights;
 
 const MIB: u64 = 1 << 20;
@@ -25,6 +29,20 @@ fn status_bytes(field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
+extern "C" {
+    /// glibc's allocator settings.
+    fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+}
+
+/// Makes every allocation of 1 MiB or more its own mapping, returned to the system when freed:
+/// otherwise glibc raises that threshold after the first large free and keeps later buffers in
+/// its heap, where memory freed by one measurement hides what the next one allocates.
+fn return_large_frees_to_the_system() {
+    const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+    // SAFETY: mallopt only changes the allocator's settings.
+    assert_eq!(unsafe { mallopt(M_MMAP_THRESHOLD, 1 << 20) }, 1, "mallopt");
+}
+
 /// Resets the peak (VmHWM) to the current resident size.
 fn reset_peak() {
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
@@ -32,7 +50,8 @@ fn reset_peak() {
 
 /// The peak resident memory above the memory in use before, while `load` runs and keeps what it
 /// loaded.
-fn peak_while(load: impl FnOnce() -> Vec<Tensor>) -> u64 {
+fn peak_while<T>(load: impl FnOnce() -> T) -> u64 {
+    return_large_frees_to_the_system();
     reset_peak();
     let before = status_bytes("VmRSS:");
     let tensors = load();
@@ -57,8 +76,12 @@ fn load_all(vb: &VarBuilder) -> Vec<Tensor> {
     (0..TENSORS).map(|i| vb.get(SHAPE, &format!("layer{i}.weight")).unwrap()).collect()
 }
 
+/// The process's peak is shared by the tests: they measure one at a time.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn loading_holds_each_tensor_once() {
+    let _turn = MEASURING.lock().unwrap();
     let tensor_bytes = (SHAPE.0 * SHAPE.1 * 4) as u64;
     let loaded = TENSORS as u64 * tensor_bytes;
     // The tensors, one tensor's file bytes being converted, and 16 MiB for the rest.
@@ -82,5 +105,29 @@ fn loading_holds_each_tensor_once() {
             mapped / MIB
         );
         assert!(peak <= limit, "{name}: peak +{} MiB for {} MiB of tensors", peak / MIB, loaded / MIB);
+    }
+}
+
+#[test]
+fn packed_layers_load_without_the_f32_model() {
+    let _turn = MEASURING.lock().unwrap();
+    let tensor_bytes = (SHAPE.0 * SHAPE.1 * 4) as u64;
+    let dir = tempfile::tempdir().unwrap();
+    write_model(dir.path(), DType::F32);
+    for (format, bits_per_value) in [(MatrixFormat::F16, 16.0), (MatrixFormat::Q8, 8.5)] {
+        let packed = (TENSORS * SHAPE.0 * SHAPE.1) as f64 * bits_per_value / 8.0;
+        let peak = peak_while(|| {
+            let weights =
+                folder_weights(dir.path(), "diffusion_pytorch_model", DType::F32, &Device::Cpu, "test").unwrap();
+            load_matrices_as(format, || {
+                (0..TENSORS)
+                    .map(|i| Linear::new(weights.vb.pp(format!("layer{i}")), SHAPE.1, SHAPE.0, false).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        });
+        eprintln!("{format:?}: {} MiB packed, peak +{} MiB", packed as u64 / MIB, peak / MIB);
+        // The packed layers, one tensor's file bytes and its f32 copy being packed, 16 MiB for the rest.
+        let limit = packed as u64 + 2 * tensor_bytes + 16 * MIB;
+        assert!(peak <= limit, "{format:?}: peak +{} MiB for {} MiB packed", peak / MIB, packed as u64 / MIB);
     }
 }
