@@ -126,8 +126,9 @@ fn packed_layers_load_without_the_f32_model() {
             })
         });
         eprintln!("{format:?}: {} MiB packed, peak +{} MiB", packed as u64 / MIB, peak / MIB);
-        // The packed layers, one tensor's file bytes and its f32 copy being packed, 16 MiB for the rest.
-        let limit = packed as u64 + 2 * tensor_bytes + 16 * MIB;
+        // The packed layers, one tensor read in f32 being packed, 16 MiB for the rest (measured: q8
+        // 51 MiB packed, peak +82 MiB; f16 96 MiB, +127 MiB).
+        let limit = packed as u64 + tensor_bytes + 16 * MIB;
         assert!(peak <= limit, "{format:?}: peak +{} MiB for {} MiB packed", peak / MIB, packed as u64 / MIB);
     }
 }

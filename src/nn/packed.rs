@@ -19,6 +19,7 @@ use candle_nn::VarBuilder;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use crate::nn::cpu::with_values;
 use crate::nn::simd_fn;
 
 /// Values per block of a [`MatrixFormat::Q8`] matrix row, each block with its own scale.
@@ -139,7 +140,7 @@ impl MatrixWeight {
             }
             _ => {
                 let tensor = vb.get_with_hints_dtype(shape.clone(), name, Default::default(), DType::F32)?;
-                PackedMatrix::q8(&tensor.flatten_all()?.to_vec1::<f32>()?, rows, cols, shape)
+                with_values::<f32, _>(&[&tensor], |v| PackedMatrix::q8(v[0], rows, cols, shape))?
             }
         };
         Ok(Self::Packed(Arc::new(packed)))

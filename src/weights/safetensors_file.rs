@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor, WithDType};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
 
@@ -68,17 +68,39 @@ impl SafetensorsFile {
         self.entries.keys().map(String::as_str)
     }
 
-    /// Tensor `name` as stored, on the CPU.
+    /// Tensor `name` as stored, on the CPU, read straight into the tensor's own buffer.
     fn read(&self, name: &str) -> candle_core::Result<Tensor> {
         let entry = self
             .entries
             .get(name)
             .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
-        let mut bytes = vec![0u8; (entry.bytes.end - entry.bytes.start) as usize];
+        match entry.dtype {
+            DType::U8 => self.read_as::<u8>(name, entry),
+            DType::U32 => self.read_as::<u32>(name, entry),
+            DType::I64 => self.read_as::<i64>(name, entry),
+            DType::BF16 => self.read_as::<half::bf16>(name, entry),
+            DType::F16 => self.read_as::<half::f16>(name, entry),
+            DType::F32 => self.read_as::<f32>(name, entry),
+            DType::F64 => self.read_as::<f64>(name, entry),
+            other => candle_core::bail!("{}: tensor {name} has dtype {other:?}, which is not read", self.path.display()),
+        }
+    }
+
+    /// [`SafetensorsFile::read`] for an entry whose values are `T`s.
+    fn read_as<T: WithDType>(&self, name: &str, entry: &Entry) -> candle_core::Result<Tensor> {
+        let len = (entry.bytes.end - entry.bytes.start) as usize;
+        let count = entry.shape.elem_count();
+        if len != count * std::mem::size_of::<T>() {
+            candle_core::bail!("{}: tensor {name} has {len} bytes for {count} values", self.path.display())
+        }
+        let mut values = vec![T::from_f64(0.0); count];
+        // SAFETY: the bytes of `values` (plain numbers, for which every bit pattern is a value),
+        // exactly `len` of them; file data is little-endian, as the machines candle runs on.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
         self.file
-            .read_exact_at(&mut bytes, entry.bytes.start)
+            .read_exact_at(bytes, entry.bytes.start)
             .map_err(|e| candle_core::Error::msg(format!("{}: cannot read tensor {name}: {e}", self.path.display())))?;
-        Tensor::from_raw_buffer(&bytes, entry.dtype, entry.shape.dims(), &Device::Cpu)
+        Tensor::from_vec(values, entry.shape.clone(), &Device::Cpu)
     }
 }
 
