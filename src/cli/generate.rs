@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use stableid::identity::Identity;
 use stableid::io::write_png;
-use stableid::models::controlnet::{ChannelOrder, ControlNetDir};
+use stableid::models::controlnet::{ChannelOrder, ControlNetDir, OPENPOSE_SD21};
 use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use stableid::pipelines::control::{check_control_settings, Control, ControlImage};
 use stableid::pipelines::text_to_image::to_rgb_images;
@@ -155,7 +155,7 @@ impl ControlPlan {
     fn read(args: &GenerateArgs, configs: &SdConfigs, model: &str, hub: &Hub) -> Result<Self> {
         // --pose-from gives the first ControlNet's image (thibaud's pose ControlNet by default).
         let controlnets = match (&args.pose_from, args.controlnet.is_empty()) {
-            (Some(_), true) => vec![OPENPOSE_CONTROLNET.to_string()],
+            (Some(_), true) => vec![OPENPOSE_SD21.to_string()],
             _ => args.controlnet.clone(),
         };
         let count = controlnets.len();
@@ -232,9 +232,6 @@ impl ControlPlan {
         Ok(controls)
     }
 }
-
-/// The ControlNet `--pose-from` steers with unless a --controlnet is given.
-const OPENPOSE_CONTROLNET: &str = "thibaud/controlnet-sd21-openpose-diffusers";
 
 /// The pose map of the person in `photo` (OpenPose, controlnet_aux's default resolutions) as a
 /// control image; an error when nobody is found.
