@@ -89,7 +89,15 @@ impl MediaJob {
     /// a 422 saying which.
     pub fn from_json(mut request: serde_json::Value) -> ApiResult<Self> {
         if let Some(fields) = request.as_object_mut() {
-            fields.entry("kind").or_insert_with(|| "image".into());
+            match fields.entry("kind").or_insert_with(|| "image".into()) {
+                serde_json::Value::String(_) => {}
+                other => {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("kind = {other}: give \"image\", \"video\" or \"3d\""),
+                    ))
+                }
+            }
         }
         serde_json::from_value(request).map_err(|e| {
             ApiError::new(
