@@ -82,7 +82,10 @@ fn posed_images_record_their_skeleton_and_remake_the_same_image() {
     let skeleton = std::fs::read(fixture("controlnet/pose_75x70.png")).unwrap();
     let (status, pose) = server.post_bytes("/api/poses?name=pose.png", "image/png", &skeleton);
     assert_eq!(status, 201, "{pose}");
-    assert_eq!((pose["detected"].clone(), pose["width"].clone(), pose["height"].clone()), (json!(false), json!(75), json!(70)));
+    assert_eq!(
+        (pose["detected"].clone(), pose["width"].clone(), pose["height"].clone()),
+        (json!(false), json!(75), json!(70))
+    );
     let pose_id = pose["id"].as_str().unwrap();
     let (status, png) = server.get(&format!("/api/poses/{pose_id}/pose.png"));
     assert_eq!(status, 200);
@@ -158,7 +161,10 @@ fn videos_are_mp4s_of_the_frames_asked_for_and_bad_requests_are_refused() {
     let video_model = fixture("tiny-video");
     let server = Server::start(&data, &["--video-model", video_model.to_str().unwrap()]);
     let info = server.get_json("/api/info");
-    assert_eq!((info["video_defaults"]["frames"].clone(), info["video_defaults"]["fps"].clone()), (json!(16), json!(8)));
+    assert_eq!(
+        (info["video_defaults"]["frames"].clone(), info["video_defaults"]["fps"].clone()),
+        (json!(16), json!(8))
+    );
     assert_eq!(info["video_defaults"]["guidance"], 9.0);
 
     let request = json!({
@@ -169,10 +175,13 @@ fn videos_are_mp4s_of_the_frames_asked_for_and_bad_requests_are_refused() {
     assert_eq!((job["state"].clone(), job["kind"].clone()), (json!("done"), json!("video")), "{job}");
     let item = server.get_json(&format!("/api/images/{}", job["images"][0].as_str().unwrap()));
     assert_eq!(item["kind"], "video");
-    assert_eq!(item["request"], json!({
-        "kind": "video", "prompt": "v1* v2* is cooking", "negative_prompt": "", "seed": 7, "frames": 3, "fps": 4,
-        "width": 32, "height": 24, "steps": 2, "guidance": 9.0, "sampler": null, "identities": [identity],
-    }));
+    assert_eq!(
+        item["request"],
+        json!({
+            "kind": "video", "prompt": "v1* v2* is cooking", "negative_prompt": "", "seed": 7, "frames": 3, "fps": 4,
+            "width": 32, "height": 24, "steps": 2, "guidance": 9.0, "sampler": null, "identities": [identity],
+        })
+    );
     let recorded = settings(&item);
     assert_eq!((recorded["frames"].as_str(), recorded["fps"].as_str()), ("3", "4"));
     assert_eq!(recorded["identity"], format!("identities/{identity}.safetensors"));
@@ -276,7 +285,7 @@ fn three_d_heads_train_with_previews_store_ply_and_turntable_and_can_be_cancelle
     assert_eq!(server.post_json(&format!("/api/jobs/{long_id}/cancel"), &json!({})).0, 200);
     assert_eq!(server.wait_for_job(long_id, JOB_LIMIT)["state"], "cancelled");
     assert_eq!(server.get_json("/api/images").as_array().unwrap().len(), 1);
-    assert!(std::fs::read_dir(data.join("work")).unwrap().all(|f| {
-        !f.unwrap().file_name().to_string_lossy().ends_with(".ckpt.safetensors")
-    }));
+    assert!(std::fs::read_dir(data.join("work"))
+        .unwrap()
+        .all(|f| { !f.unwrap().file_name().to_string_lossy().ends_with(".ckpt.safetensors") }));
 }

@@ -182,7 +182,8 @@ pub fn run(args: Text3dArgs, hub: &Hub) -> Result<()> {
         }
         Text3dOutcome::Finished(gaussians) => gaussians,
     };
-    let start = args.init.as_ref().map_or(format!("head ellipsoid of {} Gaussians", args.points), |p| p.display().to_string());
+    let start =
+        args.init.as_ref().map_or(format!("head ellipsoid of {} Gaussians", args.points), |p| p.display().to_string());
     let metadata = run.settings.ply_metadata(sd.model_name(), &identities, &start);
     write_ply(&splats, &gaussians, &metadata)?;
     let cameras = turntable(args.turntable_views, args.size)?;

@@ -54,8 +54,8 @@ use crate::server::store::{
     new_id, now, GalleryRecord, IdentityRecord, IdentityRef, Kind, MediaKind, PhotoRecord, PoseRecord, PreviewRecord,
     Store,
 };
-use crate::splats::write_ply;
 use crate::server::ModelChoice;
+use crate::splats::write_ply;
 use crate::weights::ModelDir;
 use crate::{Error, Result};
 
@@ -311,7 +311,9 @@ impl GenerateJob {
     pub fn check(&mut self, store: &Store, models: &ModelChoice) -> ApiResult<()> {
         check_identities_exist(store, &self.identities)?;
         let pose = match &self.pose {
-            Some(id) if store.get::<PoseRecord>(Kind::Pose, id).is_none() => return Err(ApiError::not_found("pose", id)),
+            Some(id) if store.get::<PoseRecord>(Kind::Pose, id).is_none() => {
+                return Err(ApiError::not_found("pose", id))
+            }
             Some(id) => Some(pose_image(store, id)?),
             None => None,
         };
@@ -1026,7 +1028,8 @@ impl JobContext<'_> {
         self.warn(warnings);
         let start = Start::Cloud(head_cloud(job.points, job.seed, &Device::Cpu)?);
         let checkpoint = self.store.work_dir().join(format!("{}.3d.ckpt.safetensors", self.id));
-        let run = Text3dRun { sd, identities: &identities, settings, checkpoint: checkpoint.clone(), checkpoint_every: 0 };
+        let run =
+            Text3dRun { sd, identities: &identities, settings, checkpoint: checkpoint.clone(), checkpoint_every: 0 };
         let preview_camera = turntable(1, job.size)?.remove(0);
         self.jobs.phase(self.id, "training the Gaussians", 0, job.iterations);
         let outcome = run.run(start, self.stop, &mut |report, gaussians| {

@@ -31,8 +31,8 @@ use crate::splats::{init, Densifier, DensifyOptions, ExponentialSchedule, Gaussi
 use crate::{Error, Result};
 
 pub use cameras::{turntable, CameraRanges, TrainingView};
-pub use views::view_image;
 pub use checkpoint::Text3dCheckpoint;
+pub use views::view_image;
 use views::{draw_background, render_training_view, total_variation};
 
 /// LucidDreamer's scene extent (`default_radius`): it scales the position learning rate and the

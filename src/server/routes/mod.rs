@@ -230,7 +230,9 @@ fn image_upload(
     if !(content_type.starts_with("image/") || content_type == "application/octet-stream") {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("Content-Type {content_type:?}: send the {what} file itself as the body, as image/jpeg, image/png, ..."),
+            format!(
+                "Content-Type {content_type:?}: send the {what} file itself as the body, as image/jpeg, image/png, ..."
+            ),
         ));
     }
     let body = body?;
