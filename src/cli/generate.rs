@@ -11,7 +11,7 @@ use stableid::identity::Identity;
 use stableid::io::write_png;
 use stableid::models::controlnet::{ChannelOrder, ControlNetDir, OPENPOSE_SD21};
 use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
-use stableid::pipelines::control::{check_control_settings, Control, ControlImage};
+use stableid::pipelines::control::{check_control_settings, Control, ControlImage, DEFAULT_CONTROL_SCALE};
 use stableid::pipelines::text_to_image::to_rgb_images;
 use stableid::pipelines::{generate, read_latents, GenerateRequest};
 use stableid::priors::photo::load_upright_with_digest;
@@ -182,7 +182,7 @@ impl ControlPlan {
         let settings = (0..count)
             .map(|i| {
                 let settings = ControlSettings {
-                    scale: per_control(&args.control_scale, "--control-scale", count, i, 1.0)?,
+                    scale: per_control(&args.control_scale, "--control-scale", count, i, DEFAULT_CONTROL_SCALE)?,
                     start: per_control(&args.control_start, "--control-start", count, i, 0.0)?,
                     end: per_control(&args.control_end, "--control-end", count, i, 1.0)?,
                     channel_order: per_control(&orders, "--control-channel-order", count, i, None)?,

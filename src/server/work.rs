@@ -30,7 +30,7 @@ use crate::io::{write_png, RgbImage};
 use crate::models::controlnet::{ControlNetDir, ControlNetModel};
 use crate::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use crate::models::text_to_video::{TextToVideoModel, VideoConfigs};
-use crate::pipelines::control::{check_control_settings, Control, ControlImage};
+use crate::pipelines::control::{check_control_settings, Control, ControlImage, DEFAULT_CONTROL_SCALE};
 use crate::pipelines::text_to_3d::{
     head_cloud, turntable, view_image, Start, Text3dOutcome, Text3dRun, Text3dSettings, DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_POINTS, DEFAULT_PREVIEW_EVERY, DEFAULT_TURNTABLE_FPS, DEFAULT_TURNTABLE_VIEWS,
@@ -119,15 +119,15 @@ impl MediaJob {
 
     /// What the job list calls it.
     pub fn title(&self) -> String {
-        let (what, prompt) = match self {
+        let short = |prompt: &str| prompt.chars().take(60).collect::<String>();
+        match self {
             MediaJob::Image(job) => {
-                (format!("{} image{}", job.num_images, if job.num_images == 1 { "" } else { "s" }), &job.prompt)
+                let plural = if job.num_images == 1 { "" } else { "s" };
+                format!("{} image{plural} of \"{}\"", job.num_images, short(&job.prompt))
             }
-            MediaJob::Video(job) => (format!("a video of {} frames", job.frames), &job.prompt),
-            MediaJob::ThreeD(job) => (format!("a 3D head, {} iterations,", job.iterations), &job.prompt),
-        };
-        let prompt: String = prompt.chars().take(60).collect();
-        format!("{what} of \"{prompt}\"")
+            MediaJob::Video(job) => format!("a {}-frame video of \"{}\"", job.frames, short(&job.prompt)),
+            MediaJob::ThreeD(job) => format!("a 3D head of \"{}\", {} iterations", short(&job.prompt), job.iterations),
+        }
     }
 
     pub fn into_work(self) -> Work {
@@ -254,9 +254,8 @@ pub struct GenerateJob {
     pub control_scale: f64,
 }
 
-/// `generate --control-scale`'s default.
 fn default_control_scale() -> f64 {
-    1.0
+    DEFAULT_CONTROL_SCALE
 }
 
 fn default_generate_steps() -> usize {
@@ -280,7 +279,7 @@ impl GenerateJob {
         let sampler: Sampler = self.sampler.parse()?;
         if self.pose.is_some() {
             check_control_settings(self.control_scale, 0.0, 1.0)?;
-        } else if self.control_scale != default_control_scale() {
+        } else if self.control_scale != DEFAULT_CONTROL_SCALE {
             return Err(Error::setting("control_scale", self.control_scale, "steers with a pose only: choose a pose"));
         }
         if !(1..=MAX_IMAGES_PER_JOB).contains(&self.num_images) {

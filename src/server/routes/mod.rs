@@ -98,7 +98,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
             "guidance": generate.guidance,
             "sampler": generate.sampler.to_string(),
             "num_images": 1,
-            "control_scale": 1.0,
+            "control_scale": crate::pipelines::control::DEFAULT_CONTROL_SCALE,
         },
         "video_defaults": {
             "frames": video.frames,
