@@ -1,6 +1,7 @@
 //! `stableid serve`'s poses, videos and 3D heads (docs/api.md) on the tiny models: a pose
 //! uploaded as a skeleton or found in a photo steers an image through the tiny ControlNet and is
-//! recorded with it; a video job makes an MP4 of the frames asked for; a 3D job trains with
+//! recorded with it; a video job makes an MP4 of the frames asked for, refusing identities of
+//! another width and warning about those of another text encoder; a 3D job trains with
 //! previews and stores its PLY and turntable, and can be cancelled; bad input gets a 4xx and
 //! queues nothing.
 #![cfg(feature = "server")]
@@ -8,7 +9,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
@@ -17,20 +18,21 @@ use common::pose_weights::write_test_weights;
 use common::server::Server;
 use common::video_files::decode_mp4;
 use serde_json::{json, Value};
+use stableid::identity::{Identity, TOKEN_TABLE_KEY};
 
 const JOB_LIMIT: Duration = Duration::from_secs(120);
 
-/// An identity of `width`-wide random vectors put into the data folder as the server stores a
-/// learned one (before the server starts): its id.
-fn stored_identity(data: &Path, id: &str, width: usize) -> String {
+/// An identity of `width`-wide random vectors with `metadata` put into the data folder as the
+/// server stores a learned one (before the server starts): its id.
+fn stored_identity(data: &Path, id: &str, width: usize, metadata: &[(&str, &str)]) -> String {
     let folder = data.join("identities");
     std::fs::create_dir_all(&folder).unwrap();
-    let vectors = Tensor::randn(0f32, 1.0, (2, width), &Device::Cpu).unwrap();
-    candle_core::safetensors::save(
-        &[("identity", vectors)].into_iter().collect(),
-        folder.join(format!("{id}.safetensors")),
-    )
-    .unwrap();
+    let identity = Identity {
+        embeddings: Tensor::randn(0f32, 1.0, (2, width), &Device::Cpu).unwrap(),
+        source: PathBuf::new(),
+        metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    };
+    identity.save(&folder.join(format!("{id}.safetensors"))).unwrap();
     let record = json!({
         "id": id, "name": format!("Random {width}"), "created": 1, "photos": [], "steps": 0, "seed": 0,
         "losses": [], "metadata": {},
@@ -156,8 +158,9 @@ fn posed_images_record_their_skeleton_and_remake_the_same_image() {
 fn videos_are_mp4s_of_the_frames_asked_for_and_bad_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let identity = stored_identity(&data, "00000000000000a1", 32);
-    let narrow = stored_identity(&data, "00000000000000b2", 16);
+    let identity = stored_identity(&data, "00000000000000a1", 32, &[]);
+    let narrow = stored_identity(&data, "00000000000000b2", 16, &[]);
+    let foreign = stored_identity(&data, "00000000000000d4", 32, &[(TOKEN_TABLE_KEY, "another encoder's digest")]);
     let video_model = fixture("tiny-video");
     let server = Server::start(&data, &["--video-model", video_model.to_str().unwrap()]);
     let info = server.get_json("/api/info");
@@ -193,7 +196,20 @@ fn videos_are_mp4s_of_the_frames_asked_for_and_bad_requests_are_refused() {
     assert_eq!((frames.len(), size), (3, (32, 24)));
     assert!((fps - 4.0).abs() < 1e-6, "{fps}");
     assert_eq!(server.get(&format!("/api/images/{}/image.png", item["id"].as_str().unwrap())).0, 404);
-    assert_eq!(server.get_json("/api/images").as_array().unwrap().len(), 1);
+    assert_eq!(item["warnings"], json!([]));
+
+    // An identity learned on another text encoder of the same width: a warning, as `stableid video` gives.
+    let warned = run_job(
+        &server,
+        &json!({ "kind": "video", "prompt": "v1* v2*", "frames": 1, "width": 32, "height": 24, "steps": 1, "identities": [foreign] }),
+    );
+    assert_eq!(warned["state"], "done", "{warned}");
+    let warnings = warned["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{warned}");
+    assert!(warnings[0].as_str().unwrap().contains("another text encoder"), "{warned}");
+    let warned_item = server.get_json(&format!("/api/images/{}", warned["images"][0].as_str().unwrap()));
+    assert_eq!(warned_item["warnings"], warned["warnings"]);
+    assert_eq!(server.get_json("/api/images").as_array().unwrap().len(), 2);
 
     refused(
         &server,
@@ -209,14 +225,14 @@ fn videos_are_mp4s_of_the_frames_asked_for_and_bad_requests_are_refused() {
             (json!({ "kind": 3, "prompt": "x" }), 422, "kind = 3"),
         ],
     );
-    assert_eq!(server.get_json("/api/jobs")["jobs"].as_array().unwrap().len(), 1, "nothing refused was queued");
+    assert_eq!(server.get_json("/api/jobs")["jobs"].as_array().unwrap().len(), 2, "nothing refused was queued");
 }
 
 #[test]
 fn three_d_heads_train_with_previews_store_ply_and_turntable_and_can_be_cancelled() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let identity = stored_identity(&data, "00000000000000c3", 32);
+    let identity = stored_identity(&data, "00000000000000c3", 32, &[]);
     let server = Server::start(&data, &[]);
     let defaults = &server.get_json("/api/info")["three_d_defaults"];
     assert_eq!((defaults["iterations"].clone(), defaults["size"].clone()), (json!(5000), json!(512)));
