@@ -326,7 +326,9 @@ function media(item) {
 async function loadGallery() {
   const items = await api("GET", "/api/images");
   showList($("gallery"), items, (item) => {
-    const settings = item.settings.filter(([key]) => key !== "Software" && key !== "software" && key !== "identity").map(([key, value]) => `${key}: ${value}`);
+    const shown = ([key, value]) => value !== "" && !["Software", "software", "identity", "identities"].includes(key);
+    const settings = item.settings.filter(shown).map(([key, value]) => `${key}: ${value}`);
+    if (item.kind !== "image") settings.unshift(item.kind === "3d" ? "3D head" : "video");
     if (item.identities.length) settings.push(`identities: ${item.identities.map((i) => i.name).join(", ")}`);
     const [view, downloads] = media(item);
     return el(
