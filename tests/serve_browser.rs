@@ -1,7 +1,8 @@
 //! The web app in a real browser (Debian's headless Chromium, driven through chromedriver's
 //! WebDriver) on the tiny models: upload a photo and see its crop, learn a few steps while the
 //! progress moves (with a preview and the loss curve), download the identity, generate with it,
-//! see the image and its settings in the gallery and reuse them, reload and find it all again.
+//! see the image and its settings in the gallery and reuse them, make a tiny video that plays in
+//! the gallery and reuse its settings, reload and find it all again.
 //!
 //! Chromium and chromedriver must be installed (`apt-get install -y chromium chromium-driver`, as
 //! `.ci/run` does): without them this test fails, it never skips.
@@ -116,7 +117,8 @@ fn upload_learn_download_generate_and_reuse_in_a_real_browser() {
     let dir = tempfile::tempdir().unwrap();
     let (profile, downloads) = (dir.path().join("profile"), dir.path().join("downloads"));
     std::fs::create_dir_all(&downloads).unwrap();
-    let server = Server::start(&dir.path().join("data"), &[]);
+    let video_model = fixture("tiny-video");
+    let server = Server::start(&dir.path().join("data"), &["--video-model", video_model.to_str().unwrap()]);
     let driver = Driver::start();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -201,13 +203,36 @@ fn upload_learn_download_generate_and_reuse_in_a_real_browser() {
             .unwrap();
         assert_eq!(form, json!(["v1* v2* on the moon", "7"]));
 
+        // A tiny video: it plays in the gallery, and its Reuse brings back the video form.
+        client.execute("const kind = document.getElementById('kind'); kind.value = 'video'; kind.dispatchEvent(new Event('change'));", vec![]).await.unwrap();
+        for (id, value) in [("prompt", "a dog running"), ("video-frames", "2"), ("video-fps", "4"), ("video-steps", "1"), ("video-width", "32"), ("video-height", "24")] {
+            set_value(&client, id, value).await;
+        }
+        client.find(Locator::Id("generate-button")).await.unwrap().click().await.unwrap();
+        let video_width = wait_for_js(
+            &client,
+            "the video in the gallery",
+            "const video = document.querySelector('#gallery .card.video video'); return video && video.readyState >= 1 && video.videoWidth",
+        )
+        .await;
+        assert_eq!(video_width, 32);
+        set_value(&client, "video-frames", "9").await;
+        let form = client
+            .execute(
+                "const kind = document.getElementById('kind'); kind.value = 'image'; kind.dispatchEvent(new Event('change'));                  document.querySelector('#gallery .card.video .reuse').click();                  return [kind.value, document.getElementById('video-frames').value, document.getElementById('prompt').value,                  document.getElementById('video-frames').closest('fieldset').hidden]",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(form, json!(["video", "2", "a dog running", false]));
+
         // A reload shows it all again, and no error was shown on the way.
         client.refresh().await.unwrap();
         let shown = wait_for_js(
             &client,
             "the photo, identity and image after a reload",
-            "return document.querySelectorAll('#gallery img').length === 1 && document.querySelectorAll('.identity').length === 1 \
-             && document.querySelectorAll('.photo').length === 1",
+            "return document.querySelectorAll('#gallery img').length === 1 && document.querySelectorAll('#gallery video').length === 1 \
+             && document.querySelectorAll('.identity').length === 1 && document.querySelectorAll('.photo').length === 1",
         )
         .await;
         assert_eq!(shown, true);

@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use stableid::identity::Identity;
 use stableid::io::write_png;
-use stableid::models::controlnet::{ChannelOrder, ControlNetDir};
+use stableid::models::controlnet::{ChannelOrder, ControlNetDir, OPENPOSE_SD21};
 use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
-use stableid::pipelines::control::{check_control_settings, Control, ControlImage};
+use stableid::pipelines::control::{check_control_settings, Control, ControlImage, DEFAULT_CONTROL_SCALE};
 use stableid::pipelines::text_to_image::to_rgb_images;
 use stableid::pipelines::{generate, read_latents, GenerateRequest};
 use stableid::priors::photo::load_upright_with_digest;
@@ -155,7 +155,7 @@ impl ControlPlan {
     fn read(args: &GenerateArgs, configs: &SdConfigs, model: &str, hub: &Hub) -> Result<Self> {
         // --pose-from gives the first ControlNet's image (thibaud's pose ControlNet by default).
         let controlnets = match (&args.pose_from, args.controlnet.is_empty()) {
-            (Some(_), true) => vec![OPENPOSE_CONTROLNET.to_string()],
+            (Some(_), true) => vec![OPENPOSE_SD21.to_string()],
             _ => args.controlnet.clone(),
         };
         let count = controlnets.len();
@@ -182,7 +182,7 @@ impl ControlPlan {
         let settings = (0..count)
             .map(|i| {
                 let settings = ControlSettings {
-                    scale: per_control(&args.control_scale, "--control-scale", count, i, 1.0)?,
+                    scale: per_control(&args.control_scale, "--control-scale", count, i, DEFAULT_CONTROL_SCALE)?,
                     start: per_control(&args.control_start, "--control-start", count, i, 0.0)?,
                     end: per_control(&args.control_end, "--control-end", count, i, 1.0)?,
                     channel_order: per_control(&orders, "--control-channel-order", count, i, None)?,
@@ -232,9 +232,6 @@ impl ControlPlan {
         Ok(controls)
     }
 }
-
-/// The ControlNet `--pose-from` steers with unless a --controlnet is given.
-const OPENPOSE_CONTROLNET: &str = "thibaud/controlnet-sd21-openpose-diffusers";
 
 /// The pose map of the person in `photo` (OpenPose, controlnet_aux's default resolutions) as a
 /// control image; an error when nobody is found.

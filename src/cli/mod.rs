@@ -353,12 +353,8 @@ pub fn warn_other_encoders(
     identities: &[stableid::identity::Identity],
     model_name: &str,
 ) -> Result<()> {
-    for identity in stableid::pipelines::identities_from_other_encoders(model, identities)? {
-        eprintln!(
-            "warning: identity {} was learned on another text encoder than {model_name}'s (their token embeddings \
-             differ): the person may not be recognisable",
-            identity.source.display()
-        );
+    for warning in stableid::pipelines::other_encoder_warnings(model, identities, model_name)? {
+        eprintln!("warning: {warning}");
     }
     Ok(())
 }

@@ -8,9 +8,10 @@ use candle_core::Device;
 use stableid::identity::Identity;
 use stableid::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use stableid::pipelines::text_to_3d::{
-    head_cloud, turntable, Start, Text3dCheckpoint, Text3dOutcome, Text3dRun, Text3dSettings, DEFAULT_NEGATIVE_PROMPT,
+    head_cloud, turntable, view_image, Start, Text3dCheckpoint, Text3dOutcome, Text3dRun, Text3dSettings,
+    DEFAULT_NEGATIVE_PROMPT, DEFAULT_POINTS, DEFAULT_PREVIEW_EVERY, DEFAULT_TURNTABLE_FPS, DEFAULT_TURNTABLE_VIEWS,
 };
-use stableid::splats::{read_ply, render, write_ply, RenderOptions};
+use stableid::splats::{read_ply, write_ply, RenderOptions};
 use stableid::weights::{Hub, ModelDir};
 
 use super::render::{write_views, ViewFiles};
@@ -59,10 +60,10 @@ pub struct Text3dArgs {
     #[arg(long, conflicts_with = "points")]
     pub init: Option<PathBuf>,
     /// Gaussians in the head-shaped start.
-    #[arg(long, default_value_t = 81_920)]
+    #[arg(long, default_value_t = DEFAULT_POINTS)]
     pub points: usize,
     /// Write a preview (front view) every N iterations (0: none).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = DEFAULT_PREVIEW_EVERY)]
     pub preview_every: usize,
     /// Save a checkpoint every N iterations (0: only on Ctrl-C).
     #[arg(long, default_value_t = 100)]
@@ -71,10 +72,10 @@ pub struct Text3dArgs {
     #[arg(long)]
     pub resume: bool,
     /// Views around the head written at the end (PNGs and the turntable video).
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = DEFAULT_TURNTABLE_VIEWS)]
     pub turntable_views: usize,
     /// Frame rate of the turntable video.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = DEFAULT_TURNTABLE_FPS)]
     pub fps: u32,
     /// Print progress and the result as JSON lines on stdout.
     #[arg(long)]
@@ -164,9 +165,7 @@ pub fn run(args: Text3dArgs, hub: &Hub) -> Result<()> {
             );
         }
         if args.preview_every > 0 && report.iteration % args.preview_every == 0 {
-            let image =
-                render(gaussians, &preview_camera, &RenderOptions { background: [1.0; 3], ..Default::default() })?
-                    .rgb_image()?;
+            let image = view_image(gaussians, &preview_camera)?;
             let path = args.out.join(format!("preview.iter{:05}.png", report.iteration));
             stableid::io::write_png(&path, &image, &[("iteration", report.iteration.to_string())])?;
         }
@@ -183,23 +182,9 @@ pub fn run(args: Text3dArgs, hub: &Hub) -> Result<()> {
         }
         Text3dOutcome::Finished(gaussians) => gaussians,
     };
-    let metadata = [
-        ("software", format!("stableid {} 3d", env!("CARGO_PKG_VERSION"))),
-        ("prompt", args.prompt.clone()),
-        ("negative_prompt", args.negative_prompt.clone()),
-        ("identities", args.identity.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
-        ("model", sd.model_name().to_string()),
-        ("iterations", args.iterations.to_string()),
-        ("size", args.size.to_string()),
-        ("guidance", args.guidance.to_string()),
-        ("seed", args.seed.to_string()),
-        (
-            "start",
-            args.init
-                .as_ref()
-                .map_or(format!("head ellipsoid of {} Gaussians", args.points), |p| p.display().to_string()),
-        ),
-    ];
+    let start =
+        args.init.as_ref().map_or(format!("head ellipsoid of {} Gaussians", args.points), |p| p.display().to_string());
+    let metadata = run.settings.ply_metadata(sd.model_name(), &identities, &start);
     write_ply(&splats, &gaussians, &metadata)?;
     let cameras = turntable(args.turntable_views, args.size)?;
     let source = splats.display().to_string();

@@ -9,14 +9,12 @@ use stableid::io::video::{write_video, VideoFormat};
 use stableid::io::write_bytes;
 use stableid::models::text_to_video::{TextToVideoModel, VideoConfigs, DEFAULT_VIDEO_MODEL};
 use stableid::pipelines::text_to_image::to_rgb_images;
-use stableid::pipelines::{generate_video, read_latents, VideoRequest};
+use stableid::pipelines::text_to_video::{check_fps, DEFAULT_FPS};
+use stableid::pipelines::{check_identity_widths, generate_video, read_latents, VideoRequest};
 use stableid::schedulers::Sampler;
 use stableid::weights::{Hub, ModelDir};
 
 use super::{check_writable, progress_bar, warn_other_encoders, DeviceArg, DtypeArg, ModelArgs};
-
-/// The highest frame rate taken.
-const MAX_FPS: u32 = 120;
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
@@ -40,7 +38,7 @@ pub struct VideoArgs {
     #[arg(long, default_value_t = 16)]
     pub frames: usize,
     /// Frames per second of the written video.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = DEFAULT_FPS)]
     pub fps: u32,
     /// Frame width in pixels, a multiple of 8 [default: the model's size, 256 for ModelScope].
     #[arg(long)]
@@ -98,9 +96,7 @@ pub fn run(args: VideoArgs, hub: &Hub) -> Result<()> {
     if args.num_videos == 0 {
         bail!("--num-videos must be at least 1");
     }
-    if args.fps == 0 || args.fps > MAX_FPS {
-        bail!("--fps {} is out of range: give 1 to {MAX_FPS} frames per second", args.fps);
-    }
+    check_fps(args.fps)?;
     // Cheap checks first: bad identities, settings the model cannot take and an unwritable
     // folder fail before any weights load.
     let identities = args.identity.iter().map(|p| Identity::load(p)).collect::<Result<Vec<_>, _>>()?;
@@ -108,17 +104,7 @@ pub fn run(args: VideoArgs, hub: &Hub) -> Result<()> {
     let device = model_args.device()?;
     let model_dir = ModelDir::resolve(&args.model, hub, model_args.dtype())?;
     let configs = VideoConfigs::read(&model_dir)?;
-    for identity in &identities {
-        if identity.width() != configs.text_encoder.hidden_size {
-            bail!(
-                "identity {} has {}-wide vectors but {}'s text encoder is {} wide: it was learned for another model",
-                identity.source.display(),
-                identity.width(),
-                args.model,
-                configs.text_encoder.hidden_size
-            );
-        }
-    }
+    check_identity_widths(&identities, configs.text_encoder.hidden_size, &args.model)?;
     let (default_width, default_height) = configs.default_size();
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let mut request = VideoRequest {

@@ -25,6 +25,9 @@ use crate::models::unet::AdditionalResiduals;
 use crate::priors::photo::{load_image_with_digest, resize, rgb_to_tensor, Filter, Weights};
 use crate::{Error, Result};
 
+/// How strongly a ControlNet steers unless told otherwise (diffusers' `controlnet_conditioning_scale`).
+pub const DEFAULT_CONTROL_SCALE: f64 = 1.0;
+
 /// A control image as read, before it is resized to the output.
 #[derive(Debug, Clone)]
 pub struct ControlImage {
@@ -109,7 +112,7 @@ impl Control {
             image: image.to_tensor(width, height)?,
             image_source: image.source.clone(),
             image_sha256: image.sha256.clone(),
-            scale: 1.0,
+            scale: DEFAULT_CONTROL_SCALE,
             start: 0.0,
             end: 1.0,
             channel_order,

@@ -19,7 +19,7 @@ use crate::tokenizer::placeholder_token;
 use crate::{Error, Result};
 
 pub use text_to_image::{generate, generate_unless_stopped, read_latents, GenerateRequest, Generated};
-pub use text_to_video::{generate_video, GeneratedVideo, VideoRequest};
+pub use text_to_video::{generate_video, generate_video_unless_stopped, GeneratedVideo, VideoRequest};
 
 /// Text-encoder features (1, 77, hidden) of `prompt`: in it, `v1* v2*` stand for the first
 /// identity, `v3* v4*` for the second, and so on.
@@ -87,6 +87,42 @@ pub fn identities_from_other_encoders<'a>(
     }
     let digest = token_table_digest(model.as_ref().text_encoder().token_embedding())?;
     Ok(identities.iter().filter(|i| i.learned_on(&digest) == Some(false)).collect())
+}
+
+/// One warning for each identity learned on a text encoder whose token embeddings differ from
+/// `model`'s (`model_name`) ([`identities_from_other_encoders`]): shown, never refused, since the
+/// identity still works there, only less recognisably.
+pub fn other_encoder_warnings(
+    model: &impl AsRef<PromptEncoder>,
+    identities: &[Identity],
+    model_name: &str,
+) -> Result<Vec<String>> {
+    Ok(identities_from_other_encoders(model, identities)?
+        .into_iter()
+        .map(|identity| {
+            format!(
+                "identity {} was learned on another text encoder than {model_name}'s (their token embeddings \
+                 differ): the person may not be recognisable",
+                identity.source.display()
+            )
+        })
+        .collect())
+}
+
+/// Refuses identities whose vectors are not `text_width` wide (learned for another model family):
+/// a cheap check, before `model_name` loads.
+pub fn check_identity_widths(identities: &[Identity], text_width: usize, model_name: &str) -> Result<()> {
+    for identity in identities {
+        if identity.width() != text_width {
+            return Err(Error::Input(format!(
+                "identity {} has {}-wide vectors but {model_name}'s text encoder is {text_width} wide: it was \
+                 learned for another model",
+                identity.source.display(),
+                identity.width(),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The identities' vectors stacked (2 x n, hidden), each checked against the text encoder's width.

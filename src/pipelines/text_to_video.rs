@@ -7,6 +7,8 @@
 //! Deviation: the VAE decodes the frames a few at a time rather than all at once (the same values,
 //! less memory).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Tensor};
 
 use crate::identity::Identity;
@@ -22,6 +24,21 @@ const DECODE_CHUNK: usize = 4;
 /// The most memory the attention scores of one UNet pass may take: the spatial self-attention of
 /// the first level holds (latents x latents) scores per head and frame (16 GiB in f32).
 const MAX_ATTENTION_BYTES: u128 = 16 << 30;
+
+/// The frame rate videos are written at unless asked otherwise (ModelScope's 16 frames make two
+/// seconds).
+pub const DEFAULT_FPS: u32 = 8;
+
+/// The highest frame rate taken.
+pub const MAX_FPS: u32 = 120;
+
+/// Checks a frame rate to write a video at: 1 to [`MAX_FPS`].
+pub fn check_fps(fps: u32) -> Result<()> {
+    if fps == 0 || fps > MAX_FPS {
+        return Err(Error::setting("fps", fps, format!("is out of range: give 1 to {MAX_FPS} frames per second")));
+    }
+    Ok(())
+}
 
 /// What to make. Defaults are diffusers' `TextToVideoSDPipeline` ones.
 #[derive(Debug, Clone)]
@@ -184,6 +201,19 @@ pub fn generate_video(
     identities: &[Identity],
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<GeneratedVideo> {
+    let never = AtomicBool::new(false);
+    Ok(generate_video_unless_stopped(model, request, identities, &never, on_step)?.expect("never stopped"))
+}
+
+/// [`generate_video`], stopping between two denoising steps once `stop` is set (a server's cancel
+/// button): `Ok(None)` then.
+pub fn generate_video_unless_stopped(
+    model: &TextToVideoModel,
+    request: &VideoRequest,
+    identities: &[Identity],
+    stop: &AtomicBool,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Option<GeneratedVideo>> {
     // 1. Check the request against the model.
     let configs = model.configs();
     request.validate(configs)?;
@@ -207,6 +237,9 @@ pub fn generate_video(
     let timesteps = scheduler.timesteps().to_vec();
     let unet_timesteps = scheduler.unet_timesteps();
     for (i, &t) in timesteps.iter().enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
         let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let model_input = scheduler.scale_model_input(&model_input, t)?.to_dtype(model.dtype())?;
         let t_batch = Tensor::full(unet_timesteps[i] as f32, model_input.dim(0)?, device)?;
@@ -225,5 +258,5 @@ pub fn generate_video(
     }
     let frames = Tensor::cat(&frames, 0)?;
     let frames = ((frames / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-    Ok(GeneratedVideo { frames, settings: request.settings(model.model_name(), configs, identities) })
+    Ok(Some(GeneratedVideo { frames, settings: request.settings(model.model_name(), configs, identities) }))
 }

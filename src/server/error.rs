@@ -23,13 +23,14 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
-    /// No `what` (photo, identity, image, preview, job) of id `id`.
+    /// No `what` (photo, identity, image, preview, pose, job) of id `id`.
     pub fn not_found(what: &str, id: &str) -> Self {
         let list = match what {
             "identity" => "GET /api/identities",
             "preview" => "the previews of GET /api/jobs",
             "photo" => "GET /api/photos",
             "image" => "GET /api/images",
+            "pose" => "GET /api/poses",
             _ => "GET /api/jobs",
         };
         Self::new(StatusCode::NOT_FOUND, format!("no {what} {id:?} here: see {list}"))

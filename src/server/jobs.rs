@@ -1,4 +1,4 @@
-//! The job queue: model work (learning, generating) runs one job at a time on the worker thread
+//! The job queue: model work (learning, generating images and videos, training 3D heads) runs one job at a time on the worker thread
 //! ([`crate::server::work`]); the others wait in order. Every change (a job queued, a step done, a
 //! job ended, the records changed) bumps a version that the event stream
 //! (`GET /api/events`) watches, and the stream sends the whole [`Board`] then: a page opened or
@@ -21,6 +21,8 @@ const FINISHED_KEPT: usize = 50;
 pub enum Work {
     Learn(crate::server::work::LearnJob),
     Generate(crate::server::work::GenerateJob),
+    Video(crate::server::work::VideoJob),
+    ThreeD(crate::server::work::Text3dJob),
 }
 
 impl Work {
@@ -28,6 +30,8 @@ impl Work {
         match self {
             Work::Learn(_) => "learn",
             Work::Generate(_) => "generate",
+            Work::Video(_) => "video",
+            Work::ThreeD(_) => "3d",
         }
     }
 }
@@ -52,7 +56,7 @@ impl JobState {
 #[derive(Debug, Clone, Serialize)]
 pub struct JobView {
     pub id: String,
-    /// `learn` or `generate`.
+    /// `learn`, `generate` (images), `video` or `3d`.
     pub kind: &'static str,
     /// What it makes, in words ("learn Anna, 450 steps").
     pub title: String,
@@ -60,18 +64,21 @@ pub struct JobView {
     pub created: u64,
     /// What it does now ("loading the models", "learning", "image 2 of 4").
     pub phase: String,
-    /// Steps done and to do in all (learning steps, or denoising steps of all images).
+    /// Steps done and to do in all (learning steps, denoising steps of all images or of the
+    /// video, 3D iterations, then the turntable's views).
     pub step: usize,
     pub total: usize,
     /// Seconds left, from the pace of the steps so far.
     pub eta_seconds: Option<f64>,
     /// The loss of every learning step so far.
     pub losses: Vec<f64>,
-    /// Preview images made while learning (ids under `/api/previews/`).
+    /// Preview images made while learning or training a 3D head (ids under `/api/previews/`).
     pub previews: Vec<String>,
-    /// The identity learned (a learn job) or the images made (a generate job), as they come.
+    /// The identity learned (a learn job) or the gallery items made (the others), as they come.
     pub identity: Option<String>,
     pub images: Vec<String>,
+    /// What the job warns about (the job goes on).
+    pub warnings: Vec<String>,
     /// Why it failed, in one line.
     pub error: Option<String>,
 }
@@ -146,6 +153,7 @@ impl Jobs {
             previews: Vec::new(),
             identity: None,
             images: Vec::new(),
+            warnings: Vec::new(),
             error: None,
         };
         let mut inner = self.lock();

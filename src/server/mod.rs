@@ -1,7 +1,8 @@
 //! `stableid serve`: a local web app on the library, in the spirit of AUTOMATIC1111's and
 //! Fooocus' pages. Upload photos (their aligned crops and face/hair masks are shown), learn an
 //! identity while its loss curve, ETA and preview images come in, download or export identities,
-//! generate images with them into a gallery that keeps every image's settings.
+//! generate images (posed by a ControlNet or not), videos and 3D heads with them into a gallery
+//! that keeps every item's settings.
 //!
 //! - [`routes`]: the JSON HTTP API (documented in `docs/api.md`), progress as server-sent events,
 //!   the page itself (plain HTML, JS and CSS embedded in the binary: no Node build step).
@@ -52,6 +53,12 @@ pub struct ModelChoice {
     pub face_parser_weights: Option<String>,
     /// Celebrity names of the basis (`None`: the shipped list).
     pub celeb_names: Option<PathBuf>,
+    /// The pose ControlNet: a diffusers folder or a hub id (loaded when a posed image is made).
+    pub controlnet: String,
+    /// The OpenPose body weights (`None`: those of the hub, fetched when a pose is detected).
+    pub pose_model: Option<PathBuf>,
+    /// The text-to-video model: a diffusers folder or a hub id (loaded when a video is made).
+    pub video_model: String,
     /// Where models missing from the hub cache are fetched from (or not, offline).
     pub hub: Hub,
 }
@@ -90,6 +97,7 @@ pub struct AppState {
     pub store: store::Store,
     pub jobs: Arc<jobs::Jobs>,
     pub analyzer: work::PhotoAnalyzer,
+    pub poses: work::PoseReader,
 }
 
 /// A server bound to its address, ready to run.
@@ -115,7 +123,8 @@ impl Server {
             ))
         })?;
         let analyzer = work::PhotoAnalyzer::new(settings.models.clone());
-        Ok(Self { listener, runtime, state: Arc::new(AppState { settings, store, jobs, analyzer }) })
+        let poses = work::PoseReader::new(settings.models.clone());
+        Ok(Self { listener, runtime, state: Arc::new(AppState { settings, store, jobs, analyzer, poses }) })
     }
 
     /// The address actually bound.

@@ -6,7 +6,11 @@
 //! DATA/identities/ID.safetensors, ID.json                        a learned identity
 //! DATA/identities/ID.FORMAT.safetensors                          its exports, made when asked for
 //! DATA/images/ID.png, ID.json                                    a generated image, its settings
+//! DATA/images/ID.mp4, ID.json                                    a generated video, its settings
+//! DATA/images/ID.ply, ID.mp4, ID.png, ID.json                    a 3D head: splats, turntable, front
+//! DATA/poses/ID.png, ID.json                                     a pose skeleton (uploaded or detected)
 //! DATA/previews/ID.png, ID.json                                  a sample image made while learning
+//!                                                                (an identity or a 3D head)
 //! DATA/work/                                                     checkpoints, the celebrity basis cache
 //! ```
 //!
@@ -44,19 +48,23 @@ pub fn now() -> u64 {
 pub enum Kind {
     Photo,
     Identity,
-    Image,
+    /// The gallery: images, videos and 3D heads ([`GalleryRecord`]).
+    Gallery,
     Preview,
+    Pose,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Photo, Kind::Identity, Kind::Image, Kind::Preview];
+    const ALL: [Kind; 5] = [Kind::Photo, Kind::Identity, Kind::Gallery, Kind::Preview, Kind::Pose];
 
     fn folder(self) -> &'static str {
         match self {
             Kind::Photo => "photos",
             Kind::Identity => "identities",
-            Kind::Image => "images",
+            // The gallery's first items were images only: the folder keeps its name.
+            Kind::Gallery => "images",
             Kind::Preview => "previews",
+            Kind::Pose => "poses",
         }
     }
 }
@@ -96,17 +104,67 @@ pub struct IdentityRecord {
     pub metadata: HashMap<String, String>,
 }
 
-/// A generated image.
+/// What a gallery item is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum MediaKind {
+    /// `ID.png`.
+    #[default]
+    #[serde(rename = "image")]
+    Image,
+    /// `ID.mp4`.
+    #[serde(rename = "video")]
+    Video,
+    /// A 3D head: `ID.ply` (the Gaussians), `ID.mp4` (the turntable), `ID.png` (its front view).
+    #[serde(rename = "3d")]
+    ThreeD,
+}
+
+impl MediaKind {
+    /// The files of an item of this kind, as the API names them and as stored (`ID.SUFFIX`).
+    pub fn files(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            MediaKind::Image => &[("image.png", "png")],
+            MediaKind::Video => &[("video.mp4", "mp4")],
+            MediaKind::ThreeD => &[("video.mp4", "mp4"), ("splats.ply", "ply"), ("image.png", "png")],
+        }
+    }
+}
+
+/// A gallery item: a generated image, video or 3D head.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ImageRecord {
+pub struct GalleryRecord {
     pub id: String,
+    /// Records written before videos and 3D existed are images.
+    #[serde(default)]
+    pub kind: MediaKind,
     pub created: u64,
-    /// The request that made it, this image's seed in it: sent back as is, it makes the image again.
+    /// The request that made it (with its `kind`), this item's seed in it: sent back as is, it
+    /// makes the item again.
     pub request: serde_json::Value,
     /// The identities of the prompt, in placeholder order (`v1* v2*` is the first).
     pub identities: Vec<IdentityRef>,
-    /// What the PNG's metadata holds (prompt, seed, sampler, size, model, ...).
+    /// What the file's metadata holds (prompt, seed, sampler, size, model, ...).
     pub settings: Vec<(String, String)>,
+    /// What the job warned about (an identity learned on another text encoder, ...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// A pose skeleton (an OpenPose map) that steers images through the pose ControlNet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoseRecord {
+    pub id: String,
+    /// The file name the browser gave (shown only, never used as a path).
+    pub name: String,
+    pub created: u64,
+    /// SHA-256 of the uploaded file.
+    pub sha256: String,
+    /// The skeleton was detected in a photo of a person (else the upload is the skeleton).
+    pub detected: bool,
+    /// The people found (a detected pose).
+    pub people: Option<usize>,
+    pub width: u32,
+    pub height: u32,
 }
 
 /// An identity as an image refers to it (it may have been deleted since).
@@ -116,12 +174,14 @@ pub struct IdentityRef {
     pub name: String,
 }
 
-/// A sample image drawn with an identity as learned so far.
+/// A sample image drawn with an identity as learned so far, or a 3D head's front view as trained
+/// so far.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PreviewRecord {
     pub id: String,
     pub created: u64,
     pub job: String,
+    /// The learning step or 3D iteration after which it was drawn.
     pub step: usize,
     pub prompt: String,
     pub seed: u64,

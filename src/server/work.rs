@@ -1,12 +1,18 @@
 //! What the web app's jobs do, through the same library calls as the command line: photos are
 //! framed as `align` and `learn` frame them ([`frame_photo`]) and their masks made as `masks` makes
 //! them; learning is [`LearnRun`] with the `learn` command's settings and provenance; images are
-//! [`generate_unless_stopped`] with `generate`'s defaults.
+//! [`generate_unless_stopped`] with `generate`'s defaults, steered by a pose skeleton through the
+//! pose ControlNet as `generate --controlnet ... --control-image` / `--pose-from` do it (poses
+//! detected with [`pose_map`], as `stableid pose` draws them); videos are
+//! [`generate_video_unless_stopped`] with `stableid video`'s defaults; 3D heads are
+//! [`Text3dRun`] with `stableid 3d`'s defaults.
 //!
-//! Deviations from the command line: the photo analysis shown after an upload runs the face parser
-//! on the CPU (next to a job that may hold the device); the learning run keeps no checkpoint
-//! after it ends (a cancelled run is not resumed); the identity's preview images use
-//! [`GenerateRequest::preview`].
+//! Deviations from the command line: the photo analysis and pose detection shown after an upload
+//! run on the CPU (next to a job that may hold the device); the learning and 3D runs keep no
+//! checkpoint after they end (a cancelled run is not resumed); the identity's preview images use
+//! [`GenerateRequest::preview`]; a video model that is not on this machine yet is fetched, and the
+//! request checked against it, when its job runs; the models a job loaded stay loaded for the
+//! next jobs (Stable Diffusion, the ControlNet and the video model together).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,21 +25,37 @@ use serde::{Deserialize, Serialize};
 use crate::identity::run::{LearnOutcome, LearnRun, LearnSettings, PreparedPhoto};
 use crate::identity::step::Basis;
 use crate::identity::Identity;
+use crate::io::video::{write_video, VideoFormat};
 use crate::io::{write_png, RgbImage};
+use crate::models::controlnet::{ControlNetDir, ControlNetModel};
 use crate::models::stable_diffusion::{SdConfigs, StableDiffusion};
+use crate::models::text_to_video::{TextToVideoModel, VideoConfigs};
+use crate::pipelines::control::{check_control_settings, Control, ControlImage, DEFAULT_CONTROL_SCALE};
+use crate::pipelines::text_to_3d::{
+    head_cloud, turntable, view_image, Start, Text3dOutcome, Text3dRun, Text3dSettings, DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_POINTS, DEFAULT_PREVIEW_EVERY, DEFAULT_TURNTABLE_FPS, DEFAULT_TURNTABLE_VIEWS,
+};
 use crate::pipelines::text_to_image::to_rgb_images;
-use crate::pipelines::{generate_unless_stopped, GenerateRequest, Generated};
+use crate::pipelines::text_to_video::{check_fps, DEFAULT_FPS};
+use crate::pipelines::{
+    check_identity_widths, generate_unless_stopped, generate_video_unless_stopped, other_encoder_warnings,
+    GenerateRequest, Generated, VideoRequest,
+};
 use crate::priors::align::{frame_photo, provenance_of, FaceDetector, FramedPhoto, Framing};
 use crate::priors::celeb_basis::{CelebBasis, CelebNames};
 use crate::priors::face_feature::{load_face_encoder, FaceEncoder};
 use crate::priors::masks::FaceParser;
+use crate::priors::photo::{load_image_with_digest, load_upright_with_digest};
+use crate::priors::pose::{pose_map, PoseEstimator, PoseSettings};
 use crate::schedulers::Sampler;
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::jobs::{Jobs, Work};
 use crate::server::store::{
-    new_id, now, IdentityRecord, IdentityRef, ImageRecord, Kind, PhotoRecord, PreviewRecord, Store,
+    new_id, now, GalleryRecord, IdentityRecord, IdentityRef, Kind, MediaKind, PhotoRecord, PoseRecord, PreviewRecord,
+    Store,
 };
 use crate::server::ModelChoice;
+use crate::splats::write_ply;
 use crate::weights::ModelDir;
 use crate::{Error, Result};
 
@@ -42,6 +64,96 @@ pub const MAX_IMAGES_PER_JOB: usize = 16;
 
 /// The longest identity name, in characters.
 pub const MAX_NAME_CHARS: usize = 100;
+
+/// The most Gaussians a 3D head starts from (LucidDreamer's start has 81,920).
+pub const MAX_3D_POINTS: usize = 1_000_000;
+
+/// The most views of a 3D head's turntable video.
+pub const MAX_TURNTABLE_VIEWS: usize = 1_000;
+
+/// A gallery job, as `POST /api/images` asks for it: its `kind` says what it makes (an `image`
+/// when not given).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum MediaJob {
+    #[serde(rename = "image")]
+    Image(GenerateJob),
+    #[serde(rename = "video")]
+    Video(VideoJob),
+    #[serde(rename = "3d")]
+    ThreeD(Text3dJob),
+}
+
+impl MediaJob {
+    /// The job a request's JSON asks for; a field of the wrong type, an unknown field or kind is
+    /// a 422 saying which.
+    pub fn from_json(mut request: serde_json::Value) -> ApiResult<Self> {
+        if let Some(fields) = request.as_object_mut() {
+            match fields.entry("kind").or_insert_with(|| "image".into()) {
+                serde_json::Value::String(_) => {}
+                other => {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("kind = {other}: give \"image\", \"video\" or \"3d\""),
+                    ))
+                }
+            }
+        }
+        serde_json::from_value(request).map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{e}: send a request as docs/api.md describes"),
+            )
+        })
+    }
+
+    /// Checks the request against the store and the models (their configs only: nothing loads);
+    /// fills in the seed when none was given.
+    pub fn check(&mut self, store: &Store, models: &ModelChoice) -> ApiResult<()> {
+        match self {
+            MediaJob::Image(job) => job.check(store, models),
+            MediaJob::Video(job) => job.check(store, models),
+            MediaJob::ThreeD(job) => job.check(store, models),
+        }
+    }
+
+    /// What the job list calls it.
+    pub fn title(&self) -> String {
+        let short = |prompt: &str| prompt.chars().take(60).collect::<String>();
+        match self {
+            MediaJob::Image(job) => {
+                let plural = if job.num_images == 1 { "" } else { "s" };
+                format!("{} image{plural} of \"{}\"", job.num_images, short(&job.prompt))
+            }
+            MediaJob::Video(job) => format!("a {}-frame video of \"{}\"", job.frames, short(&job.prompt)),
+            MediaJob::ThreeD(job) => format!("a 3D head of \"{}\", {} iterations", short(&job.prompt), job.iterations),
+        }
+    }
+
+    pub fn into_work(self) -> Work {
+        match self {
+            MediaJob::Image(job) => Work::Generate(job),
+            MediaJob::Video(job) => Work::Video(job),
+            MediaJob::ThreeD(job) => Work::ThreeD(job),
+        }
+    }
+}
+
+/// 404 unless every identity of `ids` is in the store.
+fn check_identities_exist(store: &Store, ids: &[String]) -> ApiResult<()> {
+    for id in ids {
+        if store.get::<IdentityRecord>(Kind::Identity, id).is_none() {
+            return Err(ApiError::not_found("identity", id));
+        }
+    }
+    Ok(())
+}
+
+/// The folder of model `spec` when it is on this machine already (a folder, or complete in the
+/// hub cache); `None` when it is still to be downloaded (its job does that).
+fn model_here(spec: &str, models: &ModelChoice) -> Option<ModelDir> {
+    ModelDir::resolve(spec, &models.hub.clone().offline(true), models.dtype).ok()
+}
 
 /// A learning job, as `POST /api/identities` asks for it; defaults are `stableid learn`'s.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +245,17 @@ pub struct GenerateJob {
     /// Identities (their ids) for `v1* v2*`, `v3* v4*`, ... in the prompt.
     #[serde(default)]
     pub identities: Vec<String>,
+    /// A pose (its id: `POST /api/poses`) whose skeleton steers the image through the pose
+    /// ControlNet; the image then takes the skeleton's size unless one is given.
+    #[serde(default)]
+    pub pose: Option<String>,
+    /// How strongly the pose steers (diffusers' `controlnet_conditioning_scale`).
+    #[serde(default = "default_control_scale")]
+    pub control_scale: f64,
+}
+
+fn default_control_scale() -> f64 {
+    DEFAULT_CONTROL_SCALE
 }
 
 fn default_generate_steps() -> usize {
@@ -149,10 +272,16 @@ fn default_num_images() -> usize {
 }
 
 impl GenerateJob {
-    /// The library's request for the first image (identities not loaded), checked against the
-    /// model's configs; fills in the seed when none was given.
-    pub fn request(&mut self, configs: &SdConfigs) -> Result<GenerateRequest> {
+    /// The library's request for the first image (identities not loaded, no ControlNet yet),
+    /// checked against the model's configs; `pose` is the job's pose skeleton. Fills in the seed
+    /// when none was given.
+    pub fn request(&mut self, configs: &SdConfigs, pose: Option<&ControlImage>) -> Result<GenerateRequest> {
         let sampler: Sampler = self.sampler.parse()?;
+        if self.pose.is_some() {
+            check_control_settings(self.control_scale, 0.0, 1.0)?;
+        } else if self.control_scale != DEFAULT_CONTROL_SCALE {
+            return Err(Error::setting("control_scale", self.control_scale, "steers with a pose only: choose a pose"));
+        }
         if !(1..=MAX_IMAGES_PER_JOB).contains(&self.num_images) {
             return Err(Error::setting("num_images", self.num_images, format!("must be 1 to {MAX_IMAGES_PER_JOB}")));
         }
@@ -160,7 +289,11 @@ impl GenerateJob {
         if seed.checked_add(self.num_images as u64).is_none() {
             return Err(Error::setting("seed", seed, "is too large for the seeds of every image (seed + i)"));
         }
-        let (width, height) = configs.default_size();
+        // As `generate`: without a size, the control image's (rounded down to the latent grid).
+        let (width, height) = match pose {
+            Some(image) => image.default_size(configs.latent_factor()),
+            None => configs.default_size(),
+        };
         let request = GenerateRequest {
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps,
@@ -175,15 +308,218 @@ impl GenerateJob {
 
     /// Checks the request against the store and the model (its configs only: nothing loads).
     pub fn check(&mut self, store: &Store, models: &ModelChoice) -> ApiResult<()> {
-        for id in &self.identities {
-            if store.get::<IdentityRecord>(Kind::Identity, id).is_none() {
-                return Err(ApiError::not_found("identity", id));
+        check_identities_exist(store, &self.identities)?;
+        let pose = match &self.pose {
+            Some(id) if store.get::<PoseRecord>(Kind::Pose, id).is_none() => {
+                return Err(ApiError::not_found("pose", id))
             }
-        }
+            Some(id) => Some(pose_image(store, id)?),
+            None => None,
+        };
         let configs = SdConfigs::read(&ModelDir::resolve(&models.model, &models.hub, models.dtype)?)?;
-        self.request(&configs)?;
+        self.request(&configs, pose.as_ref())?;
         Ok(())
     }
+}
+
+/// The skeleton of pose `id` as a control image, named as the data folder holds it.
+fn pose_image(store: &Store, id: &str) -> Result<ControlImage> {
+    let mut image = ControlImage::read(&store.path(Kind::Pose, id, "png"))
+        .map_err(|e| Error::Input(format!("pose {id} was deleted before the job started ({e})")))?;
+    image.source = format!("poses/{id}.png");
+    Ok(image)
+}
+
+/// A video job, as `POST /api/images` with `"kind": "video"` asks for it; defaults are
+/// `stableid video`'s.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VideoJob {
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+    /// Random when not given.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default = "default_frames")]
+    pub frames: usize,
+    /// Frames per second of the MP4.
+    #[serde(default = "default_fps")]
+    pub fps: u32,
+    /// Frame size [default: the video model's].
+    #[serde(default)]
+    pub width: Option<usize>,
+    #[serde(default)]
+    pub height: Option<usize>,
+    #[serde(default = "default_video_steps")]
+    pub steps: usize,
+    #[serde(default = "default_video_guidance")]
+    pub guidance: f64,
+    /// [default: the video model's own scheduler, DDIM for ModelScope]
+    #[serde(default)]
+    pub sampler: Option<String>,
+    /// Identities (their ids) for `v1* v2*`, `v3* v4*`, ... in the prompt.
+    #[serde(default)]
+    pub identities: Vec<String>,
+}
+
+fn default_frames() -> usize {
+    VideoRequest::new("", 8, 8).frames
+}
+fn default_fps() -> u32 {
+    DEFAULT_FPS
+}
+fn default_video_steps() -> usize {
+    VideoRequest::new("", 8, 8).steps
+}
+fn default_video_guidance() -> f64 {
+    VideoRequest::new("", 8, 8).guidance
+}
+
+impl VideoJob {
+    /// The library's request (identities not loaded), checked against the video model's configs;
+    /// fills in the seed when none was given.
+    pub fn request(&mut self, configs: &VideoConfigs) -> Result<VideoRequest> {
+        check_fps(self.fps)?;
+        let sampler = self.sampler.as_deref().map(str::parse::<Sampler>).transpose()?;
+        let seed = *self.seed.get_or_insert_with(|| u64::from(rand::random::<u32>()));
+        let (width, height) = configs.default_size();
+        let request = VideoRequest {
+            negative_prompt: self.negative_prompt.clone(),
+            frames: self.frames,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed,
+            sampler,
+            ..VideoRequest::new(&self.prompt, self.width.unwrap_or(width), self.height.unwrap_or(height))
+        };
+        request.validate(configs)?;
+        Ok(request)
+    }
+
+    /// Checks the request against the store and, when it is here already, the video model:
+    /// identities learned for another text-encoder width are refused, as `stableid video` does.
+    pub fn check(&mut self, store: &Store, models: &ModelChoice) -> ApiResult<()> {
+        check_identities_exist(store, &self.identities)?;
+        check_fps(self.fps)?;
+        if let Some(model) = model_here(&models.video_model, models) {
+            let configs = VideoConfigs::read(&model)?;
+            let identities = load_identities(store, &self.identities)?.1;
+            check_identity_widths(&identities, configs.text_encoder.hidden_size, model.name())?;
+            self.request(&configs)?;
+        }
+        Ok(())
+    }
+}
+
+/// A 3D job, as `POST /api/images` with `"kind": "3d"` asks for it; defaults are `stableid 3d`'s.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Text3dJob {
+    pub prompt: String,
+    #[serde(default = "default_3d_negative_prompt")]
+    pub negative_prompt: String,
+    /// Identities (their ids) for `v1* v2*`, `v3* v4*`, ... in the prompt.
+    #[serde(default)]
+    pub identities: Vec<String>,
+    #[serde(default = "default_iterations")]
+    pub iterations: usize,
+    /// Render size (square, a multiple of 8).
+    #[serde(default = "default_3d_size")]
+    pub size: usize,
+    #[serde(default = "default_3d_guidance")]
+    pub guidance: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// Gaussians of the head-shaped start.
+    #[serde(default = "default_points")]
+    pub points: usize,
+    /// A preview (front view) every this many iterations (0: none).
+    #[serde(default = "default_3d_preview_every")]
+    pub preview_every: usize,
+    /// Views of the turntable video, and its frame rate.
+    #[serde(default = "default_turntable_views")]
+    pub turntable_views: usize,
+    #[serde(default = "default_turntable_fps")]
+    pub fps: u32,
+}
+
+fn default_3d_negative_prompt() -> String {
+    DEFAULT_NEGATIVE_PROMPT.to_string()
+}
+fn default_iterations() -> usize {
+    Text3dSettings::new("").iterations
+}
+fn default_3d_size() -> usize {
+    Text3dSettings::new("").size
+}
+fn default_3d_guidance() -> f64 {
+    Text3dSettings::new("").ism.guidance_scale
+}
+fn default_points() -> usize {
+    DEFAULT_POINTS
+}
+fn default_3d_preview_every() -> usize {
+    DEFAULT_PREVIEW_EVERY
+}
+fn default_turntable_views() -> usize {
+    DEFAULT_TURNTABLE_VIEWS
+}
+fn default_turntable_fps() -> u32 {
+    DEFAULT_TURNTABLE_FPS
+}
+
+impl Text3dJob {
+    /// The library's settings of this run, checked (the turntable's too).
+    pub fn settings(&self) -> Result<Text3dSettings> {
+        let mut settings = Text3dSettings::new(&self.prompt).with_iterations(self.iterations);
+        settings.negative_prompt = self.negative_prompt.clone();
+        settings.size = self.size;
+        settings.seed = self.seed;
+        settings.ism.guidance_scale = self.guidance;
+        settings.validate()?;
+        if !self.guidance.is_finite() {
+            return Err(Error::setting("guidance", self.guidance, "must be a finite number"));
+        }
+        if !(1..=MAX_3D_POINTS).contains(&self.points) {
+            return Err(Error::setting("points", self.points, format!("must be 1 to {MAX_3D_POINTS}")));
+        }
+        if !(1..=MAX_TURNTABLE_VIEWS).contains(&self.turntable_views) {
+            return Err(Error::setting(
+                "turntable_views",
+                self.turntable_views,
+                format!("must be 1 to {MAX_TURNTABLE_VIEWS}"),
+            ));
+        }
+        check_fps(self.fps)?;
+        Ok(settings)
+    }
+
+    /// Checks the request against the store and the model's configs (nothing loads).
+    pub fn check(&self, store: &Store, models: &ModelChoice) -> ApiResult<()> {
+        check_identities_exist(store, &self.identities)?;
+        self.settings()?;
+        let configs = SdConfigs::read(&ModelDir::resolve(&models.model, &models.hub, models.dtype)?)?;
+        configs.check_image_size(self.size, self.size).map_err(|problem| Error::setting("size", self.size, problem))?;
+        Ok(())
+    }
+}
+
+/// The identities `ids` as a job uses them: their names for the record, and the identities
+/// loaded, their source named as the data folder holds them (what the outputs' metadata shows).
+fn load_identities(store: &Store, ids: &[String]) -> Result<(Vec<IdentityRef>, Vec<Identity>)> {
+    let mut names = Vec::with_capacity(ids.len());
+    let mut identities = Vec::with_capacity(ids.len());
+    for id in ids {
+        let record: IdentityRecord = store
+            .get(Kind::Identity, id)
+            .ok_or_else(|| Error::Input(format!("identity {id} was deleted before the job started")))?;
+        names.push(IdentityRef { id: id.clone(), name: record.name });
+        let mut identity = Identity::load(&store.path(Kind::Identity, id, "safetensors"))?;
+        identity.source = PathBuf::from(format!("identities/{id}.safetensors"));
+        identities.push(identity);
+    }
+    Ok((names, identities))
 }
 
 /// Detects, aligns and parses uploaded photos, one at a time, with models loaded on first use.
@@ -265,11 +601,79 @@ impl PhotoAnalyzer {
     }
 }
 
+/// Reads uploaded pose skeletons, or detects the pose of the person in an uploaded photo with
+/// OpenPose (loaded on first use, on the CPU), one at a time.
+pub struct PoseReader {
+    models: ModelChoice,
+    estimator: Mutex<Option<PoseEstimator>>,
+}
+
+impl PoseReader {
+    pub fn new(models: ModelChoice) -> Self {
+        Self { models, estimator: Mutex::new(None) }
+    }
+
+    /// Stores the skeleton of an upload under a new id: the upload itself (`detect` false: an
+    /// OpenPose map already), or the map of the person found in it (`detect`: a photo, drawn as
+    /// `stableid pose` draws it). On any failure nothing of it is kept; `name` (the browser's file
+    /// name) stands for the upload in messages.
+    pub fn add(&self, store: &Store, bytes: &[u8], name: &str, detect: bool) -> ApiResult<PoseRecord> {
+        let id = new_id();
+        let upload = store.path(Kind::Pose, &id, "upload");
+        let made = crate::io::write_bytes(&upload, bytes).and_then(|()| self.make(store, &id, name, detect));
+        // Only the skeleton is kept.
+        let _ = std::fs::remove_file(&upload);
+        made.map_err(|error| {
+            let _ = store.remove_files(Kind::Pose, &id);
+            let mut api = ApiError::from(error);
+            api.message = api.message.replace(&upload.display().to_string(), &format!("{name:?}"));
+            api
+        })
+    }
+
+    fn make(&self, store: &Store, id: &str, name: &str, detect: bool) -> Result<PoseRecord> {
+        let upload = store.path(Kind::Pose, id, "upload");
+        let (skeleton, sha256, people) = if detect {
+            let (photo, sha256) = load_upright_with_digest(&upload)?;
+            let mut estimator = self.estimator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if estimator.is_none() {
+                let weights = match &self.models.pose_model {
+                    Some(path) => path.clone(),
+                    None => PoseEstimator::hub_weights(&self.models.hub)?,
+                };
+                *estimator = Some(PoseEstimator::load(&weights, &Device::Cpu)?);
+            }
+            let map = pose_map(&photo, estimator.as_ref().expect("loaded above"), PoseSettings::default())?;
+            (map.image, sha256, Some(map.people.len()))
+        } else {
+            let (skeleton, sha256) = load_image_with_digest(&upload, "pose image")?;
+            (skeleton, sha256, None)
+        };
+        let text = [("pose_of", name.to_string()), ("detected", detect.to_string())];
+        write_png(&store.path(Kind::Pose, id, "png"), &(&skeleton).into(), &text)?;
+        let record = PoseRecord {
+            id: id.to_string(),
+            name: name.to_string(),
+            created: now(),
+            sha256,
+            detected: detect,
+            people,
+            width: skeleton.width(),
+            height: skeleton.height(),
+        };
+        store.put(Kind::Pose, id, &record)?;
+        Ok(record)
+    }
+}
+
 /// The models a job needs, loaded on first use and kept for the next jobs.
 #[derive(Default)]
 struct Loaded {
     sd: Option<StableDiffusion>,
     learning: Option<LearningModels>,
+    /// The pose ControlNet and its name.
+    controlnet: Option<(Arc<ControlNetModel>, String)>,
+    video: Option<TextToVideoModel>,
 }
 
 /// What learning needs besides Stable Diffusion.
@@ -290,6 +694,29 @@ impl Loaded {
             )?);
         }
         Ok(self.sd.as_ref().expect("loaded above"))
+    }
+
+    /// The pose ControlNet (with Stable Diffusion, which it must fit), and its name.
+    fn controlnet(&mut self, models: &ModelChoice) -> Result<(Arc<ControlNetModel>, String)> {
+        self.sd(models)?;
+        if self.controlnet.is_none() {
+            let sd = self.sd.as_ref().expect("loaded above");
+            let dir = ControlNetDir::resolve(&models.controlnet, &models.hub, models.dtype)?;
+            let config = dir.config()?;
+            dir.check_fits(&config, sd.configs(), sd.model_name())?;
+            let controlnet = Arc::new(dir.load(&config, sd.dtype(), sd.device())?);
+            self.controlnet = Some((controlnet, dir.name().to_string()));
+        }
+        Ok(self.controlnet.clone().expect("loaded above"))
+    }
+
+    fn video(&mut self, models: &ModelChoice) -> Result<&TextToVideoModel> {
+        if self.video.is_none() {
+            let dir = ModelDir::resolve(&models.video_model, &models.hub, models.dtype)?;
+            let configs = VideoConfigs::read(&dir)?;
+            self.video = Some(TextToVideoModel::load(&dir, configs, &models.device, models.dtype)?);
+        }
+        Ok(self.video.as_ref().expect("loaded above"))
     }
 
     /// Stable Diffusion and the learning models.
@@ -354,11 +781,43 @@ impl JobContext<'_> {
         match work {
             Work::Learn(job) => self.learn(&job, loaded),
             Work::Generate(job) => self.generate(job, loaded),
+            Work::Video(job) => self.video(job, loaded),
+            Work::ThreeD(job) => self.three_d(job, loaded),
         }
     }
 
     fn phase(&self, phase: &str) {
         self.jobs.update(self.id, |view| view.phase = phase.to_string());
+    }
+
+    fn warn(&self, warnings: Vec<String>) {
+        if !warnings.is_empty() {
+            self.jobs.update(self.id, |view| view.warnings.extend(warnings));
+        }
+    }
+
+    /// Stores a finished gallery item (its files are written before) and shows it.
+    fn add_to_gallery(
+        &self,
+        id: String,
+        kind: MediaKind,
+        request: MediaJob,
+        identities: &[IdentityRef],
+        settings: &[(&'static str, String)],
+    ) -> Result<()> {
+        let record = GalleryRecord {
+            id: id.clone(),
+            kind,
+            created: now(),
+            request: serde_json::to_value(&request).map_err(|e| Error::Internal(e.to_string()))?,
+            identities: identities.to_vec(),
+            settings: settings.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            warnings: self.jobs.get(self.id).map(|view| view.warnings).unwrap_or_default(),
+        };
+        self.store.put(Kind::Gallery, &id, &record)?;
+        self.jobs.update(self.id, |view| view.images.push(id));
+        self.jobs.records_changed();
+        Ok(())
     }
 
     /// Learns an identity as `stableid learn` does, with previews; stores it when finished.
@@ -497,30 +956,21 @@ impl JobContext<'_> {
 
     /// Generates the job's images one by one, storing each as it comes.
     fn generate(&self, mut job: GenerateJob, loaded: &mut Loaded) -> Result<()> {
-        let names: Vec<IdentityRef> = job
-            .identities
-            .iter()
-            .map(|id| {
-                let record: IdentityRecord = self
-                    .store
-                    .get(Kind::Identity, id)
-                    .ok_or_else(|| Error::Input(format!("identity {id} was deleted before the job started")))?;
-                Ok(IdentityRef { id: id.clone(), name: record.name })
-            })
-            .collect::<Result<_>>()?;
-        let identities = job
-            .identities
-            .iter()
-            .map(|id| {
-                let mut identity = Identity::load(&self.store.path(Kind::Identity, id, "safetensors"))?;
-                // What the image's metadata names: the identity within the data folder.
-                identity.source = PathBuf::from(format!("identities/{id}.safetensors"));
-                Ok(identity)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let (names, identities) = load_identities(self.store, &job.identities)?;
+        let pose = job.pose.as_deref().map(|id| pose_image(self.store, id)).transpose()?;
         self.phase("loading the models");
+        let controlnet = match pose {
+            Some(_) => Some(loaded.controlnet(self.models)?),
+            None => None,
+        };
         let sd = loaded.sd(self.models)?;
-        let mut request = job.request(sd.configs())?;
+        self.warn(other_encoder_warnings(sd, &identities, sd.model_name())?);
+        let mut request = job.request(sd.configs(), pose.as_ref())?;
+        if let (Some(image), Some((controlnet, name))) = (&pose, controlnet) {
+            let mut control = Control::new(controlnet, &name, image, request.width, request.height)?;
+            control.scale = job.control_scale;
+            request.controls.push(control);
+        }
         let first_seed = request.seed;
         let (count, steps) = (job.num_images, request.steps);
         self.jobs.phase(self.id, "image 1", 0, count * steps);
@@ -533,20 +983,103 @@ impl JobContext<'_> {
                 return Ok(());
             };
             let id = new_id();
-            self.write_image(&self.store.path(Kind::Image, &id, "png"), &generated)?;
+            self.write_image(&self.store.path(Kind::Gallery, &id, "png"), &generated)?;
             job.seed = Some(request.seed);
             job.num_images = 1;
-            let record = ImageRecord {
-                id: id.clone(),
-                created: now(),
-                request: serde_json::to_value(&job).map_err(|e| Error::Internal(e.to_string()))?,
-                identities: names.clone(),
-                settings: generated.settings.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-            };
-            self.store.put(Kind::Image, &id, &record)?;
-            self.jobs.update(self.id, |view| view.images.push(id));
-            self.jobs.records_changed();
+            self.add_to_gallery(id, MediaKind::Image, MediaJob::Image(job.clone()), &names, &generated.settings)?;
         }
+        Ok(())
+    }
+
+    /// Makes the job's video as `stableid video` does, an MP4.
+    fn video(&self, mut job: VideoJob, loaded: &mut Loaded) -> Result<()> {
+        let (names, identities) = load_identities(self.store, &job.identities)?;
+        self.phase("loading the video model");
+        let model = loaded.video(self.models)?;
+        check_identity_widths(&identities, model.configs().text_encoder.hidden_size, model.model_name())?;
+        self.warn(other_encoder_warnings(model, &identities, model.model_name())?);
+        let request = job.request(model.configs())?;
+        self.jobs.phase(self.id, "denoising the frames", 0, request.steps);
+        let on_step = &mut |done: usize, _total: usize| self.jobs.step(self.id, done);
+        let Some(video) = generate_video_unless_stopped(model, &request, &identities, self.stop, on_step)? else {
+            return Ok(());
+        };
+        self.phase("encoding the video");
+        let frames = to_rgb_images(&video.frames)?;
+        let id = new_id();
+        write_video(&self.store.path(Kind::Gallery, &id, "mp4"), &frames, job.fps, VideoFormat::Mp4, &[])?;
+        let mut settings = video.settings;
+        settings.push(("fps", job.fps.to_string()));
+        self.add_to_gallery(id, MediaKind::Video, MediaJob::Video(job), &names, &settings)
+    }
+
+    /// Trains a 3D head as `stableid 3d` does, with previews of its front view; stores the PLY,
+    /// the turntable video and the front view when finished.
+    fn three_d(&self, job: Text3dJob, loaded: &mut Loaded) -> Result<()> {
+        let settings = job.settings()?;
+        let (names, identities) = load_identities(self.store, &job.identities)?;
+        self.phase("loading the models");
+        let sd = loaded.sd(self.models)?;
+        let mut warnings = other_encoder_warnings(sd, &identities, sd.model_name())?;
+        if !identities.is_empty() && sd.prompt_ids(&job.prompt)?.identities_used == 0 {
+            warnings.push("identities are ticked but the prompt has no v1* v2*: they are not used".into());
+        }
+        self.warn(warnings);
+        let start = Start::Cloud(head_cloud(job.points, job.seed, &Device::Cpu)?);
+        let checkpoint = self.store.work_dir().join(format!("{}.3d.ckpt.safetensors", self.id));
+        let run =
+            Text3dRun { sd, identities: &identities, settings, checkpoint: checkpoint.clone(), checkpoint_every: 0 };
+        let preview_camera = turntable(1, job.size)?.remove(0);
+        self.jobs.phase(self.id, "training the Gaussians", 0, job.iterations);
+        let outcome = run.run(start, self.stop, &mut |report, gaussians| {
+            self.jobs.step(self.id, report.iteration);
+            if job.preview_every > 0 && report.iteration % job.preview_every == 0 {
+                self.preview_3d(&view_image(gaussians, &preview_camera)?, &job, report.iteration)?;
+            }
+            Ok(())
+        });
+        let _ = std::fs::remove_file(&checkpoint);
+        let gaussians = match outcome? {
+            Text3dOutcome::Finished(gaussians) => gaussians,
+            Text3dOutcome::Interrupted { .. } => return Ok(()),
+        };
+
+        let cameras = turntable(job.turntable_views, job.size)?;
+        self.jobs.phase(self.id, "rendering the turntable", 0, cameras.len());
+        let mut frames = Vec::with_capacity(cameras.len());
+        for camera in &cameras {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            frames.push(view_image(&gaussians, camera)?);
+            self.jobs.step(self.id, frames.len());
+        }
+        let id = new_id();
+        let start = format!("head ellipsoid of {} Gaussians", job.points);
+        let metadata = run.settings.ply_metadata(sd.model_name(), &identities, &start);
+        write_ply(&self.store.path(Kind::Gallery, &id, "ply"), &gaussians, &metadata)?;
+        write_video(&self.store.path(Kind::Gallery, &id, "mp4"), &frames, job.fps, VideoFormat::Mp4, &[])?;
+        write_png(&self.store.path(Kind::Gallery, &id, "png"), &frames[0], &metadata)?;
+        let mut settings = metadata;
+        settings.push(("gaussians", gaussians.len()?.to_string()));
+        settings.push(("turntable", format!("{} views at {} fps", job.turntable_views, job.fps)));
+        self.add_to_gallery(id, MediaKind::ThreeD, MediaJob::ThreeD(job), &names, &settings)
+    }
+
+    /// Stores a preview of the 3D head after `iteration`.
+    fn preview_3d(&self, image: &RgbImage, job: &Text3dJob, iteration: usize) -> Result<()> {
+        let id = new_id();
+        write_png(&self.store.path(Kind::Preview, &id, "png"), image, &[("iteration", iteration.to_string())])?;
+        let record = PreviewRecord {
+            id: id.clone(),
+            created: now(),
+            job: self.id.to_string(),
+            step: iteration,
+            prompt: job.prompt.clone(),
+            seed: job.seed,
+        };
+        self.store.put(Kind::Preview, &id, &record)?;
+        self.jobs.update(self.id, |view| view.previews.push(id));
         Ok(())
     }
 }

@@ -32,11 +32,23 @@ use crate::{Error, Result};
 
 pub use cameras::{turntable, CameraRanges, TrainingView};
 pub use checkpoint::Text3dCheckpoint;
+pub use views::view_image;
 use views::{draw_background, render_training_view, total_variation};
 
 /// LucidDreamer's scene extent (`default_radius`): it scales the position learning rate and the
 /// densification sizes.
 pub const SCENE_EXTENT: f64 = 3.5;
+
+/// Gaussians in the head-shaped start ([`head_cloud`]): as many as LucidDreamer's Point-E start.
+pub const DEFAULT_POINTS: usize = 81_920;
+
+/// A preview (the front view) every this many iterations.
+pub const DEFAULT_PREVIEW_EVERY: usize = 100;
+
+/// The views of the finished head's turntable video, and its frame rate: LucidDreamer's video
+/// cameras (120 around the head) at 30 frames per second.
+pub const DEFAULT_TURNTABLE_VIEWS: usize = 120;
+pub const DEFAULT_TURNTABLE_FPS: u32 = 30;
 
 /// Everything that shapes a text-to-3D run; [`Text3dSettings::new`] gives StableIdentity's
 /// `configs/stableid.yaml`.
@@ -128,6 +140,24 @@ impl Text3dSettings {
             return Err(Error::setting("views_per_iteration", 0, "render at least one view per iteration"));
         }
         Ok(())
+    }
+
+    /// The PLY header's metadata of a finished run on `model_name` with `identities`, which began
+    /// from `start` (in words).
+    pub fn ply_metadata(&self, model_name: &str, identities: &[Identity], start: &str) -> Vec<(&'static str, String)> {
+        let sources: Vec<String> = identities.iter().map(|i| i.source.display().to_string()).collect();
+        vec![
+            ("software", format!("stableid {} 3d", env!("CARGO_PKG_VERSION"))),
+            ("prompt", self.prompt.clone()),
+            ("negative_prompt", self.negative_prompt.clone()),
+            ("identities", sources.join(", ")),
+            ("model", model_name.to_string()),
+            ("iterations", self.iterations.to_string()),
+            ("size", self.size.to_string()),
+            ("guidance", self.ism.guidance_scale.to_string()),
+            ("seed", self.seed.to_string()),
+            ("start", start.to_string()),
+        ]
     }
 
     /// What a checkpoint must agree with to be resumed.

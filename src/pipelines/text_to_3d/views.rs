@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::io::RgbImage;
 use crate::splats::{render, Camera, Gaussians, Render, RenderOptions};
 use crate::Result;
 
@@ -18,6 +19,11 @@ use crate::Result;
 const SCALE_NOISE: f64 = 0.111_803_398_874_989_48;
 /// Transmittance at or below which a pixel counts as covered, for the disparity's minimum.
 const COVERED: f64 = 0.1;
+
+/// A view of the Gaussians as the outputs show them (previews, the turntable): in front of white.
+pub fn view_image(gaussians: &Gaussians, camera: &Camera) -> Result<RgbImage> {
+    render(gaussians, camera, &RenderOptions { background: [1.0; 3], ..RenderOptions::default() })?.rgb_image()
+}
 
 /// The colour behind a training render.
 pub fn draw_background(augment_ratio: f64, rng: &mut impl Rng) -> [f64; 3] {

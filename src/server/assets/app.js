@@ -148,69 +148,201 @@ async function loadIdentities() {
   });
 }
 
+// ---- poses ----
+
+async function uploadPose(file) {
+  showMessage("");
+  const detect = $("pose-detect").checked;
+  $("pose-status").textContent = detect ? `finding the pose in ${file.name}...` : `reading ${file.name}...`;
+  try {
+    const query = new URLSearchParams({ name: file.name, detect });
+    const pose = await api("POST", `/api/poses?${query}`, file, file.type || "application/octet-stream");
+    selectedPose = pose.id;
+  } catch (error) {
+    showMessage(`${file.name}: ${error.message}`);
+  }
+  $("pose-status").textContent = "";
+  $("pose-input").value = "";
+  await loadAll();
+}
+
+// The pose chosen for the next images ("" for none); kept across list rebuilds.
+let selectedPose = "";
+
+function chosenPose() {
+  const box = document.querySelector('input[name="pose"]:checked');
+  return box ? box.value : "";
+}
+
+async function loadPoses() {
+  const poses = await api("GET", "/api/poses");
+  if (!poses.some((pose) => pose.id === selectedPose)) selectedPose = "";
+  showList($("pose-list"), poses, (pose) => {
+    const box = el("input", { type: "radio", name: "pose", value: pose.id });
+    const how = pose.detected ? `found in a photo (${pose.people} ${pose.people === 1 ? "person" : "people"})` : "skeleton";
+    return el(
+      "div",
+      { class: "card pose", "data-id": pose.id },
+      el("img", { src: `/api/poses/${pose.id}/pose.png`, alt: "pose skeleton" }),
+      el("label", {}, el("span", { text: pose.name }), box),
+      el("div", { class: "settings", text: `${pose.width}x${pose.height}, ${how}` }),
+      el("div", { class: "actions" }, el("button", { type: "button", text: "Delete", onclick: () => remove(`/api/poses/${pose.id}`) })),
+    );
+  });
+  for (const box of document.querySelectorAll('input[name="pose"]')) box.checked = box.value === selectedPose;
+}
+
 // ---- generation and gallery ----
 
 function tickedIdentities() {
   return [...document.querySelectorAll(".identity input:checked")].map((box) => box.value);
 }
 
-async function startGenerating(event) {
-  event.preventDefault();
-  showMessage("");
-  const request = {
+// Shows the fields of the kind of output chosen.
+function showKindFields() {
+  const kind = $("kind").value;
+  for (const node of document.querySelectorAll("#generate-form [data-kinds]")) {
+    node.hidden = !node.dataset.kinds.split(" ").includes(kind);
+  }
+}
+
+// The request of the form, as POST /api/images takes it.
+function generateRequest() {
+  const kind = $("kind").value;
+  const common = {
+    kind,
     prompt: $("prompt").value,
-    negative_prompt: $("negative-prompt").value,
     seed: numberOrUndefined("seed"),
+    identities: tickedIdentities(),
+  };
+  if (kind === "video") {
+    return {
+      ...common,
+      negative_prompt: $("negative-prompt").value,
+      frames: numberOrUndefined("video-frames"),
+      fps: numberOrUndefined("video-fps"),
+      steps: numberOrUndefined("video-steps"),
+      guidance: numberOrUndefined("video-guidance"),
+      width: numberOrUndefined("video-width"),
+      height: numberOrUndefined("video-height"),
+    };
+  }
+  if (kind === "3d") {
+    return {
+      ...common,
+      negative_prompt: $("head-negative-prompt").value,
+      iterations: numberOrUndefined("head-iterations"),
+      size: numberOrUndefined("head-size"),
+      guidance: numberOrUndefined("head-guidance"),
+      points: numberOrUndefined("head-points"),
+      preview_every: numberOrUndefined("head-preview-every"),
+      turntable_views: numberOrUndefined("head-turntable-views"),
+      fps: numberOrUndefined("head-fps"),
+    };
+  }
+  const pose = chosenPose();
+  return {
+    ...common,
+    negative_prompt: $("negative-prompt").value,
     steps: numberOrUndefined("steps"),
     guidance: numberOrUndefined("guidance"),
     sampler: $("sampler").value,
     num_images: numberOrUndefined("num-images"),
     width: numberOrUndefined("width"),
     height: numberOrUndefined("height"),
-    identities: tickedIdentities(),
+    pose: pose || undefined,
+    control_scale: pose ? numberOrUndefined("control-scale") : undefined,
   };
+}
+
+async function startGenerating(event) {
+  event.preventDefault();
+  showMessage("");
   try {
-    await api("POST", "/api/images", request);
+    await api("POST", "/api/images", generateRequest());
   } catch (error) {
     showMessage(`generation: ${error.message}`);
   }
 }
 
-// Fills the form with an image's request: generating again makes the same image.
-function reuse(image) {
-  const r = image.request;
+// Fills the form with an item's request: generating again makes the same item.
+function reuse(item) {
+  const r = item.request;
+  const kind = r.kind || "image";
+  $("kind").value = kind;
+  showKindFields();
   $("prompt").value = r.prompt;
-  $("negative-prompt").value = r.negative_prompt;
   $("seed").value = r.seed ?? "";
-  $("steps").value = r.steps;
-  $("guidance").value = r.guidance;
-  $("sampler").value = r.sampler;
-  $("num-images").value = 1;
-  $("width").value = r.width ?? "";
-  $("height").value = r.height ?? "";
+  if (kind === "video") {
+    $("negative-prompt").value = r.negative_prompt;
+    $("video-frames").value = r.frames;
+    $("video-fps").value = r.fps;
+    $("video-steps").value = r.steps;
+    $("video-guidance").value = r.guidance;
+    $("video-width").value = r.width ?? "";
+    $("video-height").value = r.height ?? "";
+  } else if (kind === "3d") {
+    $("head-negative-prompt").value = r.negative_prompt;
+    $("head-iterations").value = r.iterations;
+    $("head-size").value = r.size;
+    $("head-guidance").value = r.guidance;
+    $("head-points").value = r.points;
+    $("head-preview-every").value = r.preview_every;
+    $("head-turntable-views").value = r.turntable_views;
+    $("head-fps").value = r.fps;
+  } else {
+    $("negative-prompt").value = r.negative_prompt;
+    $("steps").value = r.steps;
+    $("guidance").value = r.guidance;
+    $("sampler").value = r.sampler;
+    $("num-images").value = 1;
+    $("width").value = r.width ?? "";
+    $("height").value = r.height ?? "";
+    $("control-scale").value = r.control_scale ?? 1;
+    selectedPose = r.pose || "";
+    const poseThere = !r.pose || document.querySelector(`input[name="pose"][value="${r.pose}"]`);
+    for (const box of document.querySelectorAll('input[name="pose"]')) box.checked = box.value === selectedPose;
+    if (!poseThere) showMessage("the pose of this image was deleted since");
+  }
   const wanted = new Set(r.identities);
   for (const box of document.querySelectorAll(".identity input")) box.checked = wanted.has(box.value);
-  const missing = image.identities.filter((identity) => !identities.some((known) => known.id === identity.id));
+  const missing = item.identities.filter((identity) => !identities.some((known) => known.id === identity.id));
   if (missing.length) showMessage(`identity ${missing.map((i) => i.name).join(", ")} was deleted since`);
   $("generate-section").scrollIntoView();
 }
 
+// What a gallery card shows of an item, and what it offers to download.
+function media(item) {
+  const base = `/api/images/${item.id}`;
+  if (item.kind === "video" || item.kind === "3d") {
+    const video = el("video", { src: `${base}/video.mp4`, controls: "", loop: "", muted: "", playsinline: "" });
+    const downloads = [el("a", { href: `${base}/video.mp4`, download: "", text: item.kind === "3d" ? "Turntable MP4" : "Download" })];
+    if (item.kind === "3d") downloads.push(el("a", { class: "ply", href: `${base}/splats.ply`, download: "", text: "Download PLY" }));
+    return [video, downloads];
+  }
+  return [el("img", { src: `${base}/image.png`, alt: item.request.prompt }), [el("a", { href: `${base}/image.png`, download: "", text: "Download" })]];
+}
+
 async function loadGallery() {
-  const images = await api("GET", "/api/images");
-  showList($("gallery"), images, (image) => {
-    const settings = image.settings.filter(([key]) => key !== "Software" && key !== "identity").map(([key, value]) => `${key}: ${value}`);
-    if (image.identities.length) settings.push(`identities: ${image.identities.map((i) => i.name).join(", ")}`);
+  const items = await api("GET", "/api/images");
+  showList($("gallery"), items, (item) => {
+    const shown = ([key, value]) => value !== "" && !["Software", "software", "identity", "identities"].includes(key);
+    const settings = item.settings.filter(shown).map(([key, value]) => `${key}: ${value}`);
+    if (item.kind !== "image") settings.unshift(item.kind === "3d" ? "3D head" : "video");
+    if (item.identities.length) settings.push(`identities: ${item.identities.map((i) => i.name).join(", ")}`);
+    const [view, downloads] = media(item);
     return el(
       "div",
-      { class: "card image", "data-id": image.id },
-      el("img", { src: `/api/images/${image.id}/image.png`, alt: image.request.prompt }),
+      { class: `card image ${item.kind === "3d" ? "head" : item.kind}`, "data-id": item.id, "data-kind": item.kind },
+      view,
       el("div", { class: "settings", text: settings.join(" · ") }),
+      el("div", { class: "warnings", text: (item.warnings || []).join("; ") }),
       el(
         "div",
         { class: "actions" },
-        el("button", { type: "button", class: "reuse", text: "Reuse settings", onclick: () => reuse(image) }),
-        el("a", { href: `/api/images/${image.id}/image.png`, download: "", text: "Download" }),
-        el("button", { type: "button", text: "Delete", onclick: () => remove(`/api/images/${image.id}`) }),
+        el("button", { type: "button", class: "reuse", text: "Reuse settings", onclick: () => reuse(item) }),
+        ...downloads,
+        el("button", { type: "button", text: "Delete", onclick: () => remove(`/api/images/${item.id}`) }),
       ),
     );
   });
@@ -258,6 +390,7 @@ function renderBoard(board) {
     $("progress-text").textContent = shown.total ? `step ${shown.step} / ${shown.total}` : "";
     $("eta-text").textContent = shown.eta_seconds != null && shown.state === "running" ? `ETA ${formatSeconds(shown.eta_seconds)}` : "";
     $("cancel-button").hidden = !(shown.state === "running" || shown.state === "queued");
+    $("job-warnings").textContent = shown.warnings.map((warning) => `warning: ${warning}`).join("\n");
     drawLosses(shown.kind === "learn" ? shown.losses : []);
     // Only new previews are added: the images already shown are not fetched again.
     if ($("previews").dataset.ids !== shown.previews.join()) {
@@ -306,7 +439,7 @@ async function loadAll() {
   do {
     reloadAgain = false;
     try {
-      await Promise.all([loadPhotos(), loadIdentities(), loadGallery()]);
+      await Promise.all([loadPhotos(), loadIdentities(), loadPoses(), loadGallery()]);
     } catch (error) {
       showMessage(error.message);
     }
@@ -327,12 +460,30 @@ async function start() {
     $("num-images").value = info.generate_defaults.num_images;
     $("sampler").replaceChildren(...info.samplers.map((name) => el("option", { value: name, text: name })));
     $("sampler").value = info.generate_defaults.sampler;
+    $("control-scale").value = info.generate_defaults.control_scale;
+    $("video-frames").value = info.video_defaults.frames;
+    $("video-fps").value = info.video_defaults.fps;
+    $("video-steps").value = info.video_defaults.steps;
+    $("video-guidance").value = info.video_defaults.guidance;
+    const head = info.three_d_defaults;
+    $("head-negative-prompt").value = head.negative_prompt;
+    $("head-iterations").value = head.iterations;
+    $("head-size").value = head.size;
+    $("head-guidance").value = head.guidance;
+    $("head-points").value = head.points;
+    $("head-preview-every").value = head.preview_every;
+    $("head-turntable-views").value = head.turntable_views;
+    $("head-fps").value = head.fps;
   } catch (error) {
     showMessage(error.message);
   }
   $("photo-input").addEventListener("change", (event) => uploadPhotos([...event.target.files]));
   $("learn-form").addEventListener("submit", startLearning);
   $("generate-form").addEventListener("submit", startGenerating);
+  $("kind").addEventListener("change", showKindFields);
+  showKindFields();
+  $("pose-input").addEventListener("change", (event) => event.target.files[0] && uploadPose(event.target.files[0]));
+  $("pose-list").parentElement.addEventListener("change", () => (selectedPose = chosenPose()));
   $("cancel-button").addEventListener("click", () => currentJobId && cancel(currentJobId));
   const events = new EventSource("/api/events");
   events.addEventListener("board", (event) => renderBoard(JSON.parse(event.data)));

@@ -6,6 +6,7 @@ mod identities;
 mod images;
 mod jobs;
 mod photos;
+mod poses;
 
 use std::sync::Arc;
 
@@ -25,6 +26,9 @@ pub const MAX_JSON_BYTES: usize = 64 << 10;
 
 /// The largest photo upload taken.
 pub const MAX_UPLOAD_BYTES: usize = 50 << 20;
+
+/// The longest file name kept for display.
+const MAX_FILE_NAME_CHARS: usize = 200;
 
 /// The cookie that carries the token for the page's own requests (the event stream cannot send a
 /// header).
@@ -49,8 +53,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/identities/{id}/export", get(identities::export))
         .route("/api/images", get(images::list).post(images::generate))
         .route("/api/images/{id}", get(images::show).delete(images::delete))
-        .route("/api/images/{id}/image.png", get(images::png))
+        .route("/api/images/{id}/{file}", get(images::file))
         .route("/api/previews/{id}/image.png", get(images::preview_png))
+        .route("/api/poses", get(poses::list).post(poses::upload).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)))
+        .route("/api/poses/{id}", get(poses::show).delete(poses::delete))
+        .route("/api/poses/{id}/pose.png", get(poses::png))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
@@ -66,9 +73,12 @@ async fn not_found(request: Request) -> ApiError {
 
 /// What the page needs to know: the models, the defaults of each form, the limits.
 async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    use crate::pipelines::text_to_3d as three_d;
     let models = &state.settings.models;
     let learn = crate::identity::run::LearnSettings::default();
     let generate = crate::pipelines::GenerateRequest::new("", 0, 0);
+    let video = crate::pipelines::VideoRequest::new("", 0, 0);
+    let head = three_d::Text3dSettings::new("");
     Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "model": models.model,
@@ -76,6 +86,9 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "dtype": format!("{:?}", models.dtype),
         "face_encoder": models.face_encoder,
         "face_parser": models.face_parser.name(),
+        "controlnet": models.controlnet,
+        "video_model": models.video_model,
+        "kinds": ["image", "video", "3d"],
         "samplers": crate::schedulers::Sampler::NAMES,
         "export_formats": ["a1111", "diffusers"],
         "learn_defaults": { "steps": learn.steps, "seed": learn.seed, "lr": learn.adamw.lr, "preview_every": 50 },
@@ -85,6 +98,24 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
             "guidance": generate.guidance,
             "sampler": generate.sampler.to_string(),
             "num_images": 1,
+            "control_scale": crate::pipelines::control::DEFAULT_CONTROL_SCALE,
+        },
+        "video_defaults": {
+            "frames": video.frames,
+            "fps": crate::pipelines::text_to_video::DEFAULT_FPS,
+            "steps": video.steps,
+            "guidance": video.guidance,
+        },
+        "three_d_defaults": {
+            "negative_prompt": head.negative_prompt,
+            "iterations": head.iterations,
+            "size": head.size,
+            "guidance": head.ism.guidance_scale,
+            "seed": head.seed,
+            "points": three_d::DEFAULT_POINTS,
+            "preview_every": three_d::DEFAULT_PREVIEW_EVERY,
+            "turntable_views": three_d::DEFAULT_TURNTABLE_VIEWS,
+            "fps": three_d::DEFAULT_TURNTABLE_FPS,
         },
         "limits": {
             "upload_bytes": MAX_UPLOAD_BYTES,
@@ -186,6 +217,34 @@ fn percent_decode(text: &str) -> String {
 fn same_secret(given: &str, secret: &str) -> bool {
     let (a, b) = (given.as_bytes(), secret.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The body of an image upload (`what`, in messages): 415 unless it is sent as an image (or
+/// octet stream), 400 when empty.
+fn image_upload(
+    headers: &HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    what: &str,
+) -> ApiResult<axum::body::Bytes> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if !(content_type.starts_with("image/") || content_type == "application/octet-stream") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "Content-Type {content_type:?}: send the {what} file itself as the body, as image/jpeg, image/png, ..."
+            ),
+        ));
+    }
+    let body = body?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request(format!("the body is empty: send the {what} file itself")));
+    }
+    Ok(body)
+}
+
+/// The name an upload is shown by: the browser's file name (cut short), or `default`.
+fn upload_name(name: Option<String>, default: &str) -> String {
+    name.unwrap_or_else(|| default.into()).chars().take(MAX_FILE_NAME_CHARS).collect()
 }
 
 /// A record of `kind`, or 404.

@@ -6,18 +6,15 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-use super::{blocking, file_response, record};
+use super::{blocking, file_response, image_upload, record, upload_name};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::store::{Kind, PhotoRecord};
 use crate::server::AppState;
-
-/// The longest file name kept for display.
-const MAX_FILE_NAME_CHARS: usize = 200;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,23 +36,11 @@ pub async fn upload(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let Query(query) = query?;
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    if !(content_type.starts_with("image/") || content_type == "application/octet-stream") {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!(
-                "Content-Type {content_type:?}: send the photo file itself as the body, as image/jpeg, image/png, ..."
-            ),
-        ));
-    }
-    let body = body?;
-    if body.is_empty() {
-        return Err(ApiError::bad_request("the body is empty: send the photo file itself"));
-    }
+    let body = image_upload(&headers, body, "photo")?;
     if query.face == Some(0) {
         return Err(ApiError::bad_request("face = 0: faces are numbered from 1 (the largest)"));
     }
-    let name: String = query.name.unwrap_or_else(|| "photo".into()).chars().take(MAX_FILE_NAME_CHARS).collect();
+    let name = upload_name(query.name, "photo");
     let analysis = state.clone();
     let photo =
         blocking(move || analysis.analyzer.analyse(&analysis.store, &body, &name, query.face, query.as_is)).await?;
