@@ -59,10 +59,11 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs, hub: &Hub) -> Result<()> {
+    let device = args.model.device()?;
     let models = ModelChoice {
         model: args.model.model.clone(),
-        device: args.model.device()?,
-        dtype: args.model.dtype(),
+        precision: args.model.precision(&device)?,
+        device,
         face_encoder: args.face_encoder,
         face_parser: args.parser.kind(),
         face_parser_weights: args.parser.weights().map(str::to_string),

@@ -30,8 +30,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
+use crate::nn::Precision;
 use crate::priors::masks::FaceParserKind;
 use crate::weights::Hub;
 use crate::{Error, Result};
@@ -45,7 +46,8 @@ pub struct ModelChoice {
     /// Stable Diffusion: a diffusers folder or a hub id.
     pub model: String,
     pub device: Device,
-    pub dtype: DType,
+    /// What the diffusion models load as (`--dtype`).
+    pub precision: Precision,
     /// The face-recognition ViT: a transformers folder or hub id.
     pub face_encoder: String,
     pub face_parser: FaceParserKind,

@@ -152,7 +152,7 @@ fn check_identities_exist(store: &Store, ids: &[String]) -> ApiResult<()> {
 /// The folder of model `spec` when it is on this machine already (a folder, or complete in the
 /// hub cache); `None` when it is still to be downloaded (its job does that).
 fn model_here(spec: &str, models: &ModelChoice) -> Option<ModelDir> {
-    ModelDir::resolve(spec, &models.hub.clone().offline(true), models.dtype).ok()
+    ModelDir::resolve(spec, &models.hub.clone().offline(true), models.precision.file_dtype()).ok()
 }
 
 /// A learning job, as `POST /api/identities` asks for it; defaults are `stableid learn`'s.
@@ -316,7 +316,7 @@ impl GenerateJob {
             Some(id) => Some(pose_image(store, id)?),
             None => None,
         };
-        let configs = SdConfigs::read(&ModelDir::resolve(&models.model, &models.hub, models.dtype)?)?;
+        let configs = SdConfigs::read(&ModelDir::resolve(&models.model, &models.hub, models.precision.file_dtype())?)?;
         self.request(&configs, pose.as_ref())?;
         Ok(())
     }
@@ -499,7 +499,7 @@ impl Text3dJob {
     pub fn check(&self, store: &Store, models: &ModelChoice) -> ApiResult<()> {
         check_identities_exist(store, &self.identities)?;
         self.settings()?;
-        let configs = SdConfigs::read(&ModelDir::resolve(&models.model, &models.hub, models.dtype)?)?;
+        let configs = SdConfigs::read(&ModelDir::resolve(&models.model, &models.hub, models.precision.file_dtype())?)?;
         configs.check_image_size(self.size, self.size).map_err(|problem| Error::setting("size", self.size, problem))?;
         Ok(())
     }
@@ -688,9 +688,9 @@ impl Loaded {
     fn sd(&mut self, models: &ModelChoice) -> Result<&StableDiffusion> {
         if self.sd.is_none() {
             self.sd = Some(StableDiffusion::load(
-                &ModelDir::resolve(&models.model, &models.hub, models.dtype)?,
+                &ModelDir::resolve(&models.model, &models.hub, models.precision.file_dtype())?,
                 &models.device,
-                models.dtype,
+                models.precision,
             )?);
         }
         Ok(self.sd.as_ref().expect("loaded above"))
@@ -701,10 +701,10 @@ impl Loaded {
         self.sd(models)?;
         if self.controlnet.is_none() {
             let sd = self.sd.as_ref().expect("loaded above");
-            let dir = ControlNetDir::resolve(&models.controlnet, &models.hub, models.dtype)?;
+            let dir = ControlNetDir::resolve(&models.controlnet, &models.hub, models.precision.file_dtype())?;
             let config = dir.config()?;
             dir.check_fits(&config, sd.configs(), sd.model_name())?;
-            let controlnet = Arc::new(dir.load(&config, sd.dtype(), sd.device())?);
+            let controlnet = Arc::new(dir.load(&config, sd.precision(), sd.device())?);
             self.controlnet = Some((controlnet, dir.name().to_string()));
         }
         Ok(self.controlnet.clone().expect("loaded above"))
@@ -712,9 +712,9 @@ impl Loaded {
 
     fn video(&mut self, models: &ModelChoice) -> Result<&TextToVideoModel> {
         if self.video.is_none() {
-            let dir = ModelDir::resolve(&models.video_model, &models.hub, models.dtype)?;
+            let dir = ModelDir::resolve(&models.video_model, &models.hub, models.precision.file_dtype())?;
             let configs = VideoConfigs::read(&dir)?;
-            self.video = Some(TextToVideoModel::load(&dir, configs, &models.device, models.dtype)?);
+            self.video = Some(TextToVideoModel::load(&dir, configs, &models.device, models.precision)?);
         }
         Ok(self.video.as_ref().expect("loaded above"))
     }

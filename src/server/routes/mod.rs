@@ -83,7 +83,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "model": models.model,
         "device": format!("{:?}", models.device),
-        "dtype": format!("{:?}", models.dtype),
+        "dtype": models.precision.name(),
         "face_encoder": models.face_encoder,
         "face_parser": models.face_parser.name(),
         "controlnet": models.controlnet,
