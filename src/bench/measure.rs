@@ -18,19 +18,18 @@ use crate::identity::optim::AdamWConfig;
 use crate::identity::step::{Basis, FrozenModels, Learner, StepInputs};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel, ControlScale};
-use crate::models::stable_diffusion::SdConfigs;
+use crate::models::stable_diffusion::{SdConfigs, StableDiffusion};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::unet3d::UNet3DConditionModel;
 use crate::models::vae::AutoencoderKL;
-use crate::nn::profile;
+use crate::nn::{load_matrices_as, profile};
 use crate::pipelines::guide;
 use crate::priors::align::{align, choose_face, FaceDetector, ALIGNED_SIZE};
 use crate::priors::photo::load_upright;
 use crate::random::standard_normal;
 use crate::schedulers::Ddpm;
 use crate::splats::{render, Camera, Gaussians, OrbitPosition, RenderOptions};
-use crate::nn::load_matrices_as;
-use crate::weights::RandomWeights;
+use crate::weights::{ModelDir, RandomWeights};
 use crate::{Error, Result};
 
 /// Width of the face-recognition feature the identity MLP reads (ViT-B/16 CLS token).
@@ -91,6 +90,10 @@ pub(super) fn build_and_measure(configs: &SdConfigs, options: &BenchOptions) -> 
     let device = &options.device;
     let mut memory = MemoryProbe::new(device)?;
     let mut timings = Vec::new();
+    // Before the random-weight models are built, so that the peak is loading's alone.
+    if let (true, Some(dir)) = (options.measures.contains(&Measure::Load), &options.model) {
+        timings.push(measure_load(dir, options, &mut memory)?);
+    }
     let models = if options.measures.iter().any(|m| m.uses_models()) {
         Some(measure_models(configs, options, &mut memory, &mut timings)?)
     } else {
@@ -311,6 +314,17 @@ fn measure_text(models: &Models, options: &BenchOptions, inputs: &Inputs, memory
     measure_op("text", options, memory, || {
         let _features = models.text_encoder.forward(&inputs.caption_ids, Some(&identity))?;
         Ok(options.device.synchronize()?)
+    })
+}
+
+/// Loading the text encoder, UNet and VAE of the diffusers folder `dir` as `stableid generate`
+/// does, in the benchmark's precision (each run drops what the previous one loaded).
+fn measure_load(dir: &Path, options: &BenchOptions, memory: &mut MemoryProbe) -> Result<Timing> {
+    let model = ModelDir::local(dir);
+    let configs = SdConfigs::read(&model)?;
+    measure_op("load", options, memory, || {
+        StableDiffusion::load_with_configs(&model, configs.clone(), &options.device, options.precision)?;
+        Ok(())
     })
 }
 

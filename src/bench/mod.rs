@@ -73,6 +73,9 @@ pub enum Measure {
     Video,
     /// Gaussian splatting: renders, and renders with their backward pass.
     Splat,
+    /// Loading Stable Diffusion from the files of [`BenchOptions::model`] in the benchmark's
+    /// precision: the time, and the peak memory of loading.
+    Load,
 }
 
 impl Measure {
@@ -105,6 +108,8 @@ pub struct BenchOptions {
     pub photo: Option<PathBuf>,
     /// The text-to-video UNet [`Measure::Video`] builds: ModelScope's by default.
     pub video_unet: UNet3DConditionConfig,
+    /// The diffusers folder [`Measure::Load`] reads.
+    pub model: Option<PathBuf>,
     /// Gaussians of [`Measure::Splat`].
     pub splats: usize,
     /// Views per [`Measure::Splat`] run.
@@ -125,6 +130,7 @@ impl BenchOptions {
             profile: false,
             photo: None,
             video_unet: UNet3DConditionConfig::default(),
+            model: None,
             splats: 100_000,
             splat_views: 4,
         }
@@ -148,11 +154,14 @@ impl BenchOptions {
             return Err(Error::setting(
                 "measures",
                 "none",
-                "nothing to measure: give at least one of learn, denoise, controlnet, vae, text, align, video, splat",
+                "nothing to measure: give at least one of learn, denoise, controlnet, vae, text, align, video, splat, load",
             ));
         }
         if self.measures.contains(&Measure::Align) && self.photo.is_none() {
             return Err(Error::setting("photo", "none", "the align measurement needs a photo with a face"));
+        }
+        if self.measures.contains(&Measure::Load) && self.model.is_none() {
+            return Err(Error::setting("model", "none", "the load measurement needs a diffusers folder to read"));
         }
         if self.measures.contains(&Measure::Splat) && (self.splats == 0 || self.splat_views == 0) {
             return Err(Error::setting("splats", self.splats, "the splat measurement needs Gaussians and views"));

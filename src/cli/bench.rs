@@ -18,6 +18,7 @@ use super::{DeviceArg, DtypeArg};
     stableid bench --only align --photo phone.jpg   # face detection + alignment\n  \
     stableid bench --only video --res 256           # a text-to-video denoising step\n  \
     stableid bench --only splat --splats 100000 --splat-views 4   # Gaussian splatting, 512x512\n  \
+    stableid bench --only load,denoise --res 256 --dtype q8 --model sd21/   # loading from files, q8\n  \
     RAYON_NUM_THREADS=4 stableid bench --res 256   # CPU threads\n\n\
     tools/bench/compare.sh runs the same measurements in PyTorch and prints the ratios (docs/benchmarks.md).")]
 pub struct BenchArgs {
@@ -30,8 +31,8 @@ pub struct BenchArgs {
     /// Timed runs of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Which measurements, comma-separated [default: learn,denoise,controlnet,vae,text, and
-    /// align with --photo].
+    /// Which measurements, comma-separated [default: learn,denoise,controlnet,vae,text, align
+    /// with --photo, load with --model].
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Option<Vec<MeasureArg>>,
     /// Gaussians of the splat measurement.
@@ -43,6 +44,10 @@ pub struct BenchArgs {
     /// The photo the align measurement reads, detects and aligns.
     #[arg(long)]
     photo: Option<std::path::PathBuf>,
+    /// A diffusers folder (SD 2.1-base-shaped) the load measurement reads from its files;
+    /// tools/bench/random_sd21.py writes one with random weights.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
     /// Where the models run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
@@ -80,6 +85,8 @@ enum MeasureArg {
     Video,
     /// Forward, and forward + backward, of --splats Gaussians at --res from --splat-views cameras.
     Splat,
+    /// Loading Stable Diffusion from the files of --model in --dtype (time, and loading's peak memory).
+    Load,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -100,15 +107,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     MeasureArg::Align => Measure::Align,
                     MeasureArg::Video => Measure::Video,
                     MeasureArg::Splat => Measure::Splat,
+                    MeasureArg::Load => Measure::Load,
                 })
                 .collect(),
-            None => Measure::MODELS.into_iter().chain(args.photo.is_some().then_some(Measure::Align)).collect(),
+            None => Measure::MODELS
+                .into_iter()
+                .chain(args.photo.is_some().then_some(Measure::Align))
+                .chain(args.model.is_some().then_some(Measure::Load))
+                .collect(),
         },
         device: device.clone(),
         precision: args.dtype.precision(&device)?,
         seed: args.seed,
         profile: args.profile,
         photo: args.photo,
+        model: args.model,
         video_unet: Default::default(),
         splats: args.splats,
         splat_views: args.splat_views,
