@@ -243,7 +243,9 @@ fn packed_weights_make_nearly_the_f32_image() {
         source: "a".into(),
         metadata: Default::default(),
     };
-    for (precision, min_psnr) in [(Precision::f16_on(&Device::Cpu), 65.0), (Precision::q8_on(&Device::Cpu).unwrap(), 45.0)] {
+    for (precision, min_psnr) in
+        [(Precision::f16_on(&Device::Cpu), 65.0), (Precision::q8_on(&Device::Cpu).unwrap(), 45.0)]
+    {
         let packed = StableDiffusion::load(&tiny_model(), &Device::Cpu, precision).unwrap();
         assert_eq!(packed.dtype(), DType::F32, "activations stay f32");
         for identities in [vec![], vec![identity.clone()]] {

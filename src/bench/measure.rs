@@ -265,8 +265,9 @@ fn measure_controlnet(
 ) -> Result<Timing> {
     let device = &options.device;
     let vb = RandomWeights::new(options.seed + 1).into_var_builder(options.precision.dtype, device);
-    let controlnet =
-        load_matrices_as(options.precision.matrices, || ControlNetModel::new(vb, &ControlNetConfig::from_unet(&configs.unet)))?;
+    let controlnet = load_matrices_as(options.precision.matrices, || {
+        ControlNetModel::new(vb, &ControlNetConfig::from_unet(&configs.unet))
+    })?;
     let width = models.text_encoder.config().hidden_size;
     let latents = standard_normal(inputs.latent_shape, rng, device)?;
     let context = standard_normal((2, PROMPT_TOKENS, width), rng, device)?.to_dtype(options.precision.dtype)?;
@@ -334,15 +335,17 @@ fn measure_load(dir: &Path, options: &BenchOptions, memory: &mut MemoryProbe) ->
 fn measure_video(options: &BenchOptions, memory: &mut MemoryProbe) -> Result<Timing> {
     let device = &options.device;
     let config = &options.video_unet;
-    let unet =
-        load_matrices_as(options.precision.matrices, || {
-            UNet3DConditionModel::new(RandomWeights::new(options.seed).into_var_builder(options.precision.dtype, device), config)
-        })?;
+    let unet = load_matrices_as(options.precision.matrices, || {
+        UNet3DConditionModel::new(
+            RandomWeights::new(options.seed).into_var_builder(options.precision.dtype, device),
+            config,
+        )
+    })?;
     let mut rng = StdRng::seed_from_u64(options.seed);
     let side = options.resolution / 8;
     let latents = standard_normal((1, config.in_channels, VIDEO_FRAMES, side, side), &mut rng, device)?;
-    let context =
-        standard_normal((2, PROMPT_TOKENS, config.cross_attention_dim), &mut rng, device)?.to_dtype(options.precision.dtype)?;
+    let context = standard_normal((2, PROMPT_TOKENS, config.cross_attention_dim), &mut rng, device)?
+        .to_dtype(options.precision.dtype)?;
     let t = Tensor::full(DENOISE_TIMESTEP, 2, device)?;
     measure_op("video", options, memory, || {
         let input = Tensor::cat(&[&latents, &latents], 0)?.to_dtype(options.precision.dtype)?;

@@ -17,8 +17,8 @@ mod video;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
-use stableid::nn::Precision;
 use clap::{Parser, Subcommand, ValueEnum};
+use stableid::nn::Precision;
 use stableid::priors::align::{frame_photo, FaceDetector, FramedPhoto, Framing};
 use stableid::priors::masks::{FaceParser, FaceParserKind, DEFAULT_SEGFORMER};
 use stableid::weights::{DownloadEvent, Hub};

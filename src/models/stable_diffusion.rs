@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::nn::{load_matrices_as, Precision};
 use crate::models::unet::{PerBlock, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::nn::{load_matrices_as, Precision};
 use crate::schedulers::{PredictionType, SchedulerConfig};
 use crate::tokenizer::{placeholder_token, ClipTokenizer};
 use crate::weights::ModelDir;
@@ -240,7 +240,12 @@ pub struct PromptEncoder {
 impl PromptEncoder {
     /// Loads `tokenizer/` and `text_encoder/` of a diffusers folder, the text encoder in
     /// `precision` on `device`; `config` is its `text_encoder/config.json`.
-    pub fn load(model: &ModelDir, config: ClipTextConfig, device: &Device, precision: impl Into<Precision>) -> Result<Self> {
+    pub fn load(
+        model: &ModelDir,
+        config: ClipTextConfig,
+        device: &Device,
+        precision: impl Into<Precision>,
+    ) -> Result<Self> {
         let Precision { dtype, matrices } = precision.into();
         let tokenizer_dir = model.component("tokenizer")?;
         let mut tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
@@ -260,7 +265,8 @@ impl PromptEncoder {
         let placeholder_ids = tokenizer.add_placeholder_tokens(&placeholder_refs)?;
         let text_encoder_weights = model.weights("text_encoder", "model", dtype, device)?;
         let text_encoder_file = text_encoder_weights.path.clone();
-        let text_encoder = load_matrices_as(matrices, || text_encoder_weights.build(|vb| ClipTextModel::new(vb, &config)))?;
+        let text_encoder =
+            load_matrices_as(matrices, || text_encoder_weights.build(|vb| ClipTextModel::new(vb, &config)))?;
         Ok(Self { config, tokenizer, placeholder_ids, text_encoder, text_encoder_file, device: device.clone(), dtype })
     }
 
@@ -363,7 +369,9 @@ impl StableDiffusion {
                 .build(|vb| UNet2DConditionModel::new(vb, &configs.unet))
         })?;
         let vae = load_matrices_as(matrices, || {
-            model.weights("vae", "diffusion_pytorch_model", dtype, device)?.build(|vb| AutoencoderKL::new(vb, &configs.vae))
+            model
+                .weights("vae", "diffusion_pytorch_model", dtype, device)?
+                .build(|vb| AutoencoderKL::new(vb, &configs.vae))
         })?;
         Ok(Self {
             model_name: model.name().to_string(),

@@ -110,7 +110,12 @@ impl TextToVideoModel {
     /// Loads tokenizer, text encoder, video UNet and VAE from a diffusers folder whose configs
     /// [`VideoConfigs::read`] accepted, the weights in `precision` on `device` (fp16 files are
     /// converted as they are read).
-    pub fn load(model: &ModelDir, configs: VideoConfigs, device: &Device, precision: impl Into<Precision>) -> Result<Self> {
+    pub fn load(
+        model: &ModelDir,
+        configs: VideoConfigs,
+        device: &Device,
+        precision: impl Into<Precision>,
+    ) -> Result<Self> {
         let precision = precision.into();
         let Precision { dtype, matrices } = precision;
         crate::nn::check_dtype(dtype, device)?;
@@ -121,7 +126,9 @@ impl TextToVideoModel {
                 .build(|vb| UNet3DConditionModel::new(vb, &configs.unet))
         })?;
         let vae = load_matrices_as(matrices, || {
-            model.weights("vae", "diffusion_pytorch_model", dtype, device)?.build(|vb| AutoencoderKL::new(vb, &configs.vae))
+            model
+                .weights("vae", "diffusion_pytorch_model", dtype, device)?
+                .build(|vb| AutoencoderKL::new(vb, &configs.vae))
         })?;
         Ok(Self {
             model_name: model.name().to_string(),

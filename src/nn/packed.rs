@@ -178,7 +178,10 @@ enum PackedValues {
     F16(Vec<f16>),
     /// One scale per block of [`Q8_BLOCK`] columns (the last block of a row may be shorter),
     /// and the 8-bit values, row-major.
-    Q8 { scales: Vec<f16>, quants: Vec<i8> },
+    Q8 {
+        scales: Vec<f16>,
+        quants: Vec<i8>,
+    },
 }
 
 impl PackedMatrix {
@@ -304,8 +307,8 @@ mod tests {
     /// (the convolution's small images, one task each) and on all.
     #[test]
     fn packed_layers_equal_dense_layers_on_the_widened_weights() {
-        use crate::nn::{Conv2d, Conv2dConfig, Linear};
         use crate::nn::test_values::{rel_diff, spread_tensor};
+        use crate::nn::{Conv2d, Conv2dConfig, Linear};
         use candle_core::Var;
         use std::collections::HashMap;
 
@@ -323,10 +326,14 @@ mod tests {
         let conv_config = Conv2dConfig { padding: 1, stride: 2 };
         for format in [MatrixFormat::F16, MatrixFormat::Q8] {
             let (lin, conv) = load_matrices_as(format, || {
-                (Linear::new(vb.pp("lin"), in_dim, out_dim, true).unwrap(), Conv2d::new(vb.pp("conv"), c_in, c_out, 3, conv_config).unwrap())
+                (
+                    Linear::new(vb.pp("lin"), in_dim, out_dim, true).unwrap(),
+                    Conv2d::new(vb.pp("conv"), c_in, c_out, 3, conv_config).unwrap(),
+                )
             });
             assert!(matches!(lin.weight, MatrixWeight::Packed(_)) && matches!(conv.weight, MatrixWeight::Packed(_)));
-            let dense_lin = Linear { weight: MatrixWeight::Tensor(lin.weight.tensor().unwrap()), bias: lin.bias.clone() };
+            let dense_lin =
+                Linear { weight: MatrixWeight::Tensor(lin.weight.tensor().unwrap()), bias: lin.bias.clone() };
             let dense_conv = Conv2d {
                 weight: MatrixWeight::Tensor(conv.weight.tensor().unwrap()),
                 bias: conv.bias.clone(),
@@ -338,14 +345,17 @@ mod tests {
                     let (y, expected) = (lin.forward(&x).unwrap(), dense_lin.forward(&x).unwrap());
                     assert!(rel_diff(&y, &expected) < 1e-6, "{format:?} linear");
                     let dx = y.sqr().unwrap().sum_all().unwrap().backward().unwrap().get(&x).unwrap().clone();
-                    let dx_dense = expected.sqr().unwrap().sum_all().unwrap().backward().unwrap().get(&x).unwrap().clone();
+                    let dx_dense =
+                        expected.sqr().unwrap().sum_all().unwrap().backward().unwrap().get(&x).unwrap().clone();
                     assert!(rel_diff(&dx, &dx_dense) < 1e-6, "{format:?} linear gradient");
 
-                    let image = Var::from_tensor(&spread_tensor((2, c_in, rows % 11 + 5, 9), 6, -1.0, 2.0, DType::F32)).unwrap();
+                    let image = Var::from_tensor(&spread_tensor((2, c_in, rows % 11 + 5, 9), 6, -1.0, 2.0, DType::F32))
+                        .unwrap();
                     let (y, expected) = (conv.forward(&image).unwrap(), dense_conv.forward(&image).unwrap());
                     assert!(rel_diff(&y, &expected) < 1e-6, "{format:?} conv");
                     let dx = y.sqr().unwrap().sum_all().unwrap().backward().unwrap().get(&image).unwrap().clone();
-                    let dx_dense = expected.sqr().unwrap().sum_all().unwrap().backward().unwrap().get(&image).unwrap().clone();
+                    let dx_dense =
+                        expected.sqr().unwrap().sum_all().unwrap().backward().unwrap().get(&image).unwrap().clone();
                     assert!(rel_diff(&dx, &dx_dense) < 1e-6, "{format:?} conv gradient");
                 }
             }

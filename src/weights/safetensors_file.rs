@@ -82,7 +82,9 @@ impl SafetensorsFile {
             DType::F16 => self.read_as::<half::f16>(name, entry),
             DType::F32 => self.read_as::<f32>(name, entry),
             DType::F64 => self.read_as::<f64>(name, entry),
-            other => candle_core::bail!("{}: tensor {name} has dtype {other:?}, which is not read", self.path.display()),
+            other => {
+                candle_core::bail!("{}: tensor {name} has dtype {other:?}, which is not read", self.path.display())
+            }
         }
     }
 

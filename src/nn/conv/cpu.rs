@@ -48,7 +48,12 @@ const GRADIENT_BLOCK_ROWS: usize = 720;
 /// (c_out, c_in, kh, kw); returns contiguous (batch, c_out, out_h, out_w).
 pub(super) fn forward<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape) -> Vec<T> {
     assert_eq!(kernel.len(), shape.c_out * shape.c_in * shape.kh * shape.kw, "conv2d: kernel size");
-    forward_tiled(x, Strided::row_major(kernel, shape.c_out, kernel.len() / shape.c_out.max(1)), shape, COLUMN_BUDGET_BYTES)
+    forward_tiled(
+        x,
+        Strided::row_major(kernel, shape.c_out, kernel.len() / shape.c_out.max(1)),
+        shape,
+        COLUMN_BUDGET_BYTES,
+    )
 }
 
 /// [`forward`] in f32 with a packed kernel, (c_out, c_in * kh * kw).
@@ -125,8 +130,11 @@ fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &Conv
         cols.par_chunks_mut(taps * plane_out)
             .zip(x.par_chunks(plane_in))
             .for_each(|(col, plane)| geometry.im2col(plane, 0..geometry.out_h, col));
-        let mut products: Vec<_> =
-            y.chunks_exact_mut(c_out * plane_out).zip(cols.chunks_exact(depth * plane_out)).map(|(y, col)| (y, Strided::row_major(col, depth, plane_out))).collect();
+        let mut products: Vec<_> = y
+            .chunks_exact_mut(c_out * plane_out)
+            .zip(cols.chunks_exact(depth * plane_out))
+            .map(|(y, col)| (y, Strided::row_major(col, depth, plane_out)))
+            .collect();
         kernel.times_each(&mut products, plane_out, Threads::All);
         return y;
     }

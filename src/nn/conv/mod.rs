@@ -75,7 +75,12 @@ impl Conv2d {
 }
 
 /// [`conv2d`] with a packed kernel, for f32 CPU inputs; the input gradient widens the kernel.
-fn packed_conv2d(x: &Tensor, kernel: &Arc<PackedMatrix>, bias: Option<&Tensor>, config: Conv2dConfig) -> Result<Tensor> {
+fn packed_conv2d(
+    x: &Tensor,
+    kernel: &Arc<PackedMatrix>,
+    bias: Option<&Tensor>,
+    config: Conv2dConfig,
+) -> Result<Tensor> {
     profile::timed("conv2d", x.device(), || {
         let dims = x.dims4()?;
         let (c_out, depth) = (kernel.rows, kernel.cols);

@@ -6,8 +6,8 @@
 use candle_core::{CpuStorage, DType, Result, Tensor};
 
 use crate::nn::cpu::gemm::{matmul, matmul_packed_lhs, Strided, Threads};
-use crate::nn::packed::PackedMatrix;
 use crate::nn::cpu::{cpu_dtype, with_values, Element};
+use crate::nn::packed::PackedMatrix;
 
 /// `x W^T + b` for `x` (rows, in), `weight` (out, in), `bias` (out) by [`matmul`]: `W^T` is
 /// read through its strides, and the bias rows are written into the output first, for the

@@ -81,7 +81,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
                 if !x.track_op() {
                     return cpu_tensor(y, shape);
                 }
-                return x.apply_op1(Node::computed(y, shape, LinearGrad { weight: MatrixWeight::Tensor(weight.clone()) }));
+                return x.apply_op1(Node::computed(
+                    y,
+                    shape,
+                    LinearGrad { weight: MatrixWeight::Tensor(weight.clone()) },
+                ));
             }
         }
         let value = |x: &Tensor| x.matmul(&weight.t()?);
