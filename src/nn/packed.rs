@@ -225,7 +225,7 @@ impl PackedMatrix {
         match &self.values {
             PackedValues::F16(values) => {
                 for (start, out) in starts.zip(out.chunks_exact_mut(width.max(1))) {
-                    values[start..start + width].convert_to_f32_slice(out);
+                    widen_f16(&values[start..start + width], out);
                 }
             }
             PackedValues::Q8 { scales, quants } => {
@@ -247,6 +247,30 @@ impl PackedMatrix {
         self.widen(0..self.rows, 0..self.cols, &mut values);
         Tensor::from_vec(values, self.shape.clone(), &Device::Cpu)
     }
+}
+
+/// `out = values` in f32: eight at a time with F16C where the CPU has it (the `half` crate's
+/// slice conversion calls a function per eight values: 1.6 times as long on 14.7M values).
+fn widen_f16(values: &[f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has the features `widen_f16_f16c` is compiled for.
+        return unsafe { widen_f16_f16c(values, out) };
+    }
+    values.convert_to_f32_slice(out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+fn widen_f16_f16c(values: &[f16], out: &mut [f32]) {
+    use std::arch::x86_64::{_mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    assert_eq!(values.len(), out.len(), "widen_f16: lengths");
+    for (eight, wide) in values.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+        // SAFETY: eight f16 (16 bytes) are read and eight f32 written, inside the chunks.
+        unsafe { _mm256_storeu_ps(wide.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(eight.as_ptr().cast()))) }
+    }
+    let done = values.len() / 8 * 8;
+    values[done..].convert_to_f32_slice(&mut out[done..]);
 }
 
 simd_fn! {

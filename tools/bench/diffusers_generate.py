@@ -27,12 +27,22 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     dtype = torch.float16 if args.dtype == "f16" else torch.float32
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    # Component by component: the folder needs no model_index.json, as for `stableid generate`.
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(args.model, subfolder="vae", torch_dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", torch_dtype=dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", torch_dtype=dtype),
+        scheduler=EulerDiscreteScheduler.from_pretrained(args.model, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     loaded = time.perf_counter() - start
 
     step_times = []
