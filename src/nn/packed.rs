@@ -1,7 +1,7 @@
 //! Weight matrices kept smaller than f32 on the CPU: f16 values, or 8-bit values with one f16
 //! scale per block of 32 along each row (ggml's `q8_0`). The linear and convolution layers
-//! multiply them without ever widening a whole matrix: their products widen a panel of rows at a
-//! time into a buffer that stays in cache ([`crate::nn::cpu::gemm::matmul_packed_lhs`]), so the
+//! multiply them without ever widening a whole matrix: their products widen a panel at a time
+//! into a buffer that stays in cache ([`crate::nn::cpu::gemm::matmul_packed_lhs`]), so the
 //! activations stay f32 and the fast f32 kernels of every other op keep running.
 //!
 //! Which format a layer uses is decided when it is built: [`load_matrices_as`] runs a model's
@@ -207,6 +207,11 @@ impl PackedMatrix {
             }
         }
         Self { rows, cols, shape, values: PackedValues::Q8 { scales, quants } }
+    }
+
+    /// The shape it was loaded as.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     /// Widens the block `rows x cols` into `out`, row-major, `rows.len() * cols.len()` long;

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::nn::cpu::gemm::product;
+use crate::nn::cpu::gemm::{product, product_add};
 use crate::nn::cpu::{cpu_dtype, simd_fn, Disjoint, Element};
 
 /// A batch of matrices of a 4-dimensional tensor, one per (batch, head): matrix `(b, h)` starts
@@ -215,6 +215,106 @@ pub(super) fn input_grad(
         Some(DType::F64) => input_grad_typed::<f64>([q, k, v], probs, grad, scale, needed).map(Some),
         _ => Ok(None),
     }
+}
+
+/// Query rows whose probabilities [`input_grad_recomputed`] recomputes at once.
+const RECOMPUTED_ROWS: usize = 128;
+
+/// [`input_grad`] without the probabilities: they are computed again from `q`, `k` and `mask`,
+/// [`RECOMPUTED_ROWS`] query rows at a time, so that the backward never holds the (n x m)
+/// matrices (at 512 x 512 a self-attention of the UNet's first level has 5 x 4096 x 4096 of
+/// them, 335 MB, in each of five layers). Per (batch, head), in one task: for each block of rows,
+/// `P` again, `dv += P^T dO`, `dS` from `dP = dO v^T`, its rows of `dq = s dS k`, and
+/// `dk += s dS^T q`.
+pub(super) fn input_grad_recomputed(
+    [q, k, v]: [&Tensor; 3],
+    mask: Option<&Tensor>,
+    grad: &Tensor,
+    scale: f64,
+    needed: [bool; 3],
+) -> Result<Option<[Option<CpuStorage>; 3]>> {
+    match cpu_dtype(&[q, k, v]) {
+        Some(DType::F32) => input_grad_recomputed_typed::<f32>([q, k, v], mask, grad, scale, needed).map(Some),
+        Some(DType::F64) => input_grad_recomputed_typed::<f64>([q, k, v], mask, grad, scale, needed).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn input_grad_recomputed_typed<T: Element>(
+    [q, k, v]: [&Tensor; 3],
+    mask: Option<&Tensor>,
+    grad: &Tensor,
+    scale: f64,
+    [need_q, need_k, need_v]: [bool; 3],
+) -> Result<[Option<CpuStorage>; 3]> {
+    let ((b, h, n, d), (_, _, m, dv)) = (q.dims4()?, v.dims4()?);
+    let grad = grad.to_dtype(T::DTYPE)?.to_device(&candle_core::Device::Cpu)?;
+    if grad.dims() != [b, n, h, dv] || k.dims() != [b, h, m, d] {
+        candle_core::bail!("attention kernel: gradient shape {:?}", grad.shape())
+    }
+    let mask = broadcast_mask::<T>(mask, (b, h, n, m))?;
+    let tensors: Vec<&Tensor> = [q, k, v, &grad].into_iter().chain(mask.as_ref()).collect();
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut views = Vec::with_capacity(guards.len());
+    for (i, (storage, layout)) in guards.iter().enumerate() {
+        let Storage::Cpu(cpu) = &**storage else { candle_core::bail!("attention kernel: CPU tensors expected") };
+        let values = T::values(cpu)?;
+        // The output gradient has its heads in dimension 2.
+        let (head_dim, row_dim) = if i == 3 { (2, 1) } else { (1, 2) };
+        views.push((values, Heads::of(layout, head_dim, row_dim, values.len())?));
+    }
+    let [(qv, qh), (kv, kh), (vv, vh), (gv, gh)] = [views[0], views[1], views[2], views[3]];
+    let mask = views.get(4).copied();
+    let mut dq = vec![T::ZERO; if need_q { b * h * n * d } else { 0 }];
+    let mut dk = vec![T::ZERO; if need_k { b * h * m * d } else { 0 }];
+    let mut dv_out = vec![T::ZERO; if need_v { b * h * m * dv } else { 0 }];
+    let (dq_ptr, dk_ptr, dv_ptr) =
+        (Disjoint(dq.as_mut_ptr()), Disjoint(dk.as_mut_ptr()), Disjoint(dv_out.as_mut_ptr()));
+    let task = |bh: usize| {
+        let mut p = vec![T::ZERO; RECOMPUTED_ROWS.min(n) * m];
+        let mut ds = vec![T::ZERO; p.len()];
+        // SAFETY: `Heads::of` checked that the views lie in their slices; this task alone writes
+        // matrix `bh` of dq, dk and dv, and `p` and `ds` are its own.
+        unsafe {
+            let (kp, vp) = (kv.as_ptr().add(kh.at(bh, h, 0)), vv.as_ptr().add(vh.at(bh, h, 0)));
+            for i0 in (0..n).step_by(RECOMPUTED_ROWS) {
+                let rows = RECOMPUTED_ROWS.min(n - i0);
+                let (p, ds) = (&mut p[..rows * m], &mut ds[..rows * m]);
+                let (qp, g) = (qv.as_ptr().add(qh.at(bh, h, i0)), gv.as_ptr().add(gh.at(bh, h, i0)));
+                product((rows, m, d), (p.as_mut_ptr(), m, 1), (qp, qh.row, qh.col), (kp, kh.col, kh.row), scale);
+                for (i, row) in p.chunks_exact_mut(m).enumerate() {
+                    let mask_row = mask.map_or(&[][..], |(values, heads)| &values[heads.at(bh, h, i0 + i)..][..m]);
+                    softmax_row(row, mask_row);
+                }
+                if need_v {
+                    let dst = dv_ptr.at(bh * m * dv);
+                    product_add((m, dv, rows), (dst, dv, 1), (p.as_ptr(), 1, m), (g, gh.row, gh.col), 1.0);
+                }
+                if !need_q && !need_k {
+                    continue;
+                }
+                product((rows, m, dv), (ds.as_mut_ptr(), m, 1), (g, gh.row, gh.col), (vp, vh.col, vh.row), 1.0);
+                for (ds_row, p_row) in ds.chunks_exact_mut(m).zip(p.chunks_exact(m)) {
+                    softmax_grad_row(ds_row, p_row);
+                }
+                if need_q {
+                    let dst = dq_ptr.at((bh * n + i0) * d);
+                    product((rows, d, m), (dst, d, 1), (ds.as_ptr(), m, 1), (kp, kh.row, kh.col), scale);
+                }
+                if need_k {
+                    let dst = dk_ptr.at(bh * m * d);
+                    product_add((m, d, rows), (dst, d, 1), (ds.as_ptr(), 1, m), (qp, qh.row, qh.col), scale);
+                }
+            }
+        }
+    };
+    if candle_core::utils::get_num_threads() <= 1 {
+        (0..b * h).for_each(task);
+    } else {
+        (0..b * h).into_par_iter().for_each(task);
+    }
+    let keep = |needed: bool, values: Vec<T>| needed.then(|| T::storage(values));
+    Ok([keep(need_q, dq), keep(need_k, dk), keep(need_v, dv_out)])
 }
 
 fn input_grad_typed<T: Element>(

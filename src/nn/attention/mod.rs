@@ -1,6 +1,7 @@
 //! Scaled dot-product [`attention`] as one graph node over `(q, k, v)`, keeping the
-//! probabilities: `q` is scaled rather than the (seq x seq) scores, the softmax backward runs in
-//! place, and only the gradients of the inputs that need one are computed. On the CPU (f32 and
+//! probabilities (on the CPU, up to 64 MiB of them; larger ones are computed again in the
+//! backward, block by block): `q` is scaled rather than the (seq x seq) scores, the softmax
+//! backward runs in place, and only the gradients of the inputs that need one are computed. On the CPU (f32 and
 //! f64) value and gradients are gemm products per block of rows with the softmax fused in
 //! (`cpu.rs`); elsewhere, candle's ops. And [`softmax_last_dim`], a softmax that candle's autograd
 //! differentiates (candle's fused one carries no backward).
@@ -33,25 +34,36 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// in half precision, sparing two conversions of the (seq x seq) matrices and half of what the
 /// backward keeps (the backward computes in f32); the result has the dtype of `v`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    attention_keeping(q, k, v, mask, KEPT_PROBS_BYTES)
+}
+
+/// The most bytes of probabilities the CPU kernel keeps for the backward; larger ones (the
+/// self-attentions over many latents) are computed again in the backward, block by block.
+const KEPT_PROBS_BYTES: usize = 64 << 20;
+
+/// [`attention`], keeping the CPU kernel's probabilities for the backward up to `kept_bytes`.
+fn attention_keeping(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, kept_bytes: usize) -> Result<Tensor> {
     profile::timed("attention", q.device(), || {
         let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
         if !frozen([mask]) {
             return composite_attention(q, k, v, mask, scale);
         }
         let tracked = !frozen([Some(q), Some(k), Some(v)]);
-        let kernel = cpu::forward(&q.detach(), &k.detach(), &v.detach(), mask, scale, tracked)?;
+        let ((b, h, n, _), (m, dv)) = (q.dims4()?, (k.dim(2)?, v.dim(3)?));
+        let keep = tracked && b * h * n * m * q.dtype().size_in_bytes() <= kept_bytes;
+        let kernel = cpu::forward(&q.detach(), &k.detach(), &v.detach(), mask, scale, keep)?;
         if let Some((probs, out)) = kernel {
-            let ((b, h, n, _), (m, dv)) = (q.dims4()?, (k.dim(2)?, v.dim(3)?));
             // The kernel's output is laid out (batch, n, heads, dv): viewed as (batch, heads, n, dv).
             let heads_last = Shape::from((b, n, h, dv));
-            let out = match probs {
-                Some(probs) if tracked => {
-                    let probs = cpu_tensor(probs, (b, h, n, m))?;
-                    let node =
-                        AttentionNode { out: Precomputed::computed(out, heads_last), probs, scale, kernel: true };
-                    q.apply_op3(k, v, node)?
-                }
-                _ => cpu_tensor(out, heads_last)?,
+            let out = if tracked {
+                let kept = match probs {
+                    Some(probs) => KernelProbs::Kept(cpu_tensor(probs, (b, h, n, m))?),
+                    None => KernelProbs::Recomputed { mask: mask.cloned() },
+                };
+                let out = Precomputed::computed(out, heads_last);
+                q.apply_op3(k, v, AttentionNode { out, probs: Probs::Kernel(kept), scale })?
+            } else {
+                cpu_tensor(out, heads_last)?
             };
             return out.transpose(1, 2);
         }
@@ -59,7 +71,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
             return Ok(attention_probs_and_output(q, k, v, mask, scale)?.1);
         }
         let (probs, out) = attention_probs_and_output(&q.detach(), &k.detach(), &v.detach(), mask, scale)?;
-        q.apply_op3(k, v, AttentionNode { out: Precomputed::new(out, None), probs, scale, kernel: false })
+        q.apply_op3(k, v, AttentionNode { out: Precomputed::new(out, None), probs: Probs::Composite(probs), scale })
     })
 }
 
@@ -144,14 +156,27 @@ fn softmax_grad_composite(probs: &Tensor, d_probs: &Tensor, grad: &Tensor, out: 
     d_probs.broadcast_sub(&row_dot)? * probs
 }
 
-/// Attention as one node over `(q, k, v)`, keeping the probabilities for the backward.
+/// Attention as one node over `(q, k, v)`, with what its backward needs of the probabilities.
 struct AttentionNode {
     out: Precomputed,
-    probs: Tensor,
+    probs: Probs,
     scale: f64,
-    /// Whether [`cpu::forward`] computed the value, laid out (batch, n, heads, dv): the backward
-    /// is then [`cpu::input_grad`].
-    kernel: bool,
+}
+
+enum Probs {
+    /// [`cpu::forward`] computed the value, laid out (batch, n, heads, dv): the backward is
+    /// [`cpu::input_grad`] or [`cpu::input_grad_recomputed`].
+    Kernel(KernelProbs),
+    /// Candle's ops computed the value; the probabilities in the compute dtype.
+    Composite(Tensor),
+}
+
+enum KernelProbs {
+    Kept(Tensor),
+    /// Too large to keep: computed again from `q`, `k` and the mask.
+    Recomputed {
+        mask: Option<Tensor>,
+    },
 }
 
 impl CustomOp3 for AttentionNode {
@@ -208,16 +233,25 @@ impl CustomOp3 for AttentionNode {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         profile::timed("attention backward", q.device(), || {
-            if self.kernel {
-                let needed = [q.track_op(), k.track_op(), v.track_op()];
-                let Some([dq, dk, dv]) = cpu::input_grad([q, k, v], &self.probs, grad, self.scale, needed)? else {
-                    candle_core::bail!("attention backward: the CPU kernel's node has non-CPU inputs")
-                };
-                let grad_of = |g: Option<CpuStorage>, x: &Tensor| g.map(|g| cpu_tensor(g, x.shape())).transpose();
-                return Ok((grad_of(dq, q)?, grad_of(dk, k)?, grad_of(dv, v)?));
-            }
-            let compute = compute_dtype(self.probs.dtype());
-            let probs = self.probs.to_dtype(compute)?;
+            let probs = match &self.probs {
+                Probs::Kernel(kept) => {
+                    let needed = [q.track_op(), k.track_op(), v.track_op()];
+                    let grads = match kept {
+                        KernelProbs::Kept(probs) => cpu::input_grad([q, k, v], probs, grad, self.scale, needed)?,
+                        KernelProbs::Recomputed { mask } => {
+                            cpu::input_grad_recomputed([q, k, v], mask.as_ref(), grad, self.scale, needed)?
+                        }
+                    };
+                    let Some([dq, dk, dv]) = grads else {
+                        candle_core::bail!("attention backward: the CPU kernel's node has non-CPU inputs")
+                    };
+                    let grad_of = |g: Option<CpuStorage>, x: &Tensor| g.map(|g| cpu_tensor(g, x.shape())).transpose();
+                    return Ok((grad_of(dq, q)?, grad_of(dk, k)?, grad_of(dv, v)?));
+                }
+                Probs::Composite(probs) => probs,
+            };
+            let compute = compute_dtype(probs.dtype());
+            let probs = probs.to_dtype(compute)?;
             let grad_c = grad.to_dtype(compute)?;
             let dv = if v.track_op() { Some(probs.t()?.matmul(&grad_c)?.to_dtype(v.dtype())?) } else { None };
             if !q.track_op() && !k.track_op() {
@@ -258,7 +292,7 @@ mod tests {
     use candle_core::Var;
 
     use super::{
-        attention, attention_probs_and_output, composite_attention, softmax_grad_composite, SoftmaxGradInPlace,
+        attention_keeping, attention_probs_and_output, composite_attention, softmax_grad_composite, SoftmaxGradInPlace,
     };
 
     fn values(shape: (usize, usize), seed: u64) -> Tensor {
@@ -311,7 +345,8 @@ mod tests {
 
     /// The CPU attention kernels against the composite attention (candle's matmul, softmax and
     /// autograd): values and gradients, f32 and f64, self- and cross-attention, with a mask,
-    /// with each input tracked or not, and sizes that split into several blocks of rows.
+    /// with each input tracked or not, the probabilities kept or computed again in the backward,
+    /// and sizes that split into several blocks of rows (130 query rows: two recomputed blocks).
     #[test]
     fn attention_kernels_match_the_composite_attention() {
         for dtype in [DType::F32, DType::F64] {
@@ -332,22 +367,29 @@ mod tests {
                 let dy = dy.reshape((batch, heads, n, head_dim)).unwrap();
                 let scale = 1.0 / (head_dim as f64).sqrt();
                 for tracked in [[true; 3], [false, true, true], [true, false, false], [false; 3]] {
-                    let kernel = |q: &Tensor, k: &Tensor, v: &Tensor| attention(q, k, v, mask.as_ref()).unwrap();
-                    let composite = |q: &Tensor, k: &Tensor, v: &Tensor| {
-                        composite_attention(q, k, v, mask.as_ref(), scale).unwrap()
-                    };
-                    let (out, grads) = attention_and_grads(kernel, [&q, &k, &v], tracked, &dy);
-                    let (out_ref, grads_ref) = attention_and_grads(composite, [&q, &k, &v], tracked, &dy);
-                    let case = format!("{dtype:?} {batch}x{heads}x{n}x{m}x{head_dim} mask {masked} {tracked:?}");
-                    assert!(rel_diff(&out, &out_ref) < tolerance, "{case}: value {:e}", rel_diff(&out, &out_ref));
-                    for (i, (g, g_ref)) in grads.iter().zip(&grads_ref).enumerate() {
-                        match (g, g_ref) {
-                            (Some(g), Some(g_ref)) => {
-                                let diff = rel_diff(g, g_ref);
-                                assert!(diff < 10.0 * tolerance, "{case}: gradient {i} {diff:e}");
+                    for kept_bytes in [usize::MAX, 0] {
+                        let kernel = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                            attention_keeping(q, k, v, mask.as_ref(), kept_bytes).unwrap()
+                        };
+                        let composite = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                            composite_attention(q, k, v, mask.as_ref(), scale).unwrap()
+                        };
+                        let (out, grads) = attention_and_grads(kernel, [&q, &k, &v], tracked, &dy);
+                        let (out_ref, grads_ref) = attention_and_grads(composite, [&q, &k, &v], tracked, &dy);
+                        let recomputed = kept_bytes == 0;
+                        let case = format!(
+                        "{dtype:?} {batch}x{heads}x{n}x{m}x{head_dim} mask {masked} {tracked:?} recomputed {recomputed}"
+                    );
+                        assert!(rel_diff(&out, &out_ref) < tolerance, "{case}: value {:e}", rel_diff(&out, &out_ref));
+                        for (i, (g, g_ref)) in grads.iter().zip(&grads_ref).enumerate() {
+                            match (g, g_ref) {
+                                (Some(g), Some(g_ref)) => {
+                                    let diff = rel_diff(g, g_ref);
+                                    assert!(diff < 10.0 * tolerance, "{case}: gradient {i} {diff:e}");
+                                }
+                                (None, None) => {}
+                                _ => panic!("{case}: gradient {i} present in one only"),
                             }
-                            (None, None) => {}
-                            _ => panic!("{case}: gradient {i} present in one only"),
                         }
                     }
                 }

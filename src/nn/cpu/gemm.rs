@@ -136,6 +136,20 @@ pub(in crate::nn) unsafe fn product<T: Element>(
     product_into(dims, dst, false, lhs, rhs, alpha, Parallelism::None)
 }
 
+/// `dst (m, n) += alpha * lhs (m, k) * rhs (k, n)`, single-threaded, as [`product`].
+///
+/// # Safety
+/// As [`product`]'s.
+pub(in crate::nn) unsafe fn product_add<T: Element>(
+    dims: (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    alpha: f64,
+) {
+    product_into(dims, dst, true, lhs, rhs, alpha, Parallelism::None)
+}
+
 /// `dst (m, n) = [dst +] scale * lhs (m, k) * rhs (k, n)`; each operand is a pointer with its
 /// (row, column) strides.
 ///
