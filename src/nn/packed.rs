@@ -221,8 +221,8 @@ impl PackedMatrix {
         assert!(
             rows.end <= self.rows
                 && cols.end <= self.cols
-                && cols.start % Q8_BLOCK == 0
-                && (cols.end % Q8_BLOCK == 0 || cols.end == self.cols)
+                && cols.start.is_multiple_of(Q8_BLOCK)
+                && (cols.end.is_multiple_of(Q8_BLOCK) || cols.end == self.cols)
                 && out.len() == rows.len() * width,
             "packed matrix: block out of range"
         );
