@@ -26,7 +26,8 @@ use crate::models::unet::{AdditionalResiduals, PerBlock, UNet2DConditionConfig};
 use crate::nn::{silu, Conv2d, Conv2dConfig};
 use crate::weights::{folder_weights, weights_file_names, Hub, ModelFiles};
 
-/// The SD 2.1 OpenPose ControlNet StableIdentity's notebook uses: an example in messages.
+/// The SD 2.1 OpenPose ControlNet StableIdentity's notebook uses: the default of `generate --pose-from`
+/// and `serve --controlnet`, and the example in messages.
 pub const OPENPOSE_SD21: &str = "thibaud/controlnet-sd21-openpose-diffusers";
 
 const CONTROLNET: ConfigChecks =
