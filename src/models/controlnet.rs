@@ -490,9 +490,7 @@ impl ControlNetDir {
         device: &Device,
     ) -> crate::Result<ControlNetModel> {
         let crate::nn::Precision { dtype, matrices } = precision.into();
-        crate::nn::load_matrices_as(matrices, || {
-            folder_weights(&self.root, "diffusion_pytorch_model", dtype, device, "ControlNet weights")?
-                .build(|vb| ControlNetModel::new(vb, config))
-        })
+        let weights = folder_weights(&self.root, "diffusion_pytorch_model", dtype, device, "ControlNet weights")?;
+        super::build_packed(weights, matrices, |vb| ControlNetModel::new(vb, config))
     }
 }

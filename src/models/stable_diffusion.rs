@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{PerBlock, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::nn::{load_matrices_as, Precision};
+use crate::nn::Precision;
 use crate::schedulers::{PredictionType, SchedulerConfig};
 use crate::tokenizer::{placeholder_token, ClipTokenizer};
 use crate::weights::ModelDir;
@@ -265,8 +265,7 @@ impl PromptEncoder {
         let placeholder_ids = tokenizer.add_placeholder_tokens(&placeholder_refs)?;
         let text_encoder_weights = model.weights("text_encoder", "model", dtype, device)?;
         let text_encoder_file = text_encoder_weights.path.clone();
-        let text_encoder =
-            load_matrices_as(matrices, || text_encoder_weights.build(|vb| ClipTextModel::new(vb, &config)))?;
+        let text_encoder = super::build_packed(text_encoder_weights, matrices, |vb| ClipTextModel::new(vb, &config))?;
         Ok(Self { config, tokenizer, placeholder_ids, text_encoder, text_encoder_file, device: device.clone(), dtype })
     }
 
@@ -363,16 +362,10 @@ impl StableDiffusion {
         let Precision { dtype, matrices } = precision;
         crate::nn::check_dtype(dtype, device)?;
         let prompt_encoder = PromptEncoder::load(model, configs.text_encoder.clone(), device, precision)?;
-        let unet = load_matrices_as(matrices, || {
-            model
-                .weights("unet", "diffusion_pytorch_model", dtype, device)?
-                .build(|vb| UNet2DConditionModel::new(vb, &configs.unet))
-        })?;
-        let vae = load_matrices_as(matrices, || {
-            model
-                .weights("vae", "diffusion_pytorch_model", dtype, device)?
-                .build(|vb| AutoencoderKL::new(vb, &configs.vae))
-        })?;
+        let unet_weights = model.weights("unet", "diffusion_pytorch_model", dtype, device)?;
+        let unet = super::build_packed(unet_weights, matrices, |vb| UNet2DConditionModel::new(vb, &configs.unet))?;
+        let vae_weights = model.weights("vae", "diffusion_pytorch_model", dtype, device)?;
+        let vae = super::build_packed(vae_weights, matrices, |vb| AutoencoderKL::new(vb, &configs.vae))?;
         Ok(Self {
             model_name: model.name().to_string(),
             configs,

@@ -11,7 +11,7 @@ use crate::models::stable_diffusion::PromptEncoder;
 use crate::models::unet::PerBlock;
 use crate::models::unet3d::{UNet3DConditionConfig, UNet3DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use crate::nn::{load_matrices_as, Precision};
+use crate::nn::Precision;
 use crate::schedulers::{PredictionType, SchedulerConfig};
 use crate::weights::ModelDir;
 use crate::{Error, Result};
@@ -120,16 +120,10 @@ impl TextToVideoModel {
         let Precision { dtype, matrices } = precision;
         crate::nn::check_dtype(dtype, device)?;
         let prompt_encoder = PromptEncoder::load(model, configs.text_encoder.clone(), device, precision)?;
-        let unet = load_matrices_as(matrices, || {
-            model
-                .weights("unet", "diffusion_pytorch_model", dtype, device)?
-                .build(|vb| UNet3DConditionModel::new(vb, &configs.unet))
-        })?;
-        let vae = load_matrices_as(matrices, || {
-            model
-                .weights("vae", "diffusion_pytorch_model", dtype, device)?
-                .build(|vb| AutoencoderKL::new(vb, &configs.vae))
-        })?;
+        let unet_weights = model.weights("unet", "diffusion_pytorch_model", dtype, device)?;
+        let unet = super::build_packed(unet_weights, matrices, |vb| UNet3DConditionModel::new(vb, &configs.unet))?;
+        let vae_weights = model.weights("vae", "diffusion_pytorch_model", dtype, device)?;
+        let vae = super::build_packed(vae_weights, matrices, |vb| AutoencoderKL::new(vb, &configs.vae))?;
         Ok(Self {
             model_name: model.name().to_string(),
             configs,

@@ -131,16 +131,14 @@ impl MatrixWeight {
         if format == MatrixFormat::Tensor || !vb.device().is_cpu() {
             return Ok(Self::Tensor(vb.get(shape, name)?));
         }
-        let rows = shape.dims()[0];
-        let cols = shape.elem_count() / rows.max(1);
         let packed = match format {
             MatrixFormat::F16 => {
                 let tensor = vb.get_with_hints_dtype(shape.clone(), name, Default::default(), DType::F16)?;
-                PackedMatrix::f16(tensor.flatten_all()?.to_vec1::<f16>()?, rows, cols, shape)
+                PackedMatrix::f16(tensor.flatten_all()?.to_vec1::<f16>()?, shape)
             }
             _ => {
                 let tensor = vb.get_with_hints_dtype(shape.clone(), name, Default::default(), DType::F32)?;
-                with_values::<f32, _>(&[&tensor], |v| PackedMatrix::q8(v[0], rows, cols, shape))?
+                with_values::<f32, _>(&[&tensor], |v| PackedMatrix::q8(v[0], shape))?
             }
         };
         Ok(Self::Packed(Arc::new(packed)))
@@ -163,12 +161,10 @@ impl MatrixWeight {
     }
 }
 
-/// A `rows x cols` row-major matrix in a packed format (the `shape` it was loaded as, e.g. a
-/// convolution's `(c_out, c_in, kh, kw)`, kept for [`PackedMatrix::to_tensor`]).
+/// A tensor of `shape` in a packed format, as the row-major matrix of its first dimension by the
+/// others (a convolution's `(c_out, c_in, kh, kw)` is `c_out x c_in kh kw`).
 #[derive(Debug)]
 pub(crate) struct PackedMatrix {
-    pub rows: usize,
-    pub cols: usize,
     shape: Shape,
     values: PackedValues,
 }
@@ -185,13 +181,14 @@ enum PackedValues {
 }
 
 impl PackedMatrix {
-    fn f16(values: Vec<f16>, rows: usize, cols: usize, shape: Shape) -> Self {
-        Self { rows, cols, shape, values: PackedValues::F16(values) }
+    fn f16(values: Vec<f16>, shape: Shape) -> Self {
+        Self { shape, values: PackedValues::F16(values) }
     }
 
     /// Quantizes `values` as ggml's `q8_0`: per block, `scale = max |v| / 127` and
     /// `q = round(v / scale)`.
-    fn q8(values: &[f32], rows: usize, cols: usize, shape: Shape) -> Self {
+    fn q8(values: &[f32], shape: Shape) -> Self {
+        let (rows, cols) = matrix_dims(&shape);
         let blocks_per_row = cols.div_ceil(Q8_BLOCK);
         let mut scales = Vec::with_capacity(rows * blocks_per_row);
         let mut quants = vec![0i8; rows * cols];
@@ -206,7 +203,17 @@ impl PackedMatrix {
                 scales.push(f16::from_f32(scale));
             }
         }
-        Self { rows, cols, shape, values: PackedValues::Q8 { scales, quants } }
+        Self { shape, values: PackedValues::Q8 { scales, quants } }
+    }
+
+    /// Rows of the matrix: the first dimension.
+    pub fn rows(&self) -> usize {
+        matrix_dims(&self.shape).0
+    }
+
+    /// Columns of the matrix: the product of the other dimensions.
+    pub fn cols(&self) -> usize {
+        matrix_dims(&self.shape).1
     }
 
     /// The shape it was loaded as.
@@ -217,16 +224,16 @@ impl PackedMatrix {
     /// Widens the block `rows x cols` into `out`, row-major, `rows.len() * cols.len()` long;
     /// `cols` starts at a multiple of [`Q8_BLOCK`] and ends at one or at the last column.
     pub fn widen(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
-        let width = cols.len();
+        let (width, (all_rows, all_cols)) = (cols.len(), matrix_dims(&self.shape));
         assert!(
-            rows.end <= self.rows
-                && cols.end <= self.cols
+            rows.end <= all_rows
+                && cols.end <= all_cols
                 && cols.start.is_multiple_of(Q8_BLOCK)
-                && (cols.end.is_multiple_of(Q8_BLOCK) || cols.end == self.cols)
+                && (cols.end.is_multiple_of(Q8_BLOCK) || cols.end == all_cols)
                 && out.len() == rows.len() * width,
             "packed matrix: block out of range"
         );
-        let starts = rows.map(|r| r * self.cols + cols.start);
+        let starts = rows.map(|r| r * all_cols + cols.start);
         match &self.values {
             PackedValues::F16(values) => {
                 for (start, out) in starts.zip(out.chunks_exact_mut(width.max(1))) {
@@ -237,8 +244,8 @@ impl PackedMatrix {
                 for (start, out) in starts.zip(out.chunks_exact_mut(width.max(1))) {
                     // Rows hold whole blocks (the last may be short), so the block index of a
                     // row's column c is row * blocks_per_row + c / Q8_BLOCK.
-                    let (row, col) = (start / self.cols, start % self.cols);
-                    let first_block = row * self.cols.div_ceil(Q8_BLOCK) + col / Q8_BLOCK;
+                    let (row, col) = (start / all_cols, start % all_cols);
+                    let first_block = row * all_cols.div_ceil(Q8_BLOCK) + col / Q8_BLOCK;
                     let scales = &scales[first_block..first_block + width.div_ceil(Q8_BLOCK)];
                     widen_q8(&quants[start..start + width], scales, out);
                 }
@@ -248,10 +255,17 @@ impl PackedMatrix {
 
     /// The whole matrix as an f32 tensor of the shape it was loaded as.
     pub fn to_tensor(&self) -> Result<Tensor> {
-        let mut values = vec![0f32; self.rows * self.cols];
-        self.widen(0..self.rows, 0..self.cols, &mut values);
+        let (rows, cols) = matrix_dims(&self.shape);
+        let mut values = vec![0f32; rows * cols];
+        self.widen(0..rows, 0..cols, &mut values);
         Tensor::from_vec(values, self.shape.clone(), &Device::Cpu)
     }
+}
+
+/// A tensor of `shape` as a matrix: (first dimension, product of the others).
+fn matrix_dims(shape: &Shape) -> (usize, usize) {
+    let rows = shape.dims().first().copied().unwrap_or(1);
+    (rows, shape.elem_count() / rows.max(1))
 }
 
 /// `out = values` in f32: eight at a time with F16C where the CPU has it (the `half` crate's
@@ -303,7 +317,7 @@ mod tests {
         // 45 columns: a full block and a short one per row.
         let (rows, cols) = (5, 45);
         let v = values(rows * cols);
-        let packed = PackedMatrix::q8(&v, rows, cols, Shape::from((rows, cols)));
+        let packed = PackedMatrix::q8(&v, Shape::from((rows, cols)));
         let mut out = vec![0f32; 2 * cols];
         packed.widen(2..4, 0..cols, &mut out);
         let mut tail = vec![0f32; 2 * (cols - Q8_BLOCK)];
@@ -324,10 +338,10 @@ mod tests {
     fn f16_widens_to_the_rounded_values_and_zero_blocks_stay_zero() {
         let v = values(6 * 10);
         let halves: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
-        let packed = PackedMatrix::f16(halves.clone(), 6, 10, Shape::from((6, 10)));
+        let packed = PackedMatrix::f16(halves.clone(), Shape::from((6, 10)));
         let t = packed.to_tensor().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(t, halves.iter().map(|h| h.to_f32()).collect::<Vec<_>>());
-        let zeros = PackedMatrix::q8(&[0.0; 64], 2, 32, Shape::from((2, 32)));
+        let zeros = PackedMatrix::q8(&[0.0; 64], Shape::from((2, 32)));
         assert_eq!(zeros.to_tensor().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     }
 

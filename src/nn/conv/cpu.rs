@@ -58,7 +58,7 @@ pub(super) fn forward<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape) -> V
 
 /// [`forward`] in f32 with a packed kernel, (c_out, c_in * kh * kw).
 pub(super) fn forward_packed(x: &[f32], kernel: &PackedMatrix, shape: &ConvShape) -> Vec<f32> {
-    assert_eq!((kernel.rows, kernel.cols), (shape.c_out, shape.c_in * shape.kh * shape.kw), "conv2d: kernel size");
+    assert_eq!((kernel.rows(), kernel.cols()), (shape.c_out, shape.c_in * shape.kh * shape.kw), "conv2d: kernel size");
     forward_tiled(x, kernel, shape, COLUMN_BUDGET_BYTES)
 }
 

@@ -209,7 +209,7 @@ pub(in crate::nn) fn matmul_packed_lhs(
     lhs: &PackedMatrix,
     threads: Threads,
 ) {
-    let (m, k) = (lhs.rows, lhs.cols);
+    let (m, k) = (lhs.rows(), lhs.cols());
     let products: Vec<(Disjoint<f32>, Strided<f32>)> = products
         .iter_mut()
         .map(|(dst, rhs)| {

@@ -45,7 +45,7 @@ fn forward_typed<T: Element>(values: &[&[T]], rows: usize, in_dim: usize, out_di
 /// transposed strides.
 pub(super) fn forward_packed(x: &Tensor, weight: &PackedMatrix, bias: Option<&Tensor>) -> Result<CpuStorage> {
     let (rows, in_dim) = x.dims2()?;
-    let out_dim = weight.rows;
+    let out_dim = weight.rows();
     let mut tensors = vec![x];
     tensors.extend(bias);
     with_values::<f32, _>(&tensors, |v| {

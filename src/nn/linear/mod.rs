@@ -50,12 +50,12 @@ impl Linear {
 fn packed_linear(x: &Tensor, weight: &Arc<PackedMatrix>, bias: Option<&Tensor>) -> Result<Tensor> {
     profile::timed("linear", x.device(), || {
         let (rows, in_dim) = x.dims2()?;
-        if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || in_dim != weight.cols {
+        if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || in_dim != weight.cols() {
             candle_core::bail!(
                 "linear: a packed {}x{} weight multiplies f32 CPU inputs of width {}, not {:?} {:?} of width {in_dim}",
-                weight.rows,
-                weight.cols,
-                weight.cols,
+                weight.rows(),
+                weight.cols(),
+                weight.cols(),
                 x.dtype(),
                 x.device().location()
             )
@@ -64,7 +64,7 @@ fn packed_linear(x: &Tensor, weight: &Arc<PackedMatrix>, bias: Option<&Tensor>) 
             candle_core::bail!("linear: packed weights are for frozen models; this bias is trained")
         }
         let y = cpu::forward_packed(&x.detach(), weight, bias)?;
-        let shape = Shape::from((rows, weight.rows));
+        let shape = Shape::from((rows, weight.rows()));
         if !x.track_op() {
             return cpu_tensor(y, shape);
         }
