@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::ConvShape;
 use crate::nn::cpu::gemm::{matmul, matmul_packed_lhs, Strided, Threads};
-use crate::nn::cpu::Element;
+use crate::nn::cpu::{for_each_chunk, Element};
 use crate::nn::packed::PackedMatrix;
 
 /// The largest column matrix (one tile of output rows) built at once: the UNet's are whole at
@@ -46,41 +46,60 @@ const GRADIENT_BLOCK_ROWS: usize = 720;
 
 /// `y = conv(x, kernel)`: `x` contiguous (batch, c_in, h, w), `kernel` contiguous
 /// (c_out, c_in, kh, kw); returns contiguous (batch, c_out, out_h, out_w).
-pub(super) fn forward<T: Element>(x: &[T], kernel: &[T], shape: &ConvShape) -> Vec<T> {
+pub(super) fn forward<T: Element>(x: &[T], kernel: &[T], bias: Option<&[T]>, shape: &ConvShape) -> Vec<T> {
     assert_eq!(kernel.len(), shape.c_out * shape.c_in * shape.kh * shape.kw, "conv2d: kernel size");
     forward_tiled(
         x,
         Strided::row_major(kernel, shape.c_out, kernel.len() / shape.c_out.max(1)),
+        bias,
         shape,
         COLUMN_BUDGET_BYTES,
     )
 }
 
 /// [`forward`] in f32 with a packed kernel, (c_out, c_in * kh * kw).
-pub(super) fn forward_packed(x: &[f32], kernel: &PackedMatrix, shape: &ConvShape) -> Vec<f32> {
+pub(super) fn forward_packed(x: &[f32], kernel: &PackedMatrix, bias: Option<&[f32]>, shape: &ConvShape) -> Vec<f32> {
     assert_eq!((kernel.rows(), kernel.cols()), (shape.c_out, shape.c_in * shape.kh * shape.kw), "conv2d: kernel size");
-    forward_tiled(x, kernel, shape, COLUMN_BUDGET_BYTES)
+    forward_tiled(x, kernel, bias, shape, COLUMN_BUDGET_BYTES)
 }
 
 /// The kernel matrix (c_out, c_in * kh * kw) of a forward, as values or packed: what it
 /// multiplies column matrices with.
 trait KernelMatrix<T>: Copy + Sync {
-    /// `y = kernel * rhs` for each `(y, rhs)` (the images of a batch), `y` row-major with rows
-    /// `y_row_stride` apart.
-    fn times_each(self, products: &mut [(&mut [T], Strided<T>)], y_row_stride: usize, threads: Threads);
+    /// `y = kernel * rhs`, or `y += kernel * rhs` with `accumulate`, for each `(y, rhs)` (the
+    /// images of a batch), `y` row-major with rows `y_row_stride` apart.
+    fn times_each(
+        self,
+        products: &mut [(&mut [T], Strided<T>)],
+        y_row_stride: usize,
+        accumulate: bool,
+        threads: Threads,
+    );
 }
 
 impl<T: Element> KernelMatrix<T> for Strided<'_, T> {
-    fn times_each(self, products: &mut [(&mut [T], Strided<T>)], y_row_stride: usize, threads: Threads) {
+    fn times_each(
+        self,
+        products: &mut [(&mut [T], Strided<T>)],
+        y_row_stride: usize,
+        accumulate: bool,
+        threads: Threads,
+    ) {
         for (y, rhs) in products {
-            matmul(y, y_row_stride, false, self, *rhs, threads)
+            matmul(y, y_row_stride, accumulate, self, *rhs, threads)
         }
     }
 }
 
 impl KernelMatrix<f32> for &PackedMatrix {
-    fn times_each(self, products: &mut [(&mut [f32], Strided<f32>)], y_row_stride: usize, threads: Threads) {
-        matmul_packed_lhs(products, (y_row_stride, 1), false, self, threads)
+    fn times_each(
+        self,
+        products: &mut [(&mut [f32], Strided<f32>)],
+        y_row_stride: usize,
+        accumulate: bool,
+        threads: Threads,
+    ) {
+        matmul_packed_lhs(products, (y_row_stride, 1), accumulate, self, threads)
     }
 }
 
@@ -91,12 +110,25 @@ pub(super) fn input_grad<T: Element>(dy: &[T], kernel: &[T], shape: &ConvShape) 
 }
 
 /// [`forward`] with column matrices of at most `budget` bytes (at least one output row).
-fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &ConvShape, budget: usize) -> Vec<T> {
+fn forward_tiled<T: Element>(
+    x: &[T],
+    kernel: impl KernelMatrix<T>,
+    bias: Option<&[T]>,
+    shape: &ConvShape,
+    budget: usize,
+) -> Vec<T> {
     let geometry = Geometry::new(shape);
     let Geometry { plane_in, plane_out, depth, taps, out_w, .. } = geometry;
     let ConvShape { batch, c_in, c_out, .. } = *shape;
     assert_eq!(x.len(), batch * c_in * plane_in, "conv2d: input size");
+    assert!(bias.is_none_or(|b| b.len() == c_out), "conv2d: bias size");
+    // Each output plane starts as its channel's bias, for the products to add onto; written by
+    // all threads, as the first writes to a large buffer cost about as much as a product's.
     let mut y = vec![T::ZERO; batch * c_out * plane_out];
+    if let Some(bias) = bias {
+        for_each_chunk(&mut y, plane_out, |plane, values| values.fill(bias[plane % c_out]));
+    }
+    let accumulate = bias.is_some();
     if y.is_empty() || depth == 0 {
         return y;
     }
@@ -106,7 +138,7 @@ fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &Conv
             .zip(x.chunks_exact(c_in * plane_in))
             .map(|(y, x)| (y, Strided::row_major(x, c_in, plane_in)))
             .collect();
-        kernel.times_each(&mut products, plane_out, Threads::All);
+        kernel.times_each(&mut products, plane_out, accumulate, Threads::All);
         return y;
     }
     if batch > 1 && depth * plane_out * c_out <= SMALL_IMAGE_WORK {
@@ -117,7 +149,12 @@ fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &Conv
                 for (col, plane) in col.chunks_exact_mut(taps * plane_out).zip(x.chunks_exact(plane_in)) {
                     geometry.im2col(plane, 0..geometry.out_h, col);
                 }
-                kernel.times_each(&mut [(y, Strided::row_major(col, depth, plane_out))], plane_out, Threads::One);
+                kernel.times_each(
+                    &mut [(y, Strided::row_major(col, depth, plane_out))],
+                    plane_out,
+                    accumulate,
+                    Threads::One,
+                );
             },
         );
         return y;
@@ -135,7 +172,7 @@ fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &Conv
             .zip(cols.chunks_exact(depth * plane_out))
             .map(|(y, col)| (y, Strided::row_major(col, depth, plane_out)))
             .collect();
-        kernel.times_each(&mut products, plane_out, Threads::All);
+        kernel.times_each(&mut products, plane_out, accumulate, Threads::All);
         return y;
     }
     let tile_rows = geometry.tile_rows::<T>(budget);
@@ -148,7 +185,7 @@ fn forward_tiled<T: Element>(x: &[T], kernel: impl KernelMatrix<T>, shape: &Conv
                 .zip(x.par_chunks(plane_in))
                 .for_each(|(col, plane)| geometry.im2col(plane, rows.clone(), col));
             let y = &mut y[rows.start * out_w..];
-            kernel.times_each(&mut [(y, Strided::row_major(col, depth, pixels))], plane_out, Threads::All);
+            kernel.times_each(&mut [(y, Strided::row_major(col, depth, pixels))], plane_out, accumulate, Threads::All);
         }
     }
     y
@@ -411,7 +448,7 @@ mod tests {
         let x = values(s.batch * s.c_in * s.h * s.w, 1);
         let kernel = values(s.c_out * s.c_in * s.kh * s.kw, 2);
         let dy = values(s.batch * s.c_out * s.out_h() * s.out_w(), 3);
-        let y = forward_tiled(&x, Strided::row_major(&kernel, s.c_out, kernel.len() / s.c_out), s, budget);
+        let y = forward_tiled(&x, Strided::row_major(&kernel, s.c_out, kernel.len() / s.c_out), None, s, budget);
         let dx = input_grad_tiled(&dy, &kernel, s, budget);
         let (lhs, rhs) = (dot(&y, &dy), dot(&x, &dx));
         assert!((lhs - rhs).abs() <= 1e-10 * lhs.abs().max(1.0), "{s:?}: {lhs} vs {rhs}");
@@ -427,12 +464,15 @@ mod tests {
             let dy = values(s.batch * s.c_out * s.out_h() * s.out_w(), 6);
             let row_bytes = s.c_in * s.kh * s.kw * s.out_w() * size_of::<f64>();
             let expected = direct(&x, &kernel, &s);
-            assert!(max_diff(&forward(&x, &kernel, &s), &expected) < 1e-12);
+            assert!(max_diff(&forward(&x, &kernel, None, &s), &expected) < 1e-12);
             let whole = input_grad(&dy, &kernel, &s);
             for tile_rows in [1, 2, 3] {
                 let budget = tile_rows * row_bytes;
                 let kernel_matrix = Strided::row_major(&kernel, s.c_out, kernel.len() / s.c_out);
-                assert!(max_diff(&forward_tiled(&x, kernel_matrix, &s, budget), &expected) < 1e-12, "{tile_rows} rows");
+                assert!(
+                    max_diff(&forward_tiled(&x, kernel_matrix, None, &s, budget), &expected) < 1e-12,
+                    "{tile_rows} rows"
+                );
                 assert!(max_diff(&input_grad_tiled(&dy, &kernel, &s, budget), &whole) < 1e-12, "{tile_rows} rows");
                 assert_adjoint(&s, budget);
             }
@@ -455,8 +495,32 @@ mod tests {
         ] {
             let x = values(s.batch * s.c_in * s.h * s.w, 7);
             let kernel = values(s.c_out * s.c_in * s.kh * s.kw, 8);
-            assert!(max_diff(&forward(&x, &kernel, &s), &direct(&x, &kernel, &s)) < 1e-12, "{s:?}");
+            assert!(max_diff(&forward(&x, &kernel, None, &s), &direct(&x, &kernel, &s)) < 1e-12, "{s:?}");
             assert_adjoint(&s, usize::MAX);
+        }
+    }
+
+    /// A bias is written into each output plane before the products add onto it, on each path:
+    /// a 1x1 product, one image per task, the whole batch's column matrices, and tiles of rows.
+    #[test]
+    fn bias_is_added_on_every_path() {
+        for (s, budget) in [
+            (shape((2, 5, 4, 3), (7, 1), 0, 1), usize::MAX),
+            (shape((3, 4, 6, 5), (3, 3), 1, 1), usize::MAX),
+            (shape((2, 64, 16, 16), (64, 3), 1, 1), usize::MAX),
+            (shape((1, 3, 11, 9), (4, 3), 1, 2), 3 * 9 * 5 * size_of::<f64>()),
+        ] {
+            let x = values(s.batch * s.c_in * s.h * s.w, 14);
+            let kernel = values(s.c_out * s.c_in * s.kh * s.kw, 15);
+            let bias = values(s.c_out, 16);
+            let plane = s.out_h() * s.out_w();
+            let mut expected = direct(&x, &kernel, &s);
+            for (i, y) in expected.iter_mut().enumerate() {
+                *y += bias[i / plane % s.c_out];
+            }
+            let kernel_matrix = Strided::row_major(&kernel, s.c_out, kernel.len() / s.c_out);
+            let y = forward_tiled(&x, kernel_matrix, Some(&bias), &s, budget);
+            assert!(max_diff(&y, &expected) < 1e-10, "{s:?}");
         }
     }
 
@@ -469,7 +533,7 @@ mod tests {
         {
             let x = values(s.batch * s.c_in * s.h * s.w, 9);
             let kernel = values(s.c_out * s.c_in, 10);
-            assert!(max_diff(&forward(&x, &kernel, &s), &direct(&x, &kernel, &s)) < 1e-12, "{s:?}");
+            assert!(max_diff(&forward(&x, &kernel, None, &s), &direct(&x, &kernel, &s)) < 1e-12, "{s:?}");
             assert_adjoint(&s, usize::MAX);
         }
     }
@@ -484,7 +548,7 @@ mod tests {
         let dy = values(s.batch * s.c_out * s.out_h() * s.out_w(), 13);
         let single = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<_>>();
         let double = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
-        let y = double(forward(&single(&x), &single(&kernel), &s));
+        let y = double(forward(&single(&x), &single(&kernel), None, &s));
         assert!(max_diff(&y, &direct(&x, &kernel, &s)) < 1e-4);
 
         // dx[b, ci, oy * 2 + ky - 1, ox * 2 + kx - 1] += dy[b, co, oy, ox] * kernel[co, ci, ky, kx].

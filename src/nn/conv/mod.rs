@@ -28,7 +28,7 @@ use super::compute_dtype;
 use super::node::{frozen, InputGrad, Node};
 use super::packed::{MatrixWeight, PackedMatrix};
 use super::profile;
-use crate::nn::cpu::{cpu_tensor, with_values, Element};
+use crate::nn::cpu::{cpu_dtype, cpu_tensor, with_values, Element};
 
 /// The settings of a convolution, as candle-nn's `Conv2dConfig` without what these convolutions
 /// do not have (dilation, groups): the same `padding` and `stride` on both axes.
@@ -94,18 +94,17 @@ fn packed_conv2d(
             candle_core::bail!("conv2d: packed kernels are for frozen models; this bias is trained")
         }
         let shape = ConvShape::from_dims(dims, kernel.shape().dims4()?, config)?;
-        let c_out = shape.c_out;
-        let y = with_values::<f32, _>(&[&x.detach()], |v| cpu::forward_packed(v[0], kernel, &shape))?;
-        let y = cpu_tensor(CpuStorage::F32(y), shape.output_dims())?;
-        let bias = bias.map(|b| b.reshape((c_out, 1, 1))).transpose()?;
+        check_bias(bias, shape.c_out)?;
+        let x_value = x.detach();
+        let mut tensors = vec![&x_value];
+        tensors.extend(bias);
+        let y = with_values::<f32, _>(&tensors, |v| cpu::forward_packed(v[0], kernel, v.get(1).copied(), &shape))?;
+        let y = CpuStorage::F32(y);
         if !x.track_op() {
-            return match bias {
-                Some(b) => y.broadcast_add(&b),
-                None => Ok(y),
-            };
+            return cpu_tensor(y, shape.output_dims());
         }
         let grad = Conv2dGrad { weight: MatrixWeight::Packed(kernel.clone()), config, input_size: (dims.2, dims.3) };
-        x.apply_op1(Node::new(y, bias, grad))
+        x.apply_op1(Node::computed(y, shape.output_dims().into(), grad))
     })
 }
 
@@ -121,17 +120,13 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, config: Conv2d
                 None => Ok(y),
             };
         }
-        let y = forward(x, weight, config)?;
-        let bias = bias.map(channel_bias).transpose()?;
+        let y = forward(x, weight, bias, config)?;
         if !x.track_op() {
-            return match bias {
-                Some(b) => y.broadcast_add(&b),
-                None => Ok(y),
-            };
+            return Ok(y);
         }
         let (_, _, h, w) = x.dims4()?;
         let grad = Conv2dGrad { weight: MatrixWeight::Tensor(weight.clone()), config, input_size: (h, w) };
-        x.apply_op1(Node::new(y, bias, grad))
+        x.apply_op1(Node::new(y, None, grad))
     })
 }
 
@@ -215,14 +210,46 @@ enum Direction {
     InputGrad,
 }
 
-/// `conv2d(x, kernel)` without bias; no graph.
-fn forward(x: &Tensor, kernel: &Tensor, config: Conv2dConfig) -> Result<Tensor> {
+/// `conv2d(x, kernel) + bias` (bias (c_out)); no graph. On the CPU the bias is written into the
+/// output before the products add onto it, rather than added in a second pass over a copy.
+fn forward(x: &Tensor, kernel: &Tensor, bias: Option<&Tensor>, config: Conv2dConfig) -> Result<Tensor> {
     let shape = ConvShape::new(x.dims4()?, kernel, config)?;
-    if has_fast_path(x) {
-        let op = ConvOp { shape, direction: Direction::Forward };
-        return x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op);
+    check_bias(bias, shape.c_out)?;
+    let (x, kernel) = (x.detach(), kernel.detach());
+    let mut tensors = vec![&x, &kernel];
+    tensors.extend(bias);
+    let cpu_value = match cpu_dtype(&tensors) {
+        Some(DType::F32) => Some(with_values::<f32, _>(&tensors, |v| CpuStorage::F32(cpu_forward(v, &shape)))?),
+        Some(DType::F64) => Some(with_values::<f64, _>(&tensors, |v| CpuStorage::F64(cpu_forward(v, &shape)))?),
+        _ => None,
+    };
+    if let Some(y) = cpu_value {
+        return cpu_tensor(y, shape.output_dims());
     }
-    x.detach().conv2d(&kernel.detach(), config.padding, config.stride, 1, 1)
+    let y = if has_fast_path(&x) {
+        let op = ConvOp { shape, direction: Direction::Forward };
+        x.contiguous()?.apply_op2_no_bwd(&kernel.contiguous()?, &op)?
+    } else {
+        x.conv2d(&kernel, config.padding, config.stride, 1, 1)?
+    };
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((shape.c_out, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// [`cpu::forward`] on `[x, kernel]` or `[x, kernel, bias]`.
+fn cpu_forward<T: Element>(values: &[&[T]], shape: &ConvShape) -> Vec<T> {
+    cpu::forward(values[0], values[1], values.get(2).copied(), shape)
+}
+
+fn check_bias(bias: Option<&Tensor>, c_out: usize) -> Result<()> {
+    match bias {
+        Some(b) if b.dims() != [c_out] => {
+            candle_core::bail!("conv2d: bias {:?} for {c_out} output channels", b.shape())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The gradient with respect to `x` of `conv2d(x, kernel)`, `x` being `input_size` high and wide,
@@ -305,7 +332,7 @@ impl ConvOp {
         let data = &data[d.start_offset()..d.start_offset() + d.shape().elem_count()];
         let kernel = &kernel[k.start_offset()..k.start_offset() + k.shape().elem_count()];
         match self.direction {
-            Direction::Forward => cpu::forward(data, kernel, &self.shape),
+            Direction::Forward => cpu::forward(data, kernel, None, &self.shape),
             Direction::InputGrad => cpu::input_grad(data, kernel, &self.shape),
         }
     }
@@ -408,9 +435,14 @@ mod tests {
             let expected = x.conv2d(&kernel, padding, stride, 1, 1).unwrap();
             for dtype in [DType::F64, DType::F32] {
                 let (x, kernel) = (x.to_dtype(dtype).unwrap(), kernel.to_dtype(dtype).unwrap());
-                let y = forward(&x, &kernel, config).unwrap().to_dtype(DType::F64).unwrap();
+                let y = forward(&x, &kernel, None, config).unwrap().to_dtype(DType::F64).unwrap();
                 let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
                 assert!(max_diff(&y, &expected) < tolerance, "case {i} {dtype:?}: forward");
+                let bias = spread_tensor(c_out, 300 + i as u64, -2.0, 4.0, dtype);
+                let y = forward(&x, &kernel, Some(&bias), config).unwrap().to_dtype(DType::F64).unwrap();
+                let biased =
+                    expected.broadcast_add(&bias.to_dtype(DType::F64).unwrap().reshape((c_out, 1, 1)).unwrap());
+                assert!(max_diff(&y, &biased.unwrap()) < tolerance, "case {i} {dtype:?}: forward with bias");
 
                 let dy = values(shape.output_dims(), 200 + i as u64).to_dtype(dtype).unwrap();
                 let dx = input_grad(&dy, &kernel, (h, w), config).unwrap().to_dtype(DType::F64).unwrap();
@@ -430,7 +462,7 @@ mod tests {
     fn strided_inputs_are_read_correctly() {
         let x = values((1, 3, 6, 5), 7).transpose(2, 3).unwrap();
         let kernel = values((4, 3, 3, 3), 8);
-        let y = forward(&x, &kernel, Conv2dConfig { padding: 1, stride: 1 }).unwrap();
+        let y = forward(&x, &kernel, None, Conv2dConfig { padding: 1, stride: 1 }).unwrap();
         let expected = x.contiguous().unwrap().conv2d(&kernel, 1, 1, 1, 1).unwrap();
         assert!(max_diff(&y, &expected) < 1e-12);
     }
@@ -458,12 +490,12 @@ mod tests {
             let config = Conv2dConfig { padding, stride };
             let shape = ConvShape::new((b, c_in, h, w), &kernel, config).unwrap();
             let dy = values(shape.output_dims(), 200 + i as u64).to_dtype(DType::F32).unwrap();
-            let y = forward(&x, &kernel, config).unwrap();
+            let y = forward(&x, &kernel, None, config).unwrap();
             let dx = input_grad(&dy, &kernel, (h, w), config).unwrap();
             for (dtype, relative) in [(DType::F32, 5e-3), (DType::BF16, 3e-2)] {
                 let on_gpu = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu).unwrap();
                 let back = |t: Tensor| t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-                let y_gpu = back(forward(&on_gpu(&x), &on_gpu(&kernel), config).unwrap());
+                let y_gpu = back(forward(&on_gpu(&x), &on_gpu(&kernel), None, config).unwrap());
                 let dx_gpu = back(input_grad(&on_gpu(&dy), &on_gpu(&kernel), (h, w), config).unwrap());
                 for (name, got, expected) in [("forward", &y_gpu, &y), ("input gradient", &dx_gpu, &dx)] {
                     let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;

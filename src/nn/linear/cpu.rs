@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, DType, Result, Tensor};
 
 use crate::nn::cpu::gemm::{matmul, matmul_packed_lhs, Strided, Threads};
-use crate::nn::cpu::{cpu_dtype, with_values, Element};
+use crate::nn::cpu::{cpu_dtype, for_each_chunk, with_values, Element};
 use crate::nn::packed::PackedMatrix;
 
 /// `x W^T + b` for `x` (rows, in), `weight` (out, in), `bias` (out) by [`matmul`]: `W^T` is
@@ -31,13 +31,21 @@ pub(super) fn forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
 fn forward_typed<T: Element>(values: &[&[T]], rows: usize, in_dim: usize, out_dim: usize) -> CpuStorage {
     let (x, weight) = (values[0], values[1]);
     let (mut out, add) = match values.get(2) {
-        Some(bias) => (bias.repeat(rows), true),
+        Some(bias) => (repeat_rows(bias, rows), true),
         None => (vec![T::ZERO; rows * out_dim], false),
     };
     // `W^T` (in_dim, out_dim): row stride 1, column stride in_dim.
     let rhs = Strided { values: weight, rows: in_dim, cols: out_dim, row_stride: 1, col_stride: in_dim };
     matmul(&mut out, out_dim, add, Strided::row_major(x, rows, in_dim), rhs, Threads::ColumnBlocks);
     T::storage(out)
+}
+
+/// `row` repeated `rows` times, written by all threads: the first writes to a large new buffer
+/// cost about as much as the product's own (its pages are mapped then), so they are shared out.
+fn repeat_rows<T: Element>(row: &[T], rows: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; rows * row.len()];
+    for_each_chunk(&mut out, row.len(), |_, chunk| chunk.copy_from_slice(row));
+    out
 }
 
 /// [`forward`] with a packed weight (out, in) for an f32 `x` (rows, in): computed as
@@ -50,7 +58,7 @@ pub(super) fn forward_packed(x: &Tensor, weight: &PackedMatrix, bias: Option<&Te
     tensors.extend(bias);
     with_values::<f32, _>(&tensors, |v| {
         let (mut y, add) = match v.get(1) {
-            Some(bias) => (bias.repeat(rows), true),
+            Some(bias) => (repeat_rows(bias, rows), true),
             None => (vec![0f32; rows * out_dim], false),
         };
         // x^T (in_dim, rows): row stride 1, column stride in_dim.
