@@ -81,7 +81,7 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&nn::geglu(&self.proj.forward(x)?)?)
+        self.out.forward(&self.proj.forward_geglu(x)?)
     }
 }
 

@@ -74,7 +74,7 @@ simd_fn! {
 
 simd_fn! {
     /// Rows of `h` (`[a, gate]`, `2 * half` wide) from the start of `h` to GEGLU rows of `out`.
-    fn geglu_rows<T>(h: &[T], half: usize, out: &mut [T]) {
+    pub(in crate::nn) fn geglu_rows<T>(h: &[T], half: usize, out: &mut [T]) {
         for (h, out) in h.chunks_exact(2 * half).zip(out.chunks_exact_mut(half)) {
             let (a, gate) = h.split_at(half);
             for ((o, &a), &gate) in out.iter_mut().zip(a).zip(gate) {

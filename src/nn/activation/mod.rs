@@ -5,6 +5,8 @@
 
 mod cpu;
 
+pub(super) use cpu::geglu_rows;
+
 use candle_core::{Result, Tensor, D};
 
 use super::node::{InputGrad, Node};

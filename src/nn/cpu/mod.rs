@@ -91,9 +91,9 @@ element!(f64, F64, exp: f64::exp, erf: candle_core::cpu::erf::erf_f64);
 /// bits. Everything the body calls must be
 /// `#[inline(always)]` to be compiled for AVX2 too.
 macro_rules! simd_fn {
-    ($(#[$doc:meta])* fn $name:ident<$t:ident>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident<$t:ident>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$doc])*
-        fn $name<$t: $crate::nn::cpu::Element>($($arg: $ty),*) {
+        $vis fn $name<$t: $crate::nn::cpu::Element>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
