@@ -17,18 +17,27 @@ use crate::nn::packed::PackedMatrix;
 /// product to add onto (no separate pass over the output). `None` unless all are non-empty
 /// CPU tensors of one dtype, f32 or f64.
 pub(super) fn forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<CpuStorage>> {
-    let ((rows, x_in), (out_dim, in_dim)) = (x.dims2()?, weight.dims2()?);
-    // Mismatched sizes are left to candle's matmul to report.
-    if x_in != in_dim || bias.is_some_and(|b| b.dims() != [out_dim]) || rows * out_dim * in_dim == 0 {
-        return Ok(None);
-    }
-    let mut tensors = vec![x, weight];
-    tensors.extend(bias);
+    let Some(((rows, in_dim, out_dim), tensors)) = operands(x, weight, bias)? else { return Ok(None) };
     match cpu_dtype(&tensors) {
         Some(DType::F32) => with_values::<f32, _>(&tensors, |v| forward_typed(v, rows, in_dim, out_dim)).map(Some),
         Some(DType::F64) => with_values::<f64, _>(&tensors, |v| forward_typed(v, rows, in_dim, out_dim)).map(Some),
         _ => Ok(None),
     }
+}
+
+/// The sizes `(rows, in, out)` of `x W^T + b` and its operands `[x, weight]` or `[x, weight, bias]`.
+type Operands<'a> = ((usize, usize, usize), Vec<&'a Tensor>);
+
+/// The [`Operands`] of a product the kernels take; `None` for mismatched sizes (left to candle's
+/// matmul to report) or an empty product.
+fn operands<'a>(x: &'a Tensor, weight: &'a Tensor, bias: Option<&'a Tensor>) -> Result<Option<Operands<'a>>> {
+    let ((rows, x_in), (out_dim, in_dim)) = (x.dims2()?, weight.dims2()?);
+    if x_in != in_dim || bias.is_some_and(|b| b.dims() != [out_dim]) || rows * out_dim * in_dim == 0 {
+        return Ok(None);
+    }
+    let mut tensors = vec![x, weight];
+    tensors.extend(bias);
+    Ok(Some(((rows, in_dim, out_dim), tensors)))
 }
 
 fn forward_typed<T: Element>(values: &[&[T]], rows: usize, in_dim: usize, out_dim: usize) -> CpuStorage {
@@ -72,12 +81,10 @@ fn forward_geglu_blocks(
     bias: Option<&Tensor>,
     block_rows: usize,
 ) -> Result<Option<CpuStorage>> {
-    let ((rows, x_in), (width, in_dim)) = (x.dims2()?, weight.dims2()?);
-    if x_in != in_dim || bias.is_some_and(|b| b.dims() != [width]) || rows * width * in_dim == 0 || width % 2 != 0 {
+    let Some(((rows, in_dim, width), tensors)) = operands(x, weight, bias)? else { return Ok(None) };
+    if width % 2 != 0 {
         return Ok(None);
     }
-    let mut tensors = vec![x, weight];
-    tensors.extend(bias);
     let shape = (rows, in_dim, width, block_rows);
     match cpu_dtype(&tensors) {
         Some(DType::F32) => with_values::<f32, _>(&tensors, |v| geglu_typed(v, shape)).map(Some),
